@@ -1,0 +1,288 @@
+"""Stage 01: get IU X-Ray (or the phantom) into ``images/`` and ``reports/``.
+
+Downloads use pooch: it streams into a temporary file next to the target,
+checks the sha256 when one is configured, retries with back-off and only then
+renames the file into place. We add a size check (when configured) inside the
+download step, so a short file never reaches its final name. Every archive is
+then read to its end and each member checked before anything is extracted: a
+truncated archive, or one with absolute paths, ``..``, links or device files,
+is refused with an error naming the archive and member.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+import pooch
+
+from medexgen_lib.config import Config
+from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset
+from medexgen_lib.reports import read_reports, write_studies_table
+
+log = logging.getLogger(__name__)
+
+MARKER = ".medexgen_complete.json"
+STATE_FILE = "acquisition.json"
+
+
+class AcquisitionError(RuntimeError):
+    """Data could not be obtained; the message says which file and why."""
+
+
+class UnsafeArchiveError(AcquisitionError):
+    """An archive member would write outside the target or is not a plain file."""
+
+
+@dataclass
+class AcquisitionResult:
+    """What stage 01 found or did."""
+
+    source: str
+    images_dir: Path
+    reports_dir: Path
+    projections_csv: Path | None
+    actions: list[str]
+
+    @property
+    def did_nothing(self) -> bool:
+        return all(a.startswith("already in place") for a in self.actions)
+
+
+# --------------------------------------------------------------------------- download
+
+class _SizeCheckedDownloader:
+    """pooch's HTTP downloader plus a byte-count check before pooch renames the file."""
+
+    def __init__(self, expected_size: int = 0, progressbar: bool = True):
+        self.expected_size = expected_size
+        self.http = pooch.HTTPDownloader(progressbar=progressbar, timeout=60)
+
+    def __call__(self, url, output_file, pooch_obj, check_only=False):
+        if check_only:
+            return self.http(url, output_file, pooch_obj, check_only=True)
+        self.http(url, output_file, pooch_obj)
+        size = os.path.getsize(output_file)
+        if self.expected_size and size != self.expected_size:
+            # ValueError makes pooch delete the temporary file and retry.
+            raise ValueError(f"{url}: received {size} bytes, expected {self.expected_size}")
+        return None
+
+
+def download_archive(url: str, dest_dir: str | os.PathLike, *, sha256: str = "",
+                     size: int = 0, retries: int = 3, progressbar: bool = True) -> Path:
+    """Download ``url`` into ``dest_dir`` and return the file's path.
+
+    An existing file with the right hash (or any existing file when no hash is
+    configured) is reused. On failure nothing is left at the final name.
+    """
+    dest_dir = Path(dest_dir)
+    fname = url.rstrip("/").rsplit("/", 1)[-1]
+    known_hash = f"sha256:{sha256}" if sha256 else None
+    fetcher = pooch.create(path=dest_dir, base_url="", registry={fname: known_hash},
+                           urls={fname: url}, retry_if_failed=retries)
+    try:
+        return Path(fetcher.fetch(fname, downloader=_SizeCheckedDownloader(size, progressbar)))
+    except Exception as exc:  # requests / pooch errors -> one sentence for the user
+        raise AcquisitionError(
+            f"download of {url} failed after {retries + 1} attempt(s): {exc}. "
+            f"Nothing was extracted; to work offline, set data.images_archive / "
+            f"data.reports_archive to local copies") from None
+
+
+# --------------------------------------------------------------------------- extraction
+
+def check_archive(archive: str | os.PathLike) -> list[tarfile.TarInfo]:
+    """Read ``archive`` to its end and return its members if every one is safe.
+
+    Raises ``AcquisitionError`` for a truncated or corrupt archive and
+    ``UnsafeArchiveError`` naming the first unsafe member.
+    """
+    archive = Path(archive)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise AcquisitionError(f"archive {archive} is truncated or corrupt ({exc}); "
+                               "nothing was extracted") from None
+    if not members:
+        raise AcquisitionError(f"archive {archive} is empty; nothing was extracted")
+    for member in members:
+        problem = _unsafe_reason(member)
+        if problem:
+            raise UnsafeArchiveError(
+                f"archive {archive}: member {member.name!r} refused ({problem}); "
+                "nothing was extracted")
+    return members
+
+
+def _unsafe_reason(member: tarfile.TarInfo) -> str:
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or member.name.startswith(("/", "\\")) or ":" in path.parts[0]:
+        return "absolute path"
+    if ".." in path.parts:
+        return "path leaves the target folder"
+    if member.issym() or member.islnk():
+        return f"link to {member.linkname!r}"
+    if member.isdev():
+        return "device or FIFO"
+    if not (member.isfile() or member.isdir()):
+        return "not a regular file or folder"
+    return ""
+
+
+def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
+                 staging_root: str | os.PathLike) -> int:
+    """Extract a checked archive into ``target`` through a staging folder.
+
+    The archive is checked completely first; then it is extracted into a staging
+    folder (with tarfile's ``data`` filter as a second guard) and its top-level
+    entries are moved into ``target``. Returns the number of files extracted.
+    """
+    archive, target = Path(archive), Path(target)
+    members = check_archive(archive)
+    staging = Path(staging_root) / f"extract-{archive.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(staging, members=members, filter="data")
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in staging.iterdir():
+            destination = target / entry.name
+            if destination.is_dir():
+                shutil.rmtree(destination)
+            os.replace(entry, destination)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise AcquisitionError(f"extracting {archive} into {target} failed: {exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return sum(1 for m in members if m.isfile())
+
+
+# --------------------------------------------------------------------------- stage
+
+def acquire(cfg: Config) -> AcquisitionResult:
+    """Make ``images/`` and ``reports/`` hold the configured data set.
+
+    Idempotent: a folder completed earlier (marked by ``.medexgen_complete.json``)
+    is left alone and the result says so.
+    """
+    paths, data = cfg.paths, cfg.data
+    paths.make_dirs()
+    state_path = paths.processed / STATE_FILE
+    previous = json.loads(state_path.read_text()) if state_path.exists() else None
+    if previous and previous.get("source") != data.source:
+        raise AcquisitionError(
+            f"{paths.data_dir} holds {previous.get('source')!r} data but the config asks for "
+            f"{data.source!r}; set paths.data_dir to another folder or empty this one")
+    if data.source == "phantom":
+        actions = [_acquire_phantom(cfg, previous)]
+        projections = Path(paths.data_dir) / PROJECTIONS_FILE
+    elif data.source == "openi":
+        actions = [
+            _acquire_archive(data.images_url, data.images_archive, data.images_sha256,
+                             data.images_size, paths.images, cfg),
+            _acquire_archive(data.reports_url, data.reports_archive, data.reports_sha256,
+                             data.reports_size, paths.reports, cfg),
+        ]
+        projections = Path(data.projections_csv) if data.projections_csv else None
+    else:
+        actions = [_check_folder(paths.images, "image"), _check_folder(paths.reports, "report")]
+        projections = Path(data.projections_csv) if data.projections_csv else None
+    if projections is not None and not projections.exists():
+        raise AcquisitionError(f"projections table {projections} does not exist")
+    _write_json(state_path, {"source": data.source, "data": cfg.to_dict()["data"],
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    for action in actions:
+        log.info(action)
+    return AcquisitionResult(data.source, paths.images, paths.reports, projections, actions)
+
+
+def build_studies_table(cfg: Config, result: AcquisitionResult) -> pd.DataFrame:
+    """Read the acquired reports into ``processed/studies.parquet`` (+ the config used)."""
+    table = read_reports(result.reports_dir, result.images_dir, result.projections_csv)
+    if table.empty:
+        raise AcquisitionError(f"no readable reports under {result.reports_dir}")
+    write_studies_table(table, cfg.paths.studies_table)
+    cfg.save(cfg.paths.processed / "config_01_acquisition.json")
+    malformed = table.attrs.get("malformed", [])
+    _write_json(cfg.paths.logs / "acquisition_malformed.json",
+                {"count": len(malformed), "files": malformed})
+    return table
+
+
+def _acquire_phantom(cfg: Config, previous: dict | None) -> str:
+    data, paths = cfg.data, cfg.paths
+    settings = {"n_phantom_studies": data.n_phantom_studies, "phantom_seed": data.phantom_seed,
+                "phantom_image_size": data.phantom_image_size}
+    marker = paths.reports / MARKER
+    if marker.exists() and previous and all(previous["data"].get(k) == v for k, v in settings.items()):
+        return (f"already in place: phantom set of {data.n_phantom_studies} studies "
+                f"(seed {data.phantom_seed}) in {paths.data_dir}; nothing to do")
+    # Different phantom settings: the old phantom files are ours to replace.
+    for folder in (paths.images, paths.reports):
+        _empty_folder(folder)
+    make_phantom_dataset(data.n_phantom_studies, data.phantom_seed, paths.data_dir,
+                         image_size=data.phantom_image_size)
+    _write_json(marker, settings)
+    return f"generated phantom set: {data.n_phantom_studies} studies (seed {data.phantom_seed})"
+
+
+def _acquire_archive(url: str, local_archive: str, sha256: str, size: int,
+                     target: Path, cfg: Config) -> str:
+    marker = target / MARKER
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        return (f"already in place: {info['files']} files from {info['archive']} in {target}; "
+                "nothing to do")
+    if local_archive:
+        archive = Path(local_archive)
+        if not archive.exists():
+            raise AcquisitionError(f"local archive {archive} does not exist")
+        if archive.is_dir():
+            raise AcquisitionError(f"local archive {archive} is a folder; for already "
+                                   "extracted data use data.source='folder'")
+        downloaded = False
+    else:
+        archive = download_archive(url, cfg.paths.temp, sha256=sha256, size=size,
+                                   retries=cfg.data.download_retries)
+        downloaded = True
+    try:
+        n_files = safe_extract(archive, target, cfg.paths.temp)
+    except AcquisitionError:
+        if downloaded:  # a bad download must not be reused by the next run
+            archive.unlink(missing_ok=True)
+        raise
+    _write_json(marker, {"archive": archive.name, "files": n_files})
+    return f"extracted {n_files} files from {archive} into {target}"
+
+
+def _check_folder(folder: Path, what: str) -> str:
+    suffixes = (".xml",) if what == "report" else (".png", ".jpg", ".jpeg")
+    n_files = sum(1 for p in folder.rglob("*") if p.suffix.lower() in suffixes)
+    if not n_files:
+        raise AcquisitionError(f"{folder} holds no {what} files; extract Open-i's archive "
+                               "there or set data.source='openi'")
+    return f"already in place: {n_files} {what} files in {folder}; nothing to do"
+
+
+def _empty_folder(folder: Path) -> None:
+    for entry in folder.iterdir():
+        if entry.name == ".gitkeep":
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)

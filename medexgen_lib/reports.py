@@ -1,0 +1,162 @@
+"""Open-i XML reports -> the studies table (one row per report file).
+
+XML is parsed with defusedxml: a file that declares entities or a DTD is
+refused (never expanded), named in the log and counted as malformed; the other
+files are still read. Reports without text or images are kept and flagged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+from defusedxml import ElementTree as SafeET
+from defusedxml.common import DefusedXmlException
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("findings", "impression", "indication", "comparison")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+COLUMNS = ["uid", "report_file", *SECTIONS, "mesh_major", "mesh_minor", "image_ids",
+           "image_paths", "projections", "projection_source", "n_images", "no_findings",
+           "no_impression", "no_image", "image_missing"]
+
+
+class MalformedReport(ValueError):
+    """A report file that cannot be read safely."""
+
+
+def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike | None = None,
+                 projections: str | os.PathLike | pd.DataFrame | None = None) -> pd.DataFrame:
+    """The studies table for every ``*.xml`` under ``reports_dir``.
+
+    ``images_dir``: where image files are looked up by id (any depth), so each
+    study gets resolved paths and an ``image_missing`` flag. ``projections``: a
+    Kaggle-format table (``uid,filename,projection``) giving frontal/lateral per
+    image; without it, projections are ``unknown`` (Open-i's captions describe
+    the study, not the image, so they are not a reliable source).
+    Malformed files are listed in ``df.attrs["malformed"]`` as (file, reason).
+    """
+    reports_dir = Path(reports_dir)
+    if not reports_dir.is_dir():
+        raise FileNotFoundError(f"reports folder {reports_dir} does not exist; "
+                                "run notebook 01_acquisition first")
+    files = sorted(reports_dir.rglob("*.xml"), key=_report_sort_key)
+    image_index = _index_images(Path(images_dir)) if images_dir is not None else None
+    projection_of = _load_projections(projections) if projections is not None else {}
+    rows, malformed = [], []
+    for path in files:
+        try:
+            row = parse_report(path)
+        except MalformedReport as exc:
+            log.warning("skipping malformed report %s: %s", path, exc)
+            malformed.append((str(path), str(exc)))
+            continue
+        _add_images(row, image_index, projection_of)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs["malformed"] = malformed
+    log.info("read %d reports from %s (%d malformed)", len(table), reports_dir, len(malformed))
+    return table
+
+
+def parse_report(path: str | os.PathLike) -> dict:
+    """One report's sections, MeSH terms and image ids (no entity expansion)."""
+    path = Path(path)
+    try:
+        root = SafeET.parse(str(path), forbid_dtd=True).getroot()
+    except DefusedXmlException as exc:
+        raise MalformedReport(f"refused: declares a DTD or entities ({type(exc).__name__}); "
+                              "entities are never expanded") from None
+    except SafeET.ParseError as exc:
+        raise MalformedReport(f"not well-formed XML ({exc})") from None
+    if root.tag != "eCitation":
+        raise MalformedReport(f"root element is <{root.tag}>, expected <eCitation>")
+    sections = {name: "" for name in SECTIONS}
+    for element in root.iter("AbstractText"):
+        label = (element.get("Label") or "").lower()
+        if label in sections:
+            sections[label] = " ".join("".join(element.itertext()).split())
+    uid_element = root.find("uId")
+    uid = uid_element.get("id") if uid_element is not None and uid_element.get("id") else f"CXR{path.stem}"
+    mesh = root.find("MeSH")
+    image_ids = [el.get("id") for el in root.findall("parentImage") if el.get("id")]
+    return {
+        "uid": uid,
+        "report_file": path.name,
+        **sections,
+        "mesh_major": _texts(mesh, "major"),
+        "mesh_minor": _texts(mesh, "minor"),
+        "image_ids": image_ids,
+    }
+
+
+def write_studies_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Save the table as parquet, atomically (a temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def load_studies_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read the studies table written by notebook 01, with list columns as lists."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"studies table {path} does not exist; "
+                                "run notebook 01_acquisition first")
+    table = pd.read_parquet(path)
+    for column in ("mesh_major", "mesh_minor", "image_ids", "image_paths", "projections"):
+        table[column] = table[column].map(list)
+    return table
+
+
+def _report_sort_key(path: Path):
+    return (0, int(path.stem), "") if path.stem.isdigit() else (1, 0, path.stem)
+
+
+def _texts(parent, tag: str) -> list[str]:
+    if parent is None:
+        return []
+    return [" ".join(el.text.split()) for el in parent.findall(tag) if el.text and el.text.strip()]
+
+
+def _index_images(images_dir: Path) -> dict[str, Path]:
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"images folder {images_dir} does not exist; "
+                                "run notebook 01_acquisition first")
+    return {p.stem: p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _load_projections(projections: str | os.PathLike | pd.DataFrame) -> dict[str, str]:
+    """Map Open-i image id -> 'frontal'/'lateral' from a Kaggle-format table."""
+    table = projections if isinstance(projections, pd.DataFrame) else pd.read_csv(projections)
+    missing = {"filename", "projection"} - set(table.columns)
+    if missing:
+        raise ValueError(f"projections table {projections if not isinstance(projections, pd.DataFrame) else ''}"
+                         f" lacks column(s) {sorted(missing)}; expected uid,filename,projection")
+    mapping = {}
+    for filename, projection in zip(table["filename"], table["projection"]):
+        stem = str(filename).removesuffix(".png").removesuffix(".dcm")
+        image_id = stem if stem.startswith("CXR") else f"CXR{stem}"
+        mapping[image_id] = str(projection).strip().lower()
+    return mapping
+
+
+def _add_images(row: dict, image_index: dict[str, Path] | None, projection_of: dict[str, str]) -> None:
+    ids = row["image_ids"]
+    if image_index is None:
+        row["image_paths"] = [""] * len(ids)
+    else:
+        row["image_paths"] = [str(image_index[i]) if i in image_index else "" for i in ids]
+    row["projections"] = [projection_of.get(i, "unknown") for i in ids]
+    row["projection_source"] = "table" if projection_of else "unknown"
+    row["n_images"] = len(ids)
+    row["no_findings"] = not row["findings"]
+    row["no_impression"] = not row["impression"]
+    row["no_image"] = not ids
+    row["image_missing"] = image_index is not None and any(p == "" for p in row["image_paths"])
