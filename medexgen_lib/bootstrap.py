@@ -1,0 +1,64 @@
+"""Set-up and entry for a fresh machine: needs only Python (standard library here).
+
+    python3 -m medexgen_lib.bootstrap demo [runner args]   # the demo pipeline
+    python3 -m medexgen_lib.bootstrap test [pytest args]   # the test suite
+
+Creates ``.venv`` and installs ``requirements.txt`` plus this package (editable)
+when the venv is missing or those files changed since the last install, then
+runs the command inside the venv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("MEDEXGEN_VENV", ROOT / ".venv"))
+STAMP = VENV / ".medexgen-installed"
+COMMANDS = {
+    "demo": ["-m", "medexgen_lib", "run", "--profile", "demo"],
+    "test": ["-m", "pytest"],
+}
+
+
+def _requirements_digest() -> str:
+    digest = hashlib.sha256()
+    for name in ("requirements.txt", "pyproject.toml"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_environment() -> Path:
+    """Create and fill the venv if needed; return its Python."""
+    python = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    wanted = _requirements_digest()
+    if python.exists() and STAMP.exists() and STAMP.read_text().strip() == wanted:
+        return python
+    if not python.exists():
+        print(f"[bootstrap] creating virtual environment {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    print("[bootstrap] installing requirements (first time: a few minutes)", flush=True)
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "-r", str(ROOT / "requirements.txt")], check=True)
+    subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
+    STAMP.write_text(wanted)
+    return python
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python3 -m medexgen_lib.bootstrap {{{'|'.join(COMMANDS)}}} [args...]",
+              file=sys.stderr)
+        return 2
+    python = ensure_environment()
+    os.chdir(ROOT)
+    return subprocess.run([str(python), *COMMANDS[argv[0]], *argv[1:]]).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

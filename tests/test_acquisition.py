@@ -1,0 +1,234 @@
+"""Download, check and extract archives against a local HTTP server; the acquire stage."""
+
+import hashlib
+import http.server
+import io
+import json
+import tarfile
+import threading
+
+import pytest
+
+from medexgen_lib.acquisition import (AcquisitionError, UnsafeArchiveError, acquire,
+                                      build_studies_table, check_archive, download_archive,
+                                      safe_extract)
+
+
+def _tgz(path, members):
+    """Write a .tgz of {name: bytes} members."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def reports_tgz(tmp_path, iuxray_sample):
+    folder = iuxray_sample / "reports" / "ecgen-radiology"
+    members = {f"ecgen-radiology/{p.name}": p.read_bytes() for p in sorted(folder.glob("*.xml"))[:20]}
+    return _tgz(tmp_path / "NLMCXR_reports.tgz", members)
+
+
+@pytest.fixture
+def images_tgz(tmp_path, iuxray_sample):
+    members = {p.name: p.read_bytes() for p in sorted((iuxray_sample / "images").glob("*.png"))}
+    return _tgz(tmp_path / "NLMCXR_png.tgz", members)
+
+
+class _Server:
+    """Serves files from a dict; ``truncate`` cuts bodies, ``fail_first`` answers 503 once."""
+
+    def __init__(self):
+        self.files, self.truncate, self.fail_first, self.lie_about_length = {}, {}, set(), set()
+        self.requests = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests += 1
+                name = self.path.lstrip("/")
+                if name in server.fail_first:
+                    server.fail_first.discard(name)
+                    self.send_error(503)
+                    return
+                if name not in server.files:
+                    self.send_error(404)
+                    return
+                body = server.files[name]
+                sent = body[: server.truncate[name]] if name in server.truncate else body
+                self.send_response(200)
+                length = len(body) if name in server.lie_about_length else len(sent)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.write(sent)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.httpd.shutdown()
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_download_complete_with_checksum_and_size(server, reports_tgz, tmp_path):
+    server.files["r.tgz"] = reports_tgz.read_bytes()
+    out = download_archive(f"{server.url}/r.tgz", tmp_path / "temp", sha256=_sha(reports_tgz),
+                           size=reports_tgz.stat().st_size, retries=0, progressbar=False)
+    assert out.read_bytes() == reports_tgz.read_bytes()
+
+
+def test_download_retries_after_a_server_error(server, reports_tgz, tmp_path):
+    server.files["r.tgz"] = reports_tgz.read_bytes()
+    server.fail_first.add("r.tgz")
+    out = download_archive(f"{server.url}/r.tgz", tmp_path / "temp", retries=1, progressbar=False)
+    assert out.exists() and server.requests == 2
+
+
+@pytest.mark.parametrize("case", ["wrong_checksum", "truncated_with_checksum",
+                                  "truncated_with_size", "connection_cut"])
+def test_bad_download_is_reported_and_never_lands(case, server, reports_tgz, tmp_path):
+    body = reports_tgz.read_bytes()
+    server.files["r.tgz"] = body
+    sha, size = "", 0
+    if case == "wrong_checksum":
+        sha = "0" * 64
+    elif case == "truncated_with_checksum":
+        server.truncate["r.tgz"], sha = len(body) // 2, _sha(reports_tgz)
+    elif case == "truncated_with_size":
+        server.truncate["r.tgz"], size = len(body) // 2, len(body)
+    else:  # the server promises the full length and stops half way
+        server.truncate["r.tgz"] = len(body) // 2
+        server.lie_about_length.add("r.tgz")
+    with pytest.raises(AcquisitionError, match=r"r\.tgz"):
+        download_archive(f"{server.url}/r.tgz", tmp_path / "temp", sha256=sha, size=size,
+                         retries=0, progressbar=False)
+    assert list((tmp_path / "temp").iterdir()) == []  # no partial file left anywhere
+
+
+def test_truncated_archive_without_checks_is_detected_deleted_and_not_extracted(
+        server, reports_tgz, tmp_config):
+    body = reports_tgz.read_bytes()
+    server.files["NLMCXR_reports.tgz"] = body[: len(body) * 2 // 3]
+    server.files["NLMCXR_png.tgz"] = body
+    cfg = tmp_config("full", data__images_url=f"{server.url}/NLMCXR_png.tgz",
+                     data__reports_url=f"{server.url}/NLMCXR_reports.tgz",
+                     data__download_retries=0)
+    with pytest.raises(AcquisitionError, match="truncated or corrupt"):
+        acquire(cfg)
+    assert not (cfg.paths.temp / "NLMCXR_reports.tgz").exists()
+    assert [p.name for p in cfg.paths.reports.iterdir()] == []
+
+
+def test_openi_download_extract_then_second_run_does_nothing(
+        server, reports_tgz, images_tgz, tmp_config, iuxray_sample):
+    server.files["NLMCXR_png.tgz"] = images_tgz.read_bytes()
+    server.files["NLMCXR_reports.tgz"] = reports_tgz.read_bytes()
+    cfg = tmp_config("full", data__images_url=f"{server.url}/NLMCXR_png.tgz",
+                     data__reports_url=f"{server.url}/NLMCXR_reports.tgz",
+                     data__images_sha256=_sha(images_tgz),
+                     data__projections_csv=str(iuxray_sample / "indiana_projections.csv"))
+    first = acquire(cfg)
+    assert not first.did_nothing
+    assert len(list(cfg.paths.images.glob("*.png"))) == 3
+    assert len(list((cfg.paths.reports / "ecgen-radiology").glob("*.xml"))) == 20
+    table = build_studies_table(cfg, first)
+    assert len(table) == 20 and cfg.paths.studies_table.exists()
+    requests_before = server.requests
+    second = acquire(cfg)
+    assert second.did_nothing and server.requests == requests_before
+    assert all("nothing to do" in a for a in second.actions)
+
+
+def test_local_archives_work_offline(reports_tgz, images_tgz, tmp_config):
+    cfg = tmp_config("full", data__images_url="http://127.0.0.1:9/unreachable.tgz",
+                     data__reports_url="http://127.0.0.1:9/unreachable.tgz",
+                     data__images_archive=str(images_tgz), data__reports_archive=str(reports_tgz))
+    acquire(cfg)
+    assert len(list(cfg.paths.images.glob("*.png"))) == 3
+    assert reports_tgz.exists()  # a user's own archive is never deleted
+
+
+def test_extracted_folder_source(tmp_config, iuxray_sample):
+    import shutil
+    cfg = tmp_config("full", data__source="folder")
+    with pytest.raises(AcquisitionError, match="holds no image files"):
+        acquire(cfg)
+    shutil.copytree(iuxray_sample / "images", cfg.paths.images, dirs_exist_ok=True)
+    shutil.copytree(iuxray_sample / "reports", cfg.paths.reports, dirs_exist_ok=True)
+    result = acquire(cfg)
+    assert result.did_nothing
+    assert len(build_studies_table(cfg, result)) == 397
+
+
+def _hostile_tgz(path, kind):
+    with tarfile.open(path, "w:gz") as tar:
+        ok = tarfile.TarInfo("fine.txt")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"ok"))
+        info = tarfile.TarInfo({"dotdot": "../escaped.txt", "absolute": "/tmp/medexgen_abs.txt",
+                                "nested_dotdot": "a/../../escaped.txt"}.get(kind, "evil"))
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        elif kind == "hardlink":
+            info.type, info.linkname = tarfile.LNKTYPE, "fine.txt"
+        elif kind == "device":
+            info.type = tarfile.CHRTYPE
+        elif kind == "fifo":
+            info.type = tarfile.FIFOTYPE
+        else:
+            info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil") if info.isfile() else None)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "nested_dotdot", "absolute", "symlink", "hardlink",
+                                  "device", "fifo"])
+def test_unsafe_members_are_refused_naming_the_member(kind, tmp_path):
+    archive = _hostile_tgz(tmp_path / "evil.tgz", kind)
+    target = tmp_path / "sandbox" / "target"
+    with pytest.raises(UnsafeArchiveError, match=r"member '.*' refused"):
+        safe_extract(archive, target, tmp_path / "sandbox" / "temp")
+    assert not (tmp_path / "sandbox" / "escaped.txt").exists()
+    assert not (tmp_path / "escaped.txt").exists()
+    assert not target.exists() or list(target.iterdir()) == []
+
+
+def test_check_archive_rejects_garbage_and_empty(tmp_path):
+    (tmp_path / "junk.tgz").write_bytes(b"this is not a tarball" * 10)
+    with pytest.raises(AcquisitionError, match="junk.tgz"):
+        check_archive(tmp_path / "junk.tgz")
+    with tarfile.open(tmp_path / "empty.tgz", "w:gz"):
+        pass
+    with pytest.raises(AcquisitionError, match="empty"):
+        check_archive(tmp_path / "empty.tgz")
+
+
+def test_phantom_acquisition_is_idempotent_and_regenerates_on_new_settings(tmp_config):
+    cfg = tmp_config(data__n_phantom_studies=6, data__phantom_image_size=48)
+    first = acquire(cfg)
+    assert not first.did_nothing and len(list(cfg.paths.images.glob("*.png"))) >= 6
+    assert acquire(cfg).did_nothing
+    bigger = tmp_config(data__n_phantom_studies=9, data__phantom_image_size=48)
+    assert not acquire(bigger).did_nothing
+    assert len(build_studies_table(bigger, acquire(bigger))) == 9
+
+
+def test_switching_source_in_the_same_folder_is_refused(tmp_config):
+    acquire(tmp_config(data__n_phantom_studies=3, data__phantom_image_size=48))
+    with pytest.raises(AcquisitionError, match="holds 'phantom' data"):
+        acquire(tmp_config("full"))
+    state = json.loads((tmp_config().paths.processed / "acquisition.json").read_text())
+    assert state["source"] == "phantom"

@@ -1,0 +1,37 @@
+import pandas as pd
+
+from medexgen_lib.eda import compute_eda_stats, run_eda
+
+
+def _table():
+    rows = [("Heart normal. Lungs clear.", "No acute disease.", ["normal"], 2),
+            ("Heart normal. Lungs clear.", "No acute disease.", ["normal"], 2),
+            ("Large left pleural effusion.", "Effusion.", ["Pleural Effusion/left"], 1),
+            ("", "", [], 0)]
+    return pd.DataFrame({
+        "findings": [r[0] for r in rows], "impression": [r[1] for r in rows],
+        "mesh_major": [r[2] for r in rows], "n_images": [r[3] for r in rows],
+        "image_paths": [[""] * r[3] for r in rows],
+        "no_findings": [not r[0] for r in rows], "no_impression": [not r[1] for r in rows],
+        "no_image": [r[3] == 0 for r in rows], "image_missing": [r[3] > 0 for r in rows]})
+
+
+def test_known_values():
+    stats = compute_eda_stats(_table())
+    assert stats["reports"] == 4 and stats["images_referenced"] == 5
+    assert stats["images_per_report"] == {"0": 1, "1": 1, "2": 2}
+    assert stats["missing"]["no_findings_and_no_impression"] == 1
+    assert stats["distinct_reports"] == 2
+    assert abs(stats["duplicate_report_share"] - 2 / 3) < 1e-9
+    # "heart normal. lungs clear. no acute disease.": 7 words, 10 tokens with the full stops
+    assert stats["length_words"]["max"] == 7 and stats["length_tokens"]["max"] == 10
+    assert stats["top_sentences"][0] == ("heart normal.", 2)
+    assert stats["mesh_major_prevalence"][0] == ("normal", 2, 0.5)
+
+
+def test_run_eda_writes_stats_and_figures(tmp_path):
+    stats, figures = run_eda(_table(), tmp_path / "plots", tmp_path / "logs" / "eda_stats.json")
+    assert (tmp_path / "logs" / "eda_stats.json").exists()
+    assert {f.name for f in figures} >= {"eda_counts.png", "eda_report_lengths.png",
+                                         "eda_mesh_terms.png", "eda_top_words.png"}
+    assert all(f.stat().st_size > 1000 for f in figures)

@@ -1,0 +1,35 @@
+"""Notebooks 01 and 02 executed headless with papermill on a phantom set."""
+
+import json
+
+import pytest
+
+from medexgen_lib.pipeline import StageFailed, run_pipeline
+
+pytestmark = pytest.mark.notebook
+
+
+def test_stages_01_02_run_headless(tmp_path):
+    overrides = {"paths.data_dir": str(tmp_path / "data"),
+                 "paths.output_dir": str(tmp_path / "out"),
+                 "data.n_phantom_studies": 30, "data.phantom_image_size": 64}
+    results = run_pipeline("demo", overrides, start="01", stop="02")
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert (tmp_path / "data" / "processed" / "studies.parquet").exists()
+    stats = json.loads((tmp_path / "out" / "logs" / "eda_stats.json").read_text())
+    assert stats["reports"] == 30
+    assert (tmp_path / "out" / "plots" / "eda_report_lengths.png").exists()
+    executed = json.loads((tmp_path / "out" / "logs" / "notebooks" / "01_acquisition.ipynb").read_text())
+    outputs = "".join(str(o) for c in executed["cells"] for o in c.get("outputs", []))
+    assert "generated phantom set: 30 studies" in outputs
+    summary = json.loads((tmp_path / "out" / "logs" / "run_summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["01", "02"]
+
+
+def test_stage_without_its_input_names_notebook_and_what_to_run(tmp_path):
+    overrides = {"paths.data_dir": str(tmp_path / "empty"), "paths.output_dir": str(tmp_path / "out")}
+    with pytest.raises(StageFailed) as info:
+        run_pipeline("demo", overrides, start="02", stop="02")
+    message = str(info.value)
+    assert "02_eda.ipynb" in message and "run notebook 01_acquisition first" in message
+    assert "--from 02" in message

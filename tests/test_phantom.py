@@ -1,0 +1,85 @@
+"""The phantom set: deterministic, Open-i-shaped, and its pixels match its reports."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from medexgen_lib.phantom import draw_radiograph, make_phantom_dataset, mesh_terms
+from medexgen_lib.reports import read_reports
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        make_phantom_dataset(8, seed, tmp_path / name, image_size=48)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_reports_state_drawn_findings_and_negate_absent_ones(phantom_dir):
+    truth = {f"CXR{s['number']}": s["findings"] for s in
+             json.loads((phantom_dir / "phantom_findings.json").read_text())}
+    table = read_reports(phantom_dir / "reports").set_index("uid")
+    kinds = set()
+    for uid, findings in truth.items():
+        row = table.loc[uid]
+        text = (row.findings + " " + row.impression).lower()
+        assert row.mesh_major == mesh_terms(findings)
+        if not findings:
+            assert row.mesh_major == ["normal"]
+        if "effusion" in findings:
+            assert "effusion" in text and "no pleural effusion" not in text
+            kinds.add("effusion-" + findings["effusion"])
+        else:
+            assert "effusion" not in text or "no" in text.split("effusion")[0].split(".")[-1]
+        if "pneumothorax" in findings:
+            assert findings["pneumothorax"] + " " in text
+        if "cardiomegaly" in findings:
+            assert "cardiomegaly" in text or "enlarged" in text
+        kinds.update(findings)
+    assert {"cardiomegaly", "effusion", "pneumothorax", "nodule", "consolidation", "edema"} <= kinds
+    assert sum(not f for f in truth.values()) > 5  # normals
+    assert sum(len(f) > 1 for f in truth.values()) > 3  # combinations
+
+
+def test_some_reports_carry_anonymisation_tokens(phantom_dir):
+    table = read_reports(phantom_dir / "reports")
+    assert (table.findings.str.contains("XXXX") | table.indication.str.contains("XXXX")).any()
+
+
+def _draw(findings, view="frontal", seed=0, size=128):
+    return draw_radiograph(findings, view, size, np.random.default_rng(seed)).astype(float)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pixels_show_the_findings(seed):
+    normal = _draw({}, seed=seed)
+    # PA convention: the patient's left lung base is on the image's right.
+    left_base = (slice(90, 100), slice(78, 100))
+    right_base = (slice(90, 100), slice(28, 50))
+    effusion_left = _draw({"effusion": "left"}, seed=seed)
+    assert effusion_left[left_base].mean() > normal[left_base].mean() + 30
+    assert abs(effusion_left[right_base].mean() - normal[right_base].mean()) < 10
+    # Cardiomegaly: more bright pixels around the heart.
+    heart_zone = (slice(65, 105), slice(40, 100))
+    big = _draw({"cardiomegaly": ""}, seed=seed)
+    assert (big[heart_zone] > 130).mean() > (normal[heart_zone] > 130).mean() + 0.1
+    # Pneumothorax: the apex of that lung goes dark.
+    apex_right = (slice(25, 40), slice(20, 35))
+    ptx = _draw({"pneumothorax": "right"}, seed=seed)
+    assert ptx[apex_right].mean() < normal[apex_right].mean() - 10
+
+
+def test_lateral_views_exist_and_bad_arguments_are_refused(phantom_dir, tmp_path):
+    assert len(list((phantom_dir / "images").glob("*-2001.png"))) > 30
+    with pytest.raises(ValueError, match="n_studies"):
+        make_phantom_dataset(0, 0, tmp_path)
