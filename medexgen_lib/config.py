@@ -104,6 +104,84 @@ class DataConfig:
 
 
 @dataclass
+class TextConfig:
+    """Report cleaning and the text the model learns to write."""
+
+    target: str = "findings+impression"  # or "findings", "impression"
+    lowercase: bool = False
+    max_length: int = 128  # tokens, including bos/eos
+
+    def __post_init__(self) -> None:
+        if self.target not in ("findings+impression", "findings", "impression"):
+            raise ConfigError("text.target must be 'findings+impression', 'findings' or "
+                              f"'impression', got {self.target!r}")
+
+
+@dataclass
+class TokenizerConfig:
+    """``kind``: ``gpt2`` (GPT-2's BPE, from a local dir or the hub cache),
+    ``trained`` (byte-level BPE trained on the training split), or ``auto``
+    (GPT-2's where its files can be had, else trained)."""
+
+    kind: str = "auto"
+    gpt2_source: str = "gpt2"  # hub name or local folder with GPT-2's tokenizer files
+    vocab_size: int = 4000  # for the trained tokenizer
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "gpt2", "trained"):
+            raise ConfigError(f"tokenizer.kind must be 'auto', 'gpt2' or 'trained', got {self.kind!r}")
+
+
+@dataclass
+class SplitConfig:
+    """Study-level train/val/test split, or an external R2Gen ``annotation.json``."""
+
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    annotation_file: str = ""
+    require_findings: bool = False  # keep only studies with a FINDINGS section
+
+
+@dataclass
+class ImagesConfig:
+    """How radiographs become model input."""
+
+    size: int = 224
+    missing_view: str = "duplicate"  # "duplicate" the other view, "blank", or "drop" the study
+    bad_image: str = "stop"  # "stop" at a corrupt image, or "skip" it and count
+    max_pixels: int = 60_000_000  # larger images are refused as decompression bombs
+    augment: bool = True  # small affine + contrast jitter at train time; never a left/right flip
+
+    def __post_init__(self) -> None:
+        if self.missing_view not in ("duplicate", "blank", "drop"):
+            raise ConfigError("images.missing_view must be 'duplicate', 'blank' or 'drop', "
+                              f"got {self.missing_view!r}")
+        if self.bad_image not in ("stop", "skip"):
+            raise ConfigError(f"images.bad_image must be 'stop' or 'skip', got {self.bad_image!r}")
+        if self.size < 32 or self.size % 32:
+            raise ConfigError(f"images.size must be a multiple of 32 (at least 32), got {self.size}")
+
+
+@dataclass
+class ModelConfig:
+    """ResNet encoder -> linear -> GPT-2 decoder; sizes used when not pretrained."""
+
+    encoder: str = "resnet50"
+    encoder_pretrained: bool = True
+    encoder_weights: str = ""  # a torchvision state-dict file; empty: torchvision's cache/hub
+    decoder_pretrained: bool = True
+    decoder_source: str = "gpt2"  # hub name or local folder (save_pretrained) of a GPT-2
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+            raise ConfigError(f"model.encoder must be a torchvision ResNet name, got {self.encoder!r}")
+
+
+@dataclass
 class Config:
     """Everything a run needs; later stages add their own sections."""
 
@@ -111,6 +189,11 @@ class Config:
     seed: int = 0
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,8 +209,14 @@ class Config:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "demo": {"data.source": "phantom", "data.n_phantom_studies": 500},
-    "full": {"data.source": "openi"},
+    # Phantom data, a small randomly initialised model, small images: CPU-friendly.
+    "demo": {"data.source": "phantom", "data.n_phantom_studies": 500,
+             "tokenizer.kind": "trained", "text.max_length": 96, "images.size": 128,
+             "model.encoder": "resnet18", "model.encoder_pretrained": False,
+             "model.decoder_pretrained": False, "model.n_layer": 2, "model.n_head": 4,
+             "model.n_embd": 128},
+    # Real Open-i data, ImageNet ResNet50 + GPT-2 small, 224 px, both views.
+    "full": {"data.source": "openi", "tokenizer.kind": "gpt2", "split.require_findings": True},
 }
 
 

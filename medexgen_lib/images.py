@@ -1,0 +1,162 @@
+"""Radiographs -> model input: robust decoding, a one-time uint8 cache, normalisation.
+
+Every image is decoded and resized once into a numpy memmap (nanoGPT style)
+keyed by the settings; training reads rows of it and never decodes a PNG.
+Normalisation to ImageNet statistics is done per batch, vectorised, in torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file."""
+
+
+def load_image(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:
+    """Decode any mode the data has (8/16-bit gray, RGB, palette, CMYK) to ``size``² uint8 gray.
+
+    Images over ``max_pixels`` are refused before decoding (decompression bombs).
+    The image is resized to a square without cropping, so no finding at the edge is lost.
+    """
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageError(f"image {path} is {width}x{height} pixels, over images.max_pixels "
+                                 f"({max_pixels}); refused as a possible decompression bomb")
+            if im.format == "JPEG":
+                im.draft("L", (size, size))  # let libjpeg decode at reduced scale
+            gray = _to_gray(im)
+            return np.asarray(gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image {path} refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+        raise ImageError(f"cannot read image {path}: {exc}") from None
+
+
+def _to_gray(im: Image.Image) -> Image.Image:
+    if im.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(im, dtype=np.float32)
+        low, high = float(arr.min()), float(arr.max())
+        scaled = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
+        return Image.fromarray(scaled.round().astype(np.uint8))
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode == "CMYK":
+        im = im.convert("RGB")
+    return im.convert("L")
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., H, W]`` -> float ``[..., 3, H, W]`` with ImageNet mean/std, in one pass."""
+    x = pixels.to(torch.float32).unsqueeze(-3).div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def train_augmentation() -> v2.Transform:
+    """Small rotation/shift/zoom and contrast jitter. No horizontal flip: reports say left/right."""
+    return v2.Compose([
+        v2.RandomAffine(degrees=5, translate=(0.03, 0.03), scale=(0.95, 1.05)),
+        v2.ColorJitter(brightness=0.1, contrast=0.1),
+    ])
+
+
+class ImageCache:
+    """Resized uint8 pixels of many images in one memmap, addressed by image id."""
+
+    PIXELS, INDEX = "pixels.u8", "index.json"
+
+    def __init__(self, folder: str | os.PathLike):
+        folder = Path(folder)
+        if not (folder / self.INDEX).exists():
+            raise FileNotFoundError(f"no image cache in {folder}; run notebook 03_preprocessing first")
+        self.folder = folder
+        self.index = json.loads((folder / self.INDEX).read_text())
+        self.size = self.index["size"]
+        self.row_of = {image_id: i for i, image_id in enumerate(self.index["image_ids"])}
+        self.bad = self.index["bad"]
+        self.pixels = np.memmap(folder / self.PIXELS, dtype=np.uint8, mode="r",
+                                shape=(max(1, len(self.row_of)), self.size, self.size))
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.row_of
+
+    def get(self, image_id: str) -> np.ndarray:
+        return self.pixels[self.row_of[image_id]]
+
+    @staticmethod
+    def key(images: list[tuple[str, str]], size: int) -> str:
+        """A digest of the settings and the files (id, path, byte size) the cache holds."""
+        digest = hashlib.sha256(json.dumps({"size": size, "version": 1}).encode())
+        for image_id, path in sorted(images):
+            digest.update(f"{image_id}\0{path}\0{os.path.getsize(path)}\n".encode())
+        return digest.hexdigest()[:16]
+
+    @classmethod
+    def build(cls, images: list[tuple[str, str]], size: int, root: str | os.PathLike,
+              max_pixels: int = 60_000_000, bad_image: str = "stop") -> ImageCache:
+        """Decode every ``(image_id, path)`` once into ``root/<key>/``; reuse it if present.
+
+        ``bad_image="stop"`` raises at the first unreadable file (naming it);
+        ``"skip"`` leaves it out and records why in ``index.json``.
+        """
+        key = cls.key(images, size)
+        folder = Path(root) / f"{size}px-{key}"
+        if (folder / cls.INDEX).exists():
+            log.info("image cache %s already built (%d images)", folder, len(images))
+            return cls(folder)
+        building = folder.with_name(folder.name + ".building")
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        ordered = sorted(images)
+        pixels = np.memmap(building / cls.PIXELS, dtype=np.uint8, mode="w+",
+                           shape=(max(1, len(ordered)), size, size))
+        kept, bad = [], {}
+        try:
+            for image_id, path in tqdm(ordered, desc=f"caching images at {size}px", unit="img"):
+                try:
+                    pixels[len(kept)] = load_image(path, size, max_pixels)
+                except ImageError as exc:
+                    if bad_image == "stop":
+                        raise
+                    log.warning("skipping %s", exc)
+                    bad[image_id] = str(exc)
+                    continue
+                kept.append(image_id)
+            pixels.flush()
+            del pixels
+            (building / cls.INDEX).write_text(json.dumps(
+                {"size": size, "key": key, "image_ids": kept, "bad": bad}))
+            os.replace(building, folder)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+        if bad:
+            log.warning("%d of %d images skipped as unreadable (listed in %s)",
+                        len(bad), len(ordered), folder / cls.INDEX)
+        return cls(folder)

@@ -1,0 +1,293 @@
+"""ReportGenerator: torchvision ResNet -> one linear projection -> GPT-2 with cross-attention.
+
+Each view (frontal, lateral) becomes a grid of visual tokens (7x7 at 224 px for
+ResNet50); tokens get a learned grid-position and view embedding after the
+projection to the decoder width, and the views' tokens are concatenated. The
+decoder is a stock ``GPT2LMHeadModel(add_cross_attention=True)``, so
+``generate()`` (greedy, beam, KV cache) is transformers' own.
+Saved as transformers does it: ``config.json``, ``model.safetensors`` and the
+tokenizer files in one folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+ENCODER_STRIDE = 32  # a ResNet's grid is image_size / 32 per side
+
+
+class PretrainedUnavailable(RuntimeError):
+    """Pretrained weights were asked for and cannot be had; the message says how to provide them."""
+
+
+@dataclass
+class ReportGeneratorConfig:
+    """Everything needed to rebuild the architecture (weights come from the safetensors file)."""
+
+    vocab_size: int
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    encoder: str = "resnet50"
+    image_size: int = 224
+    n_views: int = 2
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_positions: int = 1024
+    dropout: float = 0.1
+    encoder_init: str = "random"  # provenance: "random", "imagenet:<source>"
+    decoder_init: str = "random"  # provenance: "random", "pretrained:<source>"
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // ENCODER_STRIDE
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> ReportGeneratorConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown model config key(s) {unknown}")
+        return cls(**values)
+
+
+class ReportGenerator(nn.Module):
+    """Images of a study in, report tokens out."""
+
+    def __init__(self, config: ReportGeneratorConfig):
+        super().__init__()
+        self.config = config
+        resnet = getattr(torchvision.models, config.encoder)(weights=None)
+        self.encoder_dim = resnet.fc.in_features
+        self.encoder = nn.Sequential(*list(resnet.children())[:-2])  # no pooling, no classifier
+        self.projection = nn.Linear(self.encoder_dim, config.n_embd)
+        self.grid_embedding = nn.Parameter(torch.randn(config.grid_size ** 2, config.n_embd) * 0.02)
+        self.view_embedding = nn.Embedding(config.n_views, config.n_embd)
+        nn.init.normal_(self.view_embedding.weight, std=0.02)
+        self.decoder = GPT2LMHeadModel(_gpt2_config(config))
+        self.tokenizer = None  # attached by from_pretrained when the folder has one
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, model_cfg, tokenizer, image_size: int, max_length: int) -> ReportGenerator:
+        """A new model per the run's ``ModelConfig``; pretrained parts loaded when asked for."""
+        decoder = None
+        if model_cfg.decoder_pretrained:
+            decoder = _load_pretrained_gpt2(model_cfg.decoder_source)
+            sizes = {"n_layer": decoder.config.n_layer, "n_head": decoder.config.n_head,
+                     "n_embd": decoder.config.n_embd, "n_positions": decoder.config.n_positions}
+        else:
+            sizes = {"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head,
+                     "n_embd": model_cfg.n_embd, "n_positions": max(max_length, 64)}
+        config = ReportGeneratorConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            encoder=model_cfg.encoder, image_size=image_size, dropout=model_cfg.dropout,
+            encoder_init="random", decoder_init="random", **sizes)
+        model = cls(config)
+        if model_cfg.encoder_pretrained:
+            source = _load_pretrained_resnet(model.encoder, model_cfg.encoder, model_cfg.encoder_weights)
+            config.encoder_init = f"imagenet:{source}"
+        if decoder is not None:
+            decoder.resize_token_embeddings(len(tokenizer))
+            missing, unexpected = model.decoder.load_state_dict(decoder.state_dict(), strict=False)
+            if unexpected or any("crossattention" not in k and "ln_cross_attn" not in k for k in missing):
+                raise PretrainedUnavailable(
+                    f"GPT-2 weights from {model_cfg.decoder_source} do not fit: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}")
+            config.decoder_init = f"pretrained:{model_cfg.decoder_source}"
+        model.tokenizer = tokenizer
+        return model
+
+    # ------------------------------------------------------------------ computing
+
+    def encode(self, images: torch.Tensor, view_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, V, 3, H, W]`` -> visual tokens ``[B, V*G, n_embd]`` and their mask ``[B, V*G]``."""
+        batch, views = images.shape[:2]
+        features = self.encoder(images.flatten(0, 1))  # [B*V, C, h, w]
+        tokens = self.projection(features.flatten(2).transpose(1, 2))  # [B*V, G, D]
+        if tokens.shape[1] != self.grid_embedding.shape[0]:
+            raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} px give "
+                             f"{tokens.shape[1]} visual tokens; the model expects "
+                             f"{self.config.image_size} px ({self.grid_embedding.shape[0]} tokens)")
+        view_ids = torch.arange(views, device=images.device).repeat(batch)
+        tokens = tokens + self.grid_embedding + self.view_embedding(view_ids).unsqueeze(1)
+        tokens = tokens.reshape(batch, views * tokens.shape[1], -1)
+        if view_mask is None:
+            view_mask = torch.ones(batch, views, dtype=torch.bool, device=images.device)
+        mask = view_mask.repeat_interleave(self.grid_embedding.shape[0], dim=1).long()
+        return tokens, mask
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                view_mask: torch.Tensor | None = None, **decoder_kwargs):
+        """Teacher-forced decoding; returns transformers' output (``loss`` when labels given)."""
+        visual, visual_mask = self.encode(images, view_mask)
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                            encoder_hidden_states=visual, encoder_attention_mask=visual_mask,
+                            **decoder_kwargs)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+                 **generate_kwargs) -> torch.Tensor:
+        """Report token ids (bos removed) via transformers' ``generate`` with the KV cache."""
+        visual, visual_mask = self.encode(images, view_mask)
+        start = torch.full((images.shape[0], 1), self.config.bos_token_id, dtype=torch.long,
+                           device=images.device)
+        settings = {"max_new_tokens": 60, "do_sample": False, "num_beams": 1,
+                    "eos_token_id": self.config.eos_token_id,
+                    "pad_token_id": self.config.pad_token_id, **generate_kwargs}
+        out = self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
+                                    encoder_hidden_states=visual,
+                                    encoder_attention_mask=visual_mask, **settings)
+        return out[:, 1:]
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        """Token ids -> report strings (special tokens dropped)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer attached; load it with from_pretrained")
+        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+
+    def parameter_summary(self) -> dict[str, int]:
+        """Parameter counts per component (tied weights counted once)."""
+        def count(params) -> int:
+            return sum(p.numel() for p in {id(p): p for p in params}.values())
+        cross = [p for n, p in self.decoder.named_parameters()
+                 if "crossattention" in n or "ln_cross_attn" in n]
+        return {
+            "encoder": count(self.encoder.parameters()),
+            "projection + view/grid embeddings": count([*self.projection.parameters(),
+                                                        self.grid_embedding,
+                                                        self.view_embedding.weight]),
+            "decoder": count(self.decoder.parameters()),
+            "  of which cross-attention": count(cross),
+            "total": count(self.parameters()),
+            "trainable": count(p for p in self.parameters() if p.requires_grad),
+        }
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config, weights and tokenizer into ``directory``, replacing it atomically."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            (staging / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+            save_model(self, str(staging / WEIGHTS_FILE))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            _replace_dir(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"
+                        ) -> ReportGenerator:
+        """Load a model saved with ``save_pretrained`` (weights from safetensors, never pickle)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found: {directory} is not a saved ReportGenerator")
+        try:
+            values = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+        model = cls(ReportGeneratorConfig.from_dict(values, str(config_path)))
+        try:
+            load_model(model, str(weights_path), strict=True, device=str(device))
+        except (RuntimeError, OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise ValueError(f"weights {weights_path} do not fit {config_path}: {first}") from None
+        if (directory / "tokenizer.json").exists():
+            from medexgen_lib.tokenizer import load_tokenizer
+            model.tokenizer = load_tokenizer(directory)
+        return model.to(device)
+
+
+def _gpt2_config(config: ReportGeneratorConfig) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, add_cross_attention=True,
+        resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id)
+
+
+def _load_pretrained_gpt2(source: str) -> GPT2LMHeadModel:
+    """GPT-2 weights from a local folder or the Hugging Face cache, then the hub."""
+    errors = []
+    for local_only in (True, False):
+        try:
+            return GPT2LMHeadModel.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError) as exc:
+            errors.append(str(exc).splitlines()[0])
+    raise PretrainedUnavailable(
+        f"pretrained GPT-2 {source!r} not found locally and not downloadable ({'; '.join(errors)}). "
+        "Set model.decoder_source to a folder written by save_pretrained, fill the Hugging Face "
+        "cache (huggingface-cli download gpt2), or set model.decoder_pretrained=false for "
+        "random initialisation")
+
+
+def _load_pretrained_resnet(trunk: nn.Sequential, name: str, weights_file: str) -> str:
+    """Load ImageNet weights into the trunk; returns where they came from."""
+    if weights_file:
+        path = Path(weights_file)
+        if not path.exists():
+            raise PretrainedUnavailable(f"encoder weights file {path} does not exist "
+                                        "(model.encoder_weights)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle refusing code, corrupt zip, ...
+            raise PretrainedUnavailable(f"cannot load encoder weights {path} safely: {exc}") from None
+        source = str(path)
+    else:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            state = weights.get_state_dict(progress=True)
+        except Exception as exc:  # no network, no cache
+            raise PretrainedUnavailable(
+                f"ImageNet weights for {name} are not in torch's cache ({torch.hub.get_dir()}/"
+                f"checkpoints) and could not be downloaded ({exc}). Download {weights.url} there, "
+                "set model.encoder_weights to a state-dict file, or set "
+                "model.encoder_pretrained=false for random initialisation") from None
+        source = weights.url
+    resnet = getattr(torchvision.models, name)(weights=None)
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    wrong = [k for k in missing + unexpected if not k.startswith("fc.")]
+    if wrong:
+        raise PretrainedUnavailable(f"encoder weights {source} do not fit a {name}: "
+                                    f"mismatched keys {wrong[:5]}")
+    trunk.load_state_dict(nn.Sequential(*list(resnet.children())[:-2]).state_dict())
+    return source
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` into ``target``; the old folder survives until the new one is in place."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,159 @@
+"""Stage 03: cleaning, splits, tokenizer and image cache, from the studies table."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medexgen_lib.config import Config
+from medexgen_lib.dataset import ReportDataset
+from medexgen_lib.images import ImageCache
+from medexgen_lib.reports import load_studies_table
+from medexgen_lib.splits import (SPLITS, is_abnormal, load_splits, make_splits,
+                                 splits_from_annotation, usable_studies, write_splits)
+from medexgen_lib.text import target_texts
+from medexgen_lib.tokenizer import build_tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "preprocessing.json"
+
+
+@dataclass
+class PreprocessSummary:
+    """What stage 03 wrote, for the notebook and for later stages."""
+
+    studies: int
+    dropped: dict[str, int]
+    split_source: str
+    split_counts: dict[str, dict[str, int]]
+    tokenizer_dir: str
+    tokenizer_used: str
+    vocab_size: int
+    image_cache: str
+    images_cached: int
+    images_skipped: int
+    token_lengths: dict[str, float]
+    truncated_share: float
+
+
+def run_preprocessing(cfg: Config) -> PreprocessSummary:
+    """Write ``processed/splits.json``, ``processed/tokenizer/`` and the image cache."""
+    processed = cfg.paths.processed
+    table = load_studies_table(cfg.paths.studies_table)
+    texts = target_texts(table, cfg.text.target, cfg.text.lowercase)
+    usable, dropped = usable_studies(table, texts, cfg.split.require_findings)
+    log.info("%d of %d studies usable; left out: %s", len(usable), len(table), dropped)
+    if usable.empty:
+        raise ValueError(f"no usable studies in {cfg.paths.studies_table} (left out: {dropped})")
+
+    if cfg.split.annotation_file:
+        splits, missing = splits_from_annotation(cfg.split.annotation_file, usable)
+        split_source = f"annotation:{cfg.split.annotation_file}"
+        dropped["annotation_ids_not_usable"] = sum(missing.values())
+    else:
+        splits = make_splits(usable, cfg.seed, cfg.split.val_fraction, cfg.split.test_fraction)
+        split_source = f"random:seed={cfg.seed}"
+    abnormal = dict(zip(usable["uid"], usable["mesh_major"].map(is_abnormal)))
+    counts = {name: {"studies": len(uids), "abnormal": int(sum(abnormal[u] for u in uids))}
+              for name, uids in splits.items()}
+    for name, c in counts.items():
+        log.info("split %-5s %5d studies (%d abnormal)", name, c["studies"], c["abnormal"])
+    write_splits(splits, processed / "splits.json",
+                 {"source": split_source, "counts": counts, "dropped": dropped})
+
+    text_of = dict(zip(usable["uid"], texts.loc[usable.index]))
+    tokenizer_dir = processed / "tokenizer"
+    tokenizer = build_tokenizer(cfg.tokenizer.kind, [text_of[u] for u in splits["train"]],
+                                tokenizer_dir, cfg.tokenizer.gpt2_source, cfg.tokenizer.vocab_size)
+    lengths = np.array([len(tokenizer.encode(text_of[u], add_special_tokens=False)) + 2
+                        for u in text_of])
+
+    images = sorted({(i, p) for ids, paths in zip(usable["image_ids"], usable["image_paths"])
+                     for i, p in zip(ids, paths) if p})
+    cache = ImageCache.build(images, cfg.images.size, processed / "image_cache",
+                             cfg.images.max_pixels, cfg.images.bad_image)
+    summary = PreprocessSummary(
+        studies=len(usable), dropped=dropped, split_source=split_source, split_counts=counts,
+        tokenizer_dir=str(tokenizer_dir),
+        tokenizer_used=json.loads((tokenizer_dir / "source.json").read_text())["used"],
+        vocab_size=len(tokenizer), image_cache=str(cache.folder), images_cached=len(cache),
+        images_skipped=len(cache.bad),
+        token_lengths={"mean": float(lengths.mean()), "p95": float(np.percentile(lengths, 95)),
+                       "max": int(lengths.max())},
+        truncated_share=float((lengths > cfg.text.max_length).mean()))
+    (processed / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
+    cfg.save(processed / "config_03_preprocessing.json")
+    return summary
+
+
+def token_lengths(cfg: Config) -> pd.Series:
+    """Token count (with bos/eos) of every usable study's target text, for the histogram."""
+    table = load_studies_table(cfg.paths.studies_table)
+    tokenizer = load_tokenizer(cfg.paths.processed / "tokenizer")
+    texts = target_texts(table, cfg.text.target, cfg.text.lowercase)
+    usable, _ = usable_studies(table, texts, cfg.split.require_findings)
+    return texts.loc[usable.index].map(
+        lambda t: len(tokenizer.encode(t, add_special_tokens=False)) + 2)
+
+
+def load_split(cfg: Config, split: str, augment: bool = False) -> ReportDataset:
+    """The dataset of one split, from the files stage 03 wrote."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    processed = cfg.paths.processed
+    summary_path = processed / SUMMARY_FILE
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{summary_path} not found; run notebook 03_preprocessing first")
+    summary = json.loads(summary_path.read_text())
+    table = load_studies_table(cfg.paths.studies_table)
+    uids = set(load_splits(processed / "splits.json")[split])
+    studies = table[table["uid"].isin(uids)]
+    texts = target_texts(studies, cfg.text.target, cfg.text.lowercase)
+    return ReportDataset(studies, texts, ImageCache(Path(summary["image_cache"])),
+                         load_tokenizer(summary["tokenizer_dir"]), cfg.text.max_length,
+                         cfg.images.missing_view, augment=augment)
+
+
+def plot_token_lengths(lengths: pd.Series, max_length: int, path: Path) -> Path:
+    """Histogram of target lengths in tokens with the configured maximum marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.hist(lengths, bins=40, color="steelblue")
+    share = float((lengths > max_length).mean())
+    ax.axvline(max_length, color="crimson", ls="--",
+               label=f"text.max_length = {max_length} ({share:.1%} truncated)")
+    ax.set(title="Target length in tokens (with bos/eos)", xlabel="tokens", ylabel="studies")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_image_grid(datasets: dict[str, ReportDataset], path: Path, per_split: int = 4) -> Path:
+    """Frontal and lateral views of the first studies of each split, as the model sees them."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(datasets), 2 * per_split,
+                             figsize=(2 * per_split * 1.6, len(datasets) * 1.9), squeeze=False)
+    for row, (name, dataset) in enumerate(datasets.items()):
+        for k in range(per_split):
+            for v in range(2):
+                ax = axes[row, 2 * k + v]
+                ax.axis("off")
+                if k < len(dataset):
+                    ax.imshow(dataset[k]["pixels"][v].numpy(), cmap="gray", vmin=0, vmax=255)
+                    ax.set_title(f"{name} {dataset.examples[k].uid} {'FL'[v]}", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

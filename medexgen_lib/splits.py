@@ -1,0 +1,107 @@
+"""Study-level train/val/test splits: seeded and stratified, or R2Gen's published file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def usable_studies(table: pd.DataFrame, texts: pd.Series, require_findings: bool = False
+                   ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Studies with target text and at least one image on disk, and why others were left out."""
+    has_text = texts.str.len() > 0
+    has_image = table["image_paths"].map(lambda ps: any(p for p in ps))
+    keep = has_text & has_image
+    dropped = {"no_target_text": int((~has_text).sum()),
+               "no_image_on_disk": int((has_text & ~has_image).sum())}
+    if require_findings:
+        no_findings = keep & table["no_findings"]
+        dropped["no_findings"] = int(no_findings.sum())
+        keep &= ~table["no_findings"]
+    return table[keep], dropped
+
+
+def is_abnormal(mesh_major: list[str]) -> bool:
+    """A study is normal when its only MeSH major term is ``normal``."""
+    return list(mesh_major) != ["normal"]
+
+
+def make_splits(table: pd.DataFrame, seed: int, val_fraction: float = 0.1,
+                test_fraction: float = 0.2) -> dict[str, list[str]]:
+    """Split study uids, stratified by normal/abnormal; every uid in exactly one split."""
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be "
+                         "in [0, 1) and leave some training data")
+    rng = np.random.default_rng(seed)
+    splits: dict[str, list[str]] = {name: [] for name in SPLITS}
+    abnormal = table["mesh_major"].map(is_abnormal)
+    for group in (False, True):
+        uids = sorted(table.loc[abnormal == group, "uid"])
+        uids = [uids[i] for i in rng.permutation(len(uids))]
+        n_test = round(len(uids) * test_fraction)
+        n_val = round(len(uids) * val_fraction)
+        splits["test"] += uids[:n_test]
+        splits["val"] += uids[n_test:n_test + n_val]
+        splits["train"] += uids[n_test + n_val:]
+    return {name: sorted(uids, key=_uid_key) for name, uids in splits.items()}
+
+
+def splits_from_annotation(annotation_file: str | os.PathLike, table: pd.DataFrame
+                           ) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Splits from R2Gen's ``annotation.json`` (ids like ``CXR1573_IM-0374``).
+
+    Studies listed there but absent from ``table`` are counted, not invented.
+    """
+    path = Path(annotation_file)
+    try:
+        annotation = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read split file {path}: {exc}") from None
+    if not isinstance(annotation, dict) or not set(SPLITS) <= set(annotation):
+        raise ValueError(f"split file {path} must hold 'train', 'val' and 'test' lists (R2Gen format)")
+    known = set(table["uid"])
+    splits, missing = {}, {}
+    for name in SPLITS:
+        uids = [str(entry["id"]).split("_")[0] for entry in annotation[name]]
+        splits[name] = sorted({u for u in uids if u in known}, key=_uid_key)
+        missing[name] = len(set(uids) - known)
+    seen: dict[str, str] = {}
+    for name in SPLITS:
+        for uid in splits[name]:
+            if uid in seen:
+                raise ValueError(f"split file {path}: study {uid} is in both {seen[uid]} and {name}")
+            seen[uid] = name
+    return splits, missing
+
+
+def write_splits(splits: dict[str, list[str]], path: str | os.PathLike, meta: dict) -> Path:
+    """Save ``{"train": [...], "val": [...], "test": [...], "meta": {...}}`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**splits, "meta": meta}, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
+    """The splits written by notebook 03."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"split file {path} does not exist; run notebook 03_preprocessing first")
+    data = json.loads(path.read_text())
+    return {name: data[name] for name in SPLITS}
+
+
+def _uid_key(uid: str):
+    digits = uid.removeprefix("CXR")
+    return (0, int(digits), "") if digits.isdigit() else (1, 0, uid)

@@ -1,0 +1,125 @@
+"""One tokenizer API, two sources: GPT-2's byte-level BPE, or one trained offline.
+
+Both are ``transformers`` fast tokenizers with the same special tokens and the
+same whole-word medical tokens, saved with ``save_pretrained``; ``source.json``
+next to them records which one was built and from what.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
+SOURCE_FILE = "source.json"
+
+# Whole words that should never be split: they carry the findings the labeler scores.
+MEDICAL_TOKENS = (
+    "cardiomegaly", "cardiomediastinal", "pneumothorax", "pneumothoraces", "atelectasis",
+    "consolidation", "effusion", "effusions", "pleural", "edema", "opacity", "opacities",
+    "pneumonia", "nodule", "nodules", "granuloma", "granulomas", "emphysema", "hernia",
+    "fracture", "infiltrate", "infiltrates", "airspace", "interstitial", "hyperinflation",
+    "costophrenic", "hilar", "perihilar", "mediastinal", "silhouette", "vasculature",
+    "calcified", "degenerative", "osseous", "thoracic", "scoliosis", "catheter",
+    "sternotomy", "XXXX",
+)
+
+
+class TokenizerUnavailable(RuntimeError):
+    """GPT-2's tokenizer files were asked for and could not be found."""
+
+
+def _medical_added_tokens() -> list[AddedToken]:
+    """Each term as a single token, alone and with the leading space BPE attaches."""
+    tokens = []
+    for term in MEDICAL_TOKENS:
+        for content in (term, " " + term):
+            tokens.append(AddedToken(content, single_word=True, normalized=False))
+    return tokens
+
+
+def _finish(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    tokenizer.add_special_tokens({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD})
+    tokenizer.add_tokens(_medical_added_tokens())
+    tokenizer.clean_up_tokenization_spaces = False  # decode(encode(x)) must return x
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_gpt2_tokenizer(source: str = "gpt2", allow_download: bool = True) -> PreTrainedTokenizerFast:
+    """GPT-2's tokenizer from a local folder or the Hugging Face cache (hub if allowed)."""
+    errors = []
+    for local_only in ((True, False) if allow_download else (True,)):
+        try:
+            tok = AutoTokenizer.from_pretrained(source, use_fast=True, local_files_only=local_only)
+            return _finish(tok)
+        except (OSError, ValueError) as exc:
+            errors.append(str(exc).splitlines()[0])
+    raise TokenizerUnavailable(
+        f"GPT-2 tokenizer files not found for {source!r} ({'; '.join(errors)}). Put GPT-2's "
+        "tokenizer files in a folder and set tokenizer.gpt2_source to it, fill the Hugging Face "
+        "cache (huggingface-cli download gpt2), or set tokenizer.kind='trained'")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``texts`` (the training split only), GPT-2 style."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
+                                  special_tokens=[EOS, BOS, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return _finish(PreTrainedTokenizerFast(tokenizer_object=bpe))
+
+
+def build_tokenizer(kind: str, train_texts: list[str], out_dir: str | os.PathLike,
+                    gpt2_source: str = "gpt2", vocab_size: int = 4000) -> PreTrainedTokenizerFast:
+    """Build per ``kind`` (auto/gpt2/trained), save to ``out_dir`` and record the source."""
+    source = {"kind": kind}
+    tokenizer = None
+    if kind in ("gpt2", "auto"):
+        try:
+            # auto never waits on the network: local folder or cache only.
+            tokenizer = load_gpt2_tokenizer(gpt2_source, allow_download=kind == "gpt2")
+            source.update(used="gpt2", gpt2_source=gpt2_source)
+        except TokenizerUnavailable as exc:
+            if kind == "gpt2":
+                raise
+            log.info("GPT-2 tokenizer not available offline (%s); training one", exc)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(train_texts, vocab_size)
+        source.update(used="trained", vocab_size_requested=vocab_size,
+                      training_texts=len(train_texts))
+    source.update(vocab_size=len(tokenizer), medical_tokens=len(MEDICAL_TOKENS))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+    log.info("tokenizer: %s, %d tokens -> %s", source["used"], len(tokenizer), out_dir)
+    return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """The tokenizer saved by ``build_tokenizer`` (notebook 03)."""
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer in {path}; run notebook 03_preprocessing first")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    tokenizer.clean_up_tokenization_spaces = False
+    return tokenizer
+
+
+def encode_for_training(tokenizer: PreTrainedTokenizerFast, text: str, max_length: int) -> list[int]:
+    """``bos`` + text tokens + ``eos``, truncated to ``max_length`` (eos kept)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)[: max_length - 2]
+    return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
