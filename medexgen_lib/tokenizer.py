@@ -60,9 +60,13 @@ def load_gpt2_tokenizer(source: str = "gpt2", allow_download: bool = True) -> Pr
     for local_only in ((True, False) if allow_download else (True,)):
         try:
             tok = AutoTokenizer.from_pretrained(source, use_fast=True, local_files_only=local_only)
-            return _finish(tok)
         except (OSError, ValueError) as exc:
             errors.append(str(exc).splitlines()[0])
+            continue
+        if len(tok) < 256:  # a byte-level BPE has at least the 256 byte symbols
+            raise TokenizerUnavailable(f"GPT-2 tokenizer at {source!r} has only {len(tok)} tokens; "
+                                       "its vocabulary files are missing or empty")
+        return _finish(tok)
     raise TokenizerUnavailable(
         f"GPT-2 tokenizer files not found for {source!r} ({'; '.join(errors)}). Put GPT-2's "
         "tokenizer files in a folder and set tokenizer.gpt2_source to it, fill the Hugging Face "

@@ -1,4 +1,4 @@
-"""Notebooks 01 and 02 executed headless with papermill on a phantom set."""
+"""The numbered notebooks executed headless with papermill on a phantom set."""
 
 import json
 
@@ -9,12 +9,12 @@ from medexgen_lib.pipeline import StageFailed, run_pipeline
 pytestmark = pytest.mark.notebook
 
 
-def test_stages_01_02_run_headless(tmp_path):
+def test_stages_run_headless(tmp_path):
     overrides = {"paths.data_dir": str(tmp_path / "data"),
                  "paths.output_dir": str(tmp_path / "out"),
                  "data.n_phantom_studies": 30, "data.phantom_image_size": 64}
-    results = run_pipeline("demo", overrides, start="01", stop="02")
-    assert [r.status for r in results] == ["ok", "ok"]
+    results = run_pipeline("demo", overrides, start="01", stop="03")
+    assert [r.status for r in results] == ["ok", "ok", "ok"]
     assert (tmp_path / "data" / "processed" / "studies.parquet").exists()
     stats = json.loads((tmp_path / "out" / "logs" / "eda_stats.json").read_text())
     assert stats["reports"] == 30
@@ -23,7 +23,12 @@ def test_stages_01_02_run_headless(tmp_path):
     outputs = "".join(str(o) for c in executed["cells"] for o in c.get("outputs", []))
     assert "generated phantom set: 30 studies" in outputs
     summary = json.loads((tmp_path / "out" / "logs" / "run_summary.json").read_text())
-    assert [s["stage"] for s in summary["stages"]] == ["01", "02"]
+    assert [s["stage"] for s in summary["stages"]] == ["01", "02", "03"]
+    processed = tmp_path / "data" / "processed"
+    splits = json.loads((processed / "splits.json").read_text())
+    assert sum(len(splits[n]) for n in ("train", "val", "test")) == 30
+    assert (processed / "tokenizer" / "source.json").exists()
+    assert (tmp_path / "out" / "plots" / "preprocessing_images.png").exists()
 
 
 def test_stage_without_its_input_names_notebook_and_what_to_run(tmp_path):
