@@ -182,6 +182,48 @@ class ModelConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The training loop (medexgen_lib.train)."""
+
+    epochs: int = 30
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr_encoder: float = 5e-5
+    lr_decoder: float = 5e-5
+    lr_new: float = 5e-4  # projection, view/grid embeddings, token embeddings new to the decoder
+    weight_decay: float = 0.01
+    scheduler: str = "cosine"  # "cosine" or "linear" (after warmup), or "plateau"
+    warmup_ratio: float = 0.05
+    clip_grad_norm: float = 1.0
+    precision: str = "auto"  # "auto": bf16 where the GPU supports it, else fp16; off on CPU
+    patience: int = 5  # epochs without improvement of selection_metric before stopping
+    selection_metric: str = "clinical macro_F1"
+    num_workers: int = 0
+    shuffle_images: bool = False  # control experiment: images permuted against reports
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("cosine", "linear", "plateau"):
+            raise ConfigError(f"train.scheduler must be 'cosine', 'linear' or 'plateau', got {self.scheduler!r}")
+        if self.precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"train.precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.precision!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.epochs, train.batch_size and train.grad_accum must be at least 1")
+
+
+@dataclass
+class EvalConfig:
+    """Decoding and scoring, for validation during training and for evaluation."""
+
+    num_beams: int = 3
+    max_new_tokens: int = 100
+    no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
+    batch_size: int = 32
+    meteor: bool = True  # where Java is installed; recorded as skipped otherwise
+    uncertain_as_positive: bool = False
+
+
+@dataclass
 class Config:
     """Everything a run needs; later stages add their own sections."""
 
@@ -194,6 +236,8 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,10 +255,13 @@ class Config:
 PROFILES: dict[str, dict[str, Any]] = {
     # Phantom data, a small randomly initialised model, small images: CPU-friendly.
     "demo": {"data.source": "phantom", "data.n_phantom_studies": 500,
-             "tokenizer.kind": "trained", "text.max_length": 96, "images.size": 128,
+             "tokenizer.kind": "trained", "text.max_length": 96, "images.size": 96,
              "model.encoder": "resnet18", "model.encoder_pretrained": False,
              "model.decoder_pretrained": False, "model.n_layer": 2, "model.n_head": 4,
-             "model.n_embd": 128},
+             "model.n_embd": 128, "model.dropout": 0.1, "train.epochs": 16,
+             "train.lr_encoder": 1e-3, "train.lr_decoder": 1e-3, "train.lr_new": 1e-3,
+             "train.patience": 6, "eval.num_beams": 1, "eval.max_new_tokens": 80,
+             "eval.meteor": False},
     # Real Open-i data, ImageNet ResNet50 + GPT-2 small, 224 px, both views.
     "full": {"data.source": "openi", "tokenizer.kind": "gpt2", "split.require_findings": True},
 }

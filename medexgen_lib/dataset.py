@@ -62,7 +62,8 @@ class ReportDataset(Dataset):
     """Studies of one split. Items hold uint8 pixels; ``collate`` normalises per batch."""
 
     def __init__(self, studies: pd.DataFrame, texts: pd.Series, cache: ImageCache, tokenizer,
-                 max_length: int, missing_view: str = "duplicate", augment: bool = False):
+                 max_length: int, missing_view: str = "duplicate", augment: bool = False,
+                 shuffle_images_seed: int | None = None):
         self.cache = cache
         self.augment = train_augmentation() if augment else None
         self.examples: list[StudyExample] = []
@@ -74,6 +75,12 @@ class ReportDataset(Dataset):
                 continue
             self.examples.append(StudyExample(row.uid, views, text,
                                               encode_for_training(tokenizer, text, max_length)))
+        if shuffle_images_seed is not None:
+            # Control experiment: pair every report with another study's images.
+            order = np.random.default_rng(shuffle_images_seed).permutation(len(self.examples))
+            views = [self.examples[i].image_ids for i in order]
+            for example, image_ids in zip(self.examples, views):
+                example.image_ids = image_ids
         if self.dropped:
             log.info("%d studies left out: no usable image for the configured views "
                      "(images.missing_view=%s)", self.dropped, missing_view)

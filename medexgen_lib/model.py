@@ -52,6 +52,7 @@ class ReportGeneratorConfig:
     n_embd: int = 768
     n_positions: int = 1024
     dropout: float = 0.1
+    pretrained_vocab_size: int = 0  # token rows that came with a pretrained GPT-2; the rest are new
     encoder_init: str = "random"  # provenance: "random", "imagenet:<source>"
     decoder_init: str = "random"  # provenance: "random", "pretrained:<source>"
 
@@ -107,6 +108,7 @@ class ReportGenerator(nn.Module):
             source = _load_pretrained_resnet(model.encoder, model_cfg.encoder, model_cfg.encoder_weights)
             config.encoder_init = f"imagenet:{source}"
         if decoder is not None:
+            config.pretrained_vocab_size = decoder.get_input_embeddings().weight.shape[0]
             decoder.resize_token_embeddings(len(tokenizer))
             missing, unexpected = model.decoder.load_state_dict(decoder.state_dict(), strict=False)
             if unexpected or any("crossattention" not in k and "ln_cross_attn" not in k for k in missing):
@@ -192,20 +194,25 @@ class ReportGenerator(nn.Module):
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            (staging / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
-            save_model(self, str(staging / WEIGHTS_FILE))
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(staging)
-            _replace_dir(staging, directory)
+            self.write_files(staging)
+            replace_dir(staging, directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return directory
+
+    def write_files(self, directory: Path) -> None:
+        """Config, safetensors weights and tokenizer into an existing folder (not atomic)."""
+        (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+        save_model(self, str(directory / WEIGHTS_FILE))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"
                         ) -> ReportGenerator:
         """Load a model saved with ``save_pretrained`` (weights from safetensors, never pickle)."""
         directory = Path(directory)
+        recover_dir(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.exists():
@@ -283,11 +290,23 @@ def _load_pretrained_resnet(trunk: nn.Sequential, name: str, weights_file: str) 
     return source
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` into ``target``; the old folder survives until the new one is in place."""
+def replace_dir(new: Path, target: Path) -> None:
+    """Swap folder ``new`` into ``target``; the old one survives as ``.<name>.old`` until then.
+
+    A crash between the two renames leaves only ``.<name>.old``, which
+    ``recover_dir`` puts back, so a complete folder is always there to load.
+    """
     old = target.with_name(f".{target.name}.old")
+    recover_dir(target)
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(target: Path) -> None:
+    """Put ``.<name>.old`` back at ``target`` if a swap was interrupted between its renames."""
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.exists():
+        os.replace(old, target)

@@ -102,7 +102,8 @@ def token_lengths(cfg: Config) -> pd.Series:
         lambda t: len(tokenizer.encode(t, add_special_tokens=False)) + 2)
 
 
-def load_split(cfg: Config, split: str, augment: bool = False) -> ReportDataset:
+def load_split(cfg: Config, split: str, augment: bool = False,
+               shuffle_images_seed: int | None = None) -> ReportDataset:
     """The dataset of one split, from the files stage 03 wrote."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -117,7 +118,8 @@ def load_split(cfg: Config, split: str, augment: bool = False) -> ReportDataset:
     texts = target_texts(studies, cfg.text.target, cfg.text.lowercase)
     return ReportDataset(studies, texts, ImageCache(Path(summary["image_cache"])),
                          load_tokenizer(summary["tokenizer_dir"]), cfg.text.max_length,
-                         cfg.images.missing_view, augment=augment)
+                         cfg.images.missing_view, augment=augment,
+                         shuffle_images_seed=shuffle_images_seed)
 
 
 def plot_token_lengths(lengths: pd.Series, max_length: int, path: Path) -> Path:

@@ -1,0 +1,447 @@
+"""Stage 04: the training loop, run by Accelerate (CPU, one GPU, several GPUs or nodes).
+
+One epoch = shuffled training batches (order seeded by epoch, so a resumed run
+sees the same batches), then validation on the val split only: teacher-forced
+loss plus generated reports scored with ``metrics.score``. The best epoch by
+``train.selection_metric`` among epochs with the run's evaluation fingerprint is
+kept in ``checkpoints/best`` and exported to ``models/final``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from medexgen_lib.config import Config, TrainConfig
+from medexgen_lib.dataset import collate
+from medexgen_lib.evaluate import decode_settings, generate_reports
+from medexgen_lib.metrics import METRICS_VERSION, diversity, score
+from medexgen_lib.model import ReportGenerator, recover_dir, replace_dir
+from medexgen_lib.preprocess import load_split
+from medexgen_lib.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+STATE_FILE, TRAINER_FILE = "training_state.pt", "trainer.json"
+HISTORY_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1",
+                   "clinical micro_F1", "clinical example_F1", "clinical abnormal_recall")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_value: float
+    epochs_run: int
+    stopped: str
+    final_model: Path
+    history: Path
+
+
+# --------------------------------------------------------------------------- pieces
+
+def choose_precision(setting: str) -> str:
+    """bf16 where the GPU supports it, fp16 (with loss scaling) on other GPUs, off on CPU."""
+    if setting != "auto":
+        return setting
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def parameter_groups(model: ReportGenerator, tcfg: TrainConfig) -> list[dict]:
+    """AdamW groups: encoder, decoder, new parts (projection, embeddings of new tokens);
+    biases and norm weights (1-D tensors) without weight decay."""
+    token_embeddings = model.decoder.get_input_embeddings().weight
+    decoder_is_new = model.config.pretrained_vocab_size == 0  # random init: every token is new
+    lrs = {"encoder": tcfg.lr_encoder, "decoder": tcfg.lr_decoder, "new": tcfg.lr_new}
+    buckets: dict[tuple[str, bool], list] = {(g, d): [] for g in lrs for d in (True, False)}
+    seen = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen or not param.requires_grad:
+            continue
+        seen.add(id(param))
+        if name.startswith("encoder."):
+            group = "encoder"
+        elif name.startswith("decoder.") and not (param is token_embeddings and decoder_is_new):
+            group = "decoder"
+        else:
+            group = "new"
+        buckets[(group, param.ndim >= 2)].append(param)
+    return [{"params": params, "lr": lrs[group], "weight_decay": tcfg.weight_decay if decay else 0.0,
+             "name": f"{group}{'' if decay else ' (no decay)'}"}
+            for (group, decay), params in buckets.items() if params]
+
+
+class NewTokenRows:
+    """Gives the rows a pretrained GPT-2 did not have the ``new`` learning rate.
+
+    The token embedding matrix is one tensor (tied to the output layer), so its
+    pretrained rows train at the decoder's rate; after each optimizer step the
+    new rows' update is rescaled by lr_new / lr_decoder, which for AdamW (update
+    proportional to the learning rate, decay included) is exactly a step at lr_new.
+    """
+
+    def __init__(self, model: ReportGenerator, tcfg: TrainConfig):
+        first_new = model.config.pretrained_vocab_size
+        self.weight = model.decoder.get_input_embeddings().weight
+        self.active = 0 < first_new < self.weight.shape[0] and tcfg.lr_new != tcfg.lr_decoder
+        self.rows = slice(first_new, None)
+        self.ratio = tcfg.lr_new / tcfg.lr_decoder
+        self.before = None
+
+    def before_step(self) -> None:
+        if self.active:
+            self.before = self.weight.data[self.rows].clone()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.active:
+            rows = self.weight.data[self.rows]
+            rows.add_((rows - self.before) * (self.ratio - 1.0))
+
+
+def evaluation_fingerprint(cfg: Config, val_uids: list[str]) -> tuple[str, dict]:
+    """Hash of everything that decides validation scores; frozen for a run."""
+    payload = {"decode": decode_settings(cfg.eval), "max_length": cfg.text.max_length,
+               "target": cfg.text.target, "lowercase": cfg.text.lowercase,
+               "val_uids": sorted(val_uids), "metrics_version": METRICS_VERSION,
+               "selection_metric": cfg.train.selection_metric,
+               "uncertain_as_positive": cfg.eval.uncertain_as_positive}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, payload
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer, scheduler,
+                    trainer_state: dict) -> None:
+    """Write a resumable checkpoint atomically: a temporary folder, then a rename.
+
+    Model (safetensors + config + tokenizer), optimizer, scheduler, loss scaler,
+    every process's RNG states, epoch/step/best and the run config.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.staging")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    accelerator.wait_for_everyone()
+    (staging / f"rng_{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).write_files(staging)
+        scaler = accelerator.scaler
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None},
+                   staging / STATE_FILE)
+        (staging / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2))
+        replace_dir(staging, directory)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict:
+    """Restore what ``save_checkpoint`` wrote (tensors only: ``weights_only=True``)."""
+    from safetensors.torch import load_model
+
+    recover_dir(directory)
+    trainer_path = directory / TRAINER_FILE
+    if not trainer_path.exists():
+        raise FileNotFoundError(f"no resumable checkpoint in {directory} (missing {TRAINER_FILE})")
+    load_model(accelerator.unwrap_model(model), str(directory / "model.safetensors"), strict=True)
+    try:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickled code, corrupt file
+        raise ValueError(f"cannot load {directory / STATE_FILE} safely: {exc}") from None
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng_path = directory / f"rng_{accelerator.process_index}.json"
+    if rng_path.exists():
+        _set_rng_state(json.loads(rng_path.read_text()))
+    else:
+        log.warning("no RNG state for process %d in %s; resumed run will not be bit-identical",
+                    accelerator.process_index, directory)
+    return json.loads(trainer_path.read_text())
+
+
+# --------------------------------------------------------------------------- loop
+
+def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train per ``cfg``; ``resume`` continues from ``checkpoints/last``.
+
+    ``stop_after_epoch`` ends the session after that epoch as an interruption
+    would (checkpoint written, no export), for time-boxed sessions and tests.
+    """
+    tcfg = cfg.train
+    accelerator = Accelerator(mixed_precision=choose_precision(tcfg.precision),
+                              gradient_accumulation_steps=tcfg.grad_accum)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    paths = cfg.paths
+    last_dir, best_dir = paths.checkpoints / "last", paths.checkpoints / "best"
+    history_path = paths.logs / "history.jsonl"
+
+    train_data = load_split(cfg, "train", augment=cfg.images.augment,
+                            shuffle_images_seed=cfg.seed if tcfg.shuffle_images else None)
+    val_data = load_split(cfg, "val")
+    if not len(train_data) or not len(val_data):
+        raise ValueError(f"empty split: {len(train_data)} train / {len(val_data)} val studies; "
+                         "check notebook 03's split counts")
+    tokenizer = load_tokenizer(cfg.paths.processed / "tokenizer")
+    model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length)
+    new_token_rows = NewTokenRows(model, tcfg)
+    optimizer = torch.optim.AdamW(parameter_groups(model, tcfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+
+    def epoch_loader(epoch: int) -> DataLoader:
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(
+            cfg.seed * 100_003 + epoch)).tolist()
+        loader = DataLoader(Subset(train_data, order), batch_size=tcfg.batch_size, shuffle=False,
+                            collate_fn=collate_fn, num_workers=tcfg.num_workers)
+        return accelerator.prepare_data_loader(loader)
+
+    steps_per_epoch = math.ceil(len(epoch_loader(0)) / tcfg.grad_accum)
+    if tcfg.scheduler == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                               patience=1)
+    else:
+        total = steps_per_epoch * tcfg.epochs
+        scheduler = get_scheduler(tcfg.scheduler, optimizer, num_warmup_steps=int(tcfg.warmup_ratio * total),
+                                  num_training_steps=total)
+
+    fingerprint, fingerprint_payload = evaluation_fingerprint(cfg, [e.uid for e in val_data.examples])
+    state = {"epoch": 0, "step": 0, "best_value": -math.inf, "best_epoch": 0, "bad_epochs": 0,
+             "fingerprint": fingerprint, "fingerprint_payload": fingerprint_payload,
+             "config": cfg.to_dict()}
+    if resume:
+        state = load_checkpoint(last_dir, accelerator, model, optimizer, scheduler)
+        if state["fingerprint"] != fingerprint:
+            log.warning("!" * 70 + "\nRESUMING WITH A CHANGED VALIDATION SETUP: fingerprint %s, run's %s.\n"
+                        "Epochs from now on are flagged and never picked as best.\n" + "!" * 70,
+                        fingerprint, state["fingerprint"])
+        if accelerator.is_main_process:
+            _truncate_history(history_path, state["epoch"])
+        log.info("resumed from %s after epoch %d (step %d)", last_dir, state["epoch"], state["step"])
+    elif accelerator.is_main_process:
+        history_path.parent.mkdir(parents=True, exist_ok=True)
+        history_path.write_text("")
+        cfg.save(paths.logs / "config_04_training.json")
+
+    stopped = "max epochs"
+    for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
+        began = time.perf_counter()
+        train_loss, samples, state["step"] = _train_epoch(
+            accelerator, model, optimizer, scheduler, epoch_loader(epoch), new_token_rows, tcfg,
+            epoch, state["step"], progress)
+        seconds_train = time.perf_counter() - began
+        metrics, val_loss = _validate(accelerator, model, val_data, collate_fn, cfg, progress)
+        value = float(metrics[tcfg.selection_metric])
+        if tcfg.scheduler == "plateau":
+            scheduler.step(value)
+        fingerprint_ok = fingerprint == state["fingerprint"]
+        improved = fingerprint_ok and value > state["best_value"]
+        record = {"epoch": epoch, "step": state["step"], "train_loss": train_loss, "val_loss": val_loss,
+                  "val": {k: metrics[k] for k in HISTORY_METRICS if k in metrics},
+                  "val_distinct_predictions": metrics["distinct_predictions"],
+                  "selection_metric": tcfg.selection_metric, "selection_value": value,
+                  "learning_rates": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                  "seconds": time.perf_counter() - began,
+                  "samples_per_s": samples * accelerator.num_processes / seconds_train,
+                  "fingerprint": fingerprint, "fingerprint_ok": fingerprint_ok, "best": improved}
+        if not fingerprint_ok:
+            log.warning("epoch %d: evaluation fingerprint %s differs from the run's %s; "
+                        "flagged, not eligible as best", epoch, fingerprint, state["fingerprint"])
+        if improved:
+            state.update(best_value=value, best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        if improved:
+            save_checkpoint(best_dir, accelerator, model, optimizer, scheduler, state)
+        save_checkpoint(last_dir, accelerator, model, optimizer, scheduler, state)
+        if accelerator.is_main_process:
+            with history_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        log.info("epoch %d: train loss %.4f, val loss %.4f, %s %.4f%s", epoch, train_loss, val_loss,
+                 tcfg.selection_metric, value, " (best)" if improved else "")
+        if state["bad_epochs"] >= tcfg.patience:
+            stopped = f"early stopping: no improvement for {tcfg.patience} epochs"
+            break
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            return TrainResult(state["best_epoch"], state["best_value"], epoch, "interrupted",
+                               paths.models / "final", history_path)
+
+    final = paths.models / "final"
+    if accelerator.is_main_process:
+        if state["best_epoch"] == 0:
+            raise RuntimeError("no epoch had the run's evaluation fingerprint; nothing to export")
+        ReportGenerator.from_pretrained(best_dir).save_pretrained(final)
+        cfg.save(final / "run_config.json")
+    accelerator.wait_for_everyone()
+    log.info("best epoch %d (%s %.4f); %s; exported to %s", state["best_epoch"],
+             tcfg.selection_metric, state["best_value"], stopped, final)
+    return TrainResult(state["best_epoch"], state["best_value"], state["epoch"], stopped, final,
+                       history_path)
+
+
+def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_rows, tcfg, epoch,
+                 step, progress) -> tuple[float, int, int]:
+    model.train()
+    total, count, samples = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False,
+               disable=not (progress and accelerator.is_local_main_process))
+    for batch in bar:
+        with accelerator.accumulate(model):
+            out = model(batch["images"], batch["input_ids"], batch["attention_mask"],
+                        labels=batch["labels"], view_mask=batch["view_mask"])
+            loss = out.loss
+            finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
+            if not finite:
+                raise NonFiniteLoss(
+                    f"loss became {loss.item()} at epoch {epoch}, step {step}; run stopped. "
+                    "The last good checkpoint is intact in checkpoints/last; lower the learning "
+                    "rates or use train.precision='no' and resume")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), tcfg.clip_grad_norm)
+                new_token_rows.before_step()
+            optimizer.step()
+            if accelerator.sync_gradients:
+                new_token_rows.after_step()
+                if not accelerator.optimizer_step_was_skipped:
+                    step += 1
+                    if tcfg.scheduler != "plateau":
+                        scheduler.step()
+            optimizer.zero_grad()
+        total += loss.item()
+        count += 1
+        samples += batch["input_ids"].shape[0]
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return total / max(1, count), samples, step
+
+
+@torch.no_grad()
+def _validate(accelerator, model, val_data, collate_fn, cfg, progress) -> tuple[dict, float]:
+    """Val loss and scored generations. Every process computes the same numbers (no test split)."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    loader = DataLoader(val_data, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collate_fn)
+    losses, weights = [], []
+    with accelerator.autocast():
+        for batch in loader:
+            out = unwrapped(batch["images"].to(accelerator.device), batch["input_ids"].to(accelerator.device),
+                            batch["attention_mask"].to(accelerator.device),
+                            labels=batch["labels"].to(accelerator.device),
+                            view_mask=batch["view_mask"].to(accelerator.device))
+            losses.append(out.loss.item())
+            weights.append(int((batch["labels"][:, 1:] != -100).sum()))
+        rows = generate_reports(unwrapped, val_data, cfg.eval, accelerator.device,
+                                progress=progress and accelerator.is_local_main_process)
+    metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=False,
+                    uncertain_as_positive=cfg.eval.uncertain_as_positive)
+    metrics["distinct_predictions"] = diversity([r["prediction"] for r in rows])["distinct_predictions"]
+    unwrapped.train()
+    return metrics, float(np.average(losses, weights=weights))
+
+
+def _truncate_history(path: Path, last_epoch: int) -> None:
+    """Drop history lines after the checkpoint's epoch (a kill may have left some)."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    kept = [l for l in lines if json.loads(l)["epoch"] <= last_epoch]
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
+        tmp.write("".join(l + "\n" for l in kept))
+    Path(tmp.name).replace(path)
+
+
+def device_report(cfg: Config) -> dict:
+    """What a run would use here: device, precision, processes, effective batch size."""
+    import accelerate
+
+    state = accelerate.PartialState()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return {"device": device, "processes": state.num_processes,
+            "precision": choose_precision(cfg.train.precision),
+            "effective_batch": cfg.train.batch_size * cfg.train.grad_accum * state.num_processes,
+            "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
+
+
+def load_history(path: Path) -> list[dict]:
+    """The epochs of ``logs/history.jsonl``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run notebook 04_training first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(history: list[dict], path: Path) -> Path:
+    """Train/val loss and the selection metric per epoch; best epoch and flagged epochs marked."""
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    loss_ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    loss_ax.legend()
+    name = history[0]["selection_metric"] if history else "selection metric"
+    metric_ax.plot(epochs, [h["selection_value"] for h in history], "o-", color="seagreen", label=name)
+    for h in history:
+        if not h["fingerprint_ok"]:
+            metric_ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="red", alpha=0.15)
+    best = [h for h in history if h["best"]]
+    if best:
+        metric_ax.axvline(best[-1]["epoch"], color="black", ls="--", label=f"best (epoch {best[-1]['epoch']})")
+    metric_ax.set(title="Validation (red: other evaluation fingerprint)", xlabel="epoch", ylabel=name)
+    metric_ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

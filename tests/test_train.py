@@ -1,0 +1,164 @@
+"""The training loop on a tiny phantom set: groups, fingerprint, checkpoints, resume, NaN, export."""
+
+import hashlib
+import json
+import logging
+
+import pytest
+import torch
+
+from medexgen_lib.acquisition import acquire, build_studies_table
+from medexgen_lib.config import load_config
+from medexgen_lib.model import ReportGenerator
+from medexgen_lib.preprocess import run_preprocessing
+from medexgen_lib.train import (NewTokenRows, NonFiniteLoss, evaluation_fingerprint,
+                                parameter_groups, train)
+
+TINY = {"data.n_phantom_studies": 30, "data.phantom_image_size": 48, "images.size": 32,
+        "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
+        "train.batch_size": 8, "train.patience": 5, "eval.max_new_tokens": 8,
+        "tokenizer.vocab_size": 400, "text.max_length": 48}
+
+
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    cfg = load_config("demo", {**TINY, "paths.data_dir": str(data_dir),
+                               "paths.output_dir": str(tmp_path_factory.mktemp("unused"))})
+    build_studies_table(cfg, acquire(cfg))
+    run_preprocessing(cfg)
+    return data_dir
+
+
+@pytest.fixture
+def tiny_cfg(prepared_data, tmp_path):
+    def make(**changes):
+        settings = {**TINY, "paths.data_dir": str(prepared_data), "paths.output_dir": str(tmp_path / "out")}
+        settings.update({k.replace("__", "."): v for k, v in changes.items()})
+        return load_config("demo", settings)
+    return make
+
+
+def _weights_digest(directory):
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_parameter_groups_cover_everything_once_without_decay_on_biases_and_norms(tiny_cfg):
+    cfg = tiny_cfg(train__lr_encoder=1e-5, train__lr_decoder=2e-5, train__lr_new=3e-4)
+    from medexgen_lib.tokenizer import load_tokenizer
+    model = ReportGenerator.build(cfg.model, load_tokenizer(cfg.paths.processed / "tokenizer"), 32, 48)
+    groups = parameter_groups(model, cfg.train)
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["encoder"]["lr"] == 1e-5 and by_name["decoder"]["lr"] == 2e-5
+    assert any(p is model.projection.weight for p in by_name["new"]["params"])
+    wte = model.decoder.get_input_embeddings().weight
+    assert any(p is wte for p in by_name["new"]["params"])  # random-init decoder: all tokens new
+    for g in groups:
+        assert (g["weight_decay"] == 0.0) == all(p.ndim < 2 for p in g["params"])
+
+
+def test_new_token_rows_step_at_the_new_learning_rate():
+    embedding = torch.nn.Embedding(6, 3)
+    model = type("M", (), {})()
+    model.config = type("C", (), {"pretrained_vocab_size": 4})()
+    model.decoder = type("D", (), {"get_input_embeddings": lambda self: embedding})()
+    tcfg = load_config("demo", {"train.lr_decoder": 1e-3, "train.lr_new": 1e-2}).train
+    rows = NewTokenRows(model, tcfg)
+    optimizer = torch.optim.AdamW(embedding.parameters(), lr=1e-3, weight_decay=0.0)
+    before = embedding.weight.detach().clone()
+    embedding(torch.arange(6)).sum().backward()
+    rows.before_step()
+    optimizer.step()
+    rows.after_step()
+    change = (embedding.weight.detach() - before).abs()
+    assert torch.allclose(change[:4], torch.full((4, 3), 1e-3), rtol=1e-3)  # Adam's first step: lr
+    assert torch.allclose(change[4:], torch.full((2, 3), 1e-2), rtol=1e-3)
+
+
+def test_fingerprint_changes_with_validation_settings(tiny_cfg):
+    cfg = tiny_cfg()
+    base, _ = evaluation_fingerprint(cfg, ["CXR1", "CXR2"])
+    assert base == evaluation_fingerprint(cfg, ["CXR2", "CXR1"])[0]
+    assert base != evaluation_fingerprint(cfg, ["CXR1"])[0]
+    assert base != evaluation_fingerprint(tiny_cfg(eval__max_new_tokens=9), ["CXR1", "CXR2"])[0]
+    assert base != evaluation_fingerprint(tiny_cfg(eval__num_beams=2), ["CXR1", "CXR2"])[0]
+
+
+def test_train_writes_history_checkpoints_and_final_model(tiny_cfg):
+    cfg = tiny_cfg()
+    result = train(cfg, progress=False)
+    history = [json.loads(l) for l in result.history.read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    first = history[0]
+    for key in ("train_loss", "val_loss", "val", "learning_rates", "seconds", "samples_per_s", "fingerprint"):
+        assert key in first
+    assert "clinical macro_F1" in first["val"] and first["fingerprint_ok"]
+    assert (cfg.paths.checkpoints / "last" / "training_state.pt").exists()
+    assert json.loads((cfg.paths.checkpoints / "best" / "trainer.json").read_text())["epoch"] == result.best_epoch
+    model = ReportGenerator.from_pretrained(result.final_model)
+    assert _weights_digest(result.final_model) == _weights_digest(cfg.paths.checkpoints / "best")
+    assert model.tokenizer is not None
+
+
+def test_interrupted_then_resumed_run_ends_bit_identical(tiny_cfg, tmp_path):
+    full = tiny_cfg(paths__output_dir=str(tmp_path / "full"))
+    train(full, progress=False)
+    parted = tiny_cfg(paths__output_dir=str(tmp_path / "parted"))
+    first = train(parted, stop_after_epoch=1, progress=False)
+    assert first.stopped == "interrupted" and not (parted.paths.models / "final").exists()
+    train(parted, resume=True, progress=False)
+    for sub in ("checkpoints/last", "models/final"):
+        assert _weights_digest(tmp_path / "full" / sub) == _weights_digest(tmp_path / "parted" / sub)
+    lines = lambda c: [json.loads(l)["train_loss"] for l in (c.paths.logs / "history.jsonl").read_text().splitlines()]
+    assert lines(full) == lines(parted)
+
+
+def test_resume_with_changed_validation_warns_and_flags(tiny_cfg, caplog):
+    cfg = tiny_cfg(train__epochs=3)
+    train(cfg, stop_after_epoch=1, progress=False)
+    changed = tiny_cfg(train__epochs=3, eval__max_new_tokens=5)
+    with caplog.at_level(logging.WARNING):
+        train(changed, resume=True, progress=False)
+    assert "CHANGED VALIDATION SETUP" in caplog.text
+    history = [json.loads(l) for l in (cfg.paths.logs / "history.jsonl").read_text().splitlines()]
+    assert [h["fingerprint_ok"] for h in history] == [True, False, False]
+    assert not any(h["best"] for h in history[1:])
+    assert json.loads((cfg.paths.checkpoints / "best" / "trainer.json").read_text())["best_epoch"] == 1
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg(train__epochs=3)
+    train(cfg, stop_after_epoch=1, progress=False)
+    good = _weights_digest(cfg.paths.checkpoints / "last")
+    original = ReportGenerator.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training and out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+    monkeypatch.setattr(ReportGenerator, "forward", poisoned)
+    with pytest.raises(NonFiniteLoss, match="nan at epoch 2"):
+        train(cfg, resume=True, progress=False)
+    assert _weights_digest(cfg.paths.checkpoints / "last") == good
+    assert json.loads((cfg.paths.checkpoints / "last" / "trainer.json").read_text())["epoch"] == 1
+
+
+def test_a_crash_during_checkpoint_save_leaves_the_previous_one_loadable(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg(train__epochs=3)
+    train(cfg, stop_after_epoch=1, progress=False)
+    good = _weights_digest(cfg.paths.checkpoints / "last")
+
+    def crash(self, directory):
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt("killed during save")
+    monkeypatch.setattr(ReportGenerator, "write_files", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, resume=True, progress=False)
+    assert _weights_digest(cfg.paths.checkpoints / "last") == good
+    monkeypatch.undo()
+    ReportGenerator.from_pretrained(cfg.paths.checkpoints / "last")
+    train(cfg, resume=True, progress=False)  # and the run continues from it
+    assert (cfg.paths.models / "final" / "model.safetensors").exists()
