@@ -20,16 +20,39 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--to", dest="stop", help="last stage to run, e.g. 05")
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                      help="config override, e.g. -p data.n_phantom_studies 200")
+    score = commands.add_parser("score", help="score a predictions file (CSV or JSON of id, prediction)")
+    score.add_argument("predictions", help="CSV or JSON file with uid/id and prediction [and reference]")
+    score.add_argument("--profile", default="demo", help="config preset whose studies table gives references")
+    score.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    score.add_argument("--meteor", action="store_true", help="also METEOR (needs Java)")
+    score.add_argument("--out", help="write the metrics as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     try:
-        results = run_pipeline(args.profile, dict(args.p), args.start, args.stop)
+        if args.command == "run":
+            print(format_summary(run_pipeline(args.profile, dict(args.p), args.start, args.stop)))
+        else:
+            _score(args)
     except (StageFailed, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(format_summary(results))
     return 0
+
+
+def _score(args) -> None:
+    import json
+    from pathlib import Path
+
+    from medexgen_lib.config import load_config
+    from medexgen_lib.evaluate import score_predictions_file
+
+    metrics = score_predictions_file(args.predictions, load_config(args.profile, dict(args.p)), args.meteor)
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            print(f"{key:<32}{value:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -40,3 +41,198 @@ def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: tor
         row["reference"] = example.text
     model.train(was_training)
     return out
+
+
+# --------------------------------------------------------------------------- stage 05
+
+# Published IU X-Ray test results (R2Gen split and normalisation, both views, full data).
+PUBLISHED_IU_XRAY = {
+    "R2Gen (Chen et al., 2020)": {"BLEU-1": 0.470, "BLEU-2": 0.304, "BLEU-3": 0.219,
+                                  "BLEU-4": 0.165, "METEOR": 0.187, "ROUGE-L": 0.371},
+    "R2GenCMN (Chen et al., 2021)": {"BLEU-1": 0.475, "BLEU-2": 0.309, "BLEU-3": 0.222,
+                                     "BLEU-4": 0.170, "METEOR": 0.191, "ROUGE-L": 0.375},
+}
+PUBLISHED_NOTE = ("Comparable only on the real data with split.annotation_file set to R2Gen's "
+                  "annotation.json, both views and this (R2Gen) normalisation; on the phantom set or "
+                  "another split the numbers measure something else.")
+TABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
+                 "clinical macro_F1", "clinical micro_F1", "clinical example_F1",
+                 "clinical abnormal_recall", "distinct_predictions")
+
+
+@torch.no_grad()
+def study_embeddings(model, data: ReportDataset, batch_size: int = 32, device="cpu") -> torch.Tensor:
+    """One L2-normalised vector per study: mean of its visual tokens (the model's encoder space)."""
+    model.eval()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False,
+                        collate_fn=partial(collate, pad_token_id=model.config.pad_token_id))
+    vectors = []
+    for batch in loader:
+        tokens, mask = model.encode(batch["images"].to(device), batch["view_mask"].to(device))
+        weights = mask.unsqueeze(-1).float()
+        vectors.append(((tokens * weights).sum(1) / weights.sum(1)).cpu())
+    return torch.nn.functional.normalize(torch.cat(vectors), dim=1)
+
+
+def baseline_predictions(model, train_data: ReportDataset, val_data: ReportDataset,
+                         eval_data: ReportDataset, device="cpu") -> dict[str, list[str]]:
+    """Predictions of the baselines for ``eval_data``.
+
+    constant (most frequent): the most frequent training report;
+    constant (best of top 50 on val): of the 50 most frequent, the best val BLEU-4;
+    retrieval (nearest image): the report of the nearest training study in encoder space.
+    """
+    from collections import Counter
+
+    from medexgen_lib.metrics import text_metrics
+
+    train_texts = [e.text for e in train_data.examples]
+    ranked = [text for text, _ in Counter(train_texts).most_common(50)]
+    val_refs = [e.text for e in val_data.examples]
+    best = max(ranked, key=lambda t: text_metrics(val_refs, [t] * len(val_refs))["BLEU-4"])
+    train_vectors = study_embeddings(model, train_data, device=device)
+    eval_vectors = study_embeddings(model, eval_data, device=device)
+    nearest = (eval_vectors @ train_vectors.T).argmax(dim=1).tolist()
+    n = len(eval_data)
+    return {"constant (most frequent)": [ranked[0]] * n,
+            "constant (best of top 50 on val)": [best] * n,
+            "retrieval (nearest image)": [train_texts[i] for i in nearest]}
+
+
+def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = True) -> dict:
+    """Generate for ``split``, score model and baselines, write predictions and metrics JSON."""
+    import hashlib
+    import json
+    import time
+
+    from medexgen_lib.labeler import label_report
+    from medexgen_lib.metrics import diversity, per_sample_text_scores, score
+    from medexgen_lib.model import ReportGenerator
+    from medexgen_lib.preprocess import load_split
+
+    began = time.perf_counter()
+    model_dir = Path(model_dir) if model_dir else cfg.paths.models / "final"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = ReportGenerator.from_pretrained(model_dir, device=device)
+    data = load_split(cfg, split)
+    train_data, val_data = load_split(cfg, "train"), load_split(cfg, "val")
+    rows = generate_reports(model, data, cfg.eval, device, progress)
+    references = [r["reference"] for r in rows]
+    predictions = [r["prediction"] for r in rows]
+    train_texts = [e.text for e in train_data.examples]
+    options = {"meteor": cfg.eval.meteor, "uncertain_as_positive": cfg.eval.uncertain_as_positive}
+
+    metrics = score(references, predictions, **options)
+    metrics.update(diversity(predictions, train_texts))
+    baselines = {}
+    for name, guesses in baseline_predictions(model, train_data, val_data, data, device).items():
+        baselines[name] = {**score(references, guesses, **options), **diversity(guesses, train_texts)}
+    for row in rows:
+        row.update(per_sample_text_scores(row["reference"], row["prediction"]))
+        row["reference_labels"] = label_report(row["reference"])
+        row["prediction_labels"] = label_report(row["prediction"])
+    weights = (model_dir / "model.safetensors").read_bytes()
+    summary = {"split": split, "n": len(rows), "model": metrics, "baselines": baselines,
+               "published": PUBLISHED_IU_XRAY, "published_note": PUBLISHED_NOTE,
+               "normalisation": metrics["normalisation"], "decode": decode_settings(cfg.eval),
+               "model_dir": str(model_dir), "model_sha256": hashlib.sha256(weights).hexdigest(),
+               "seconds": time.perf_counter() - began}
+    logs = cfg.paths.logs
+    logs.mkdir(parents=True, exist_ok=True)
+    for name, payload in ((f"predictions_{split}.json", rows), (f"metrics_{split}.json", summary)):
+        tmp = logs / f".{name}.tmp"
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(logs / name)
+    return summary
+
+
+def comparison_table(summary: dict):
+    """One table: the model, the baselines and published IU X-Ray results, by metric."""
+    import pandas as pd
+
+    rows = {"model": summary["model"], **summary["baselines"], **summary["published"]}
+    table = pd.DataFrame({name: {m: values.get(m) for m in TABLE_METRICS} for name, values in rows.items()}).T
+    return table.dropna(axis=1, how="all")
+
+
+def plot_observation_f1(summary: dict, path: Path) -> Path:
+    """Per-observation F1 of the model and the best constant baseline, with reference support."""
+    import matplotlib.pyplot as plt
+
+    model = summary["model"]["clinical per_observation"]
+    constant = summary["baselines"]["constant (most frequent)"]["clinical per_observation"]
+    retrieval = summary["baselines"]["retrieval (nearest image)"]["clinical per_observation"]
+    names = [o for o in model if model[o]["support"] > 0 or model[o]["predicted"] > 0]
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(names) + 1.5))
+    y = range(len(names))
+    for offset, (label, values) in zip((-0.27, 0, 0.27), (("model", model), ("retrieval", retrieval),
+                                                          ("constant report", constant))):
+        ax.barh([i + offset for i in y], [values[o]["f1"] for o in names], height=0.26, label=label)
+    ax.set_yticks(list(y), [f"{o} (n={model[o]['support']})" for o in names])
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), xlabel="F1 (positive class)", title=f"Clinical F1 per observation, {summary['split']} split")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def read_predictions_file(path) -> list[dict]:
+    """Rows of ``{"uid", "prediction"[, "reference"]}`` from a CSV or JSON predictions file.
+
+    Accepted: JSON (a list of objects, as ``logs/predictions_<split>.json``) or CSV with a
+    header; the id column may be called ``uid`` or ``id`` (R2Gen ids like
+    ``CXR1573_IM-0374`` are reduced to the study uid).
+    """
+    import csv
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"predictions file {path} does not exist")
+    try:
+        if path.suffix.lower() == ".json":
+            records = json.loads(path.read_text())
+        else:
+            with path.open(newline="") as handle:
+                records = list(csv.DictReader(handle))
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read predictions file {path}: {exc}") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"predictions file {path} holds no rows")
+    rows = []
+    for number, record in enumerate(records, 1):
+        uid = record.get("uid") or record.get("id") if isinstance(record, dict) else None
+        if not uid or "prediction" not in record:
+            raise ValueError(f"predictions file {path}, row {number}: needs an 'uid' (or 'id') "
+                             "and a 'prediction'")
+        rows.append({"uid": str(uid).split("_")[0], "prediction": record["prediction"] or "",
+                     "reference": record.get("reference")})
+    return rows
+
+
+def score_predictions_file(path, cfg, meteor: bool = False) -> dict:
+    """Score any model's predictions file with the project's metrics.
+
+    References come from the file when it has a ``reference`` column, else from
+    the studies table (cleaned target text per ``cfg.text``).
+    """
+    from medexgen_lib.metrics import score
+    from medexgen_lib.reports import load_studies_table
+    from medexgen_lib.text import target_texts
+
+    rows = read_predictions_file(path)
+    if any(r["reference"] is None for r in rows):
+        table = load_studies_table(cfg.paths.studies_table)
+        reference_of = dict(zip(table["uid"], target_texts(table, cfg.text.target, cfg.text.lowercase)))
+        unknown = [r["uid"] for r in rows if r["reference"] is None and r["uid"] not in reference_of]
+        if unknown:
+            raise ValueError(f"predictions file {path}: {len(unknown)} id(s) not in the studies table "
+                             f"{cfg.paths.studies_table}, e.g. {unknown[:3]}")
+        for r in rows:
+            if r["reference"] is None:
+                r["reference"] = reference_of[r["uid"]]
+    return score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=meteor,
+                 uncertain_as_positive=cfg.eval.uncertain_as_positive)

@@ -216,8 +216,10 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     would (checkpoint written, no export), for time-boxed sessions and tests.
     """
     tcfg = cfg.train
+    # cpu=True without CUDA: under a launcher (accelerate launch / torchrun) that is multi-CPU on gloo.
     accelerator = Accelerator(mixed_precision=choose_precision(tcfg.precision),
-                              gradient_accumulation_steps=tcfg.grad_accum)
+                              gradient_accumulation_steps=tcfg.grad_accum,
+                              cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -279,6 +281,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
             accelerator, model, optimizer, scheduler, epoch_loader(epoch), new_token_rows, tcfg,
             epoch, state["step"], progress)
         seconds_train = time.perf_counter() - began
+        _sync_buffers(accelerator, model)
         metrics, val_loss = _validate(accelerator, model, val_data, collate_fn, cfg, progress)
         value = float(metrics[tcfg.selection_metric])
         if tcfg.scheduler == "plateau":
@@ -366,6 +369,15 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
 
 
 @torch.no_grad()
+def _sync_buffers(accelerator, model) -> None:
+    """Give every process rank 0's BatchNorm statistics (DDP syncs gradients, not these),
+    so all processes validate, decide and save the same model."""
+    if accelerator.num_processes > 1:
+        for buffer in accelerator.unwrap_model(model).buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
+@torch.no_grad()
 def _validate(accelerator, model, val_data, collate_fn, cfg, progress) -> tuple[dict, float]:
     """Val loss and scored generations. Every process computes the same numbers (no test split)."""
     unwrapped = accelerator.unwrap_model(model)
@@ -404,7 +416,7 @@ def device_report(cfg: Config) -> dict:
     """What a run would use here: device, precision, processes, effective batch size."""
     import accelerate
 
-    state = accelerate.PartialState()
+    state = accelerate.PartialState(cpu=not torch.cuda.is_available())  # as train() will see it
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     return {"device": device, "processes": state.num_processes,
             "precision": choose_precision(cfg.train.precision),

@@ -1,0 +1,55 @@
+"""Run by test_multiprocess.py under ``accelerate launch``: a tiny training run that records,
+per process, every file write and a digest of the weights after each epoch."""
+
+import hashlib
+import os
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import medexgen_lib.train as train_module
+from medexgen_lib.config import Config, load_config
+from medexgen_lib.model import ReportGenerator
+
+data_dir, out_dir, record_dir = sys.argv[1:4]
+rank = int(os.environ["RANK"])  # set by the launcher; PartialState here would fix its settings early
+writes = []
+
+
+def recording(original, describe):
+    def wrapper(*args, **kwargs):
+        writes.append(describe(*args, **kwargs))
+        return original(*args, **kwargs)
+    return wrapper
+
+
+Path.write_text = recording(Path.write_text, lambda self, *a, **k: str(self))
+_open = Path.open
+Path.open = lambda self, mode="r", *a, **k: (writes.append(str(self)) if set(mode) & set("wa") else None) or _open(self, mode, *a, **k)
+torch.save = recording(torch.save, lambda obj, f, *a, **k: str(f))
+ReportGenerator.write_files = recording(ReportGenerator.write_files, lambda self, d: f"{d}/<model files>")
+Config.save = recording(Config.save, lambda self, p: str(p))
+
+_save_checkpoint = train_module.save_checkpoint
+
+
+def save_and_fingerprint(directory, accelerator, model, optimizer, scheduler, state):
+    weights = accelerator.unwrap_model(model).state_dict()
+    digest = hashlib.sha256(b"".join(weights[k].cpu().numpy().tobytes() for k in sorted(weights)))
+    digests = Path(record_dir) / f"digest_rank{rank}.jsonl"
+    with _open(digests, "a") as handle:
+        handle.write(json.dumps({"epoch": state["epoch"], "dir": directory.name,
+                                 "digest": digest.hexdigest()}) + "\n")
+    return _save_checkpoint(directory, accelerator, model, optimizer, scheduler, state)
+
+
+train_module.save_checkpoint = save_and_fingerprint
+cfg = load_config("demo", {
+    "paths.data_dir": data_dir, "paths.output_dir": out_dir, "images.size": 32, "model.n_layer": 1,
+    "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2, "train.batch_size": 4,
+    "eval.max_new_tokens": 6, "text.max_length": 48, "tokenizer.vocab_size": 400})
+train_module.train(cfg, progress=False)
+with _open(Path(record_dir) / f"writes_rank{rank}.json", "w") as handle:
+    json.dump(writes, handle)
