@@ -127,3 +127,42 @@ def positive_set(labels: dict[str, str], uncertain_as_positive: bool = False,
     """The observations counted as positive (uncertain counts as negative by default)."""
     accepted = {POSITIVE, UNCERTAIN} if uncertain_as_positive else {POSITIVE}
     return {o for o in observations if labels.get(o) in accepted}
+
+
+# Open-i MeSH major terms (the part before the first "/") that state an observation.
+MESH_TERMS: dict[str, tuple[str, ...]] = {
+    NO_FINDING: ("normal",),
+    "Cardiomegaly": ("Cardiomegaly",),
+    "Lung Lesion": ("Nodule", "Mass", "Neoplasms", "Lung Neoplasms"),
+    "Lung Opacity": ("Opacity", "Airspace Disease", "Infiltrate", "Density"),
+    "Edema": ("Pulmonary Edema", "Edema", "Pulmonary Congestion"),
+    "Consolidation": ("Consolidation",),
+    "Pneumonia": ("Pneumonia",),
+    "Atelectasis": ("Pulmonary Atelectasis", "Atelectasis"),
+    "Pneumothorax": ("Pneumothorax",),
+    "Pleural Effusion": ("Pleural Effusion",),
+    "Fracture": ("Fractures, Bone", "Rib Fractures"),
+    SUPPORT_DEVICES: ("Implanted Medical Device", "Catheters, Indwelling", "Surgical Instruments",
+                      "Medical Device", "Tube, Inserted", "Stents"),
+    "Granuloma": ("Calcified Granuloma", "Granuloma", "Granulomatous Disease"),
+    "Emphysema": ("Emphysema", "Pulmonary Emphysema", "Pulmonary Disease, Chronic Obstructive"),
+    "Hernia": ("Hernia, Hiatal", "Hernia"),
+}
+
+
+def mesh_agreement(texts: list[str], mesh_major: list[list[str]]) -> dict[str, dict]:
+    """Per observation: how the labeler's positives agree with the reports' MeSH major terms."""
+    result = {}
+    labels = [label_report(t) for t in texts]
+    for obs, terms in MESH_TERMS.items():
+        mesh = [any(t.split("/")[0].strip() in terms for t in m) for m in mesh_major]
+        if obs == NO_FINDING:
+            mesh = [list(m) == ["normal"] for m in mesh_major]
+        ours = [l[obs] == POSITIVE for l in labels]
+        both = sum(a and b for a, b in zip(mesh, ours))
+        agree = sum(a == b for a, b in zip(mesh, ours))
+        result[obs] = {"mesh": sum(mesh), "labeler": sum(ours), "both": both,
+                       "recall_of_mesh": both / sum(mesh) if sum(mesh) else None,
+                       "precision_vs_mesh": both / sum(ours) if sum(ours) else None,
+                       "agreement": agree / len(texts) if texts else None}
+    return result

@@ -128,3 +128,31 @@ def test_diversity():
     d = diversity(["a b", "a b", "c d"], training_reports=["c d"])
     assert d["distinct_predictions"] == pytest.approx(2 / 3)
     assert d["copied_from_training"] == pytest.approx(1 / 3)
+
+
+def test_cider_is_ten_for_identical_corpora_and_lower_otherwise():
+    refs = ["heart size normal.", "small left pleural effusion.", "right apical pneumothorax."]
+    assert text_metrics(refs, refs)["CIDEr"] == pytest.approx(10.0, abs=1e-6)
+    # reversed: only the middle report matches; the others share just ".", whose idf is 0
+    assert text_metrics(refs, refs[::-1])["CIDEr"] == pytest.approx(10 / 3, abs=1e-6)
+
+
+def test_meteor_is_recorded_as_skipped_without_java(monkeypatch):
+    import medexgen_lib.metrics as metrics
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    m = text_metrics(["a b c"], ["a b c"], meteor=True)
+    assert m["METEOR"] is None and "java" in m["METEOR_skipped"]
+
+
+def test_labeler_agrees_with_mesh_terms_of_the_real_sample(iuxray_sample):
+    from medexgen_lib.labeler import mesh_agreement
+    from medexgen_lib.reports import read_reports
+    from medexgen_lib.text import target_texts
+
+    table = read_reports(iuxray_sample / "reports")
+    agreement = mesh_agreement(target_texts(table).tolist(), table.mesh_major.tolist())
+    for obs in ("No Finding", "Cardiomegaly", "Lung Opacity", "Atelectasis", "Pleural Effusion",
+                "Granuloma", "Emphysema"):
+        assert agreement[obs]["recall_of_mesh"] >= 0.85, (obs, agreement[obs])
+    for obs in ("Cardiomegaly", "Lung Opacity", "Atelectasis", "Granuloma", "Emphysema"):
+        assert agreement[obs]["precision_vs_mesh"] >= 0.85, (obs, agreement[obs])
