@@ -1,4 +1,9 @@
-"""Command line: ``python -m medexgen_lib run --profile demo [--from NN] [--to NN] [-p key value]``."""
+"""Command line.
+
+    python -m medexgen_lib run --profile demo [--from NN] [--to NN] [-p key value ...]
+    python -m medexgen_lib generate --model DIR FRONTAL [LATERAL] [--json]
+    python -m medexgen_lib score PREDICTIONS [--profile demo] [--out metrics.json]
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--to", dest="stop", help="last stage to run, e.g. 05")
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                      help="config override, e.g. -p data.n_phantom_studies 200")
+    generate = commands.add_parser("generate", help="write the report for new images (PNG, JPEG, DICOM)")
+    generate.add_argument("--model", required=True, help="a model folder (models/final)")
+    generate.add_argument("images", nargs="+", help="frontal image, then optionally the lateral one")
+    generate.add_argument("--json", action="store_true", help="print JSON with the labeler's observations")
+    generate.add_argument("--beams", type=int, default=3, help="beam size (1: greedy)")
+    generate.add_argument("--max-new-tokens", type=int, default=100)
     score = commands.add_parser("score", help="score a predictions file (CSV or JSON of id, prediction)")
     score.add_argument("predictions", help="CSV or JSON file with uid/id and prediction [and reference]")
     score.add_argument("--profile", default="demo", help="config preset whose studies table gives references")
@@ -32,12 +43,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             print(format_summary(run_pipeline(args.profile, dict(args.p), args.start, args.stop)))
+        elif args.command == "generate":
+            _generate(args)
         else:
             _score(args)
     except (StageFailed, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _generate(args) -> None:
+    import json
+
+    from medexgen_lib.config import EvalConfig
+    from medexgen_lib.inference import generate_report
+    from medexgen_lib.model import ReportGenerator
+
+    model = ReportGenerator.from_pretrained(args.model)
+    decode = EvalConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens)
+    result = generate_report(model, args.images, decode)
+    print(json.dumps(result, indent=2) if args.json else result["report"])
 
 
 def _score(args) -> None:

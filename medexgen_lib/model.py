@@ -158,6 +158,11 @@ class ReportGenerator(nn.Module):
         settings = {"max_new_tokens": 60, "do_sample": False, "num_beams": 1,
                     "eos_token_id": self.config.eos_token_id,
                     "pad_token_id": self.config.pad_token_id, **generate_kwargs}
+        room = self.config.n_positions - start.shape[1]
+        if settings["max_new_tokens"] > room:
+            log.warning("max_new_tokens %d exceeds what the decoder's %d positions allow; using %d",
+                        settings["max_new_tokens"], self.config.n_positions, room)
+            settings["max_new_tokens"] = room
         out = self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
                                     encoder_hidden_states=visual,
                                     encoder_attention_mask=visual_mask, **settings)

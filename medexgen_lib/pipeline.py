@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,15 @@ from medexgen_lib.paths import NOTEBOOKS_DIR
 log = logging.getLogger(__name__)
 
 STAGE_NAME = re.compile(r"^(\d\d)_\w+\.ipynb$")
+# Main outputs per stage, relative to paths.data_dir (d) or paths.output_dir (o), for the summary.
+STAGE_OUTPUTS = {
+    "01": ["d:processed/studies.parquet"],
+    "02": ["o:logs/eda_stats.json", "o:plots/eda_counts.png"],
+    "03": ["d:processed/splits.json", "d:processed/tokenizer", "d:processed/preprocessing.json"],
+    "04": ["o:logs/history.jsonl", "o:models/final", "o:plots/training_curves.png"],
+    "05": ["o:logs/metrics_test.json", "o:logs/predictions_test.json"],
+    "06": ["o:plots"],
+}
 
 
 class StageFailed(RuntimeError):
@@ -29,6 +38,7 @@ class StageResult:
     status: str
     seconds: float
     executed_copy: str
+    outputs: list[str] = field(default_factory=list)
     error: str = ""
 
 
@@ -79,21 +89,29 @@ def run_pipeline(profile: str = "demo", overrides: dict[str, Any] | None = None,
                        f"(execution count {exc.exec_count}): {exc.ename}: {exc.evalue}. "
                        f"Executed copy: {executed}. Fix it and rerun with --from {stage}")
             results.append(StageResult(stage, notebook.name, "failed",
-                                       time.perf_counter() - began, str(executed), message))
+                                       time.perf_counter() - began, str(executed), error=message))
             _write_summary(summary_path, profile, results)
             raise StageFailed(message) from None
+        outputs = [str(_output_path(cfg, o)) for o in STAGE_OUTPUTS.get(stage, [])
+                   if _output_path(cfg, o).exists()]
         results.append(StageResult(stage, notebook.name, "ok", time.perf_counter() - began,
-                                   str(executed)))
+                                   str(executed), outputs))
         _write_summary(summary_path, profile, results)
     return results
 
 
 def format_summary(results: list[StageResult]) -> str:
-    """A plain-text table of stages, status and wall time."""
-    lines = [f"{'stage':<6}{'notebook':<28}{'status':<8}{'seconds':>8}"]
-    lines += [f"{r.stage:<6}{r.notebook:<28}{r.status:<8}{r.seconds:>8.1f}" for r in results]
-    lines.append(f"{'':<6}{'total':<28}{'':<8}{sum(r.seconds for r in results):>8.1f}")
+    """A plain-text table of stages, status, wall time and main outputs."""
+    lines = [f"{'stage':<6}{'notebook':<26}{'status':<8}{'seconds':>8}  main outputs"]
+    lines += [f"{r.stage:<6}{r.notebook:<26}{r.status:<8}{r.seconds:>8.1f}  "
+              f"{', '.join(Path(o).name for o in r.outputs)}" for r in results]
+    lines.append(f"{'':<6}{'total':<26}{'':<8}{sum(r.seconds for r in results):>8.1f}")
     return "\n".join(lines)
+
+
+def _output_path(cfg, spec: str) -> Path:
+    root, relative = spec.split(":", 1)
+    return Path(cfg.paths.data_dir if root == "d" else cfg.paths.output_dir) / relative
 
 
 def _write_summary(path: Path, profile: str, results: list[StageResult]) -> None:

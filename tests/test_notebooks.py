@@ -1,40 +1,79 @@
-"""The numbered notebooks executed headless with papermill on a phantom set."""
+"""The numbered notebooks headless with papermill: the whole demo pipeline (the end-to-end
+test), --from, and a failing stage's message."""
 
 import json
 
+import nbformat
 import pytest
 
-from medexgen_lib.pipeline import StageFailed, run_pipeline
+from medexgen_lib.__main__ import main
+from medexgen_lib.pipeline import StageFailed, list_stages, run_pipeline
 
 pytestmark = pytest.mark.notebook
 
 
-def test_stages_run_headless(tmp_path):
-    overrides = {"paths.data_dir": str(tmp_path / "data"),
-                 "paths.output_dir": str(tmp_path / "out"),
-                 "data.n_phantom_studies": 30, "data.phantom_image_size": 64}
-    results = run_pipeline("demo", overrides, start="01", stop="03")
-    assert [r.status for r in results] == ["ok", "ok", "ok"]
-    assert (tmp_path / "data" / "processed" / "studies.parquet").exists()
-    stats = json.loads((tmp_path / "out" / "logs" / "eda_stats.json").read_text())
-    assert stats["reports"] == 30
-    assert (tmp_path / "out" / "plots" / "eda_report_lengths.png").exists()
-    executed = json.loads((tmp_path / "out" / "logs" / "notebooks" / "01_acquisition.ipynb").read_text())
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    overrides = {"paths.data_dir": str(root / "data"), "paths.output_dir": str(root / "out")}
+    return root, overrides, run_pipeline("demo", overrides)
+
+
+def test_whole_demo_pipeline_runs_headless(demo_run):
+    root, _, results = demo_run
+    assert [r.stage for r in results] == list(list_stages())
+    assert all(r.status == "ok" for r in results)
+    out, data = root / "out", root / "data"
+    assert (data / "processed" / "studies.parquet").exists()
+    assert json.loads((out / "logs" / "eda_stats.json").read_text())["reports"] == 500
+    assert (data / "processed" / "tokenizer" / "source.json").exists()
+    assert (out / "models" / "final" / "model.safetensors").exists()
+    metrics = json.loads((out / "logs" / "metrics_test.json").read_text())
+    constant = metrics["baselines"]["constant (most frequent)"]["clinical macro_F1"]
+    assert metrics["model"]["clinical macro_F1"] > constant + 0.2  # better than the constant report
+    executed = json.loads((out / "logs" / "notebooks" / "01_acquisition.ipynb").read_text())
     outputs = "".join(str(o) for c in executed["cells"] for o in c.get("outputs", []))
-    assert "generated phantom set: 30 studies" in outputs
+    assert "generated phantom set: 500 studies" in outputs
+    summary = json.loads((out / "logs" / "run_summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["ok"] * len(results)
+    assert any(o.endswith("metrics_test.json") for o in summary["stages"][4]["outputs"])
+
+
+def test_from_reruns_only_the_later_stages(demo_run, capsys):
+    root, overrides, _ = demo_run
+    studies = root / "data" / "processed" / "studies.parquet"
+    before = studies.stat().st_mtime_ns
+    args = [a for k, v in overrides.items() for a in ("-p", k, v)]
+    assert main(["run", "--profile", "demo", "--from", "05", "--to", "05", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "05_evaluation.ipynb" in printed and "01_acquisition" not in printed
+    assert studies.stat().st_mtime_ns == before
+
+
+def test_a_failing_stage_is_reported_briefly_and_earlier_outputs_stay(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for name, source in (("01_fine.ipynb", "open('made_by_01.txt', 'w').write('ok')"),
+                         ("02_broken.ipynb", "x = 1\nraise ValueError('the input table is empty')")):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        params = nbformat.v4.new_code_cell("profile = 'demo'\noverrides = {}")
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params, nbformat.v4.new_code_cell(source)]
+        nbformat.write(nb, notebooks / name)
+    overrides = {"paths.data_dir": str(tmp_path / "data"), "paths.output_dir": str(tmp_path / "out")}
+    with pytest.raises(StageFailed) as info:
+        run_pipeline("demo", overrides, notebooks_dir=notebooks)
+    message = str(info.value)
+    assert "02_broken.ipynb" in message and "ValueError: the input table is empty" in message
+    assert "cell" in message and "--from 02" in message and len(message.splitlines()) <= 3
+    assert (notebooks / "made_by_01.txt").read_text() == "ok"
     summary = json.loads((tmp_path / "out" / "logs" / "run_summary.json").read_text())
-    assert [s["stage"] for s in summary["stages"]] == ["01", "02", "03"]
-    processed = tmp_path / "data" / "processed"
-    splits = json.loads((processed / "splits.json").read_text())
-    assert sum(len(splits[n]) for n in ("train", "val", "test")) == 30
-    assert (processed / "tokenizer" / "source.json").exists()
-    assert (tmp_path / "out" / "plots" / "preprocessing_images.png").exists()
+    assert [s["status"] for s in summary["stages"]] == ["ok", "failed"]
 
 
-def test_stage_without_its_input_names_notebook_and_what_to_run(tmp_path):
+def test_stage_without_its_input_names_the_notebook_that_makes_it(tmp_path):
     overrides = {"paths.data_dir": str(tmp_path / "empty"), "paths.output_dir": str(tmp_path / "out")}
     with pytest.raises(StageFailed) as info:
         run_pipeline("demo", overrides, start="02", stop="02")
-    message = str(info.value)
-    assert "02_eda.ipynb" in message and "run notebook 01_acquisition first" in message
-    assert "--from 02" in message
+    assert "02_eda.ipynb" in str(info.value) and "run notebook 01_acquisition first" in str(info.value)

@@ -1,0 +1,86 @@
+"""Reports for new images: PNG, JPEG or DICOM in, text (and the labeler's observations) out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medexgen_lib.config import EvalConfig
+from medexgen_lib.evaluate import decode_settings
+from medexgen_lib.images import ImageError, load_image, normalize
+from medexgen_lib.labeler import label_report
+from medexgen_lib.model import ReportGenerator
+
+
+def is_dicom(path: Path) -> bool:
+    """DICOM files carry 'DICM' at byte 128 (a .dcm suffix alone is not trusted)."""
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def read_dicom(path: str | os.PathLike, size: int) -> np.ndarray:
+    """A DICOM radiograph as ``size``² uint8 gray: VOI LUT / windowing applied, MONOCHROME1 inverted."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise ImageError(f"cannot read DICOM {path}: {exc}") from None
+    if "PixelData" not in ds:
+        raise ImageError(f"DICOM {path} has no pixel data (PixelData element missing)")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # unsupported transfer syntax, truncated data, missing decoder
+        raise ImageError(f"cannot decode the pixels of DICOM {path}: {exc}") from None
+    if getattr(ds, "NumberOfFrames", 1) and int(getattr(ds, "NumberOfFrames", 1)) > 1:
+        pixels = pixels[0]
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
+        pixels = pixels[..., :3].mean(axis=-1)
+    if pixels.ndim != 2:
+        raise ImageError(f"DICOM {path} has pixels of shape {pixels.shape}; expected one 2-D image")
+    values = apply_voi_lut(pixels, ds).astype(np.float32)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        values = values.max() - values  # MONOCHROME1: bright means low values
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    gray = Image.fromarray(scaled.round().astype(np.uint8))
+    return np.asarray(gray.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def read_radiograph(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:
+    """PNG, JPEG or DICOM -> ``size``² uint8 gray, with one clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image {path} does not exist")
+    if is_dicom(path):
+        return read_dicom(path, size)
+    return load_image(path, size, max_pixels)
+
+
+@torch.no_grad()
+def generate_report(model: ReportGenerator, images: list[str | os.PathLike],
+                    decode: EvalConfig | None = None, missing_view: str = "duplicate") -> dict:
+    """The report for one study: ``images`` = [frontal] or [frontal, lateral]."""
+    if not 1 <= len(images) <= 2:
+        raise ValueError(f"give one or two images (frontal, then lateral), got {len(images)}")
+    size = model.config.image_size
+    views = [torch.tensor(read_radiograph(p, size)) for p in images]
+    mask = [True, len(views) == 2]
+    if len(views) == 1:
+        views.append(views[0] if missing_view == "duplicate" else torch.zeros_like(views[0]))
+        mask[1] = missing_view == "duplicate"
+    device = next(model.parameters()).device
+    pixels = normalize(torch.stack(views).unsqueeze(0)).to(device)
+    ids = model.generate(pixels, torch.tensor([mask], device=device),
+                         **decode_settings(decode or EvalConfig()))
+    report = model.decode(ids.cpu())[0].strip()
+    labels = label_report(report)
+    return {"images": [str(p) for p in images], "report": report,
+            "observations": {k: v for k, v in labels.items() if v != "absent"}}

@@ -1,0 +1,100 @@
+"""Reports for new images from PNG, JPEG and DICOM files the test writes; bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medexgen_lib.__main__ import main
+from medexgen_lib.config import ModelConfig
+from medexgen_lib.images import ImageError
+from medexgen_lib.inference import generate_report, read_dicom, read_radiograph
+from medexgen_lib.model import ReportGenerator
+from medexgen_lib.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tokenizer = train_tokenizer(["Heart size normal. No pleural effusion."] * 20, 300)
+    cfg = ModelConfig(encoder="resnet18", encoder_pretrained=False, decoder_pretrained=False,
+                      n_layer=1, n_head=2, n_embd=32)
+    path = tmp_path_factory.mktemp("model") / "final"
+    ReportGenerator.build(cfg, tokenizer, 64, 32).save_pretrained(path)
+    return path
+
+
+def _chest(h=120, w=100):
+    y, x = np.mgrid[0:h, 0:w]
+    return ((x + y) * 255 / (h + w)).astype(np.uint8)
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", with_pixels=True, window=None):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "TEST"
+    if with_pixels:
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        if window:
+            ds.WindowCenter, ds.WindowWidth = window
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_generate_from_png_jpeg_and_dicom(model_dir, tmp_path, capsys):
+    frontal, lateral = tmp_path / "f.png", tmp_path / "l.jpg"
+    Image.fromarray(_chest()).save(frontal)
+    Image.fromarray(_chest()).save(lateral)
+    dicom = write_dicom(tmp_path / "f.dcm", _chest().astype(np.uint16) * 16)
+    model = ReportGenerator.from_pretrained(model_dir)
+    for images in ([frontal], [frontal, lateral], [dicom, lateral]):
+        result = generate_report(model, images)
+        assert isinstance(result["report"], str) and "No Finding" in result["observations"]
+    assert main(["generate", "--model", str(model_dir), str(dicom), "--json", "--beams", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["images"] == [str(dicom)] and "report" in printed
+
+
+def test_dicom_monochrome1_is_inverted_and_windowing_applied(tmp_path):
+    pixels = _chest().astype(np.uint16) * 16
+    normal = read_dicom(write_dicom(tmp_path / "m2.dcm", pixels), 64).astype(int)
+    inverted = read_dicom(write_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1"), 64).astype(int)
+    assert np.abs(normal + inverted - 255).max() <= 1
+    windowed = read_dicom(write_dicom(tmp_path / "w.dcm", pixels, window=(2040, 400)), 64)
+    assert (windowed == 0).mean() > 0.2 and (windowed == 255).mean() > 0.2  # outside the window clips
+
+
+@pytest.mark.parametrize("case, message", [
+    ("text", "cannot read image"), ("missing", "does not exist"),
+    ("dicom_without_pixels", "no pixel data"), ("empty", "cannot read image"),
+])
+def test_bad_inputs_get_one_clear_error(case, message, tmp_path, model_dir, capsys):
+    path = tmp_path / "input.png"
+    if case == "text":
+        path.write_text("not an image")
+    elif case == "dicom_without_pixels":
+        path = write_dicom(tmp_path / "x.dcm", None, with_pixels=False)
+    elif case == "empty":
+        path.write_bytes(b"")
+    with pytest.raises(ImageError, match=message):
+        read_radiograph(path, 64)
+    assert main(["generate", "--model", str(model_dir), str(path)]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_wrong_number_of_images(model_dir, tmp_path):
+    Image.fromarray(_chest()).save(tmp_path / "a.png")
+    model = ReportGenerator.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="one or two images"):
+        generate_report(model, [tmp_path / "a.png"] * 3)
