@@ -1,0 +1,135 @@
+"""Stage 06: figures, attention maps and the inspector widget (built without a browser)."""
+
+import json
+
+import pytest
+import torch
+
+from medexgen_lib.acquisition import acquire, build_studies_table
+from medexgen_lib.config import load_config
+from medexgen_lib.evaluate import run_evaluation
+from medexgen_lib.inspector import ALL, NO_WORD, PredictionInspector, word_diff_html
+from medexgen_lib.model import ReportGenerator
+from medexgen_lib.preprocess import load_split, run_preprocessing
+from medexgen_lib.train import train
+from medexgen_lib.visualize import (cross_attention_maps, label_comparison, load_predictions,
+                                    token_positions, visualize_attention, visualize_label_agreement,
+                                    visualize_model_predictions, visualize_report_lengths,
+                                    visualize_training_summary)
+
+TINY = {"data.n_phantom_studies": 40, "data.phantom_image_size": 48, "images.size": 64,
+        "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
+        "train.batch_size": 8, "eval.max_new_tokens": 20, "tokenizer.vocab_size": 400,
+        "text.max_length": 64, "eval.meteor": False}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("viz")
+    cfg = load_config("demo", {**TINY, "paths.data_dir": str(root / "data"), "paths.output_dir": str(root / "out")})
+    build_studies_table(cfg, acquire(cfg))
+    run_preprocessing(cfg)
+    train(cfg, progress=False)
+    run_evaluation(cfg, progress=False)
+    model = ReportGenerator.from_pretrained(cfg.paths.models / "final").eval()
+    return cfg, model, load_split(cfg, "test"), load_predictions(cfg.paths.logs)
+
+
+def test_training_summary_marks_best_and_flagged_epochs(run, tmp_path):
+    cfg, *_ = run
+    history = [json.loads(l) for l in (cfg.paths.logs / "history.jsonl").read_text().splitlines()]
+    history[1]["fingerprint_ok"] = False
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    fig = visualize_training_summary(tmp_path, tmp_path / "summary.png")
+    assert (tmp_path / "summary.png").stat().st_size > 10_000
+    metric_ax = fig.axes[1]
+    assert len(metric_ax.patches) == 1  # the flagged epoch's shading
+    assert any("best epoch" in t.get_text() for t in metric_ax.get_legend().get_texts())
+
+
+def test_label_comparison():
+    ref = {"Cardiomegaly": "positive", "Pleural Effusion": "positive", "Edema": "negative"}
+    pred = {"Cardiomegaly": "positive", "Edema": "positive", "Pleural Effusion": "uncertain"}
+    assert label_comparison(ref, pred) == {"Cardiomegaly": "agree", "Pleural Effusion": "missed",
+                                           "Edema": "invented"}
+
+
+def test_gallery_and_label_and_length_plots(run, tmp_path):
+    cfg, model, _, rows = run
+    visualize_model_predictions(cfg.paths.models / "final", "test", 3, 0, cfg, tmp_path / "gallery.png")
+    visualize_label_agreement(rows, tmp_path / "labels.png")
+    visualize_report_lengths(rows, tmp_path / "lengths.png")
+    for name in ("gallery.png", "labels.png", "lengths.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_attention_maps_are_distributions_over_unmasked_views(run, tmp_path):
+    cfg, model, data, rows = run
+    item = data[0]
+    token_ids = model.tokenizer.encode(rows[0]["prediction"] or "No effusion.", add_special_tokens=False)
+    from medexgen_lib.images import normalize
+    maps = cross_attention_maps(model, normalize(item["pixels"]), torch.tensor([True, True]), token_ids)
+    assert maps.shape == (len(token_ids), 2, 2, 2)
+    assert torch.allclose(maps.sum(dim=(1, 2, 3)), torch.ones(len(token_ids)), atol=1e-4)
+    frontal_only = cross_attention_maps(model, normalize(item["pixels"]), torch.tensor([True, False]), token_ids)
+    assert frontal_only[:, 1].abs().max() < 1e-6
+    assert model.decoder.config._attn_implementation == "sdpa"  # restored after the eager pass
+    fig = visualize_attention(model, item["pixels"], item["view_mask"], token_ids,
+                              model.tokenizer.decode(token_ids[:1]).strip(), out_path=tmp_path / "a.png")
+    assert (tmp_path / "a.png").exists() and len(fig.axes) == 2
+
+
+def test_token_positions_find_a_phrase(run):
+    _, model, _, _ = run
+    ids = model.tokenizer.encode("Small left pleural effusion.", add_special_tokens=False)
+    positions = token_positions(model.tokenizer, ids, "pleural effusion")
+    assert model.tokenizer.decode([ids[i] for i in positions]).strip() == "pleural effusion"
+    with pytest.raises(ValueError, match="not in the generated report"):
+        token_positions(model.tokenizer, ids, "pneumothorax")
+
+
+def test_word_diff_marks_changes():
+    out = word_diff_html("No left effusion.", "No right effusion.")
+    assert "<del" in out and "left" in out and "<ins" in out and "right" in out
+
+
+def test_inspector_controls_change_what_it_shows(run):
+    cfg, model, data, rows = run
+    inspector = PredictionInspector(rows, data, model, cfg.eval)
+    assert len(inspector.visible) == len(rows)
+    first = inspector.current
+    assert first["uid"] in inspector.header.value
+    assert all(v.value[:4] == b"\x89PNG" for v in inspector.views)
+    assert "Reference:" in inspector.text.value and "BLEU-4" in inspector.scores.value
+
+    inspector.order.value = "worst BLEU-4 first"
+    shown = [inspector.rows[i]["BLEU-4"] for i in inspector.visible]
+    assert shown == sorted(shown)
+
+    observation = next(o for o in inspector.observation.options if o != ALL)
+    inspector.observation.value = observation
+    for i in inspector.visible:
+        labels = inspector.rows[i]
+        assert "positive" in (labels["reference_labels"][observation], labels["prediction_labels"][observation])
+    inspector.observation.value = ALL
+    inspector.only_disagreements.value = True
+    for i in inspector.visible:
+        assert inspector._disagrees(inspector.rows[i], None)
+    inspector.only_disagreements.value = False
+
+    inspector.position.value = min(1, inspector.position.max)
+    plain = inspector.views[0].value
+    words = [w for w in inspector.word.options if w != NO_WORD]
+    if words:
+        inspector.word.value = words[0]
+        assert inspector.views[0].value != plain  # attention overlay drawn
+
+    inspector.beams.value, inspector.max_tokens.value = 2, 10
+    inspector.regenerate.click()
+    assert inspector.current["regenerated"] and "regenerated" in inspector.header.value
+
+
+def test_inspector_needs_matching_rows(run):
+    _, _, data, rows = run
+    with pytest.raises(ValueError, match="no prediction"):
+        PredictionInspector([{**rows[0], "uid": "CXR-none"}], data)
