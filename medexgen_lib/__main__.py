@@ -1,6 +1,7 @@
 """Command line.
 
     python -m medexgen_lib run --profile demo [--from NN] [--to NN] [-p key value ...]
+    python -m medexgen_lib train --profile full [--resume] [-p key value ...]   (also under accelerate launch)
     python -m medexgen_lib generate --model DIR FRONTAL [LATERAL] [--json]
     python -m medexgen_lib score PREDICTIONS [--profile demo] [--out metrics.json]
 """
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--to", dest="stop", help="last stage to run, e.g. 05")
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                      help="config override, e.g. -p data.n_phantom_studies 200")
+    train = commands.add_parser("train", help="stage 04 alone; run it under `accelerate launch` for several GPUs")
+    train.add_argument("--profile", default="demo")
+    train.add_argument("--resume", action="store_true", help="continue from checkpoints/last")
+    train.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     generate = commands.add_parser("generate", help="write the report for new images (PNG, JPEG, DICOM)")
     generate.add_argument("--model", required=True, help="a model folder (models/final)")
     generate.add_argument("images", nargs="+", help="frontal image, then optionally the lateral one")
@@ -43,11 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             print(format_summary(run_pipeline(args.profile, dict(args.p), args.start, args.stop)))
+        elif args.command == "train":
+            from medexgen_lib.config import load_config
+            from medexgen_lib.train import train as run_training
+
+            print(run_training(load_config(args.profile, dict(args.p)), resume=args.resume))
         elif args.command == "generate":
             _generate(args)
         else:
             _score(args)
-    except (StageFailed, ConfigError, ValueError, FileNotFoundError) as exc:
+    except (StageFailed, ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Our errors carry one sentence naming the file or value; print that, not a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -218,6 +218,21 @@ def attention_overlay(model, pixels_uint8: torch.Tensor, view_mask: torch.Tensor
                          align_corners=False)[:, 0].numpy()
 
 
+FINDING_WORDS = ("effusion", "cardiomegaly", "pneumothorax", "consolidation", "edema", "nodule", "mass")
+
+
+def attention_example(rows: list[dict]) -> tuple[dict, str] | None:
+    """A prediction and a word in it worth an attention map: a finding word if any is written."""
+    written = [r for r in rows if r["prediction"].split()]
+    for word in FINDING_WORDS:
+        for row in written:
+            if word in row["prediction"].lower():
+                return row, word
+    if not written:
+        return None
+    return written[0], written[0]["prediction"].split()[0].strip(".,;:")
+
+
 def visualize_attention(model, pixels_uint8: torch.Tensor, view_mask: torch.Tensor, token_ids: list[int],
                         phrase: str, layers="all", heads="mean", out_path=None, title: str = ""):
     """Both views with the decoder's cross-attention for ``phrase`` overlaid (see

@@ -36,3 +36,30 @@ def tmp_config(tmp_path):
         settings.update({k.replace("__", "."): v for k, v in overrides.items()})
         return load_config(profile, settings)
     return make
+
+
+TINY_TRAINED = {"data.n_phantom_studies": 40, "data.phantom_image_size": 48, "images.size": 64,
+                "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
+                "train.batch_size": 8, "eval.max_new_tokens": 20, "tokenizer.vocab_size": 400,
+                "text.max_length": 64, "eval.meteor": False}
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """A tiny model trained 2 epochs on 40 phantom studies and evaluated: cfg, model, test data, rows."""
+    from medexgen_lib.acquisition import acquire, build_studies_table
+    from medexgen_lib.evaluate import run_evaluation
+    from medexgen_lib.model import ReportGenerator
+    from medexgen_lib.preprocess import load_split, run_preprocessing
+    from medexgen_lib.train import train
+    from medexgen_lib.visualize import load_predictions
+
+    root = tmp_path_factory.mktemp("viz")
+    cfg = load_config("demo", {**TINY_TRAINED, "paths.data_dir": str(root / "data"),
+                               "paths.output_dir": str(root / "out")})
+    build_studies_table(cfg, acquire(cfg))
+    run_preprocessing(cfg)
+    train(cfg, progress=False)
+    run_evaluation(cfg, progress=False)
+    model = ReportGenerator.from_pretrained(cfg.paths.models / "final").eval()
+    return cfg, model, load_split(cfg, "test"), load_predictions(cfg.paths.logs)

@@ -5,38 +5,15 @@ import json
 import pytest
 import torch
 
-from medexgen_lib.acquisition import acquire, build_studies_table
-from medexgen_lib.config import load_config
-from medexgen_lib.evaluate import run_evaluation
 from medexgen_lib.inspector import ALL, NO_WORD, PredictionInspector, word_diff_html
-from medexgen_lib.model import ReportGenerator
-from medexgen_lib.preprocess import load_split, run_preprocessing
-from medexgen_lib.train import train
-from medexgen_lib.visualize import (cross_attention_maps, label_comparison, load_predictions,
-                                    token_positions, visualize_attention, visualize_label_agreement,
+from medexgen_lib.visualize import (cross_attention_maps, label_comparison, token_positions,
+                                    visualize_attention, visualize_label_agreement,
                                     visualize_model_predictions, visualize_report_lengths,
                                     visualize_training_summary)
 
-TINY = {"data.n_phantom_studies": 40, "data.phantom_image_size": 48, "images.size": 64,
-        "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
-        "train.batch_size": 8, "eval.max_new_tokens": 20, "tokenizer.vocab_size": 400,
-        "text.max_length": 64, "eval.meteor": False}
 
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("viz")
-    cfg = load_config("demo", {**TINY, "paths.data_dir": str(root / "data"), "paths.output_dir": str(root / "out")})
-    build_studies_table(cfg, acquire(cfg))
-    run_preprocessing(cfg)
-    train(cfg, progress=False)
-    run_evaluation(cfg, progress=False)
-    model = ReportGenerator.from_pretrained(cfg.paths.models / "final").eval()
-    return cfg, model, load_split(cfg, "test"), load_predictions(cfg.paths.logs)
-
-
-def test_training_summary_marks_best_and_flagged_epochs(run, tmp_path):
-    cfg, *_ = run
+def test_training_summary_marks_best_and_flagged_epochs(trained_tiny, tmp_path):
+    cfg, *_ = trained_tiny
     history = [json.loads(l) for l in (cfg.paths.logs / "history.jsonl").read_text().splitlines()]
     history[1]["fingerprint_ok"] = False
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -54,8 +31,8 @@ def test_label_comparison():
                                            "Edema": "invented"}
 
 
-def test_gallery_and_label_and_length_plots(run, tmp_path):
-    cfg, model, _, rows = run
+def test_gallery_and_label_and_length_plots(trained_tiny, tmp_path):
+    cfg, model, _, rows = trained_tiny
     visualize_model_predictions(cfg.paths.models / "final", "test", 3, 0, cfg, tmp_path / "gallery.png")
     visualize_label_agreement(rows, tmp_path / "labels.png")
     visualize_report_lengths(rows, tmp_path / "lengths.png")
@@ -63,8 +40,8 @@ def test_gallery_and_label_and_length_plots(run, tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
-def test_attention_maps_are_distributions_over_unmasked_views(run, tmp_path):
-    cfg, model, data, rows = run
+def test_attention_maps_are_distributions_over_unmasked_views(trained_tiny, tmp_path):
+    cfg, model, data, rows = trained_tiny
     item = data[0]
     token_ids = model.tokenizer.encode(rows[0]["prediction"] or "No effusion.", add_special_tokens=False)
     from medexgen_lib.images import normalize
@@ -79,8 +56,8 @@ def test_attention_maps_are_distributions_over_unmasked_views(run, tmp_path):
     assert (tmp_path / "a.png").exists() and len(fig.axes) == 2
 
 
-def test_token_positions_find_a_phrase(run):
-    _, model, _, _ = run
+def test_token_positions_find_a_phrase(trained_tiny):
+    _, model, _, _ = trained_tiny
     ids = model.tokenizer.encode("Small left pleural effusion.", add_special_tokens=False)
     positions = token_positions(model.tokenizer, ids, "pleural effusion")
     assert model.tokenizer.decode([ids[i] for i in positions]).strip() == "pleural effusion"
@@ -93,8 +70,8 @@ def test_word_diff_marks_changes():
     assert "<del" in out and "left" in out and "<ins" in out and "right" in out
 
 
-def test_inspector_controls_change_what_it_shows(run):
-    cfg, model, data, rows = run
+def test_inspector_controls_change_what_it_shows(trained_tiny):
+    cfg, model, data, rows = trained_tiny
     inspector = PredictionInspector(rows, data, model, cfg.eval)
     assert len(inspector.visible) == len(rows)
     first = inspector.current
@@ -129,7 +106,15 @@ def test_inspector_controls_change_what_it_shows(run):
     assert inspector.current["regenerated"] and "regenerated" in inspector.header.value
 
 
-def test_inspector_needs_matching_rows(run):
-    _, _, data, rows = run
+def test_inspector_needs_matching_rows(trained_tiny):
+    _, _, data, rows = trained_tiny
     with pytest.raises(ValueError, match="no prediction"):
         PredictionInspector([{**rows[0], "uid": "CXR-none"}], data)
+
+
+def test_attention_example_prefers_a_finding_word():
+    from medexgen_lib.visualize import attention_example
+    rows = [{"prediction": ""}, {"prediction": "Heart normal."}, {"prediction": "Small left effusion."}]
+    assert attention_example(rows) == (rows[2], "effusion")
+    assert attention_example(rows[:2]) == (rows[1], "Heart")
+    assert attention_example(rows[:1]) is None
