@@ -25,6 +25,7 @@ import pandas as pd
 import pooch
 
 from medexgen_lib.config import Config
+from medexgen_lib.files import write_json
 from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset
 from medexgen_lib.reports import read_reports, write_studies_table
 
@@ -200,7 +201,7 @@ def acquire(cfg: Config) -> AcquisitionResult:
         projections = Path(data.projections_csv) if data.projections_csv else None
     if projections is not None and not projections.exists():
         raise AcquisitionError(f"projections table {projections} does not exist")
-    _write_json(state_path, {"source": data.source, "data": cfg.to_dict()["data"],
+    write_json(state_path, {"source": data.source, "data": cfg.to_dict()["data"],
                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     for action in actions:
         log.info(action)
@@ -215,7 +216,7 @@ def build_studies_table(cfg: Config, result: AcquisitionResult) -> pd.DataFrame:
     write_studies_table(table, cfg.paths.studies_table)
     cfg.save(cfg.paths.processed / "config_01_acquisition.json")
     malformed = table.attrs.get("malformed", [])
-    _write_json(cfg.paths.logs / "acquisition_malformed.json",
+    write_json(cfg.paths.logs / "acquisition_malformed.json",
                 {"count": len(malformed), "files": malformed})
     return table
 
@@ -233,7 +234,7 @@ def _acquire_phantom(cfg: Config, previous: dict | None) -> str:
         _empty_folder(folder)
     make_phantom_dataset(data.n_phantom_studies, data.phantom_seed, paths.data_dir,
                          image_size=data.phantom_image_size)
-    _write_json(marker, settings)
+    write_json(marker, settings)
     return f"generated phantom set: {data.n_phantom_studies} studies (seed {data.phantom_seed})"
 
 
@@ -262,7 +263,7 @@ def _acquire_archive(url: str, local_archive: str, sha256: str, size: int,
         if downloaded:  # a bad download must not be reused by the next run
             archive.unlink(missing_ok=True)
         raise
-    _write_json(marker, {"archive": archive.name, "files": n_files})
+    write_json(marker, {"archive": archive.name, "files": n_files})
     return f"extracted {n_files} files from {archive} into {target}"
 
 
@@ -280,9 +281,3 @@ def _empty_folder(folder: Path) -> None:
         if entry.name == ".gitkeep":
             continue
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)

@@ -8,7 +8,6 @@ same form the notebooks' ``overrides`` parameter and the runner's ``-p`` take.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,12 +243,9 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the config as JSON next to an artifact (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
-        return path
+        from medexgen_lib.files import write_json
+
+        return write_json(path, self.to_dict())
 
 
 PROFILES: dict[str, dict[str, Any]] = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -15,6 +14,8 @@ import pandas as pd
 import seaborn as sns
 from PIL import Image
 from tqdm.auto import tqdm
+
+from medexgen_lib.files import save_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +161,7 @@ def run_eda(table: pd.DataFrame, plots_dir: str | os.PathLike,
             stats_path: str | os.PathLike) -> tuple[dict, list[Path]]:
     """Compute the statistics, write them as JSON (atomically) and save the figures."""
     stats = compute_eda_stats(table)
-    stats_path = Path(stats_path)
-    stats_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stats_path.with_name(stats_path.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=2))
-    tmp.replace(stats_path)
+    write_json(stats_path, stats)
     return stats, plot_eda(table, stats, plots_dir)
 
 
@@ -174,6 +171,4 @@ def _short(text: str, width: int = 70) -> str:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

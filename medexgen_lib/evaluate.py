@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from medexgen_lib.config import EvalConfig
 from medexgen_lib.dataset import ReportDataset, collate
+from medexgen_lib.files import save_figure, write_json
 
 
 def decode_settings(decode: EvalConfig) -> dict:
@@ -102,7 +103,6 @@ def baseline_predictions(model, train_data: ReportDataset, val_data: ReportDatas
 def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = True) -> dict:
     """Generate for ``split``, score model and baselines, write predictions and metrics JSON."""
     import hashlib
-    import json
     import time
 
     from medexgen_lib.labeler import label_report
@@ -137,12 +137,8 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
                "normalisation": metrics["normalisation"], "decode": decode_settings(cfg.eval),
                "model_dir": str(model_dir), "model_sha256": hashlib.sha256(weights).hexdigest(),
                "seconds": time.perf_counter() - began}
-    logs = cfg.paths.logs
-    logs.mkdir(parents=True, exist_ok=True)
-    for name, payload in ((f"predictions_{split}.json", rows), (f"metrics_{split}.json", summary)):
-        tmp = logs / f".{name}.tmp"
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(logs / name)
+    write_json(cfg.paths.logs / f"predictions_{split}.json", rows)
+    write_json(cfg.paths.logs / f"metrics_{split}.json", summary)
     return summary
 
 
@@ -172,11 +168,7 @@ def plot_observation_f1(summary: dict, path: Path) -> Path:
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="F1 (positive class)", title=f"Clinical F1 per observation, {summary['split']} split")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def read_predictions_file(path) -> list[dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from medexgen_lib.config import load_config
+from medexgen_lib.files import write_json
 from medexgen_lib.paths import NOTEBOOKS_DIR
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,4 @@ def _output_path(cfg, spec: str) -> Path:
 
 
 def _write_summary(path: Path, profile: str, results: list[StageResult]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"profile": profile, "stages": [asdict(r) for r in results]}, indent=2))
-    tmp.replace(path)
+    write_json(path, {"profile": profile, "stages": [asdict(r) for r in results]})

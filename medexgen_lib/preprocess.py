@@ -12,6 +12,7 @@ import pandas as pd
 
 from medexgen_lib.config import Config
 from medexgen_lib.dataset import ReportDataset
+from medexgen_lib.files import save_figure, write_json
 from medexgen_lib.images import ImageCache
 from medexgen_lib.reports import load_studies_table
 from medexgen_lib.splits import (SPLITS, is_abnormal, load_splits, make_splits,
@@ -87,7 +88,7 @@ def run_preprocessing(cfg: Config) -> PreprocessSummary:
         token_lengths={"mean": float(lengths.mean()), "p95": float(np.percentile(lengths, 95)),
                        "max": int(lengths.max())},
         truncated_share=float((lengths > cfg.text.max_length).mean()))
-    (processed / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
+    write_json(processed / SUMMARY_FILE, asdict(summary))
     cfg.save(processed / "config_03_preprocessing.json")
     return summary
 
@@ -133,11 +134,7 @@ def plot_token_lengths(lengths: pd.Series, max_length: int, path: Path) -> Path:
                label=f"text.max_length = {max_length} ({share:.1%} truncated)")
     ax.set(title="Target length in tokens (with bos/eos)", xlabel="tokens", ylabel="studies")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_image_grid(datasets: dict[str, ReportDataset], path: Path, per_split: int = 4) -> Path:
@@ -154,8 +151,4 @@ def plot_image_grid(datasets: dict[str, ReportDataset], path: Path, per_split: i
                 if k < len(dataset):
                     ax.imshow(dataset[k]["pixels"][v].numpy(), cmap="gray", vmin=0, vmax=255)
                     ax.set_title(f"{name} {dataset.examples[k].uid} {'FL'[v]}", fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

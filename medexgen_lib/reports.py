@@ -97,7 +97,7 @@ def write_studies_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Save the table as parquet, atomically (a temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     table.to_parquet(tmp, index=False)
     tmp.replace(path)
     return path

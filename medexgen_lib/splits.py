@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medexgen_lib.files import write_json
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -85,12 +87,7 @@ def splits_from_annotation(annotation_file: str | os.PathLike, table: pd.DataFra
 
 def write_splits(splits: dict[str, list[str]], path: str | os.PathLike, meta: dict) -> Path:
     """Save ``{"train": [...], "val": [...], "test": [...], "meta": {...}}`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**splits, "meta": meta}, indent=1))
-    tmp.replace(path)
-    return path
+    return write_json(path, {**splits, "meta": meta})
 
 
 def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:

@@ -15,7 +15,6 @@ import logging
 import math
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +30,7 @@ from transformers import get_scheduler
 from medexgen_lib.config import Config, TrainConfig
 from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
+from medexgen_lib.files import save_figure, write_text_atomic
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
 from medexgen_lib.model import ReportGenerator, recover_dir, replace_dir
 from medexgen_lib.preprocess import load_split
@@ -407,9 +407,7 @@ def _truncate_history(path: Path, last_epoch: int) -> None:
         return
     lines = [l for l in path.read_text().splitlines() if l.strip()]
     kept = [l for l in lines if json.loads(l)["epoch"] <= last_epoch]
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-        tmp.write("".join(l + "\n" for l in kept))
-    Path(tmp.name).replace(path)
+    write_text_atomic(path, "".join(l + "\n" for l in kept))
 
 
 def device_report(cfg: Config) -> dict:
@@ -453,7 +451,4 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
     metric_ax.set(title="Validation (red: other evaluation fingerprint)", xlabel="epoch", ylabel=name)
     metric_ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medexgen_lib.files import save_figure
 from medexgen_lib.labeler import NO_FINDING, OBSERVATIONS, POSITIVE
 from medexgen_lib.train import load_history
 
@@ -19,12 +20,8 @@ AGREE, MISSED, INVENTED = "#2e7d32", "#c62828", "#ef6c00"  # green, red, orange
 
 
 def _save(fig, path: Path | None) -> Path | None:
-    if path is None:
-        return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    """Save (figure stays open, so the notebook shows it) when a path is given."""
+    return save_figure(fig, path, close=False) if path is not None else None
 
 
 # --------------------------------------------------------------------------- training summary

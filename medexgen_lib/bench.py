@@ -1,0 +1,278 @@
+"""Benchmarks: ``python -m medexgen_lib.bench [--quick] [--name NAME]``.
+
+Each comparison runs side by side in the same process, repeated; medians are
+reported. Prints a table and writes ``IUXRAY_OUTPUT_PIPELINE/logs/bench/<name>.json``
+with the machine described. Targets (from the benchmark issue) are printed next
+to the figures; a missed target is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medexgen_lib.config import load_config
+from medexgen_lib.images import ImageCache, load_image, normalize
+from medexgen_lib.paths import PROJECT_ROOT
+
+SHARED_IMAGES = PROJECT_ROOT.parent / "shared" / "iuxray-sample" / "images"
+
+
+def machine() -> dict:
+    """CPU, cores, GPU and library versions of this machine."""
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def _peak_rss_reset() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak resident memory)
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- 1. images
+
+def _synthetic_pngs(folder: Path, n: int, size: int, sixteen_bit: bool, seed: int = 0) -> list[tuple[str, str]]:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    files = []
+    for k in range(n):
+        base = np.exp(-((x - 0.5) ** 2 + (y - 0.5) ** 2) * 4) + 0.1 * rng.random((size, size))
+        if sixteen_bit:
+            image = Image.fromarray((base / base.max() * 4095).astype(np.uint16))  # 12-bit data in 16
+        else:
+            image = Image.fromarray((base / base.max() * 255).astype(np.uint8))
+        path = folder / f"img{size}_{k}.png"
+        image.save(path)
+        files.append((f"IM{k}", str(path)))
+    return files
+
+
+def bench_images(quick: bool, repeats: int) -> dict:
+    """Per-epoch loading to normalised float tensors: decode + resize each time vs the cache."""
+    target_size, batch = 224, 32
+    sets = {"512": (512, False, 64 if quick else 256), "2048": (2048, True, 8 if quick else 48)}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        inputs = {name: _synthetic_pngs(tmp, n, size, deep) for name, (size, deep, n) in sets.items()}
+        if SHARED_IMAGES.is_dir():
+            inputs["shared_real"] = [(p.stem, str(p)) for p in sorted(SHARED_IMAGES.glob("*.png"))]
+        for name, files in inputs.items():
+            cache = ImageCache.build(files, target_size, tmp / "cache", max_pixels=10**9)
+            rows = np.arange(len(files))
+
+            def naive():
+                for start in range(0, len(files), batch):
+                    chunk = files[start:start + batch]
+                    normalize(torch.stack([torch.from_numpy(load_image(p, target_size).copy()) for _, p in chunk]))
+
+            def cached():
+                for start in range(0, len(files), batch):
+                    normalize(torch.from_numpy(cache.pixels[rows[start:start + batch]]))
+
+            naive_s, cached_s = _median_time(naive, repeats), _median_time(cached, repeats)
+            results[name] = {"images": len(files), "naive_images_per_s": len(files) / naive_s,
+                             "cached_images_per_s": len(files) / cached_s, "speedup": naive_s / cached_s}
+    return results
+
+
+# --------------------------------------------------------------------------- 2. generation
+
+@torch.no_grad()
+def bench_generation(quick: bool, repeats: int) -> dict:
+    """transformers' generate with the KV cache vs re-running the whole prefix per token."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    layers, width, heads = (2, 256, 4) if quick else (12, 768, 12)  # GPT-2 small in the full run
+    new_tokens, batch, visual_tokens = (20, 4, 32) if quick else (60, 16, 98)
+    config = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=50_300, n_positions=128,
+                        add_cross_attention=True, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    decoder = GPT2LMHeadModel(config).eval()
+    visual = torch.randn(batch, visual_tokens, width)
+    start = torch.zeros(batch, 1, dtype=torch.long)
+    kwargs = {"encoder_hidden_states": visual, "attention_mask": torch.ones_like(start), "do_sample": False,
+              "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "eos_token_id": 1, "pad_token_id": 2}
+    outputs = {}
+
+    def cached():
+        outputs["cached"] = decoder.generate(start, num_beams=1, **kwargs)
+
+    def naive():
+        ids = start
+        for _ in range(new_tokens):
+            logits = decoder(input_ids=ids, encoder_hidden_states=visual, use_cache=False).logits[:, -1]
+            logits[:, config.eos_token_id] = -float("inf")  # as min_new_tokens does
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        outputs["naive"] = ids
+
+    def beam():
+        decoder.generate(start, num_beams=3, **kwargs)
+
+    cached_s, naive_s = _median_time(cached, repeats), _median_time(naive, max(1, repeats - 1))
+    beam_s = _median_time(beam, repeats)
+    identical = torch.equal(outputs["cached"], outputs["naive"])
+    if not identical:
+        raise AssertionError("generate() with the KV cache and the naive loop produced different tokens")
+    tokens = batch * new_tokens
+    return {"decoder": f"{layers} layers x {width}", "batch": batch, "new_tokens": new_tokens,
+            "identical_outputs": identical, "cached_tokens_per_s": tokens / cached_s,
+            "naive_tokens_per_s": tokens / naive_s, "speedup": naive_s / cached_s,
+            "beam3_over_greedy_time": beam_s / cached_s}
+
+
+# --------------------------------------------------------------------------- 3. training
+
+def bench_training(quick: bool, repeats: int) -> dict:
+    """Training samples/s and peak memory (CPU: resident set) for the demo and full-size shapes."""
+    from medexgen_lib.model import ReportGenerator
+    from medexgen_lib.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["No pleural effusion or pneumothorax. Heart size is normal."] * 50, 500)
+    shapes = {"demo": (load_config("demo").model, load_config("demo").images.size, 16)}
+    if not quick:
+        full = load_config("full").model
+        full.encoder_pretrained = full.decoder_pretrained = False  # shapes only; random weights
+        shapes["full (ResNet50 + GPT-2 small, 224 px)"] = (full, 224, 4)
+    results = {}
+    for name, (model_cfg, size, batch) in shapes.items():
+        torch.manual_seed(0)
+        model = ReportGenerator.build(model_cfg, tokenizer, size, 96).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        images = torch.randn(batch, 2, 3, size, size)
+        ids = torch.randint(3, len(tokenizer), (batch, 60))
+
+        def step():
+            loss = model(images, ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        step()  # warm-up (allocations, optimizer state)
+        _peak_rss_reset()
+        seconds = _median_time(step, repeats)
+        results[name] = {"batch": batch, "image_size": size, "samples_per_s": batch / seconds,
+                         "peak_rss_mb": _peak_rss_mb(), "parameters": model.parameter_summary()["total"]}
+    return results
+
+
+# --------------------------------------------------------------------------- 4. end to end
+
+def bench_end_to_end() -> dict:
+    """Wall time of the demo pipeline, stage by stage, in a temporary folder."""
+    from medexgen_lib.pipeline import run_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run_pipeline("demo", {"paths.data_dir": f"{tmp}/data", "paths.output_dir": f"{tmp}/out"})
+    stages = {f"{r.stage} {r.notebook}": r.seconds for r in results}
+    return {"stages": stages, "total_s": sum(stages.values())}
+
+
+# --------------------------------------------------------------------------- main
+
+TARGETS = {"image_cache_speedup_512": 20, "image_cache_speedup_2048": 100, "generation_kv_speedup": 10,
+           "end_to_end_demo_s": 300}
+
+
+def run(quick: bool, name: str, out_dir: Path) -> dict:
+    repeats = 2 if quick else 3
+    report = {"name": name, "quick": quick, "machine": machine(), "repeats": repeats}
+    report["images"] = bench_images(quick, repeats)
+    report["image_cache_speedup_512"] = report["images"]["512"]["speedup"]
+    report["image_cache_speedup_2048"] = report["images"]["2048"]["speedup"]
+    report["generation"] = bench_generation(quick, repeats)
+    report["generation_kv_speedup"] = report["generation"]["speedup"]
+    report["training"] = bench_training(quick, repeats)
+    if not quick:
+        report["end_to_end"] = bench_end_to_end()
+        report["end_to_end_demo_s"] = report["end_to_end"]["total_s"]
+    report["gpu"] = ("not measured: no GPU on this machine" if not torch.cuda.is_available()
+                     else "see scripts in the README's performance table")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(f"\nwritten to {path}")
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+             f"GPU {report['machine']['gpu']}, torch {report['machine']['torch']}", ""]
+    lines.append(f"{'images (to normalised tensors)':<38}{'naive img/s':>12}{'cached img/s':>14}{'speedup':>10}")
+    for name, r in report["images"].items():
+        lines.append(f"{name + ' px' if name.isdigit() else name:<38}{r['naive_images_per_s']:>12.0f}"
+                     f"{r['cached_images_per_s']:>14.0f}{r['speedup']:>9.1f}x")
+    g = report["generation"]
+    lines += ["", f"generation ({g['decoder']}, batch {g['batch']}, {g['new_tokens']} tokens, greedy; "
+                  f"identical outputs: {g['identical_outputs']})",
+              f"  KV cache {g['cached_tokens_per_s']:.0f} tok/s, naive {g['naive_tokens_per_s']:.0f} tok/s, "
+              f"speedup {g['speedup']:.1f}x; beam 3 takes {g['beam3_over_greedy_time']:.1f}x greedy's time", ""]
+    lines.append(f"{'training (CPU)':<44}{'batch':>6}{'samples/s':>11}{'peak RSS MB':>13}")
+    for name, r in report["training"].items():
+        lines.append(f"{name:<44}{r['batch']:>6}{r['samples_per_s']:>11.2f}{r['peak_rss_mb']:>13.0f}")
+    if "end_to_end" in report:
+        lines += ["", "demo pipeline, end to end:"]
+        lines += [f"  {stage:<32}{seconds:>8.1f} s" for stage, seconds in report["end_to_end"]["stages"].items()]
+        lines.append(f"  {'total':<32}{report['end_to_end']['total_s']:>8.1f} s")
+    lines += ["", "targets:" if not report["quick"] else
+              "targets (quick mode uses smaller shapes than the targets assume; run without --quick):"]
+    for key, target in TARGETS.items():
+        if key in report:
+            value = report[key]
+            met = value <= target if key.endswith("_s") else value >= target
+            lines.append(f"  {key:<28}{value:>9.1f}  target {'<=' if key.endswith('_s') else '>='} {target}"
+                         f"  {'met' if met else 'MISSED'}")
+    lines.append(f"  GPU: {report['gpu']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medexgen_lib.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, no end-to-end run (about a minute)")
+    parser.add_argument("--name", help="file name under logs/bench/ (default: quick or full)")
+    parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="config override, e.g. -p paths.output_dir /tmp/out")
+    args = parser.parse_args(argv)
+    cfg = load_config("demo", dict(args.p))
+    run(args.quick, args.name or ("quick" if args.quick else "full"), cfg.paths.logs / "bench")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
