@@ -187,7 +187,7 @@ def acquire(cfg: Config) -> AcquisitionResult:
             f"{data.source!r}; set paths.data_dir to another folder or empty this one")
     if data.source == "phantom":
         actions = [_acquire_phantom(cfg, previous)]
-        projections = Path(paths.data_dir) / PROJECTIONS_FILE
+        projections = paths.reports / PROJECTIONS_FILE
     elif data.source == "openi":
         actions = [
             _acquire_archive(data.images_url, data.images_archive, data.images_sha256,

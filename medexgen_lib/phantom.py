@@ -29,6 +29,7 @@ FINDING_PROBABILITY = {"cardiomegaly": 0.3, "effusion": 0.3, "pneumothorax": 0.1
                        "nodule": 0.2, "consolidation": 0.25, "edema": 0.15}
 NORMAL_SHARE = 0.4
 LATERAL_SHARE = 0.95
+# Both written next to the XML reports, in reports/.
 PROJECTIONS_FILE = "indiana_projections.csv"
 TRUTH_FILE = "phantom_findings.json"
 
@@ -56,8 +57,9 @@ def make_phantom_dataset(n_studies: int, seed: int, out_dir: str | os.PathLike,
     """Write ``n_studies`` phantom studies under ``out_dir``.
 
     Layout as Open-i's archives unpack: ``reports/ecgen-radiology/<n>.xml`` and
-    ``images/<image id>.png``; plus ``indiana_projections.csv`` (Kaggle format)
-    and ``phantom_findings.json`` (the drawn ground truth). Deterministic by seed.
+    ``images/<image id>.png``; plus ``reports/indiana_projections.csv`` (Kaggle
+    format) and ``reports/phantom_findings.json`` (the drawn ground truth).
+    Deterministic by seed.
     """
     if n_studies < 1:
         raise ValueError(f"n_studies must be at least 1, got {n_studies}")
@@ -80,8 +82,8 @@ def make_phantom_dataset(n_studies: int, seed: int, out_dir: str | os.PathLike,
             projection_rows.append(f"{study.number},{kaggle_name},{view}")
         (reports_dir / f"{study.number}.xml").write_text(
             _report_xml(study, _write_report(study, rng)), encoding="utf-8")
-    (out / PROJECTIONS_FILE).write_text("\n".join(projection_rows) + "\n")
-    (out / TRUTH_FILE).write_text(json.dumps([asdict(s) for s in studies], indent=1))
+    (out / "reports" / PROJECTIONS_FILE).write_text("\n".join(projection_rows) + "\n")
+    (out / "reports" / TRUTH_FILE).write_text(json.dumps([asdict(s) for s in studies], indent=1))
     log.info("phantom: %d studies, %d images in %s", len(studies),
              len(projection_rows) - 1, out)
     return studies

@@ -27,7 +27,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 def test_reports_state_drawn_findings_and_negate_absent_ones(phantom_dir):
     truth = {f"CXR{s['number']}": s["findings"] for s in
-             json.loads((phantom_dir / "phantom_findings.json").read_text())}
+             json.loads((phantom_dir / "reports" / "phantom_findings.json").read_text())}
     table = read_reports(phantom_dir / "reports").set_index("uid")
     kinds = set()
     for uid, findings in truth.items():

@@ -50,7 +50,7 @@ def test_without_projection_table_projection_is_unknown(iuxray_sample):
 
 def test_phantom_is_read_by_the_same_reader(phantom_dir):
     t = read_reports(phantom_dir / "reports", phantom_dir / "images",
-                     phantom_dir / "indiana_projections.csv")
+                     phantom_dir / "reports" / "indiana_projections.csv")
     assert len(t) == 40
     assert not t.image_missing.any() and not t.no_findings.any()
     assert all(ps[0] == "frontal" for ps in t.projections)
