@@ -202,7 +202,7 @@ def acquire(cfg: Config) -> AcquisitionResult:
     if projections is not None and not projections.exists():
         raise AcquisitionError(f"projections table {projections} does not exist")
     write_json(state_path, {"source": data.source, "data": cfg.to_dict()["data"],
-                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     for action in actions:
         log.info(action)
     return AcquisitionResult(data.source, paths.images, paths.reports, projections, actions)
@@ -217,7 +217,7 @@ def build_studies_table(cfg: Config, result: AcquisitionResult) -> pd.DataFrame:
     cfg.save(cfg.paths.processed / "config_01_acquisition.json")
     malformed = table.attrs.get("malformed", [])
     write_json(cfg.paths.logs / "acquisition_malformed.json",
-                {"count": len(malformed), "files": malformed})
+               {"count": len(malformed), "files": malformed})
     return table
 
 

@@ -1,4 +1,5 @@
-"""Batched report generation (transformers' generate: greedy or beam, KV cache)."""
+"""Stage 05: batched generation (transformers' generate, KV cache), baselines, scored outputs,
+and scoring of any predictions file with the same metrics."""
 
 from __future__ import annotations
 

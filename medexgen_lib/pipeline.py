@@ -23,7 +23,7 @@ STAGE_OUTPUTS = {
     "03": ["d:processed/splits.json", "d:processed/tokenizer", "d:processed/preprocessing.json"],
     "04": ["o:logs/history.jsonl", "o:models/final", "o:plots/training_curves.png"],
     "05": ["o:logs/metrics_test.json", "o:logs/predictions_test.json"],
-    "06": ["o:plots"],
+    "06": ["o:plots/training_summary.png", "o:plots/gallery_test.png", "o:plots/attention_example.png"],
 }
 
 
