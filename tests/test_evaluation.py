@@ -1,4 +1,4 @@
-"""Stage 05 end to end with a tiny (untrained) model on phantom data; baselines; scoring files."""
+"""Stage 05 end to end with a tiny model on phantom data; baselines; scoring files."""
 
 import json
 from collections import Counter
@@ -6,30 +6,17 @@ from collections import Counter
 import pytest
 
 from medexgen_lib.__main__ import main
-from medexgen_lib.acquisition import acquire, build_studies_table
-from medexgen_lib.config import load_config
 from medexgen_lib.evaluate import (baseline_predictions, comparison_table, read_predictions_file,
                                    run_evaluation, score_predictions_file)
 from medexgen_lib.metrics import text_metrics
 from medexgen_lib.model import ReportGenerator
-from medexgen_lib.preprocess import load_split, run_preprocessing
-from medexgen_lib.tokenizer import load_tokenizer
-
-TINY = {"data.n_phantom_studies": 40, "data.phantom_image_size": 48, "images.size": 32,
-        "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "eval.max_new_tokens": 12,
-        "tokenizer.vocab_size": 400, "text.max_length": 48, "eval.meteor": False}
+from medexgen_lib.preprocess import load_split
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluation")
-    cfg = load_config("demo", {**TINY, "paths.data_dir": str(root / "data"),
-                               "paths.output_dir": str(root / "out")})
-    build_studies_table(cfg, acquire(cfg))
-    run_preprocessing(cfg)
-    tokenizer = load_tokenizer(cfg.paths.processed / "tokenizer")
-    ReportGenerator.build(cfg.model, tokenizer, 32, 48).save_pretrained(cfg.paths.models / "final")
-    return cfg
+def cfg(trained_tiny):
+    """The shared tiny run (conftest): phantom data, preprocessing, a model in models/final."""
+    return trained_tiny[0]
 
 
 def test_end_to_end_evaluation_writes_predictions_and_metrics(cfg):
@@ -44,7 +31,7 @@ def test_end_to_end_evaluation_writes_predictions_and_metrics(cfg):
         assert key in saved["model"]
     assert set(saved["baselines"]) == {"constant (most frequent)", "constant (best of top 50 on val)",
                                        "retrieval (nearest image)"}
-    assert saved["decode"]["max_new_tokens"] == 12 and len(saved["model_sha256"]) == 64
+    assert saved["decode"]["max_new_tokens"] == cfg.eval.max_new_tokens and len(saved["model_sha256"]) == 64
     assert "R2Gen" in saved["normalisation"]
     table = comparison_table(saved)
     assert {"model", "retrieval (nearest image)", "R2Gen (Chen et al., 2020)"} <= set(table.index)
