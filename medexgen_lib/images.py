@@ -55,12 +55,17 @@ def load_image(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
         raise ImageError(f"cannot read image {path}: {exc}") from None
 
 
+def stretch_to_uint8(values: np.ndarray) -> Image.Image:
+    """Deep (16-bit, float) gray values min-max stretched to an 8-bit image."""
+    values = np.asarray(values, dtype=np.float32)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(scaled.round().astype(np.uint8))
+
+
 def _to_gray(im: Image.Image) -> Image.Image:
     if im.mode in _SIXTEEN_BIT_MODES:
-        arr = np.asarray(im, dtype=np.float32)
-        low, high = float(arr.min()), float(arr.max())
-        scaled = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
-        return Image.fromarray(scaled.round().astype(np.uint8))
+        return stretch_to_uint8(np.asarray(im))
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode == "CMYK":

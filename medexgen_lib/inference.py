@@ -11,7 +11,7 @@ from PIL import Image
 
 from medexgen_lib.config import EvalConfig
 from medexgen_lib.evaluate import decode_settings
-from medexgen_lib.images import ImageError, load_image, normalize
+from medexgen_lib.images import ImageError, load_image, normalize, stretch_to_uint8
 from medexgen_lib.labeler import label_report
 from medexgen_lib.model import ReportGenerator
 
@@ -39,7 +39,7 @@ def read_dicom(path: str | os.PathLike, size: int) -> np.ndarray:
         pixels = ds.pixel_array
     except Exception as exc:  # unsupported transfer syntax, truncated data, missing decoder
         raise ImageError(f"cannot decode the pixels of DICOM {path}: {exc}") from None
-    if getattr(ds, "NumberOfFrames", 1) and int(getattr(ds, "NumberOfFrames", 1)) > 1:
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         pixels = pixels[..., :3].mean(axis=-1)
@@ -48,10 +48,7 @@ def read_dicom(path: str | os.PathLike, size: int) -> np.ndarray:
     values = apply_voi_lut(pixels, ds).astype(np.float32)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         values = values.max() - values  # MONOCHROME1: bright means low values
-    low, high = float(values.min()), float(values.max())
-    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-    gray = Image.fromarray(scaled.round().astype(np.uint8))
-    return np.asarray(gray.resize((size, size), Image.Resampling.BILINEAR))
+    return np.asarray(stretch_to_uint8(values).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def read_radiograph(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:

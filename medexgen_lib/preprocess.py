@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from medexgen_lib.config import Config
 from medexgen_lib.dataset import ReportDataset
@@ -72,8 +71,7 @@ def run_preprocessing(cfg: Config) -> PreprocessSummary:
     tokenizer_dir = processed / "tokenizer"
     tokenizer = build_tokenizer(cfg.tokenizer.kind, [text_of[u] for u in splits["train"]],
                                 tokenizer_dir, cfg.tokenizer.gpt2_source, cfg.tokenizer.vocab_size)
-    lengths = np.array([len(tokenizer.encode(text_of[u], add_special_tokens=False)) + 2
-                        for u in text_of])
+    lengths = count_tokens(tokenizer, list(text_of.values()))
 
     images = sorted({(i, p) for ids, paths in zip(usable["image_ids"], usable["image_paths"])
                      for i, p in zip(ids, paths) if p})
@@ -93,14 +91,17 @@ def run_preprocessing(cfg: Config) -> PreprocessSummary:
     return summary
 
 
-def token_lengths(cfg: Config) -> pd.Series:
+def count_tokens(tokenizer, texts: list[str]) -> np.ndarray:
+    """Length of each text in tokens, bos and eos included (what training feeds the decoder)."""
+    return np.array([len(ids) + 2 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+
+
+def token_lengths(cfg: Config) -> np.ndarray:
     """Token count (with bos/eos) of every usable study's target text, for the histogram."""
     table = load_studies_table(cfg.paths.studies_table)
-    tokenizer = load_tokenizer(cfg.paths.processed / "tokenizer")
     texts = target_texts(table, cfg.text.target, cfg.text.lowercase)
     usable, _ = usable_studies(table, texts, cfg.split.require_findings)
-    return texts.loc[usable.index].map(
-        lambda t: len(tokenizer.encode(t, add_special_tokens=False)) + 2)
+    return count_tokens(load_tokenizer(cfg.paths.processed / "tokenizer"), texts.loc[usable.index].tolist())
 
 
 def load_split(cfg: Config, split: str, augment: bool = False,
@@ -123,7 +124,7 @@ def load_split(cfg: Config, split: str, augment: bool = False,
                          shuffle_images_seed=shuffle_images_seed)
 
 
-def plot_token_lengths(lengths: pd.Series, max_length: int, path: Path) -> Path:
+def plot_token_lengths(lengths: np.ndarray, max_length: int, path: Path) -> Path:
     """Histogram of target lengths in tokens with the configured maximum marked."""
     import matplotlib.pyplot as plt
 
