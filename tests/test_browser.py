@@ -42,7 +42,8 @@ def jupyter_lab(tmp_path, trained_tiny):
     port, token = _free_port(), "medexgen-test"
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", f"--ServerApp.token={token}", f"--ServerApp.root_dir={tmp_path}"],
+         "--ServerApp.ip=127.0.0.1", f"--ServerApp.token={token}", f"--ServerApp.root_dir={tmp_path}",
+         "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(120):
@@ -64,6 +65,25 @@ def trained_tiny_rows(cfg) -> list[dict]:
     return load_predictions(cfg.paths.logs, "test")
 
 
+KERNEL_STATUS = """() => {
+    const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    const kernel = panel && panel.sessionContext && panel.sessionContext.session
+        && panel.sessionContext.session.kernel;
+    return kernel ? kernel.connectionStatus + "/" + kernel.status : "no kernel";
+}"""
+
+
+def _run_all_cells(page) -> None:
+    """Run every cell once the notebook's kernel is connected and idle.
+
+    Clicking menus before the session is ready makes JupyterLab ask for a kernel
+    (seen on a fresh machine), so this waits for the kernel and uses the command registry.
+    """
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget", timeout=60_000)
+    page.wait_for_function(f"() => ({KERNEL_STATUS})() === 'connected/idle'", timeout=120_000)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+
+
 def _wait_for_inspector(page, seconds: float = 300) -> str:
     """The inspector's header text, once rendered (JupyterLab draws cells only when scrolled to)."""
     deadline = time.time() + seconds
@@ -73,7 +93,10 @@ def _wait_for_inspector(page, seconds: float = 300) -> str:
         if headers:
             return headers[0]
         page.wait_for_timeout(1000)
-    raise AssertionError("the inspector did not render")
+    dialogs = page.locator(".jp-Dialog").all_inner_texts()
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
+    raise AssertionError(f"the inspector did not render in {seconds:.0f} s; kernel: "
+                         f"{page.evaluate(KERNEL_STATUS)}; dialogs: {dialogs}; errors: {errors[-3:]}")
 
 
 def test_inspector_renders_and_reacts_in_chromium(jupyter_lab):
@@ -86,13 +109,10 @@ def test_inspector_renders_and_reacts_in_chromium(jupyter_lab):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.on("pageerror", lambda error: print("page error:", error))
-        page.wait_for_selector(".jp-NotebookPanel", timeout=60_000)
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
         try:
+            _run_all_cells(page)
             before = _wait_for_inspector(page)
-        except AssertionError:
+        except Exception:
             page.screenshot(path=str(screenshot), full_page=True)  # to see what went wrong
             raise
         order = page.locator("select").filter(has=page.locator("option", has_text="worst BLEU-4 first")).first
