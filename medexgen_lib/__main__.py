@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
         else:
             _score(args)
-    except (StageFailed, ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (StageFailed, ConfigError, ValueError, OSError, RuntimeError) as exc:
         # Our errors carry one sentence naming the file or value; print that, not a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1

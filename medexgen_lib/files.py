@@ -14,7 +14,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
                                      encoding="utf-8") as tmp:
-        tmp.write(text)
+        try:
+            tmp.write(text)
+            tmp.flush()
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)  # a failed write (disk full) leaves no temporary file behind
+            raise
     os.replace(tmp.name, path)
     return path
 

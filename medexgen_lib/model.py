@@ -11,6 +11,7 @@ tokenizer files in one folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -193,13 +195,19 @@ class ReportGenerator(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config, weights and tokenizer into ``directory``, replacing it atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, extra_files: dict[str, str] | None = None
+                        ) -> Path:
+        """Write config, weights, tokenizer and ``extra_files`` (name -> text) into
+        ``directory``, replacing it atomically: a failed write (disk full, say)
+        raises ``OSError`` naming ``directory`` and leaves the previous one as it was."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            self.write_files(staging)
+            with write_errors_named(directory):
+                self.write_files(staging)
+                for name, text in (extra_files or {}).items():
+                    (staging / name).write_text(text)
             replace_dir(staging, directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -293,6 +301,18 @@ def _load_pretrained_resnet(trunk: nn.Sequential, name: str, weights_file: str) 
                                     f"mismatched keys {wrong[:5]}")
     trunk.load_state_dict(nn.Sequential(*list(resnet.children())[:-2]).state_dict())
     return source
+
+
+@contextlib.contextmanager
+def write_errors_named(target: Path):
+    """Turn a failed write (``OSError``, or safetensors' own error for the same causes)
+    into one ``OSError`` that names the folder being written and says it was kept."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"could not write {target} ({reason}); the previous {target.name} "
+                      "is kept as it was") from None
 
 
 def replace_dir(new: Path, target: Path) -> None:

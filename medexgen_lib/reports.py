@@ -72,6 +72,8 @@ def parse_report(path: str | os.PathLike) -> dict:
                               "entities are never expanded") from None
     except SafeET.ParseError as exc:
         raise MalformedReport(f"not well-formed XML ({exc})") from None
+    except LookupError as exc:  # an encoding declaration Python does not know
+        raise MalformedReport(f"wrong encoding declaration ({exc})") from None
     if root.tag != "eCitation":
         raise MalformedReport(f"root element is <{root.tag}>, expected <eCitation>")
     sections = {name: "" for name in SECTIONS}

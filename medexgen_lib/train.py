@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_model
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -32,7 +34,7 @@ from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
 from medexgen_lib.files import save_figure, write_text_atomic
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
-from medexgen_lib.model import ReportGenerator, recover_dir, replace_dir
+from medexgen_lib.model import ReportGenerator, recover_dir, replace_dir, write_errors_named
 from medexgen_lib.preprocess import load_split
 from medexgen_lib.tokenizer import load_tokenizer
 
@@ -165,29 +167,39 @@ def save_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer,
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
     accelerator.wait_for_everyone()
-    (staging / f"rng_{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).write_files(staging)
-        scaler = accelerator.scaler
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None},
-                   staging / STATE_FILE)
-        (staging / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2))
-        replace_dir(staging, directory)
+    try:
+        with write_errors_named(directory):
+            (staging / f"rng_{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with write_errors_named(directory):
+                accelerator.unwrap_model(model).write_files(staging)
+                scaler = accelerator.scaler
+                torch.save({"optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                            "scaler": scaler.state_dict() if scaler is not None else None},
+                           staging / STATE_FILE)
+                (staging / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2))
+            replace_dir(staging, directory)
+    finally:
+        if accelerator.is_main_process:  # gone after the swap; half-written after a failure
+            shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
 def load_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict:
     """Restore what ``save_checkpoint`` wrote (tensors only: ``weights_only=True``)."""
-    from safetensors.torch import load_model
-
     recover_dir(directory)
     trainer_path = directory / TRAINER_FILE
     if not trainer_path.exists():
         raise FileNotFoundError(f"no resumable checkpoint in {directory} (missing {TRAINER_FILE})")
-    load_model(accelerator.unwrap_model(model), str(directory / "model.safetensors"), strict=True)
+    try:
+        load_model(accelerator.unwrap_model(model), str(directory / "model.safetensors"), strict=True)
+    except (RuntimeError, OSError, SafetensorError) as exc:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]  # torch: a header, then one line per key
+        raise ValueError(f"checkpoint {directory} does not fit the configured model "
+                         f"(was model.* changed since it was written?): {detail[:300]}") from None
     try:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickled code, corrupt file
@@ -323,8 +335,8 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     if accelerator.is_main_process:
         if state["best_epoch"] == 0:
             raise RuntimeError("no epoch had the run's evaluation fingerprint; nothing to export")
-        ReportGenerator.from_pretrained(best_dir).save_pretrained(final)
-        cfg.save(final / "run_config.json")
+        ReportGenerator.from_pretrained(best_dir).save_pretrained(
+            final, extra_files={"run_config.json": json.dumps(cfg.to_dict(), indent=2)})
     accelerator.wait_for_everyone()
     log.info("best epoch %d (%s %.4f); %s; exported to %s", state["best_epoch"],
              tcfg.selection_metric, state["best_value"], stopped, final)

@@ -97,6 +97,7 @@ def test_download_retries_after_a_server_error(server, reports_tgz, tmp_path):
     assert out.exists() and server.requests == 2
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("case", ["wrong_checksum", "truncated_with_checksum",
                                   "truncated_with_size", "connection_cut"])
 def test_bad_download_is_reported_and_never_lands(case, server, reports_tgz, tmp_path):
@@ -118,6 +119,7 @@ def test_bad_download_is_reported_and_never_lands(case, server, reports_tgz, tmp
     assert list((tmp_path / "temp").iterdir()) == []  # no partial file left anywhere
 
 
+@pytest.mark.reliability
 def test_truncated_archive_without_checks_is_detected_deleted_and_not_extracted(
         server, reports_tgz, tmp_config):
     body = reports_tgz.read_bytes()
@@ -194,6 +196,7 @@ def _hostile_tgz(path, kind):
     return path
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("kind", ["dotdot", "nested_dotdot", "absolute", "symlink", "hardlink",
                                   "device", "fifo"])
 def test_unsafe_members_are_refused_naming_the_member(kind, tmp_path):
@@ -206,6 +209,7 @@ def test_unsafe_members_are_refused_naming_the_member(kind, tmp_path):
     assert not target.exists() or list(target.iterdir()) == []
 
 
+@pytest.mark.reliability
 def test_check_archive_rejects_garbage_and_empty(tmp_path):
     (tmp_path / "junk.tgz").write_bytes(b"this is not a tarball" * 10)
     with pytest.raises(AcquisitionError, match="junk.tgz"):
@@ -226,9 +230,28 @@ def test_phantom_acquisition_is_idempotent_and_regenerates_on_new_settings(tmp_c
     assert len(build_studies_table(bigger, acquire(bigger))) == 9
 
 
+@pytest.mark.reliability
 def test_switching_source_in_the_same_folder_is_refused(tmp_config):
     acquire(tmp_config(data__n_phantom_studies=3, data__phantom_image_size=48))
     with pytest.raises(AcquisitionError, match="holds 'phantom' data"):
         acquire(tmp_config("full"))
     state = json.loads((tmp_config().paths.processed / "acquisition.json").read_text())
     assert state["source"] == "phantom"
+
+
+@pytest.mark.reliability
+def test_a_download_cut_half_way_then_run_again_completes(server, reports_tgz, images_tgz, tmp_config):
+    body = reports_tgz.read_bytes()
+    server.files["NLMCXR_reports.tgz"] = body
+    server.files["NLMCXR_png.tgz"] = images_tgz.read_bytes()
+    server.truncate["NLMCXR_reports.tgz"] = len(body) // 2  # the connection drops half way
+    server.lie_about_length.add("NLMCXR_reports.tgz")
+    cfg = tmp_config("full", data__images_url=f"{server.url}/NLMCXR_png.tgz",
+                     data__reports_url=f"{server.url}/NLMCXR_reports.tgz", data__download_retries=0)
+    with pytest.raises(AcquisitionError, match="NLMCXR_reports.tgz"):
+        acquire(cfg)
+    assert [p.name for p in cfg.paths.reports.iterdir()] == []
+    assert not any(p.name.startswith("NLMCXR_reports") for p in cfg.paths.temp.rglob("*"))
+    del server.truncate["NLMCXR_reports.tgz"]  # the network is back
+    acquire(cfg)
+    assert len(list(cfg.paths.reports.rglob("*.xml"))) == 20

@@ -71,6 +71,7 @@ def test_scoring_a_predictions_file_from_outside(cfg, tmp_path, capsys):
     ("[]", "holds no rows"),
     ("id,prediction\nCXR999999,x\n", "not in the studies table"),
 ])
+@pytest.mark.reliability
 def test_bad_predictions_files_are_named(cfg, tmp_path, content, message):
     path = tmp_path / ("p.json" if content.startswith("[") else "p.csv")
     path.write_text(content)

@@ -79,6 +79,7 @@ def test_dicom_monochrome1_is_inverted_and_windowing_applied(tmp_path):
     ("text", "cannot read image"), ("missing", "does not exist"),
     ("dicom_without_pixels", "no pixel data"), ("empty", "cannot read image"),
 ])
+@pytest.mark.reliability
 def test_bad_inputs_get_one_clear_error(case, message, tmp_path, model_dir, capsys):
     path = tmp_path / "input.png"
     if case == "text":
@@ -93,6 +94,7 @@ def test_bad_inputs_get_one_clear_error(case, message, tmp_path, model_dir, caps
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.reliability
 def test_wrong_number_of_images(model_dir, tmp_path):
     Image.fromarray(_chest()).save(tmp_path / "a.png")
     model = ReportGenerator.from_pretrained(model_dir)

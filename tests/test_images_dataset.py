@@ -15,6 +15,7 @@ def _gradient(h=80, w=100):
     return (np.add.outer(np.arange(h), np.arange(w)) * 255 // (h + w - 2)).astype(np.uint8)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("mode", ["L", "I;16", "RGB", "P", "LA", "RGBA", "1", "CMYK-jpeg", "L-jpeg"])
 def test_every_mode_loads_as_gray(mode, tmp_path):
     gray = _gradient()
@@ -45,6 +46,7 @@ def test_real_sample_images_load(iuxray_sample):
         assert out.shape == (64, 64) and 20 < out.mean() < 235
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("content", [b"", b"this is text, not a PNG\n", "truncated", "corrupt"])
 def test_unreadable_images_name_the_file(content, tmp_path):
     path = tmp_path / "bad.png"
@@ -59,6 +61,7 @@ def test_unreadable_images_name_the_file(content, tmp_path):
         load_image(path, 32)
 
 
+@pytest.mark.reliability
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     Image.new("L", (4000, 4000)).save(path)  # compresses to a few kB
@@ -96,6 +99,7 @@ def test_cache_pixels_equal_direct_decoding_and_cache_is_reused(image_files, tmp
     assert other_size.folder != cache.folder
 
 
+@pytest.mark.reliability
 def test_cache_stops_or_skips_a_bad_image(image_files, tmp_path):
     bad_path = tmp_path / "broken.png"
     bad_path.write_bytes(b"not a png")

@@ -73,6 +73,7 @@ def test_save_then_load_gives_identical_logits(tokenizer, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+@pytest.mark.reliability
 def test_weights_that_do_not_fit_the_config_are_refused(tokenizer, tmp_path):
     ReportGenerator.build(tiny_cfg(), tokenizer, 64, 32).save_pretrained(tmp_path / "a")
     ReportGenerator.build(tiny_cfg(n_embd=64), tokenizer, 64, 32).save_pretrained(tmp_path / "b")
@@ -101,6 +102,7 @@ def test_pretrained_parts_load_from_local_files(tokenizer, tmp_path):
     assert model.config.encoder_init.startswith("imagenet:")
 
 
+@pytest.mark.reliability
 def test_missing_pretrained_weights_say_how_to_provide_them(tokenizer, tmp_path):
     with pytest.raises(PretrainedUnavailable, match="model.decoder_pretrained=false"):
         ReportGenerator.build(tiny_cfg(decoder_pretrained=True, decoder_source=str(tmp_path / "none")),
@@ -110,6 +112,7 @@ def test_missing_pretrained_weights_say_how_to_provide_them(tokenizer, tmp_path)
                               tokenizer, 64, 32)
 
 
+@pytest.mark.reliability
 def test_pickled_code_in_encoder_weights_is_refused(tokenizer, tmp_path):
     class Evil:
         def __reduce__(self):
@@ -132,6 +135,7 @@ def test_generate_greedy_and_beam_return_decodable_text(tokenizer):
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+@pytest.mark.reliability
 def test_wrong_image_size_is_named(tokenizer):
     model = ReportGenerator.build(tiny_cfg(), tokenizer, 64, 32)
     with pytest.raises(ValueError, match="expects 64 px"):

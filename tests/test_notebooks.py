@@ -50,6 +50,7 @@ def test_from_reruns_only_the_later_stages(demo_run, capsys):
     assert studies.stat().st_mtime_ns == before
 
 
+@pytest.mark.reliability
 def test_a_failing_stage_is_reported_briefly_and_earlier_outputs_stay(tmp_path):
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -72,6 +73,7 @@ def test_a_failing_stage_is_reported_briefly_and_earlier_outputs_stay(tmp_path):
     assert [s["status"] for s in summary["stages"]] == ["ok", "failed"]
 
 
+@pytest.mark.reliability
 def test_stage_without_its_input_names_the_notebook_that_makes_it(tmp_path):
     overrides = {"paths.data_dir": str(tmp_path / "empty"), "paths.output_dir": str(tmp_path / "out")}
     with pytest.raises(StageFailed) as info:

@@ -4,7 +4,10 @@ import shutil
 from collections import Counter
 
 import pytest
+from PIL import Image
 
+from medexgen_lib.acquisition import AcquisitionError, acquire, build_studies_table
+from medexgen_lib.preprocess import run_preprocessing
 from medexgen_lib.reports import load_studies_table, read_reports, write_studies_table
 
 
@@ -75,6 +78,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.reliability
 def test_malformed_and_entity_files_are_named_counted_and_skipped(iuxray_sample, tmp_path, caplog):
     reports = tmp_path / "reports"
     reports.mkdir()
@@ -93,6 +97,7 @@ def test_malformed_and_entity_files_are_named_counted_and_skipped(iuxray_sample,
     assert "broken.xml" in caplog.text
 
 
+@pytest.mark.reliability
 def test_empty_sections_are_kept_and_flagged(tmp_path):
     (tmp_path / "7.xml").write_text(
         '<eCitation><uId id="CXR7"/><Abstract><AbstractText Label="FINDINGS"/>'
@@ -105,6 +110,64 @@ def test_empty_sections_are_kept_and_flagged(tmp_path):
     assert row.image_missing and not row.no_image
 
 
+@pytest.mark.reliability
 def test_missing_reports_folder_names_notebook(tmp_path):
     with pytest.raises(FileNotFoundError, match="01_acquisition"):
         read_reports(tmp_path / "nope")
+
+
+REPORT = ('<?xml version="1.0" encoding="{encoding}"?>\n<eCitation><uId id="CXR{n}"/><Abstract>'
+          '<AbstractText Label="FINDINGS">{findings}</AbstractText></Abstract></eCitation>')
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("encoding, body, reason", [
+    ("no-such-codec", "Clear lungs.".encode(), "unknown encoding"),
+    ("UTF-16", "Clear lungs.".encode(), "encoding"),
+    ("US-ASCII", "Pleural effusion, café-au-lait.".encode("utf-8"), "not well-formed"),
+])
+def test_a_wrong_encoding_declaration_is_named_and_counted(encoding, body, reason, tmp_path, caplog):
+    (tmp_path / "1.xml").write_bytes(REPORT.format(encoding=encoding, n=1, findings="").encode()
+                                     .replace(b"></AbstractText>", b">" + body + b"</AbstractText>"))
+    (tmp_path / "2.xml").write_text(REPORT.format(encoding="ISO-8859-1", n=2, findings="Normal heart."))
+    table = read_reports(tmp_path)
+    assert table.uid.tolist() == ["CXR2"] and table.findings.tolist() == ["Normal heart."]
+    [(path, why)] = table.attrs["malformed"]
+    assert path.endswith("1.xml") and reason in why and "1.xml" in caplog.text
+
+
+@pytest.mark.reliability
+def test_a_latin1_report_declared_as_such_reads_correctly(tmp_path):
+    (tmp_path / "3.xml").write_bytes(REPORT.format(encoding="ISO-8859-1", n=3, findings="Opacité.")
+                                     .encode("latin-1"))
+    assert read_reports(tmp_path).findings.tolist() == ["Opacité."]
+
+
+@pytest.mark.reliability
+def test_an_empty_reports_folder_stops_acquisition_naming_it(tmp_config):
+    cfg = tmp_config("full", data__source="folder")
+    cfg.paths.make_dirs()
+    Image.new("L", (8, 8)).save(cfg.paths.images / "CXR1_IM-0001-1001.png")
+    with pytest.raises(AcquisitionError, match=f"{cfg.paths.reports}.*no report files"):
+        acquire(cfg)
+    (cfg.paths.reports / "1.xml").write_text("<eCitation><oops></eCitation>")
+    result = acquire(cfg)
+    with pytest.raises(AcquisitionError, match=f"no readable reports under {cfg.paths.reports}"):
+        build_studies_table(cfg, result)
+    assert not cfg.paths.studies_table.exists()
+
+
+@pytest.mark.reliability
+def test_a_report_whose_image_is_not_on_disk_is_flagged_and_left_out(tmp_config):
+    cfg = tmp_config(data__n_phantom_studies=12, data__phantom_image_size=48, images__size=32,
+                     tokenizer__vocab_size=300)
+    result = acquire(cfg)
+    table = read_reports(result.reports_dir, result.images_dir, result.projections_csv)
+    lost, half = table.iloc[0], table[table.n_images == 2].iloc[-1]
+    for image_id in [*lost.image_ids, half.image_ids[1]]:  # one study loses all, one its lateral
+        next(cfg.paths.images.rglob(f"{image_id}.*")).unlink()
+    table = build_studies_table(cfg, result).set_index("uid")
+    assert table.loc[lost.uid, "image_missing"] and table.loc[half.uid, "image_missing"]
+    summary = run_preprocessing(cfg)
+    assert summary.dropped["no_image_on_disk"] == 1 and summary.studies == 11
+    assert summary.images_skipped == 0

@@ -26,6 +26,7 @@ def test_splits_are_deterministic_disjoint_complete_and_stratified(sample):
     assert abs(len(a["test"]) - 0.2 * len(sample)) <= 2
 
 
+@pytest.mark.reliability
 def test_bad_fractions_are_refused(sample):
     with pytest.raises(ValueError, match="test_fraction"):
         make_splits(sample, 0, val_fraction=0.5, test_fraction=0.5)
@@ -44,6 +45,7 @@ def test_annotation_ids_absent_from_the_table_are_counted(sample, iuxray_sample)
     assert missing["train"] == 1 and "CXR1573" not in splits["train"]
 
 
+@pytest.mark.reliability
 def test_bad_annotation_file(tmp_path, sample):
     (tmp_path / "a.json").write_text('{"train": []}')
     with pytest.raises(ValueError, match="a.json"):

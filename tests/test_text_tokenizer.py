@@ -79,6 +79,7 @@ def test_gpt2_tokenizer_from_a_local_folder(sample_texts, tmp_path):
     assert '"used": "gpt2"' in (tmp_path / "tok" / "source.json").read_text()
 
 
+@pytest.mark.reliability
 def test_gpt2_asked_for_and_missing_says_how_to_provide_it(tmp_path):
     with pytest.raises(TokenizerUnavailable, match="tokenizer.gpt2_source"):
         build_tokenizer("gpt2", ["x"], tmp_path / "tok", gpt2_source=str(tmp_path / "missing"))

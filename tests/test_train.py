@@ -3,6 +3,11 @@
 import hashlib
 import json
 import logging
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +120,7 @@ def test_interrupted_then_resumed_run_ends_bit_identical(tiny_cfg, tmp_path):
     assert lines(full) == lines(parted)
 
 
+@pytest.mark.reliability
 def test_resume_with_changed_validation_warns_and_flags(tiny_cfg, caplog):
     cfg = tiny_cfg(train__epochs=3)
     train(cfg, stop_after_epoch=1, progress=False)
@@ -128,6 +134,7 @@ def test_resume_with_changed_validation_warns_and_flags(tiny_cfg, caplog):
     assert json.loads((cfg.paths.checkpoints / "best" / "trainer.json").read_text())["best_epoch"] == 1
 
 
+@pytest.mark.reliability
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cfg, monkeypatch):
     cfg = tiny_cfg(train__epochs=3)
     train(cfg, stop_after_epoch=1, progress=False)
@@ -146,6 +153,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cfg, mon
     assert json.loads((cfg.paths.checkpoints / "last" / "trainer.json").read_text())["epoch"] == 1
 
 
+@pytest.mark.reliability
 def test_a_crash_during_checkpoint_save_leaves_the_previous_one_loadable(tiny_cfg, monkeypatch):
     cfg = tiny_cfg(train__epochs=3)
     train(cfg, stop_after_epoch=1, progress=False)
@@ -162,3 +170,118 @@ def test_a_crash_during_checkpoint_save_leaves_the_previous_one_loadable(tiny_cf
     ReportGenerator.from_pretrained(cfg.paths.checkpoints / "last")
     train(cfg, resume=True, progress=False)  # and the run continues from it
     assert (cfg.paths.models / "final" / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- real faults in a child process
+
+WORKER = Path(__file__).with_name("fault_worker.py")
+
+
+def _run_worker(settings: dict, mode: str, arg: str = "0") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(WORKER), json.dumps(settings), mode, arg],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def tiny_settings(prepared_data, tmp_path):
+    return lambda out: {**TINY, "paths.data_dir": str(prepared_data), "paths.output_dir": str(tmp_path / out)}
+
+
+@pytest.mark.reliability
+def test_killed_mid_epoch_then_resumed_ends_like_an_uninterrupted_run(tiny_settings, tmp_path):
+    assert _run_worker(tiny_settings("full"), "train").returncode == 0
+    killed = _run_worker(tiny_settings("parted"), "kill-at-step", "5")  # 3 steps per epoch: epoch 2
+    assert killed.returncode == -signal.SIGKILL
+    last = tmp_path / "parted" / "checkpoints" / "last"
+    assert json.loads((last / "trainer.json").read_text())["epoch"] == 1
+    resumed = _run_worker(tiny_settings("parted"), "train")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for sub in ("checkpoints/last", "models/final"):
+        assert _weights_digest(tmp_path / "full" / sub) == _weights_digest(tmp_path / "parted" / sub)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("mode", ["kill-in-save", "kill-between-renames"])
+def test_killed_during_checkpoint_save_keeps_the_previous_one_loadable(mode, tiny_settings, tmp_path):
+    settings = tiny_settings("out")
+    killed = _run_worker(settings, mode, "2")
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "out" / "checkpoints"
+    ReportGenerator.from_pretrained(checkpoints / "last")  # puts an interrupted swap back first
+    assert json.loads((checkpoints / "last" / "trainer.json").read_text())["epoch"] == 1
+    resumed = _run_worker(settings, "train")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((checkpoints / "last" / "trainer.json").read_text())["epoch"] == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "last"]  # no leftovers
+
+
+@pytest.mark.reliability
+def test_disk_filling_during_export_keeps_the_previous_final_model(tiny_settings, tmp_path):
+    settings = tiny_settings("out")
+    assert _run_worker(settings, "train").returncode == 0
+    models = tmp_path / "out" / "models"
+    before = _weights_digest(models / "final")
+    full = _run_worker(settings, "export-limit", "20000")  # weights are ~300 kB
+    assert full.returncode == 3, full.stderr[-2000:]
+    message = full.stderr.strip().splitlines()[-1]
+    assert "models/final" in message and "File too large" in message, message
+    assert _weights_digest(models / "final") == before
+    ReportGenerator.from_pretrained(models / "final")
+    assert sorted(p.name for p in models.iterdir()) == ["final"]  # no half-written staging folder
+
+
+@pytest.mark.reliability
+def test_a_checkpoint_that_would_run_code_is_refused(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(train__epochs=3)
+    train(cfg, stop_after_epoch=1, progress=False)
+    state_file = cfg.paths.checkpoints / "last" / "training_state.pt"
+    marker = tmp_path / "code-ran"
+    torch.save({"optimizer": _RunsCode(str(marker))}, state_file)
+    with pytest.raises(ValueError, match=r"training_state\.pt"):
+        train(cfg, resume=True, progress=False)
+    assert not marker.exists()
+
+
+class _RunsCode:
+    """Unpickling this would create a file: a stand-in for a hostile checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.reliability
+def test_a_checkpoint_that_does_not_fit_the_config_is_named(tiny_cfg):
+    cfg = tiny_cfg(train__epochs=3)
+    train(cfg, stop_after_epoch=1, progress=False)
+    wider = tiny_cfg(train__epochs=3, model__n_embd=48)
+    with pytest.raises(ValueError, match=r"checkpoints/last.*does not fit"):
+        train(wider, resume=True, progress=False)
+
+
+def _limit_file_size(limit: int):
+    """For a child process: writes past ``limit`` bytes fail with EFBIG, as on a full disk."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return apply
+
+
+@pytest.mark.reliability
+def test_disk_filling_during_a_checkpoint_save_stops_training_with_one_line(tiny_cfg, tiny_settings, tmp_path):
+    cfg = tiny_cfg(train__epochs=3)
+    train(cfg, stop_after_epoch=1, progress=False)
+    last = cfg.paths.checkpoints / "last"
+    good = _weights_digest(last)
+    overrides = [arg for key, value in {**tiny_settings("out"), "train.epochs": 3}.items()
+                 for arg in ("-p", key, str(value))]
+    run = subprocess.run([sys.executable, "-m", "medexgen_lib", "train", "--resume", *overrides],
+                         capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size(20_000))
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: could not write") and "checkpoints/" in error and "File too large" in error
+    assert _weights_digest(last) == good
+    assert sorted(p.name for p in cfg.paths.checkpoints.iterdir()) == ["best", "last"]
