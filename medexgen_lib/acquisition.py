@@ -11,7 +11,6 @@ is refused with an error naming the archive and member.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,7 +24,7 @@ import pandas as pd
 import pooch
 
 from medexgen_lib.config import Config
-from medexgen_lib.files import write_json
+from medexgen_lib.files import read_json, write_json
 from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset
 from medexgen_lib.reports import read_reports, write_studies_table
 
@@ -180,7 +179,7 @@ def acquire(cfg: Config) -> AcquisitionResult:
     paths, data = cfg.paths, cfg.data
     paths.make_dirs()
     state_path = paths.processed / STATE_FILE
-    previous = json.loads(state_path.read_text()) if state_path.exists() else None
+    previous = read_json(state_path) if state_path.exists() else None
     if previous and previous.get("source") != data.source:
         raise AcquisitionError(
             f"{paths.data_dir} holds {previous.get('source')!r} data but the config asks for "
@@ -242,7 +241,7 @@ def _acquire_archive(url: str, local_archive: str, sha256: str, size: int,
                      target: Path, cfg: Config) -> str:
     marker = target / MARKER
     if marker.exists():
-        info = json.loads(marker.read_text())
+        info = read_json(marker)
         return (f"already in place: {info['files']} files from {info['archive']} in {target}; "
                 "nothing to do")
     if local_archive:

@@ -30,6 +30,15 @@ def write_json(path: str | os.PathLike, payload) -> Path:
     return write_text_atomic(path, json.dumps(payload, indent=2))
 
 
+def read_json(path: str | os.PathLike):
+    """Parse a JSON file this project wrote; a damaged one raises ``ValueError`` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged, not valid JSON ({exc}); delete it and re-run "
+                         "the stage that writes it") from None
+
+
 def save_figure(fig, path: str | os.PathLike, close: bool = True) -> Path:
     """Save a matplotlib figure as PNG (creating the folder) and, by default, close it."""
     path = Path(path)

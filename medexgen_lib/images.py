@@ -20,6 +20,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from medexgen_lib.files import read_json
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,7 +105,7 @@ class ImageCache:
         if not (folder / self.INDEX).exists():
             raise FileNotFoundError(f"no image cache in {folder}; run notebook 03_preprocessing first")
         self.folder = folder
-        self.index = json.loads((folder / self.INDEX).read_text())
+        self.index = read_json(folder / self.INDEX)
         self.size = self.index["size"]
         self.row_of = {image_id: i for i, image_id in enumerate(self.index["image_ids"])}
         self.bad = self.index["bad"]

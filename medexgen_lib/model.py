@@ -237,6 +237,9 @@ class ReportGenerator(nn.Module):
         model = cls(ReportGeneratorConfig.from_dict(values, str(config_path)))
         try:
             load_model(model, str(weights_path), strict=True, device=str(device))
+        except SafetensorError as exc:
+            raise ValueError(f"weights {weights_path} are not a readable safetensors file "
+                             f"(truncated or corrupt): {exc}") from None
         except (RuntimeError, OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0][:300]
             raise ValueError(f"weights {weights_path} do not fit {config_path}: {first}") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 
 from medexgen_lib.config import Config
 from medexgen_lib.dataset import ReportDataset
-from medexgen_lib.files import save_figure, write_json
+from medexgen_lib.files import read_json, save_figure, write_json
 from medexgen_lib.images import ImageCache
 from medexgen_lib.reports import load_studies_table
 from medexgen_lib.splits import (SPLITS, is_abnormal, load_splits, make_splits,
@@ -80,7 +79,7 @@ def run_preprocessing(cfg: Config) -> PreprocessSummary:
     summary = PreprocessSummary(
         studies=len(usable), dropped=dropped, split_source=split_source, split_counts=counts,
         tokenizer_dir=str(tokenizer_dir),
-        tokenizer_used=json.loads((tokenizer_dir / "source.json").read_text())["used"],
+        tokenizer_used=read_json(tokenizer_dir / "source.json")["used"],
         vocab_size=len(tokenizer), image_cache=str(cache.folder), images_cached=len(cache),
         images_skipped=len(cache.bad),
         token_lengths={"mean": float(lengths.mean()), "p95": float(np.percentile(lengths, 95)),
@@ -113,7 +112,7 @@ def load_split(cfg: Config, split: str, augment: bool = False,
     summary_path = processed / SUMMARY_FILE
     if not summary_path.exists():
         raise FileNotFoundError(f"{summary_path} not found; run notebook 03_preprocessing first")
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path)
     table = load_studies_table(cfg.paths.studies_table)
     uids = set(load_splits(processed / "splits.json")[split])
     studies = table[table["uid"].isin(uids)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medexgen_lib.files import write_json
+from medexgen_lib.files import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"split file {path} does not exist; run notebook 03_preprocessing first")
-    data = json.loads(path.read_text())
+    data = read_json(path)
     return {name: data[name] for name in SPLITS}
 
 

@@ -32,7 +32,7 @@ from transformers import get_scheduler
 from medexgen_lib.config import Config, TrainConfig
 from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
-from medexgen_lib.files import save_figure, write_text_atomic
+from medexgen_lib.files import read_json, save_figure, write_text_atomic
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
 from medexgen_lib.model import ReportGenerator, recover_dir, replace_dir, write_errors_named
 from medexgen_lib.preprocess import load_split
@@ -195,7 +195,10 @@ def load_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer,
         raise FileNotFoundError(f"no resumable checkpoint in {directory} (missing {TRAINER_FILE})")
     try:
         load_model(accelerator.unwrap_model(model), str(directory / "model.safetensors"), strict=True)
-    except (RuntimeError, OSError, SafetensorError) as exc:
+    except SafetensorError as exc:
+        raise ValueError(f"checkpoint weights {directory / 'model.safetensors'} are not a readable "
+                         f"safetensors file (truncated or corrupt): {exc}") from None
+    except (RuntimeError, OSError) as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         detail = lines[1].strip() if len(lines) > 1 else lines[0]  # torch: a header, then one line per key
         raise ValueError(f"checkpoint {directory} does not fit the configured model "
@@ -211,11 +214,11 @@ def load_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer,
         accelerator.scaler.load_state_dict(state["scaler"])
     rng_path = directory / f"rng_{accelerator.process_index}.json"
     if rng_path.exists():
-        _set_rng_state(json.loads(rng_path.read_text()))
+        _set_rng_state(read_json(rng_path))
     else:
         log.warning("no RNG state for process %d in %s; resumed run will not be bit-identical",
                     accelerator.process_index, directory)
-    return json.loads(trainer_path.read_text())
+    return read_json(trainer_path)
 
 
 # --------------------------------------------------------------------------- loop

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medexgen_lib.files import save_figure
+from medexgen_lib.files import read_json, save_figure
 from medexgen_lib.labeler import NO_FINDING, OBSERVATIONS, POSITIVE
 from medexgen_lib.train import load_history
 
@@ -77,7 +76,7 @@ def load_predictions(log_dir: str | os.PathLike, split: str = "test") -> list[di
     path = Path(log_dir) / f"predictions_{split}.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run notebook 05_evaluation first")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def visualize_model_predictions(model_dir: str | os.PathLike, split: str = "test", n: int = 6,

@@ -84,6 +84,17 @@ def test_weights_that_do_not_fit_the_config_are_refused(tokenizer, tmp_path):
         ReportGenerator.from_pretrained(tmp_path / "missing")
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_damaged_weights_file_is_named(damage, tokenizer, tmp_path):
+    ReportGenerator.build(tiny_cfg(), tokenizer, 64, 32).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x00junk" * 99}[damage])
+    with pytest.raises(ValueError, match=r"m/model\.safetensors are not a readable safetensors file"):
+        ReportGenerator.from_pretrained(tmp_path / "m")
+
+
 def test_pretrained_parts_load_from_local_files(tokenizer, tmp_path):
     torch.manual_seed(1)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2))

@@ -285,3 +285,14 @@ def test_disk_filling_during_a_checkpoint_save_stops_training_with_one_line(tiny
     assert error.startswith("error: could not write") and "checkpoints/" in error and "File too large" in error
     assert _weights_digest(last) == good
     assert sorted(p.name for p in cfg.paths.checkpoints.iterdir()) == ["best", "last"]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("damaged", ["trainer.json", "rng_0.json", "model.safetensors"])
+def test_a_damaged_checkpoint_file_is_named_on_resume(damaged, tiny_cfg):
+    cfg = tiny_cfg(train__epochs=3)
+    train(cfg, stop_after_epoch=1, progress=False)
+    path = cfg.paths.checkpoints / "last" / damaged
+    path.write_bytes(path.read_bytes()[:40])  # cut short, as a failing disk might
+    with pytest.raises(ValueError, match=rf"last/{damaged}.*(not valid JSON|truncated or corrupt)"):
+        train(cfg, resume=True, progress=False)
