@@ -140,6 +140,11 @@ class SplitConfig:
     annotation_file: str = ""
     require_findings: bool = False  # keep only studies with a FINDINGS section
 
+    def __post_init__(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"split.val_fraction ({self.val_fraction}) + split.test_fraction "
+                              f"({self.test_fraction}) must leave some training data (sum < 1)")
+
 
 @dataclass
 class ImagesConfig:
@@ -178,6 +183,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.encoder not in ("resnet18", "resnet34", "resnet50", "resnet101"):
             raise ConfigError(f"model.encoder must be a torchvision ResNet name, got {self.encoder!r}")
+        if not self.decoder_pretrained and self.n_head > 0 and self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head "
+                              f"({self.n_head})")
 
 
 @dataclass
@@ -205,8 +213,6 @@ class TrainConfig:
             raise ConfigError(f"train.scheduler must be 'cosine', 'linear' or 'plateau', got {self.scheduler!r}")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.precision!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("train.epochs, train.batch_size and train.grad_accum must be at least 1")
 
 
 @dataclass
@@ -248,6 +254,23 @@ class Config:
         return write_json(path, self.to_dict())
 
 
+# Allowed range (inclusive; None: open) of every numeric setting, checked by load_config
+# so that a bad value is named at once rather than failing deep inside a stage.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, 2**32 - 1), "data.n_phantom_studies": (1, None), "data.phantom_image_size": (32, None),
+    "data.download_retries": (0, None), "data.images_size": (0, None), "data.reports_size": (0, None),
+    "text.max_length": (8, None), "tokenizer.vocab_size": (256, None),
+    "split.val_fraction": (0, 1), "split.test_fraction": (0, 1), "images.max_pixels": (1, None),
+    "model.n_layer": (1, None), "model.n_head": (1, None), "model.n_embd": (1, None),
+    "model.dropout": (0, 1), "train.epochs": (1, None), "train.batch_size": (1, None),
+    "train.grad_accum": (1, None), "train.lr_encoder": (0, None), "train.lr_decoder": (0, None),
+    "train.lr_new": (0, None), "train.weight_decay": (0, None), "train.warmup_ratio": (0, 1),
+    "train.clip_grad_norm": (0, None), "train.patience": (1, None), "train.num_workers": (0, None),
+    "eval.num_beams": (1, None), "eval.max_new_tokens": (1, None),
+    "eval.no_repeat_ngram_size": (0, None), "eval.batch_size": (1, None),
+}
+
+
 PROFILES: dict[str, dict[str, Any]] = {
     # Phantom data, a small randomly initialised model, small images: CPU-friendly.
     "demo": {"data.source": "phantom", "data.n_phantom_studies": 500,
@@ -276,6 +299,13 @@ def load_config(profile: str = "demo", overrides: dict[str, Any] | None = None) 
         value = getattr(cfg, section.name)
         if dataclasses.is_dataclass(value) and hasattr(value, "__post_init__"):
             value.__post_init__()
+    for key, (low, high) in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if (low is not None and value < low) or (high is not None and value > high):
+            allowed = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"config key {key!r} must be {allowed}, got {value!r}")
     return cfg
 
 

@@ -34,6 +34,25 @@ def test_invalid_source_and_profile():
         load_config("tiny")
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize("key, value, message", [
+    ("train.epochs", 0, "at least 1"), ("train.lr_decoder", -1e-4, "at least 0"),
+    ("eval.num_beams", 0, "at least 1"), ("model.dropout", 1.5, "between 0 and 1"),
+    ("seed", -1, "between 0"), ("data.n_phantom_studies", "-3", "at least 1"),
+])
+def test_out_of_range_value_is_named(key, value, message):
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}.*{message}"):
+        load_config("demo", {key: value})
+
+
+@pytest.mark.reliability
+def test_inconsistent_values_are_named():
+    with pytest.raises(ConfigError, match="split.val_fraction .* must leave some training data"):
+        load_config("demo", {"split.val_fraction": 0.5, "split.test_fraction": 0.5})
+    with pytest.raises(ConfigError, match=r"model.n_embd \(30\) must be a multiple of model.n_head \(4\)"):
+        load_config("demo", {"model.n_embd": 30})
+
+
 def test_config_saved_as_json(tmp_path):
     import json
     path = load_config("demo").save(tmp_path / "config.json")
