@@ -13,7 +13,7 @@ import logging
 import sys
 
 from medexgen_lib.config import ConfigError
-from medexgen_lib.pipeline import StageFailed, format_summary, run_pipeline
+from medexgen_lib.pipeline import StageFailed, StageInterrupted, format_summary, run_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
         else:
             _score(args)
+    except StageInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     except (StageFailed, ConfigError, ValueError, OSError, RuntimeError) as exc:
         # Our errors carry one sentence naming the file or value; print that, not a traceback.
         print(f"error: {exc}", file=sys.stderr)

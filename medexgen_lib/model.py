@@ -226,6 +226,9 @@ class ReportGenerator(nn.Module):
         """Load a model saved with ``save_pretrained`` (weights from safetensors, never pickle)."""
         directory = Path(directory)
         recover_dir(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no saved model in {directory}; notebook 04_training writes "
+                                    "models/final (or pass the folder of another model)")
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.exists():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +31,10 @@ STAGE_OUTPUTS = {
 
 class StageFailed(RuntimeError):
     """A notebook stage raised; the message names the notebook, cell and error."""
+
+
+class StageInterrupted(StageFailed):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a stage; the message says how to resume."""
 
 
 @dataclass
@@ -81,23 +87,95 @@ def run_pipeline(profile: str = "demo", overrides: dict[str, Any] | None = None,
         log.info("stage %s: %s", stage, notebook.name)
         began = time.perf_counter()
         try:
-            papermill.execute_notebook(
-                str(notebook), str(executed), parameters={"profile": profile, "overrides": overrides},
+            _execute_interruptibly(
+                input_path=str(notebook), output_path=str(executed),
+                parameters={"profile": profile, "overrides": overrides},
                 cwd=str(notebook.parent), kernel_name="python3", progress_bar=False)
-        except papermill.PapermillExecutionError as exc:
-            message = (f"stage {stage} ({notebook.name}) failed in cell {exc.cell_index} "
-                       f"(execution count {exc.exec_count}): {exc.ename}: {exc.evalue}. "
-                       f"Executed copy: {executed}. Fix it and rerun with --from {stage}")
-            results.append(StageResult(stage, notebook.name, "failed",
+        except (papermill.PapermillExecutionError, _UserInterrupt) as exc:
+            cell = getattr(exc, "cell_index", "?")
+            if isinstance(exc, _UserInterrupt):
+                status, message = "interrupted", (
+                    f"stage {stage} ({notebook.name}) interrupted in cell {cell}; earlier stages' "
+                    f"outputs are kept. Executed copy: {executed}. Rerun with --from {stage}")
+            else:
+                status, message = "failed", (
+                    f"stage {stage} ({notebook.name}) failed in cell {cell} "
+                    f"(execution count {exc.exec_count}): {exc.ename}: {exc.evalue}. "
+                    f"Executed copy: {executed}. Fix it and rerun with --from {stage}")
+            results.append(StageResult(stage, notebook.name, status,
                                        time.perf_counter() - began, str(executed), error=message))
             _write_summary(summary_path, profile, results)
-            raise StageFailed(message) from None
+            raise (StageInterrupted if status == "interrupted" else StageFailed)(message) from None
         outputs = [str(_output_path(cfg, o)) for o in STAGE_OUTPUTS.get(stage, [])
                    if _output_path(cfg, o).exists()]
         results.append(StageResult(stage, notebook.name, "ok", time.perf_counter() - began,
                                    str(executed), outputs))
         _write_summary(summary_path, profile, results)
     return results
+
+
+def _execute_interruptibly(**papermill_args) -> None:
+    """``papermill.execute_notebook`` in a worker thread, so that Ctrl-C or SIGTERM reach
+    this (main) thread, which then interrupts the running cell as JupyterLab's stop button
+    does (a second signal kills the kernel). Run in the main thread, nbclient swallows
+    SIGINT and the stage carries on; its kernel also lives in its own session, so the
+    terminal's Ctrl-C never reaches it directly.
+    """
+    import papermill
+    from jupyter_client import AsyncKernelManager
+
+    kernels: list[AsyncKernelManager] = []
+
+    class TrackedKernelManager(AsyncKernelManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            kernels.append(self)
+
+    outcome: list[BaseException] = []
+    done = threading.Event()  # not Thread.join: an interrupted join can misreport is_alive
+
+    def work() -> None:
+        try:
+            papermill.execute_notebook(**papermill_args, kernel_manager_class=TrackedKernelManager)
+        except BaseException as exc:  # handed to the main thread
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    worker = threading.Thread(target=work, name="papermill", daemon=True)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
+    signals = 0
+    try:
+        worker.start()
+        while not done.is_set():
+            try:
+                done.wait(0.2)
+            except KeyboardInterrupt:
+                signals += 1
+                for manager in kernels:
+                    process = getattr(manager.provisioner, "process", None)
+                    if process is not None and process.poll() is None:
+                        process.send_signal(signal.SIGINT if signals == 1 else signal.SIGKILL)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if signals:
+        cause = outcome[0] if outcome else None
+        raise _UserInterrupt(getattr(cause, "cell_index", "?") if cause else "(none: it had finished)")
+    if outcome:
+        raise outcome[0]
+
+
+class _UserInterrupt(Exception):
+    """The runner received Ctrl-C or SIGTERM while a stage ran."""
+
+    def __init__(self, cell_index):
+        super().__init__(f"interrupted in cell {cell_index}")
+        self.cell_index = cell_index
 
 
 def format_summary(results: list[StageResult]) -> str:

@@ -80,8 +80,11 @@ def test_weights_that_do_not_fit_the_config_are_refused(tokenizer, tmp_path):
     shutil.copy(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
     with pytest.raises(ValueError, match="do not fit"):
         ReportGenerator.from_pretrained(tmp_path / "b")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="missing; notebook 04_training writes"):
         ReportGenerator.from_pretrained(tmp_path / "missing")
+    (tmp_path / "b" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        ReportGenerator.from_pretrained(tmp_path / "b")
 
 
 @pytest.mark.reliability

@@ -2,6 +2,10 @@
 test), --from, and a failing stage's message."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import nbformat
 import pytest
@@ -50,18 +54,24 @@ def test_from_reruns_only_the_later_stages(demo_run, capsys):
     assert studies.stat().st_mtime_ns == before
 
 
-@pytest.mark.reliability
-def test_a_failing_stage_is_reported_briefly_and_earlier_outputs_stay(tmp_path):
-    notebooks = tmp_path / "notebooks"
-    notebooks.mkdir()
-    for name, source in (("01_fine.ipynb", "open('made_by_01.txt', 'w').write('ok')"),
-                         ("02_broken.ipynb", "x = 1\nraise ValueError('the input table is empty')")):
+def _write_stages(folder, stages: dict[str, str]):
+    """Numbered notebooks, each a parameters cell and one code cell."""
+    folder.mkdir()
+    for name, source in stages.items():
         nb = nbformat.v4.new_notebook()
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         params = nbformat.v4.new_code_cell("profile = 'demo'\noverrides = {}")
         params.metadata["tags"] = ["parameters"]
         nb.cells = [params, nbformat.v4.new_code_cell(source)]
-        nbformat.write(nb, notebooks / name)
+        nbformat.write(nb, folder / name)
+    return folder
+
+
+@pytest.mark.reliability
+def test_a_failing_stage_is_reported_briefly_and_earlier_outputs_stay(tmp_path):
+    notebooks = _write_stages(tmp_path / "notebooks", {
+        "01_fine.ipynb": "open('made_by_01.txt', 'w').write('ok')",
+        "02_broken.ipynb": "x = 1\nraise ValueError('the input table is empty')"})
     overrides = {"paths.data_dir": str(tmp_path / "data"), "paths.output_dir": str(tmp_path / "out")}
     with pytest.raises(StageFailed) as info:
         run_pipeline("demo", overrides, notebooks_dir=notebooks)
@@ -79,3 +89,36 @@ def test_stage_without_its_input_names_the_notebook_that_makes_it(tmp_path):
     with pytest.raises(StageFailed) as info:
         run_pipeline("demo", overrides, start="02", stop="02")
     assert "02_eda.ipynb" in str(info.value) and "run notebook 01_acquisition first" in str(info.value)
+
+
+RUNNER = """
+import sys
+from pathlib import Path
+import medexgen_lib.__main__ as cli
+run_pipeline = cli.run_pipeline
+cli.run_pipeline = lambda *args, **kwargs: run_pipeline(*args, notebooks_dir=Path(sys.argv[1]), **kwargs)
+sys.exit(cli.main(["run", "-p", "paths.data_dir", sys.argv[2], "-p", "paths.output_dir", sys.argv[3]]))
+"""
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_interrupts_the_running_stage(signum, tmp_path):
+    notebooks = _write_stages(tmp_path / "notebooks", {
+        "01_fine.ipynb": "open('made_by_01.txt', 'w').write('ok')",
+        "02_long.ipynb": "import time\nopen('started_02.txt', 'w').write('')\ntime.sleep(300)",
+        "03_never.ipynb": "open('made_by_03.txt', 'w').write('ok')"})
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(notebooks), str(tmp_path / "data"),
+                               str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (notebooks / "started_02.txt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    runner.send_signal(signum)
+    _, stderr = runner.communicate(timeout=60)
+    assert runner.returncode == 130
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith("interrupted: stage 02 (02_long.ipynb) interrupted in cell 2")
+    assert "--from 02" in message
+    assert (notebooks / "made_by_01.txt").read_text() == "ok" and not (notebooks / "made_by_03.txt").exists()
+    summary = json.loads((tmp_path / "out" / "logs" / "run_summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["ok", "interrupted"]
