@@ -29,8 +29,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
+MIN_SIDE, MAX_ASPECT = 32, 4.0  # anything smaller or more elongated is not a radiograph
+
+
 class ImageError(ValueError):
     """An image that cannot be used; the message names the file."""
+
+
+def check_radiograph_shape(path, width: int, height: int) -> None:
+    """Refuse images too small or too elongated to be a chest radiograph, naming the file."""
+    if min(width, height) < MIN_SIDE or max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageError(f"image {path} is {width}x{height} pixels: not radiograph-shaped "
+                         f"(each side at least {MIN_SIDE} px, sides within {MAX_ASPECT:g}:1)")
 
 
 def load_image(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:
@@ -45,6 +55,7 @@ def load_image(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
             if width * height > max_pixels:
                 raise ImageError(f"image {path} is {width}x{height} pixels, over images.max_pixels "
                                  f"({max_pixels}); refused as a possible decompression bomb")
+            check_radiograph_shape(path, width, height)
             if im.format == "JPEG":
                 im.draft("L", (size, size))  # let libjpeg decode at reduced scale
             gray = _to_gray(im)

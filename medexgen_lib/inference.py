@@ -11,7 +11,8 @@ from PIL import Image
 
 from medexgen_lib.config import EvalConfig
 from medexgen_lib.evaluate import decode_settings
-from medexgen_lib.images import ImageError, load_image, normalize, stretch_to_uint8
+from medexgen_lib.images import (ImageError, check_radiograph_shape, load_image, normalize,
+                                 stretch_to_uint8)
 from medexgen_lib.labeler import label_report
 from medexgen_lib.model import ReportGenerator
 
@@ -45,6 +46,7 @@ def read_dicom(path: str | os.PathLike, size: int) -> np.ndarray:
         pixels = pixels[..., :3].mean(axis=-1)
     if pixels.ndim != 2:
         raise ImageError(f"DICOM {path} has pixels of shape {pixels.shape}; expected one 2-D image")
+    check_radiograph_shape(path, pixels.shape[1], pixels.shape[0])
     values = apply_voi_lut(pixels, ds).astype(np.float32)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         values = values.max() - values  # MONOCHROME1: bright means low values

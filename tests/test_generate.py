@@ -78,6 +78,8 @@ def test_dicom_monochrome1_is_inverted_and_windowing_applied(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("text", "cannot read image"), ("missing", "does not exist"),
     ("dicom_without_pixels", "no pixel data"), ("empty", "cannot read image"),
+    ("icon", "1x1 pixels: not radiograph-shaped"), ("strip", "40x400 pixels: not radiograph-shaped"),
+    ("dicom_strip", "40x400 pixels: not radiograph-shaped"),
 ])
 @pytest.mark.reliability
 def test_bad_inputs_get_one_clear_error(case, message, tmp_path, model_dir, capsys):
@@ -88,6 +90,12 @@ def test_bad_inputs_get_one_clear_error(case, message, tmp_path, model_dir, caps
         path = write_dicom(tmp_path / "x.dcm", None, with_pixels=False)
     elif case == "empty":
         path.write_bytes(b"")
+    elif case == "icon":
+        Image.new("L", (1, 1)).save(path)
+    elif case == "strip":
+        Image.fromarray(_chest(400, 40)).save(path)
+    elif case == "dicom_strip":
+        path = write_dicom(tmp_path / "x.dcm", _chest(400, 40).astype(np.uint16) * 16)
     with pytest.raises(ImageError, match=message):
         read_radiograph(path, 64)
     assert main(["generate", "--model", str(model_dir), str(path)]) == 1
