@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """A temporary path next to ``path``: renamed onto it when the block succeeds, removed
+    when it fails (a full disk, an interruption), so ``path`` is never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                     encoding="utf-8") as tmp:
-        try:
-            tmp.write(text)
-            tmp.flush()
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)  # a failed write (disk full) leaves no temporary file behind
-            raise
-    os.replace(tmp.name, path)
-    return path
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, payload) -> Path:
@@ -41,10 +48,9 @@ def read_json(path: str | os.PathLike):
 
 def save_figure(fig, path: str | os.PathLike, close: bool = True) -> Path:
     """Save a matplotlib figure as PNG (creating the folder) and, by default, close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     if close:
         import matplotlib.pyplot as plt
         plt.close(fig)
-    return path
+    return Path(path)

@@ -106,6 +106,23 @@ def train_augmentation() -> v2.Transform:
     ])
 
 
+def _reserved_memmap(path: Path, shape: tuple[int, ...], cache: Path) -> np.memmap:
+    """A writable uint8 memmap whose disk blocks are reserved up front: on a full disk
+    this raises ``OSError`` naming the cache, where writing into a sparse memmap would
+    kill the process with SIGBUS half way through."""
+    nbytes = int(np.prod(shape))
+    try:
+        with open(path, "wb") as handle:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, nbytes)
+            else:
+                handle.truncate(nbytes)
+    except OSError as exc:
+        raise OSError(f"cannot reserve {nbytes / 1e6:.1f} MB for the image cache {cache}: "
+                      f"{exc.strerror or exc}") from None
+    return np.memmap(path, dtype=np.uint8, mode="r+", shape=shape)
+
+
 class ImageCache:
     """Resized uint8 pixels of many images in one memmap, addressed by image id."""
 
@@ -137,7 +154,8 @@ class ImageCache:
         """A digest of the settings and the files (id, path, byte size) the cache holds."""
         digest = hashlib.sha256(json.dumps({"size": size, "version": 1}).encode())
         for image_id, path in sorted(images):
-            digest.update(f"{image_id}\0{path}\0{os.path.getsize(path)}\n".encode())
+            size_on_disk = os.path.getsize(path) if os.path.exists(path) else -1  # gone: named when read
+            digest.update(f"{image_id}\0{path}\0{size_on_disk}\n".encode())
         return digest.hexdigest()[:16]
 
     @classmethod
@@ -157,10 +175,9 @@ class ImageCache:
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(parents=True)
         ordered = sorted(images)
-        pixels = np.memmap(building / cls.PIXELS, dtype=np.uint8, mode="w+",
-                           shape=(max(1, len(ordered)), size, size))
         kept, bad = [], {}
         try:
+            pixels = _reserved_memmap(building / cls.PIXELS, (max(1, len(ordered)), size, size), folder)
             for image_id, path in tqdm(ordered, desc=f"caching images at {size}px", unit="img"):
                 try:
                     pixels[len(kept)] = load_image(path, size, max_pixels)

@@ -15,6 +15,8 @@ import pandas as pd
 from defusedxml import ElementTree as SafeET
 from defusedxml.common import DefusedXmlException
 
+from medexgen_lib.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 SECTIONS = ("findings", "impression", "indication", "comparison")
@@ -97,12 +99,9 @@ def parse_report(path: str | os.PathLike) -> dict:
 
 def write_studies_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Save the table as parquet, atomically (a temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
+    return Path(path)
 
 
 def load_studies_table(path: str | os.PathLike) -> pd.DataFrame:

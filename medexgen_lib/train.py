@@ -420,9 +420,8 @@ def _truncate_history(path: Path, last_epoch: int) -> None:
     """Drop history lines after the checkpoint's epoch (a kill may have left some)."""
     if not path.exists():
         return
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    kept = [l for l in lines if json.loads(l)["epoch"] <= last_epoch]
-    write_text_atomic(path, "".join(l + "\n" for l in kept))
+    kept = [record for record in _history_records(path) if record["epoch"] <= last_epoch]
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def device_report(cfg: Config) -> dict:
@@ -442,7 +441,20 @@ def load_history(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run notebook 04_training first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _history_records(path)
+
+
+def _history_records(path: Path) -> list[dict]:
+    """Parsed history lines; a line torn by a kill or a full disk is skipped with a warning."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s line %d is damaged (a run stopped while writing it); skipped", path, number)
+    return records
 
 
 def plot_training_curves(history: list[dict], path: Path) -> Path:

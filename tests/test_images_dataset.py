@@ -156,3 +156,42 @@ def test_augmentation_changes_pixels_but_never_flips(image_files, tmp_path):
     same = (augmented - plain).abs().mean()
     flipped = (augmented - plain.flip(-1)).abs().mean()
     assert same < flipped
+
+
+FULL_DISK_CACHE = """
+import resource, signal, sys
+from pathlib import Path
+from medexgen_lib.images import ImageCache
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+images = [(f"IM{k}", path) for k, path in enumerate(sys.argv[2:])]
+try:
+    ImageCache.build(images, 128, sys.argv[1])
+except OSError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.reliability
+def test_a_full_disk_while_caching_images_is_named_and_leaves_nothing(image_files, tmp_path):
+    import subprocess
+    import sys
+    cache = tmp_path / "cache"
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_CACHE, str(cache), *[p for _, p in image_files]],
+                         capture_output=True, text=True)
+    assert run.returncode == 3, run.stderr  # 5 images at 128 px need 82 kB
+    assert "cannot reserve 0.1 MB for the image cache" in run.stderr and str(cache) in run.stderr
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_an_image_deleted_after_the_table_was_built(policy, image_files, tmp_path):
+    (tmp_path / "img3.png").unlink()
+    if policy == "stop":
+        with pytest.raises(ImageError, match="img3.png"):
+            ImageCache.build(image_files, 32, tmp_path / "cache")
+    else:
+        cache = ImageCache.build(image_files, 32, tmp_path / "cache", bad_image="skip")
+        assert len(cache) == 4 and "IM3" in cache.bad and "No such file" in cache.bad["IM3"]

@@ -296,3 +296,16 @@ def test_a_damaged_checkpoint_file_is_named_on_resume(damaged, tiny_cfg):
     path.write_bytes(path.read_bytes()[:40])  # cut short, as a failing disk might
     with pytest.raises(ValueError, match=rf"last/{damaged}.*(not valid JSON|truncated or corrupt)"):
         train(cfg, resume=True, progress=False)
+
+
+@pytest.mark.reliability
+def test_a_history_line_torn_by_a_kill_is_skipped_on_resume(tiny_cfg, caplog):
+    cfg = tiny_cfg()
+    train(cfg, stop_after_epoch=1, progress=False)
+    history = cfg.paths.logs / "history.jsonl"
+    with history.open("a") as handle:
+        handle.write('{"epoch": 2, "step": 6, "train_lo')  # the process died mid-line
+    with caplog.at_level(logging.WARNING):
+        train(cfg, resume=True, progress=False)
+    assert "history.jsonl line 2 is damaged" in caplog.text
+    assert [json.loads(l)["epoch"] for l in history.read_text().splitlines()] == [1, 2]
