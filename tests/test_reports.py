@@ -98,16 +98,20 @@ def test_malformed_and_entity_files_are_named_counted_and_skipped(iuxray_sample,
 
 
 @pytest.mark.reliability
-def test_empty_sections_are_kept_and_flagged(tmp_path):
+def test_missing_or_empty_sections_are_kept_and_flagged(tmp_path):
     (tmp_path / "7.xml").write_text(
         '<eCitation><uId id="CXR7"/><Abstract><AbstractText Label="FINDINGS"/>'
         '<AbstractText Label="IMPRESSION">  No acute\n disease. </AbstractText></Abstract>'
         '<parentImage id="CXR7_IM-1-1001"/></eCitation>')
+    (tmp_path / "8.xml").write_text('<eCitation><uId id="CXR8"/><Abstract>'
+                                     '<AbstractText Label="FINDINGS">Clear lungs.</AbstractText>'
+                                     '</Abstract></eCitation>')  # no IMPRESSION, no image at all
     (tmp_path / "images").mkdir()
-    row = read_reports(tmp_path, tmp_path / "images").iloc[0]
+    row, without = read_reports(tmp_path, tmp_path / "images").itertuples(index=False)
     assert row.findings == "" and row.no_findings
     assert row.impression == "No acute disease."
     assert row.image_missing and not row.no_image
+    assert without.impression == "" and without.no_impression and without.no_image
 
 
 @pytest.mark.reliability
