@@ -44,6 +44,13 @@ def tiny_cfg(prepared_data, tmp_path):
     return make
 
 
+def _stopped_after_epoch_1(tiny_cfg):
+    """A 3-epoch run interrupted after epoch 1: checkpoints/last holds epoch 1."""
+    cfg = tiny_cfg(train__epochs=3)
+    train(cfg, stop_after_epoch=1, progress=False)
+    return cfg
+
+
 def _weights_digest(directory):
     return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
 
@@ -122,8 +129,7 @@ def test_interrupted_then_resumed_run_ends_bit_identical(tiny_cfg, tmp_path):
 
 @pytest.mark.reliability
 def test_resume_with_changed_validation_warns_and_flags(tiny_cfg, caplog):
-    cfg = tiny_cfg(train__epochs=3)
-    train(cfg, stop_after_epoch=1, progress=False)
+    cfg = _stopped_after_epoch_1(tiny_cfg)
     changed = tiny_cfg(train__epochs=3, eval__max_new_tokens=5)
     with caplog.at_level(logging.WARNING):
         train(changed, resume=True, progress=False)
@@ -136,8 +142,7 @@ def test_resume_with_changed_validation_warns_and_flags(tiny_cfg, caplog):
 
 @pytest.mark.reliability
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cfg, monkeypatch):
-    cfg = tiny_cfg(train__epochs=3)
-    train(cfg, stop_after_epoch=1, progress=False)
+    cfg = _stopped_after_epoch_1(tiny_cfg)
     good = _weights_digest(cfg.paths.checkpoints / "last")
     original = ReportGenerator.forward
 
@@ -155,8 +160,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cfg, mon
 
 @pytest.mark.reliability
 def test_a_crash_during_checkpoint_save_leaves_the_previous_one_loadable(tiny_cfg, monkeypatch):
-    cfg = tiny_cfg(train__epochs=3)
-    train(cfg, stop_after_epoch=1, progress=False)
+    cfg = _stopped_after_epoch_1(tiny_cfg)
     good = _weights_digest(cfg.paths.checkpoints / "last")
 
     def crash(self, directory):
@@ -232,8 +236,7 @@ def test_disk_filling_during_export_keeps_the_previous_final_model(tiny_settings
 
 @pytest.mark.reliability
 def test_a_checkpoint_that_would_run_code_is_refused(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(train__epochs=3)
-    train(cfg, stop_after_epoch=1, progress=False)
+    cfg = _stopped_after_epoch_1(tiny_cfg)
     state_file = cfg.paths.checkpoints / "last" / "training_state.pt"
     marker = tmp_path / "code-ran"
     torch.save({"optimizer": _RunsCode(str(marker))}, state_file)
@@ -254,8 +257,7 @@ class _RunsCode:
 
 @pytest.mark.reliability
 def test_a_checkpoint_that_does_not_fit_the_config_is_named(tiny_cfg):
-    cfg = tiny_cfg(train__epochs=3)
-    train(cfg, stop_after_epoch=1, progress=False)
+    cfg = _stopped_after_epoch_1(tiny_cfg)
     wider = tiny_cfg(train__epochs=3, model__n_embd=48)
     with pytest.raises(ValueError, match=r"checkpoints/last.*does not fit"):
         train(wider, resume=True, progress=False)
@@ -271,8 +273,7 @@ def _limit_file_size(limit: int):
 
 @pytest.mark.reliability
 def test_disk_filling_during_a_checkpoint_save_stops_training_with_one_line(tiny_cfg, tiny_settings, tmp_path):
-    cfg = tiny_cfg(train__epochs=3)
-    train(cfg, stop_after_epoch=1, progress=False)
+    cfg = _stopped_after_epoch_1(tiny_cfg)
     last = cfg.paths.checkpoints / "last"
     good = _weights_digest(last)
     overrides = [arg for key, value in {**tiny_settings("out"), "train.epochs": 3}.items()
@@ -290,8 +291,7 @@ def test_disk_filling_during_a_checkpoint_save_stops_training_with_one_line(tiny
 @pytest.mark.reliability
 @pytest.mark.parametrize("damaged", ["trainer.json", "rng_0.json", "model.safetensors"])
 def test_a_damaged_checkpoint_file_is_named_on_resume(damaged, tiny_cfg):
-    cfg = tiny_cfg(train__epochs=3)
-    train(cfg, stop_after_epoch=1, progress=False)
+    cfg = _stopped_after_epoch_1(tiny_cfg)
     path = cfg.paths.checkpoints / "last" / damaged
     path.write_bytes(path.read_bytes()[:40])  # cut short, as a failing disk might
     with pytest.raises(ValueError, match=rf"last/{damaged}.*(not valid JSON|truncated or corrupt)"):
