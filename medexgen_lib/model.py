@@ -244,8 +244,8 @@ class ReportGenerator(nn.Module):
             raise ValueError(f"weights {weights_path} are not a readable safetensors file "
                              f"(truncated or corrupt): {exc}") from None
         except (RuntimeError, OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:300]
-            raise ValueError(f"weights {weights_path} do not fit {config_path}: {first}") from None
+            raise ValueError(f"weights {weights_path} do not fit {config_path}: "
+                             f"{first_load_error(exc)}") from None
         if (directory / "tokenizer.json").exists():
             from medexgen_lib.tokenizer import load_tokenizer
             model.tokenizer = load_tokenizer(directory)
@@ -307,6 +307,12 @@ def _load_pretrained_resnet(trunk: nn.Sequential, name: str, weights_file: str) 
                                     f"mismatched keys {wrong[:5]}")
     trunk.load_state_dict(nn.Sequential(*list(resnet.children())[:-2]).state_dict())
     return source
+
+
+def first_load_error(exc: Exception) -> str:
+    """The informative line of a state-dict loading error (torch puts a header line first)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines()] or [type(exc).__name__]
+    return (lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0])[:300]
 
 
 @contextlib.contextmanager

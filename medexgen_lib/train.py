@@ -34,7 +34,8 @@ from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
 from medexgen_lib.files import read_json, save_figure, write_text_atomic
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
-from medexgen_lib.model import ReportGenerator, recover_dir, replace_dir, write_errors_named
+from medexgen_lib.model import (ReportGenerator, first_load_error, recover_dir, replace_dir,
+                                write_errors_named)
 from medexgen_lib.preprocess import load_split
 from medexgen_lib.tokenizer import load_tokenizer
 
@@ -199,10 +200,8 @@ def load_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer,
         raise ValueError(f"checkpoint weights {directory / 'model.safetensors'} are not a readable "
                          f"safetensors file (truncated or corrupt): {exc}") from None
     except (RuntimeError, OSError) as exc:
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        detail = lines[1].strip() if len(lines) > 1 else lines[0]  # torch: a header, then one line per key
         raise ValueError(f"checkpoint {directory} does not fit the configured model "
-                         f"(was model.* changed since it was written?): {detail[:300]}") from None
+                         f"(was model.* changed since it was written?): {first_load_error(exc)}") from None
     try:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickled code, corrupt file
