@@ -318,12 +318,12 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
+        if accelerator.is_main_process:  # before the checkpoint: a resume drops lines past it
+            with history_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
         if improved:
             save_checkpoint(best_dir, accelerator, model, optimizer, scheduler, state)
         save_checkpoint(last_dir, accelerator, model, optimizer, scheduler, state)
-        if accelerator.is_main_process:
-            with history_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
         log.info("epoch %d: train loss %.4f, val loss %.4f, %s %.4f%s", epoch, train_loss, val_loss,
                  tcfg.selection_metric, value, " (best)" if improved else "")
         if state["bad_epochs"] >= tcfg.patience:
