@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -17,6 +18,7 @@ from medexgen_lib.paths import NOTEBOOKS_DIR
 
 log = logging.getLogger(__name__)
 
+KILL_AFTER_S = 15  # after a Ctrl-C, a cell that has not stopped by then has its kernel killed
 STAGE_NAME = re.compile(r"^(\d\d)_\w+\.ipynb$")
 # Main outputs per stage, relative to paths.data_dir (d) or paths.output_dir (o), for the summary.
 STAGE_OUTPUTS = {
@@ -64,10 +66,9 @@ def run_pipeline(profile: str = "demo", overrides: dict[str, Any] | None = None,
     """Execute stages ``start``..``stop`` (inclusive) and write a JSON summary.
 
     Each executed copy is saved to ``logs/notebooks/``. The first failing stage
-    stops the run with ``StageFailed``; earlier stages' outputs stay as they are.
+    stops the run with ``StageFailed``; Ctrl-C or SIGTERM interrupt the running stage
+    (``StageInterrupted``). Earlier stages' outputs stay as they are.
     """
-    import papermill  # imported here: it is slow to import and only the runner needs it
-
     overrides = dict(overrides or {})
     cfg = load_config(profile, overrides)  # fail on bad keys before any stage runs
     stages = list_stages(notebooks_dir)
@@ -81,45 +82,70 @@ def run_pipeline(profile: str = "demo", overrides: dict[str, Any] | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[StageResult] = []
     summary_path = cfg.paths.logs / "run_summary.json"
-    for stage in selected:
-        notebook = stages[stage]
-        executed = out_dir / notebook.name
-        log.info("stage %s: %s", stage, notebook.name)
-        began = time.perf_counter()
-        try:
-            _execute_interruptibly(
-                input_path=str(notebook), output_path=str(executed),
-                parameters={"profile": profile, "overrides": overrides},
-                cwd=str(notebook.parent), kernel_name="python3", progress_bar=False)
-        except (papermill.PapermillExecutionError, _UserInterrupt) as exc:
-            cell = getattr(exc, "cell_index", "?")
-            if isinstance(exc, _UserInterrupt):
-                status, message = "interrupted", (
-                    f"stage {stage} ({notebook.name}) interrupted in cell {cell}; earlier stages' "
-                    f"outputs are kept. Executed copy: {executed}. Rerun with --from {stage}")
-            else:
-                status, message = "failed", (
-                    f"stage {stage} ({notebook.name}) failed in cell {cell} "
-                    f"(execution count {exc.exec_count}): {exc.ename}: {exc.evalue}. "
-                    f"Executed copy: {executed}. Fix it and rerun with --from {stage}")
-            results.append(StageResult(stage, notebook.name, status,
-                                       time.perf_counter() - began, str(executed), error=message))
+    with _recording_signals() as received:
+        for stage in selected:
+            if received:  # a signal came as the previous stage finished
+                raise StageInterrupted(f"interrupted before stage {stage}; earlier stages' outputs "
+                                       f"are kept. Rerun with --from {stage}")
+            results.append(_run_stage(stage, stages[stage], profile, overrides, cfg, out_dir, received))
             _write_summary(summary_path, profile, results)
-            raise (StageInterrupted if status == "interrupted" else StageFailed)(message) from None
-        outputs = [str(_output_path(cfg, o)) for o in STAGE_OUTPUTS.get(stage, [])
-                   if _output_path(cfg, o).exists()]
-        results.append(StageResult(stage, notebook.name, "ok", time.perf_counter() - began,
-                                   str(executed), outputs))
-        _write_summary(summary_path, profile, results)
+            if results[-1].status != "ok":
+                exc_type = StageInterrupted if results[-1].status == "interrupted" else StageFailed
+                raise exc_type(results[-1].error)
     return results
 
 
-def _execute_interruptibly(**papermill_args) -> None:
-    """``papermill.execute_notebook`` in a worker thread, so that Ctrl-C or SIGTERM reach
-    this (main) thread, which then interrupts the running cell as JupyterLab's stop button
-    does (a second signal kills the kernel). Run in the main thread, nbclient swallows
-    SIGINT and the stage carries on; its kernel also lives in its own session, so the
-    terminal's Ctrl-C never reaches it directly.
+def _run_stage(stage: str, notebook: Path, profile: str, overrides: dict, cfg, out_dir: Path,
+               received: list[int]) -> StageResult:
+    """Execute one notebook; its result says ok, failed or interrupted (with a short message)."""
+    import papermill  # imported here: it is slow to import and only the runner needs it
+
+    executed = out_dir / notebook.name
+    log.info("stage %s: %s", stage, notebook.name)
+    began = time.perf_counter()
+    try:
+        _execute_interruptibly(received, input_path=str(notebook), output_path=str(executed),
+                               parameters={"profile": profile, "overrides": overrides},
+                               cwd=str(notebook.parent), kernel_name="python3", progress_bar=False)
+    except _UserInterrupt as exc:
+        return StageResult(stage, notebook.name, "interrupted", time.perf_counter() - began,
+                           str(executed), error=(
+                               f"stage {stage} ({notebook.name}) interrupted {exc.where}; "
+                               f"earlier stages' outputs are kept. Executed copy: {executed}. "
+                               f"Rerun with --from {stage}"))
+    except papermill.PapermillExecutionError as exc:
+        return StageResult(stage, notebook.name, "failed", time.perf_counter() - began,
+                           str(executed), error=(
+                               f"stage {stage} ({notebook.name}) failed in cell {exc.cell_index} "
+                               f"(execution count {exc.exec_count}): {exc.ename}: {exc.evalue}. "
+                               f"Executed copy: {executed}. Fix it and rerun with --from {stage}"))
+    outputs = [str(_output_path(cfg, o)) for o in STAGE_OUTPUTS.get(stage, [])
+               if _output_path(cfg, o).exists()]
+    return StageResult(stage, notebook.name, "ok", time.perf_counter() - began, str(executed), outputs)
+
+
+@contextlib.contextmanager
+def _recording_signals():
+    """While the stages run, SIGINT and SIGTERM are recorded in the yielded list instead
+    of raising at whatever line happens to run (only possible in the main thread)."""
+    received: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                    for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _execute_interruptibly(received: list[int], **papermill_args) -> None:
+    """``papermill.execute_notebook`` in a worker thread, while this (main) thread watches
+    ``received`` (see ``_recording_signals``): the first signal interrupts the running cell
+    as JupyterLab's stop button does; a second one, or a cell still running ``KILL_AFTER_S``
+    later, kills the kernel. Run in the main thread, nbclient swallows SIGINT and the stage
+    carries on; its kernel lives in its own session, so a terminal's Ctrl-C never reaches it.
     """
     import papermill
     from jupyter_client import AsyncKernelManager
@@ -132,7 +158,7 @@ def _execute_interruptibly(**papermill_args) -> None:
             kernels.append(self)
 
     outcome: list[BaseException] = []
-    done = threading.Event()  # not Thread.join: an interrupted join can misreport is_alive
+    done = threading.Event()
 
     def work() -> None:
         try:
@@ -142,40 +168,36 @@ def _execute_interruptibly(**papermill_args) -> None:
         finally:
             done.set()
 
-    def terminate(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    worker = threading.Thread(target=work, name="papermill", daemon=True)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
-    signals = 0
-    try:
-        worker.start()
-        while not done.is_set():
-            try:
-                done.wait(0.2)
-            except KeyboardInterrupt:
-                signals += 1
-                for manager in kernels:
-                    process = getattr(manager.provisioner, "process", None)
-                    if process is not None and process.poll() is None:
-                        process.send_signal(signal.SIGINT if signals == 1 else signal.SIGKILL)
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    if signals:
-        cause = outcome[0] if outcome else None
-        raise _UserInterrupt(getattr(cause, "cell_index", "?") if cause else "(none: it had finished)")
+    threading.Thread(target=work, name="papermill", daemon=True).start()
+    before = handled = len(received)
+    first_signal_at = None
+    while not done.wait(0.2):
+        if len(received) > handled:
+            handled = len(received)
+            first_signal_at = first_signal_at or time.monotonic()
+            _signal_kernels(kernels, signal.SIGINT if handled == before + 1 else signal.SIGKILL)
+        elif first_signal_at and time.monotonic() - first_signal_at > KILL_AFTER_S:
+            _signal_kernels(kernels, signal.SIGKILL)
+    if outcome and len(received) > before:
+        cell = getattr(outcome[0], "cell_index", None)
+        raise _UserInterrupt(f"in cell {cell}" if cell is not None else "(its kernel was killed)")
     if outcome:
         raise outcome[0]
+
+
+def _signal_kernels(kernels, signum: int) -> None:
+    for manager in kernels:
+        process = getattr(manager.provisioner, "process", None)
+        if process is not None and process.poll() is None:
+            process.send_signal(signum)
 
 
 class _UserInterrupt(Exception):
     """The runner received Ctrl-C or SIGTERM while a stage ran."""
 
-    def __init__(self, cell_index):
-        super().__init__(f"interrupted in cell {cell_index}")
-        self.cell_index = cell_index
+    def __init__(self, where: str):
+        super().__init__(f"interrupted {where}")
+        self.where = where
 
 
 def format_summary(results: list[StageResult]) -> str:

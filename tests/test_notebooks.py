@@ -101,23 +101,33 @@ sys.exit(cli.main(["run", "-p", "paths.data_dir", sys.argv[2], "-p", "paths.outp
 """
 
 
+LONG_CELL = "import time\nopen('started_02.txt', 'w').write('')\ntime.sleep(300)"
+DEAF_CELL = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" + LONG_CELL
+
+
 @pytest.mark.reliability
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_sigterm_interrupts_the_running_stage(signum, tmp_path):
+@pytest.mark.parametrize("signals, cell", [
+    ([signal.SIGINT], LONG_CELL), ([signal.SIGTERM], LONG_CELL),
+    ([signal.SIGINT, signal.SIGINT], DEAF_CELL),  # a cell deaf to Ctrl-C: the second one kills it
+], ids=["ctrl-c", "sigterm", "ctrl-c-twice"])
+def test_ctrl_c_or_sigterm_interrupts_the_running_stage(signals, cell, tmp_path):
     notebooks = _write_stages(tmp_path / "notebooks", {
         "01_fine.ipynb": "open('made_by_01.txt', 'w').write('ok')",
-        "02_long.ipynb": "import time\nopen('started_02.txt', 'w').write('')\ntime.sleep(300)",
+        "02_long.ipynb": cell,
         "03_never.ipynb": "open('made_by_03.txt', 'w').write('ok')"})
     runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(notebooks), str(tmp_path / "data"),
                                str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (notebooks / "started_02.txt").exists() and time.time() < deadline:
         time.sleep(0.2)
-    runner.send_signal(signum)
+    for signum in signals:
+        runner.send_signal(signum)
+        time.sleep(1)
     _, stderr = runner.communicate(timeout=60)
     assert runner.returncode == 130
     message = stderr.strip().splitlines()[-1]
-    assert message.startswith("interrupted: stage 02 (02_long.ipynb) interrupted in cell 2")
+    where = "(its kernel was killed)" if len(signals) == 2 else "in cell 2"
+    assert message.startswith(f"interrupted: stage 02 (02_long.ipynb) interrupted {where}")
     assert "--from 02" in message
     assert (notebooks / "made_by_01.txt").read_text() == "ok" and not (notebooks / "made_by_03.txt").exists()
     summary = json.loads((tmp_path / "out" / "logs" / "run_summary.json").read_text())
