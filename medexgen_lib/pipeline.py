@@ -30,6 +30,12 @@ STAGE_OUTPUTS = {
     "06": ["o:plots/training_summary.png", "o:plots/gallery_test.png", "o:plots/attention_example.png"],
 }
 
+# How to continue a stage rather than re-run it, added to an interrupted stage's message.
+CONTINUE_HINTS = {
+    "04": "to continue training from checkpoints/last instead, run `python -m medexgen_lib "
+          "train --resume` with the same -p settings, then `run --from 05`",
+}
+
 
 class StageFailed(RuntimeError):
     """A notebook stage raised; the message names the notebook, cell and error."""
@@ -112,7 +118,8 @@ def _run_stage(stage: str, notebook: Path, profile: str, overrides: dict, cfg, o
                            str(executed), error=(
                                f"stage {stage} ({notebook.name}) interrupted {exc.where}; "
                                f"earlier stages' outputs are kept. Executed copy: {executed}. "
-                               f"Rerun with --from {stage}"))
+                               f"Rerun with --from {stage}"
+                               + (f"; {CONTINUE_HINTS[stage]}" if stage in CONTINUE_HINTS else "")))
     except papermill.PapermillExecutionError as exc:
         return StageResult(stage, notebook.name, "failed", time.perf_counter() - began,
                            str(executed), error=(
