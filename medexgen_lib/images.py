@@ -7,6 +7,7 @@ Normalisation to ImageNet statistics is done per batch, vectorised, in torch.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -113,9 +114,11 @@ def _reserved_memmap(path: Path, shape: tuple[int, ...], cache: Path) -> np.memm
     nbytes = int(np.prod(shape))
     try:
         with open(path, "wb") as handle:
-            if hasattr(os, "posix_fallocate"):
+            try:
                 os.posix_fallocate(handle.fileno(), 0, nbytes)
-            else:
+            except (AttributeError, OSError) as exc:  # no such call, or a filesystem without it
+                if getattr(exc, "errno", None) not in (None, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
                 handle.truncate(nbytes)
     except OSError as exc:
         raise OSError(f"cannot reserve {nbytes / 1e6:.1f} MB for the image cache {cache}: "

@@ -195,3 +195,15 @@ def test_an_image_deleted_after_the_table_was_built(policy, image_files, tmp_pat
     else:
         cache = ImageCache.build(image_files, 32, tmp_path / "cache", bad_image="skip")
         assert len(cache) == 4 and "IM3" in cache.bad and "No such file" in cache.bad["IM3"]
+
+
+@pytest.mark.reliability
+def test_a_filesystem_without_fallocate_still_gets_a_cache(image_files, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    cache = ImageCache.build(image_files, 32, tmp_path / "cache")
+    assert len(cache) == 5 and np.array_equal(cache.get("IM0"), load_image(image_files[0][1], 32))
