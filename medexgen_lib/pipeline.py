@@ -193,6 +193,7 @@ def _execute_interruptibly(received: list[int], **papermill_args) -> None:
 
 
 def _signal_kernels(kernels, signum: int) -> None:
+    """Send ``signum`` to every kernel process of the stage that is still running."""
     for manager in kernels:
         process = getattr(manager.provisioner, "process", None)
         if process is not None and process.poll() is None:

@@ -1,5 +1,7 @@
-"""Shared fixtures: the real IU X-Ray sample in ../shared and a small phantom set."""
+"""Shared fixtures: the real IU X-Ray sample in ../shared, a small phantom set, a full disk."""
 
+import resource
+import signal
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,18 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom")
     make_phantom_dataset(40, seed=7, out_dir=out, image_size=64)
     return out
+
+
+@pytest.fixture
+def full_disk():
+    """``full_disk(limit)``: a ``preexec_fn`` for a child process whose writes past
+    ``limit`` bytes per file fail with EFBIG, as they would on a disk filling up."""
+    def limited_to(limit: int):
+        def apply():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return apply
+    return limited_to
 
 
 @pytest.fixture

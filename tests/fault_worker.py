@@ -9,13 +9,12 @@ SETTINGS_JSON: config overrides for the demo profile. MODE:
   kill-between-renames EPOCH
                           SIGKILL after the old checkpoints/last was moved aside,
                           before the new one took its place
-  export-limit BYTES      export checkpoints/best to models/final with files
-                          limited to BYTES (RLIMIT_FSIZE): a disk filling up
+  export                  export checkpoints/best to models/final (run it with
+                          the conftest's full_disk to see a disk filling up)
 """
 
 import json
 import os
-import resource
 import signal
 import sys
 from pathlib import Path
@@ -66,10 +65,8 @@ elif mode in ("kill-in-save", "kill-between-renames"):
         return save(directory, accelerator, model, optimizer, scheduler, state)
     train_module.save_checkpoint = dying_save
 
-if mode == "export-limit":
+if mode == "export":
     model = ReportGenerator.from_pretrained(cfg.paths.checkpoints / "best")
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (int(arg), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     try:
         model.save_pretrained(cfg.paths.models / "final")
     except OSError as exc:

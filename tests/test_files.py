@@ -6,11 +6,9 @@ import sys
 
 import pytest
 
-FULL_DISK = """
-import resource, signal, sys
+WRITE_JSON = """
+import sys
 from medexgen_lib.files import write_json
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
     write_json(sys.argv[1], {"values": list(range(10_000))})
 except OSError as exc:
@@ -20,10 +18,11 @@ except OSError as exc:
 
 
 @pytest.mark.reliability
-def test_a_full_disk_keeps_the_previous_json_and_leaves_no_temporary_file(tmp_path):
+def test_a_full_disk_keeps_the_previous_json_and_leaves_no_temporary_file(tmp_path, full_disk):
     target = tmp_path / "metrics.json"
     target.write_text(json.dumps({"previous": True}))
-    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(target)], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", WRITE_JSON, str(target)], capture_output=True, text=True,
+                         preexec_fn=full_disk(4096))
     assert run.returncode == 3, run.stderr
     assert "File too large" in run.stderr
     assert json.loads(target.read_text()) == {"previous": True}

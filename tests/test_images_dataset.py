@@ -158,12 +158,9 @@ def test_augmentation_changes_pixels_but_never_flips(image_files, tmp_path):
     assert same < flipped
 
 
-FULL_DISK_CACHE = """
-import resource, signal, sys
-from pathlib import Path
+BUILD_CACHE = """
+import sys
 from medexgen_lib.images import ImageCache
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 images = [(f"IM{k}", path) for k, path in enumerate(sys.argv[2:])]
 try:
     ImageCache.build(images, 128, sys.argv[1])
@@ -174,12 +171,12 @@ except OSError as exc:
 
 
 @pytest.mark.reliability
-def test_a_full_disk_while_caching_images_is_named_and_leaves_nothing(image_files, tmp_path):
+def test_a_full_disk_while_caching_images_is_named_and_leaves_nothing(image_files, tmp_path, full_disk):
     import subprocess
     import sys
     cache = tmp_path / "cache"
-    run = subprocess.run([sys.executable, "-c", FULL_DISK_CACHE, str(cache), *[p for _, p in image_files]],
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", BUILD_CACHE, str(cache), *[p for _, p in image_files]],
+                         capture_output=True, text=True, preexec_fn=full_disk(50_000))
     assert run.returncode == 3, run.stderr  # 5 images at 128 px need 82 kB
     assert "cannot reserve 0.1 MB for the image cache" in run.stderr and str(cache) in run.stderr
     assert list(cache.iterdir()) == []

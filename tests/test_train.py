@@ -3,7 +3,6 @@
 import hashlib
 import json
 import logging
-import resource
 import signal
 import subprocess
 import sys
@@ -181,9 +180,9 @@ def test_a_crash_during_checkpoint_save_leaves_the_previous_one_loadable(tiny_cf
 WORKER = Path(__file__).with_name("fault_worker.py")
 
 
-def _run_worker(settings: dict, mode: str, arg: str = "0") -> subprocess.CompletedProcess:
+def _run_worker(settings: dict, mode: str, arg: str = "0", preexec_fn=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(WORKER), json.dumps(settings), mode, arg],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn)
 
 
 @pytest.fixture
@@ -220,12 +219,12 @@ def test_killed_during_checkpoint_save_keeps_the_previous_one_loadable(mode, tin
 
 
 @pytest.mark.reliability
-def test_disk_filling_during_export_keeps_the_previous_final_model(tiny_settings, tmp_path):
+def test_disk_filling_during_export_keeps_the_previous_final_model(tiny_settings, tmp_path, full_disk):
     settings = tiny_settings("out")
     assert _run_worker(settings, "train").returncode == 0
     models = tmp_path / "out" / "models"
     before = _weights_digest(models / "final")
-    full = _run_worker(settings, "export-limit", "20000")  # weights are ~300 kB
+    full = _run_worker(settings, "export", preexec_fn=full_disk(20_000))  # weights are ~300 kB
     assert full.returncode == 3, full.stderr[-2000:]
     message = full.stderr.strip().splitlines()[-1]
     assert "models/final" in message and "File too large" in message, message
@@ -263,23 +262,15 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_named(tiny_cfg):
         train(wider, resume=True, progress=False)
 
 
-def _limit_file_size(limit: int):
-    """For a child process: writes past ``limit`` bytes fail with EFBIG, as on a full disk."""
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    return apply
-
-
 @pytest.mark.reliability
-def test_disk_filling_during_a_checkpoint_save_stops_training_with_one_line(tiny_cfg, tiny_settings, tmp_path):
+def test_disk_filling_during_a_checkpoint_save_stops_training_with_one_line(tiny_cfg, tiny_settings, full_disk):
     cfg = _stopped_after_epoch_1(tiny_cfg)
     last = cfg.paths.checkpoints / "last"
     good = _weights_digest(last)
     overrides = [arg for key, value in {**tiny_settings("out"), "train.epochs": 3}.items()
                  for arg in ("-p", key, str(value))]
     run = subprocess.run([sys.executable, "-m", "medexgen_lib", "train", "--resume", *overrides],
-                         capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size(20_000))
+                         capture_output=True, text=True, timeout=600, preexec_fn=full_disk(20_000))
     assert run.returncode == 1
     assert "Traceback" not in run.stderr
     error = run.stderr.strip().splitlines()[-1]
