@@ -26,7 +26,7 @@ import pooch
 from medexgen_lib.config import Config
 from medexgen_lib.files import read_json, write_json
 from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset
-from medexgen_lib.reports import read_reports, write_studies_table
+from medexgen_lib.reports import BUNDLED_PROJECTIONS, read_reports, write_studies_table
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +194,10 @@ def acquire(cfg: Config) -> AcquisitionResult:
             _acquire_archive(data.reports_url, data.reports_archive, data.reports_sha256,
                              data.reports_size, paths.reports, cfg),
         ]
-        projections = Path(data.projections_csv) if data.projections_csv else None
+        projections = Path(data.projections_csv) if data.projections_csv else BUNDLED_PROJECTIONS
     else:
         actions = [_check_folder(paths.images, "image"), _check_folder(paths.reports, "report")]
-        projections = Path(data.projections_csv) if data.projections_csv else None
+        projections = Path(data.projections_csv) if data.projections_csv else BUNDLED_PROJECTIONS
     if projections is not None and not projections.exists():
         raise AcquisitionError(f"projections table {projections} does not exist")
     write_json(state_path, {"source": data.source, "data": cfg.to_dict()["data"],

@@ -25,7 +25,7 @@ from medexgen_lib.config import load_config
 from medexgen_lib.images import ImageCache, load_image, normalize
 from medexgen_lib.paths import PROJECT_ROOT
 
-SHARED_IMAGES = PROJECT_ROOT.parent / "shared" / "iuxray-sample" / "images"
+SAMPLE_IMAGES = PROJECT_ROOT / "tests" / "data" / "iuxray-sample" / "images"
 
 
 def machine() -> dict:
@@ -90,8 +90,8 @@ def bench_images(quick: bool, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         inputs = {name: _synthetic_pngs(tmp, n, size, deep) for name, (size, deep, n) in sets.items()}
-        if SHARED_IMAGES.is_dir():
-            inputs["shared_real"] = [(p.stem, str(p)) for p in sorted(SHARED_IMAGES.glob("*.png"))]
+        if SAMPLE_IMAGES.is_dir():
+            inputs["shared_real"] = [(p.stem, str(p)) for p in sorted(SAMPLE_IMAGES.glob("*.png"))]
         for name, files in inputs.items():
             cache = ImageCache.build(files, target_size, tmp / "cache", max_pixels=10**9)
             rows = np.arange(len(files))

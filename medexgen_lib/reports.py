@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("findings", "impression", "indication", "comparison")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Frontal/lateral for every image of the Open-i collection (Kaggle's table, CC BY-NC-ND 4.0;
+# see the README beside it): the default for real data when no table is given.
+BUNDLED_PROJECTIONS = Path(__file__).parent / "data" / "iuxray_projections" / "indiana_projections.csv"
 COLUMNS = ["uid", "report_file", *SECTIONS, "mesh_major", "mesh_minor", "image_ids",
            "image_paths", "projections", "projection_source", "n_images", "no_findings",
            "no_impression", "no_image", "image_missing"]
@@ -37,8 +40,10 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
     ``images_dir``: where image files are looked up by id (any depth), so each
     study gets resolved paths and an ``image_missing`` flag. ``projections``: a
     Kaggle-format table (``uid,filename,projection``) giving frontal/lateral per
-    image; without it, projections are ``unknown`` (Open-i's captions describe
-    the study, not the image, so they are not a reliable source).
+    image (``acquisition`` passes the bundled whole-collection table for real data);
+    without one, projections are ``unknown`` (Open-i's captions describe the study,
+    not the image, so they are not a reliable source). ``projection_source`` names
+    the table that gave a study's projections, or ``unknown``.
     Malformed files are listed in ``df.attrs["malformed"]`` as (file, reason).
     """
     reports_dir = Path(reports_dir)
@@ -48,6 +53,7 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
     files = sorted(reports_dir.rglob("*.xml"), key=_report_sort_key)
     image_index = _index_images(Path(images_dir)) if images_dir is not None else None
     projection_of = _load_projections(projections) if projections is not None else {}
+    table_name = _projection_table_name(projections)
     rows, malformed = [], []
     for path in files:
         try:
@@ -56,7 +62,7 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
             log.warning("skipping malformed report %s: %s", path, exc)
             malformed.append((str(path), str(exc)))
             continue
-        _add_images(row, image_index, projection_of)
+        _add_images(row, image_index, projection_of, table_name)
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
     table.attrs["malformed"] = malformed
@@ -133,6 +139,17 @@ def _index_images(images_dir: Path) -> dict[str, Path]:
     return {p.stem: p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
+def _projection_table_name(projections: str | os.PathLike | pd.DataFrame | None) -> str:
+    """How the studies table names where projections came from."""
+    if projections is None:
+        return ""
+    if isinstance(projections, pd.DataFrame):
+        return "given table"
+    if Path(projections).resolve() == BUNDLED_PROJECTIONS.resolve():
+        return "bundled IU X-Ray table"
+    return str(projections)
+
+
 def _load_projections(projections: str | os.PathLike | pd.DataFrame) -> dict[str, str]:
     """Map Open-i image id -> 'frontal'/'lateral' from a Kaggle-format table."""
     table = projections if isinstance(projections, pd.DataFrame) else pd.read_csv(projections)
@@ -141,21 +158,27 @@ def _load_projections(projections: str | os.PathLike | pd.DataFrame) -> dict[str
         raise ValueError(f"projections table {projections if not isinstance(projections, pd.DataFrame) else ''}"
                          f" lacks column(s) {sorted(missing)}; expected uid,filename,projection")
     mapping = {}
-    for filename, projection in zip(table["filename"], table["projection"]):
+    uids = table["uid"] if "uid" in table.columns else [None] * len(table)
+    for uid, filename, projection in zip(uids, table["filename"], table["projection"]):
         stem = str(filename).removesuffix(".png").removesuffix(".dcm")
         image_id = stem if stem.startswith("CXR") else f"CXR{stem}"
         mapping[image_id] = str(projection).strip().lower()
+        if uid is not None and not stem.startswith("CXR"):
+            # Study 1's XML names its images CXR1_1_IM-...: 'CXR' + uid + '_' + file stem.
+            mapping.setdefault(f"CXR{uid}_{stem}", mapping[image_id])
     return mapping
 
 
-def _add_images(row: dict, image_index: dict[str, Path] | None, projection_of: dict[str, str]) -> None:
+def _add_images(row: dict, image_index: dict[str, Path] | None, projection_of: dict[str, str],
+                table_name: str) -> None:
     ids = row["image_ids"]
     if image_index is None:
         row["image_paths"] = [""] * len(ids)
     else:
         row["image_paths"] = [str(image_index[i]) if i in image_index else "" for i in ids]
     row["projections"] = [projection_of.get(i, "unknown") for i in ids]
-    row["projection_source"] = "table" if projection_of else "unknown"
+    row["projection_source"] = (table_name if any(i in projection_of for i in ids)
+                                else "unknown")
     row["n_images"] = len(ids)
     row["no_findings"] = not row["findings"]
     row["no_impression"] = not row["impression"]

@@ -172,7 +172,11 @@ def test_extracted_folder_source(tmp_config, iuxray_sample):
     shutil.copytree(iuxray_sample / "reports", cfg.paths.reports, dirs_exist_ok=True)
     result = acquire(cfg)
     assert result.did_nothing
-    assert len(build_studies_table(cfg, result)) == 397
+    table = build_studies_table(cfg, result)
+    assert len(table) == 397
+    # Without data.projections_csv a real run uses the bundled whole-collection table.
+    assert set(table.projection_source[table.n_images > 0]) == {"bundled IU X-Ray table"}
+    assert not any("unknown" in ps for ps in table.projections)
 
 
 def _hostile_tgz(path, kind):

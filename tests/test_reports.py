@@ -8,7 +8,8 @@ from PIL import Image
 
 from medexgen_lib.acquisition import AcquisitionError, acquire, build_studies_table
 from medexgen_lib.preprocess import run_preprocessing
-from medexgen_lib.reports import load_studies_table, read_reports, write_studies_table
+from medexgen_lib.reports import (BUNDLED_PROJECTIONS, load_studies_table, read_reports,
+                                  write_studies_table)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,9 @@ def test_reproduces_every_figure_of_the_sample_readme(sample_table):
 def test_sample_projections_paths_and_flags(sample_table):
     t = sample_table.set_index("uid")
     assert Counter(p for ps in t.projections for p in ps) == {"frontal": 390, "lateral": 364}
-    assert (t.projection_source == "table").all()
+    with_images = t.n_images > 0
+    assert t.projection_source[with_images].str.endswith("iuxray-sample/indiana_projections.csv").all()
+    assert (t.projection_source[~with_images] == "unknown").all()
     study3 = t.loc["CXR3"]
     frontal = study3.image_ids.index("CXR3_IM-1384-1001")
     assert study3.projections[frontal] == "frontal"
@@ -49,6 +52,21 @@ def test_without_projection_table_projection_is_unknown(iuxray_sample):
     t = read_reports(iuxray_sample / "reports")
     assert set(p for ps in t.projections for p in ps) == {"unknown"}
     assert (t.image_paths.map(lambda ps: all(p == "" for p in ps))).all()
+
+
+def test_bundled_projections_table_covers_every_image_of_the_real_sample(iuxray_sample):
+    t = read_reports(iuxray_sample / "reports", projections=BUNDLED_PROJECTIONS)
+    views = Counter(p for ps in t.projections for p in ps)
+    assert views["unknown"] == 0 and views["frontal"] + views["lateral"] == 754
+    assert set(t.projection_source[t.n_images > 0]) == {"bundled IU X-Ray table"}
+
+
+def test_bundled_table_maps_study_1s_irregular_image_ids():
+    from medexgen_lib.reports import _load_projections
+
+    mapping = _load_projections(BUNDLED_PROJECTIONS)
+    assert mapping["CXR1_1_IM-0001-4001"] == "frontal" and mapping["CXR1_1_IM-0001-3001"] == "lateral"
+    assert mapping["CXR3_IM-1384-1001"] == "frontal"
 
 
 def test_phantom_is_read_by_the_same_reader(phantom_dir):
