@@ -282,7 +282,9 @@ PROFILES: dict[str, dict[str, Any]] = {
              "train.patience": 6, "eval.num_beams": 1, "eval.max_new_tokens": 80,
              "eval.meteor": False},
     # Real Open-i data, ImageNet ResNet50 + GPT-2 small, 224 px, both views.
-    "full": {"data.source": "openi", "tokenizer.kind": "gpt2", "split.require_findings": True},
+    # Target: FINDINGS, the convention of R2Gen, R2GenCMN and CvT2DistilGPT2.
+    "full": {"data.source": "openi", "tokenizer.kind": "gpt2", "split.require_findings": True,
+             "text.target": "findings"},
 }
 
 

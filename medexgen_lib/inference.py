@@ -66,7 +66,10 @@ def read_radiograph(path: str | os.PathLike, size: int, max_pixels: int = 60_000
 @torch.no_grad()
 def generate_report(model: ReportGenerator, images: list[str | os.PathLike],
                     decode: EvalConfig | None = None, missing_view: str = "duplicate") -> dict:
-    """The report for one study: ``images`` = [frontal] or [frontal, lateral]."""
+    """The report for one study: ``images`` = [frontal] or [frontal, lateral].
+
+    Runs the model in eval mode (restored afterwards), so the same files and settings
+    always give the same report and never change the weights or BatchNorm statistics."""
     if not 1 <= len(images) <= 2:
         raise ValueError(f"give one or two images (frontal, then lateral), got {len(images)}")
     size = model.config.image_size
@@ -77,8 +80,13 @@ def generate_report(model: ReportGenerator, images: list[str | os.PathLike],
         mask[1] = missing_view == "duplicate"
     device = next(model.parameters()).device
     pixels = normalize(torch.stack(views).unsqueeze(0)).to(device)
-    ids = model.generate(pixels, torch.tensor([mask], device=device),
-                         **decode_settings(decode or EvalConfig()))
+    was_training = model.training
+    model.eval()
+    try:
+        ids = model.generate(pixels, torch.tensor([mask], device=device),
+                             **decode_settings(decode or EvalConfig()))
+    finally:
+        model.train(was_training)
     report = model.decode(ids.cpu())[0].strip()
     labels = label_report(report)
     return {"images": [str(p) for p in images], "report": report,

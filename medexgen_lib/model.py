@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 ENCODER_STRIDE = 32  # a ResNet's grid is image_size / 32 per side
+# Parameter names of the decoder's cross-attention layers: new even in a pretrained GPT-2.
+CROSS_ATTENTION_PARTS = ("crossattention", "ln_cross_attn")
 
 
 class PretrainedUnavailable(RuntimeError):
@@ -110,10 +112,11 @@ class ReportGenerator(nn.Module):
             source = _load_pretrained_resnet(model.encoder, model_cfg.encoder, model_cfg.encoder_weights)
             config.encoder_init = f"imagenet:{source}"
         if decoder is not None:
+            check_tokenizer_fits_decoder(tokenizer, decoder, model_cfg.decoder_source)
             config.pretrained_vocab_size = decoder.get_input_embeddings().weight.shape[0]
             decoder.resize_token_embeddings(len(tokenizer))
             missing, unexpected = model.decoder.load_state_dict(decoder.state_dict(), strict=False)
-            if unexpected or any("crossattention" not in k and "ln_cross_attn" not in k for k in missing):
+            if unexpected or any(not any(part in k for part in CROSS_ATTENTION_PARTS) for k in missing):
                 raise PretrainedUnavailable(
                     f"GPT-2 weights from {model_cfg.decoder_source} do not fit: missing {missing[:5]}, "
                     f"unexpected {unexpected[:5]}")
@@ -181,7 +184,7 @@ class ReportGenerator(nn.Module):
         def count(params) -> int:
             return sum(p.numel() for p in {id(p): p for p in params}.values())
         cross = [p for n, p in self.decoder.named_parameters()
-                 if "crossattention" in n or "ln_cross_attn" in n]
+                 if any(part in n for part in CROSS_ATTENTION_PARTS)]
         return {
             "encoder": count(self.encoder.parameters()),
             "projection + view/grid embeddings": count([*self.projection.parameters(),
@@ -223,7 +226,8 @@ class ReportGenerator(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"
                         ) -> ReportGenerator:
-        """Load a model saved with ``save_pretrained`` (weights from safetensors, never pickle)."""
+        """Load a model saved with ``save_pretrained`` (weights from safetensors, never pickle),
+        in eval mode; call ``.train()`` to fine-tune it."""
         directory = Path(directory)
         recover_dir(directory)
         if not directory.is_dir():
@@ -249,7 +253,7 @@ class ReportGenerator(nn.Module):
         if (directory / "tokenizer.json").exists():
             from medexgen_lib.tokenizer import load_tokenizer
             model.tokenizer = load_tokenizer(directory)
-        return model.to(device)
+        return model.to(device).eval()  # as transformers' from_pretrained: inference mode
 
 
 def _gpt2_config(config: ReportGeneratorConfig) -> GPT2Config:
@@ -259,6 +263,20 @@ def _gpt2_config(config: ReportGeneratorConfig) -> GPT2Config:
         resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id)
+
+
+def check_tokenizer_fits_decoder(tokenizer, decoder: GPT2LMHeadModel, source: str) -> None:
+    """Refuse a tokenizer whose base vocabulary is not the pretrained decoder's: its token ids
+    would mean other strings to the pretrained embeddings."""
+    base = tokenizer.vocab_size  # without added (special, medical) tokens
+    pretrained = decoder.get_input_embeddings().weight.shape[0]
+    name = getattr(tokenizer, "name_or_path", "") or "the run's tokenizer"
+    if base != pretrained:
+        raise PretrainedUnavailable(
+            f"tokenizer {name} ({base} base tokens) is not the tokenizer of the pretrained GPT-2 "
+            f"{source!r} ({pretrained} tokens): its token ids would mean other strings. Use "
+            "tokenizer.kind='gpt2' with tokenizer.gpt2_source set to that model's tokenizer, or "
+            "model.decoder_pretrained=false")
 
 
 def _load_pretrained_gpt2(source: str) -> GPT2LMHeadModel:

@@ -99,7 +99,8 @@ def build_tokenizer(kind: str, train_texts: list[str], out_dir: str | os.PathLik
         except TokenizerUnavailable as exc:
             if kind == "gpt2":
                 raise
-            log.info("GPT-2 tokenizer not available offline (%s); training one", exc)
+            log.warning("tokenizer.kind='auto': GPT-2's tokenizer is not available offline (%s); "
+                        "training a byte-level BPE on the training reports instead", exc)
     if tokenizer is None:
         tokenizer = train_tokenizer(train_texts, vocab_size)
         source.update(used="trained", vocab_size_requested=vocab_size,

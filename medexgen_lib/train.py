@@ -34,8 +34,8 @@ from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
 from medexgen_lib.files import read_json, save_figure, write_text_atomic
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
-from medexgen_lib.model import (ReportGenerator, first_load_error, recover_dir, replace_dir,
-                                write_errors_named)
+from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_load_error,
+                                recover_dir, replace_dir, write_errors_named)
 from medexgen_lib.preprocess import load_split
 from medexgen_lib.tokenizer import load_tokenizer
 
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 STATE_FILE, TRAINER_FILE = "training_state.pt", "trainer.json"
 HISTORY_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1",
                    "clinical micro_F1", "clinical example_F1", "clinical abnormal_recall")
+
 
 
 class NonFiniteLoss(RuntimeError):
@@ -72,8 +73,10 @@ def choose_precision(setting: str) -> str:
 
 
 def parameter_groups(model: ReportGenerator, tcfg: TrainConfig) -> list[dict]:
-    """AdamW groups: encoder, decoder, new parts (projection, embeddings of new tokens);
-    biases and norm weights (1-D tensors) without weight decay."""
+    """AdamW groups: encoder, decoder (pretrained or not), new parts (projection, grid/view
+    embeddings, the decoder's cross-attention layers, which a pretrained GPT-2 lacks, and
+    embeddings of new tokens); biases and norm weights (1-D tensors) without weight decay.
+    Each group lists its parameters' names under ``param_names``."""
     token_embeddings = model.decoder.get_input_embeddings().weight
     decoder_is_new = model.config.pretrained_vocab_size == 0  # random init: every token is new
     lrs = {"encoder": tcfg.lr_encoder, "decoder": tcfg.lr_decoder, "new": tcfg.lr_new}
@@ -85,14 +88,16 @@ def parameter_groups(model: ReportGenerator, tcfg: TrainConfig) -> list[dict]:
         seen.add(id(param))
         if name.startswith("encoder."):
             group = "encoder"
-        elif name.startswith("decoder.") and not (param is token_embeddings and decoder_is_new):
+        elif (name.startswith("decoder.") and not (param is token_embeddings and decoder_is_new)
+              and not any(part in name for part in CROSS_ATTENTION_PARTS)):
             group = "decoder"
         else:
             group = "new"
-        buckets[(group, param.ndim >= 2)].append(param)
-    return [{"params": params, "lr": lrs[group], "weight_decay": tcfg.weight_decay if decay else 0.0,
+        buckets[(group, param.ndim >= 2)].append((name, param))
+    return [{"params": [p for _, p in members], "param_names": [n for n, _ in members],
+             "lr": lrs[group], "weight_decay": tcfg.weight_decay if decay else 0.0,
              "name": f"{group}{'' if decay else ' (no decay)'}"}
-            for (group, decay), params in buckets.items() if params]
+            for (group, decay), members in buckets.items() if members]
 
 
 class NewTokenRows:
@@ -107,7 +112,11 @@ class NewTokenRows:
     def __init__(self, model: ReportGenerator, tcfg: TrainConfig):
         first_new = model.config.pretrained_vocab_size
         self.weight = model.decoder.get_input_embeddings().weight
-        self.active = 0 < first_new < self.weight.shape[0] and tcfg.lr_new != tcfg.lr_decoder
+        has_new_rows = 0 < first_new < self.weight.shape[0]
+        self.active = has_new_rows and tcfg.lr_new != tcfg.lr_decoder
+        if has_new_rows and not self.active:
+            log.info("train.lr_new equals train.lr_decoder: the %d new token rows train at the "
+                     "decoder's rate with the pretrained ones", self.weight.shape[0] - first_new)
         self.rows = slice(first_new, None)
         self.ratio = tcfg.lr_new / tcfg.lr_decoder
         self.before = None

@@ -75,3 +75,21 @@ def trained_tiny(tmp_path_factory):
     run_evaluation(cfg, progress=False)
     model = ReportGenerator.from_pretrained(cfg.paths.models / "final").eval()
     return cfg, model, load_split(cfg, "test"), load_predictions(cfg.paths.logs)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A stand-in for a pretrained GPT-2 folder (tokenizer + weights via save_pretrained),
+    so the pretrained-decoder path runs offline: a byte-level BPE and a 1-layer GPT-2 of its size."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from medexgen_lib.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_gpt2")
+    texts = ["Heart size is normal. No pleural effusion or pneumothorax.",
+             "Small left pleural effusion. Mild cardiomegaly.", "The lungs are clear."] * 30
+    tokenizer = train_tokenizer(texts, vocab_size=320)
+    tokenizer.save_pretrained(out)
+    GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=128, n_embd=32,
+                               n_layer=1, n_head=2)).save_pretrained(out)
+    return out

@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from medexgen_lib.__main__ import main
-from medexgen_lib.config import ModelConfig
+from medexgen_lib.config import EvalConfig, ModelConfig
 from medexgen_lib.images import ImageError
 from medexgen_lib.inference import generate_report, read_dicom, read_radiograph
 from medexgen_lib.model import ReportGenerator
@@ -58,12 +59,34 @@ def test_generate_from_png_jpeg_and_dicom(model_dir, tmp_path, capsys):
     Image.fromarray(_chest()).save(lateral)
     dicom = write_dicom(tmp_path / "f.dcm", _chest().astype(np.uint16) * 16)
     model = ReportGenerator.from_pretrained(model_dir)
+    reports = {}
     for images in ([frontal], [frontal, lateral], [dicom, lateral]):
         result = generate_report(model, images)
-        assert isinstance(result["report"], str) and "No Finding" in result["observations"]
+        assert result["images"] == [str(p) for p in images] and result["report"]
+        reports[len(reports)] = result["report"]
     assert main(["generate", "--model", str(model_dir), str(dicom), "--json", "--beams", "1"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["images"] == [str(dicom)] and "report" in printed
+    assert printed["images"] == [str(dicom)]
+    assert printed["report"] == generate_report(model, [dicom], EvalConfig(num_beams=1))["report"]
+
+
+def test_generate_is_deterministic_and_leaves_the_model_untouched(model_dir, tmp_path, capsys):
+    frontal = tmp_path / "f.png"
+    Image.fromarray(_chest()).save(frontal)
+    model = ReportGenerator.from_pretrained(model_dir)
+    assert not model.training and not any(m.training for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()  # even a model left in training mode by its caller
+    reports = [generate_report(model, [frontal])["report"] for _ in range(3)]
+    assert len(set(reports)) == 1
+    assert model.training  # the caller's mode is restored
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
+    printed = []
+    for _ in range(2):
+        assert main(["generate", "--model", str(model_dir), str(frontal)]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and printed[0].strip() == reports[0]
 
 
 def test_dicom_monochrome1_is_inverted_and_windowing_applied(tmp_path):

@@ -70,6 +70,32 @@ def test_parameter_groups_cover_everything_once_without_decay_on_biases_and_norm
         assert (g["weight_decay"] == 0.0) == all(p.ndim < 2 for p in g["params"])
 
 
+def test_cross_attention_of_a_pretrained_decoder_trains_at_the_new_rate(tiny_cfg, tiny_gpt2_dir):
+    from medexgen_lib.tokenizer import load_gpt2_tokenizer
+
+    cfg = tiny_cfg(model__decoder_pretrained=True, model__decoder_source=str(tiny_gpt2_dir),
+                   train__lr_decoder=5e-5, train__lr_new=5e-4)
+    model = ReportGenerator.build(cfg.model, load_gpt2_tokenizer(str(tiny_gpt2_dir)), 32, 48)
+    group_of = {name: g["name"].split(" ")[0] for g in parameter_groups(model, cfg.train)
+                for name in g["param_names"]}
+    cross = [n for n in group_of if "crossattention" in n or "ln_cross_attn" in n]
+    assert cross and all(group_of[n] == "new" for n in cross)
+    assert group_of["decoder.transformer.h.0.attn.c_attn.weight"] == "decoder"
+    assert group_of["decoder.transformer.h.0.ln_1.weight"] == "decoder"
+    assert group_of["projection.weight"] == "new" and group_of["encoder.0.weight"] == "encoder"
+
+
+def test_a_pretrained_decoder_with_another_tokenizer_is_refused(tiny_cfg, tiny_gpt2_dir):
+    from medexgen_lib.model import PretrainedUnavailable
+    from medexgen_lib.tokenizer import load_tokenizer
+
+    cfg = tiny_cfg(model__decoder_pretrained=True, model__decoder_source=str(tiny_gpt2_dir))
+    trained = load_tokenizer(cfg.paths.processed / "tokenizer")  # trained on the phantom reports
+    with pytest.raises(PretrainedUnavailable, match=r"tokenizer .*tokenizer.* is not the tokenizer of "
+                                                     r"the pretrained GPT-2 '.*tiny_gpt2"):
+        ReportGenerator.build(cfg.model, trained, 32, 48)
+
+
 def test_new_token_rows_step_at_the_new_learning_rate():
     embedding = torch.nn.Embedding(6, 3)
     model = type("M", (), {})()
