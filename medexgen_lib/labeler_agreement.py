@@ -109,6 +109,7 @@ def sample_agreement(reports_dir: str | Path = DEFAULT_SAMPLE, subset: str = "he
     frame = pd.DataFrame.from_dict(result["per_observation"], orient="index")
     frame.loc["macro (observations with support)"] = {"f1": result["macro_F1"],
                                                       "support": frame["support"].sum()}
+    frame = frame.astype({"support": "Int64", "predicted": "Int64", "true_positive": "Int64"})
     frame.attrs.update(subset=subset, n_reports=result["n_reports"], text="findings + impression")
     return frame
 
