@@ -135,7 +135,9 @@ UNCERTAIN_MENTIONS: dict[str, list[str]] = {
 # Statements that the heart or mediastinum is normal: negative mentions.
 NORMAL_MENTIONS: dict[str, list[str]] = {
     "Cardiomegaly": [rf"{_HEART} {_FILLER}{_NORMAL}", rf"normal(?: sized?)? {_HEART}"],
-    "Enlarged Cardiomediastinum": [rf"{_MEDIASTINUM} {_FILLER}{_NORMAL}", rf"normal (?:(?:heart|cardiac|size|and|hilar|the)\s+){{0,4}}{_MEDIASTINUM}"],
+    "Enlarged Cardiomediastinum": [
+        rf"{_MEDIASTINUM} {_FILLER}{_NORMAL}",
+        rf"normal (?:(?:heart|cardiac|size|and|hilar|the)\s+){{0,4}}{_MEDIASTINUM}"],
 }
 # Phrases that contain a mention but name something else; masked before that observation is matched.
 UNMENTIONS: dict[str, list[str]] = {
@@ -206,8 +208,9 @@ _STATEMENT_START = re.compile(
     r"new|old|stable|unchanged|persistent|persisting|chronic|acute|increased|increasing|decreased|"
     r"decreasing|improved|improving|worsening|worsened|resolving|healed|healing|calcified|subsegmental|"
     r"patchy|diffuse|multiple|several|\d)\b")
-_VERB = re.compile(r"\b(?:is|are|was|were|has|have|had|be|been|can|cannot|may|might|could|appears?|remains?|seen|noted|present|identified|"
-                   r"demonstrated|visualized|shows?|persists?|measur\w+|projects?|overlies|represents?)\b")
+_VERB = re.compile(r"\b(?:is|are|was|were|has|have|had|be|been|can|cannot|may|might|could|appears?|remains?|"
+                   r"seen|noted|present|identified|demonstrated|visualized|shows?|persists?|measur\w+|"
+                   r"projects?|overlies|represents?)\b")
 # After a negation, a place or side makes a noun phrase a statement of its own, not a bare list item.
 _PLACE = re.compile(r"\b(?:left|right|bilateral|bibasilar|bibasal|basilar|apical|perihilar|retrocardiac|lobe|"
                     r"(?:in|at|within|involving|along|overlying|throughout) the)\b")
