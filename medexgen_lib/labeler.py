@@ -162,7 +162,8 @@ _CUE_NEG_POST = (r"^\W*(?:[\w,]+\s+){0,6}(?:is|are|was|were|has been|have been)\
                  r"^\W*(?:[\w,]+\s+){0,6}(?:has|have|had)?\s*(?:since\s+|now\s+|completely\s+|nearly\s+)?"
                  r"(?:resolved|cleared)",
                  r"^\W*(?:[\w,]+\s+){0,6}(?:is|are|was|were)\s+(?:now\s+)?(?:absent|unlikely)",
-                 r"^\W*(?:[\w,]+\s+){0,6}(?:has|have)\s+been\s+removed", r"^\W*(?:is|are)?\s*removed")
+                 r"^\W*(?:[\w,]+\s+){0,6}(?:has|have)\s+been\s+removed", r"^\W*(?:is|are)?\s*removed",
+                 r"^\W*(?:is\s+|are\s+|now\s+)*(?:unlikely|absent|excluded|gone)\b")
 _CUE_UNC_FIRST = (r"\b(?:cannot|can not|can't|could not|not)\s+(?:be\s+)?(?:entirely\s+|completely\s+|"
                   r"totally\s+|definitely\s+)?(?:excluded?|ruled?\s+out)",)
 _NO_NEW = r"\bno\s+(?:\w+\s+)?new\s+(?:\w+\s+){0,2}$"
@@ -174,6 +175,8 @@ _CUE_UNC_PRE = (r"\bmay\b", r"\bmight\b", r"\bcould\b", r"\bpossibl[ey]\b", r"\b
                 r"\bpresumed\b", r"\bpresumabl[ey]\b", r"\bperhaps\b", r"\bmaybe\b", r"\bapparent\b")
 _CUE_UNC_POST = (r"^\W*(?:[\w,]+\s+){0,6}(?:is|are)\s+(?:\w+\s+)?(?:possible|suspected|questioned|likely|"
                  r"probable|suggested|considered|favou?red)\s*(?:[,.;:]|$)",
+                 r"^\W*(?:is\s+|are\s+)?(?:less\s+|more\s+|most\s+)?(?:likely|possible|suspected|questioned|"
+                 r"probable|favou?red)\s*(?:[,.;:]|$)",
                  r"^\W*(?:\w+\s+){0,3}(?:may|might|could)\s+(?:also\s+)?(?:be|have\s+been)\s+(?:present|seen|"
                  r"noted|identified|visible|evident|developing|there|superimposed)",
                  r"^\W*(?:[\w,]+\s+){0,6}(?:(?:is|are)\s+)?not\s+(?:well|clearly)\s+(?:seen|visualized|evaluated)",
@@ -203,7 +206,7 @@ _SCOPE_BREAK = re.compile(r"\b(?:but|however|although|though|otherwise|except|wh
                           r"apart from|with the exception of)\b")
 _LIST_SEPARATOR = re.compile(r",\s*(?:and\b|or\b)?|\band\b")
 _STATEMENT_START = re.compile(
-    r"^\s*(?:there|the|a|an|this|these|that|it|its|small|large|tiny|trace|minimal|mild|mildly|moderate|"
+    r"^\s*(?:there|the|a|an|this|these|that|it|its|with|small|large|tiny|trace|minimal|mild|mildly|moderate|"
     r"moderately|severe|marked|markedly|extensive|massive|left|right|bilateral|bibasilar|bibasal|basilar|"
     r"new|old|stable|unchanged|persistent|persisting|chronic|acute|increased|increasing|decreased|"
     r"decreasing|improved|improving|worsening|worsened|resolving|healed|healing|calcified|subsegmental|"

@@ -91,6 +91,15 @@ SCOPE = [
     ("No acute disease, stable cardiomegaly.", "Cardiomegaly", P),
     ("No pneumothorax. Possible pneumonia.", "Pneumothorax", N),
     ("No pneumothorax; there is a small effusion.", "Pleural Effusion", P),
+    ("No infiltrate, atelectasis at the left base.", "Atelectasis", P),
+    ("No effusion, right pneumothorax.", "Pneumothorax", P),
+    ("There is no effusion and small right pneumothorax.", "Pneumothorax", P),
+    ("Without effusion and with mild cardiomegaly.", "Cardiomegaly", P),
+    ("Right lower lobe opacity, pneumonia cannot be excluded.", "Lung Opacity", P),
+    ("No pneumothorax, pneumonia cannot be excluded.", "Pneumothorax", N),
+    ("Lungs are clear except for mild bibasilar atelectasis.", "Atelectasis", P),
+    ("Heart size is normal, no effusion, possible small right pneumothorax.", "Pneumothorax", U),
+    ("The heart is normal in size, the mediastinum is widened.", "Enlarged Cardiomediastinum", P),
 ]
 LISTS = [
     ("No effusion, pneumothorax or consolidation.", "Pleural Effusion", N),
@@ -101,6 +110,11 @@ LISTS = [
     ("Pleural effusion and pneumothorax are not seen.", "Pleural Effusion", N),
     ("Without edema, effusion or pneumothorax.", "Edema", N),
     ("No effusion or pneumothorax.", "Pneumothorax", N),  # negation before the "or" uncertainty
+    ("Effusion, pneumothorax, and consolidation are not seen.", "Pleural Effusion", N),
+    ("No pleural effusion, pneumothorax or consolidation is seen.", "Pleural Effusion", N),
+    ("No effusion, pneumothorax or consolidation in the lungs.", "Consolidation", N),
+    ("Neither effusion nor pneumothorax.", "Pneumothorax", N),
+    ("No effusion, suspicious nodule or mass.", "Lung Lesion", N),
 ]
 MENTIONS = [
     ("The mediastinum is widened.", "Enlarged Cardiomediastinum", P),
