@@ -54,9 +54,10 @@ It is a keyword labeler, not CheXbert: it reads what a report states, not
 what a radiologist would infer. medspaCy 1.3.1's ConText (default rules,
 sentence scope, these same mention phrases) was measured in its place on the
 IU X-Ray sample and lost: MeSH macro-F1 0.810 vs 0.935 on the held-out half
-(0.843 vs 0.889 on all 389 indexed reports), 76 vs 104 of the 104 convention
-sentences of tests/test_labeler.py, 2.8 vs 0.1 s per 100 reports. So it is
-not a dependency; ``labeler_agreement`` holds the measurement's MeSH side.
+(0.843 vs 0.889 on all 389 indexed reports), 83 vs 118 of the 118 convention
+sentences of tests/test_labeler.py, and 24-35 times slower (2.8-6.2 vs
+0.08-0.26 s per 100 reports, same runs). So it is not a dependency;
+``labeler_agreement`` holds the measurement's MeSH side.
 """
 
 from __future__ import annotations
