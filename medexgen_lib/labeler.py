@@ -65,7 +65,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-LABELER_VERSION = "2.0"  # bump whenever a rule or phrase changes: it is part of the evaluation fingerprint
+LABELER_VERSION = "2.1"  # bump whenever a rule or phrase changes: it is part of the evaluation fingerprint
 
 POSITIVE, UNCERTAIN, NEGATIVE, ABSENT = "positive", "uncertain", "negative", "absent"
 _RANK = {ABSENT: 0, NEGATIVE: 1, UNCERTAIN: 2, POSITIVE: 3}
@@ -78,7 +78,7 @@ _FILLER = (r"(?:(?:is|are|was|were|appears?|remains?|seems?|again|now|still|also
            r"mildly|moderately|markedly|severely|slightly|minimally|significantly|somewhat|borderline|"
            r"not|no|longer|top|at|near|the|upper|limits?|of|within|in|size|silhouette|contours?|and|"
            r"mediastinal|mediastinum|hilar|pulmonary|vascularity|vasculature|lungs?|stable|unchanged|"
-           r"xxxx|likely|probably|possibly|may|be|to|for|very|slightly|shape|configuration)\s+){0,6}")
+           r"xxxx|likely|probably|possibly|may|be|to|for|very|slightly|shape|configuration|hila|hilum),?\s+){0,6}")
 _HEART = r"(?:heart|cardiac (?:silhouette|shadow|size|contour|diameter)s?)(?: size)?"
 _MEDIASTINUM = (r"(?:(?:cardio)?mediastin(?:um|al) (?:silhouette|contours?|configuration|width|shadow)s?"
                 r"|mediastinum|superior mediastinum)")
@@ -87,20 +87,25 @@ _WIDENED = r"(?:widened|widening|wide|enlarged|enlargement|prominent|prominence|
 _NORMAL = (r"(?:normal|unremarkable|within normal limits|(?:at )?(?:the )?(?:upper|high|top) (?:limits? )?"
            r"(?:of )?normal)")
 
+_INTERSTITIAL = (r"(?:interstitial|reticular) (?:markings?|patterns?|lung disease)"
+                 r"|reticulation")
+# "Normal interstitial markings": a normal statement, masked as a mention of Lung Opacity.
+_NORMAL_INTERSTITIAL = (rf"normal (?:\w+ ){{0,3}}(?:{_INTERSTITIAL})",
+                        rf"(?:{_INTERSTITIAL}) (?:(?:is|are|appears?|remains?)\s+)?{_NORMAL}")
 # Mention phrases (regular expressions over lowercased text, hyphens read as spaces), per observation.
 MENTIONS: dict[str, list[str]] = {
     "Enlarged Cardiomediastinum": [
-        rf"{_MEDIASTINUM} {_FILLER}{_WIDENED}", rf"{_WIDENED} (?:of )?(?:the )?(?:\w+ )?{_MEDIASTINUM}",
+        rf"{_MEDIASTINUM},? {_FILLER}{_WIDENED}", rf"{_WIDENED} (?:of )?(?:the )?(?:\w+ )?{_MEDIASTINUM}",
         r"(?:cardio)?mediastinal (?:widening|enlargement|prominence)"],
     "Cardiomegaly": [
-        r"cardiomegaly", r"cardiac enlargement", rf"{_HEART} {_FILLER}{_ENLARGED}",
+        r"cardiomegaly", r"cardiac enlargement", rf"{_HEART},? {_FILLER}{_ENLARGED}",
         rf"{_ENLARGED} (?:of )?(?:the )?{_HEART}"],
     "Lung Lesion": [r"nodules?", r"nodular (?:density|densities|opacity|opacities|opacification)",
                     r"mass(?:es)?", r"lump", r"cavitary lesions?", r"carcinoma", r"neoplasms?",
                     r"tumou?rs?"],
     "Lung Opacity": [r"opacit(?:y|ies)", r"opacification", r"opacified", r"infiltrat(?:e|es|ion|ions)",
                      r"air ?space (?:disease|process|opacit(?:y|ies))", r"increased density",
-                     r"decreased translucency"],
+                     r"decreased translucency", _INTERSTITIAL],
     "Edema": [r"edema", r"heart failure", r"\bchf"],
     "Consolidation": [r"consolidat\w*"],
     "Pneumonia": [r"pneumonias?", r"infection", r"infectious(?: process)?"],
@@ -110,11 +115,13 @@ MENTIONS: dict[str, list[str]] = {
     "Pleural Other": [r"pleural (?:thickening|scarring|scar|plaques?|calcifications?)", r"fibrothorax",
                       r"pleuro ?parenchymal (?:scarring|scar)", r"pleural parenchymal scar"],
     "Fracture": [r"fractures?", r"fractured"],
-    SUPPORT_DEVICES: [r"pacemakers?", r"pacer", r"catheters?", r"(?:picc|central venous|central|port) lines?",
-                      r"picc", r"(?:endotracheal|chest|feeding|nasogastric|tracheostomy|et|ng|enteric|"
-                      r"gastric|drainage|shunt) tubes?", r"sternotomy wires?", r"sternal wires?",
+    SUPPORT_DEVICES: [r"pacemakers?", r"pacer", r"catheters?", r"(?:picc|central venous|central|port|ij|internal "
+                      r"jugular|jugular|subclavian|femoral|arterial|venous|midline|swan ganz|hickman|dialysis|"
+                      r"lumen|iv|intravenous|catheter) lines?", r"lines? and tubes?", r"tubes? and lines?",
+                      r"picc", r"tubes?", r"plates?", r"screws?", r"(?:embolization|endovascular) coils?",
+                      r"sternotomy wires?", r"sternal wires?",
                       r"(?:surgical|vascular|mediastinal) clips", r"stents?", r"port a cath", r"mediport",
-                      r"defibrillators?", r"\b(?:a?icd)", r"(?:support|medical|cardiac) devices?",
+                      r"defibrillators?", r"\b(?:a?icd)", r"devices?",
                       r"hardware", r"(?:prosthetic|artificial) valves?", r"valve (?:replacement|prosthesis)",
                       r"arthroplast\w*", r"cannula", r"drains?", r"generator", r"markers?"],
     # The seed's terms not covered by the 14:
@@ -131,20 +138,22 @@ UNCERTAIN_MENTIONS: dict[str, list[str]] = {
               r"indistinctness", r"vascular prominence"],
     "Pleural Effusion": [r"blunt\w* (?:of )?(?:the )?(?:\w+ )?costophrenic", r"costophrenic (?:angles?|sulc\w+) "
                          r"(?:is |are )?blunt\w*"],
-    "Cardiomegaly": [rf"borderline (?:\w+ )?{_HEART}", rf"{_HEART} {_FILLER}borderline"],
+    "Cardiomegaly": [rf"borderline (?:\w+ ){{0,3}}{_HEART}", rf"{_HEART},? {_FILLER}borderline"],
 }
 # Statements that the heart or mediastinum is normal: negative mentions.
 NORMAL_MENTIONS: dict[str, list[str]] = {
-    "Cardiomegaly": [rf"{_HEART} {_FILLER}{_NORMAL}", rf"normal(?: sized?)? {_HEART}"],
+    "Cardiomegaly": [rf"{_HEART},? {_FILLER}{_NORMAL}", rf"normal(?: sized?)? {_HEART}"],
     "Enlarged Cardiomediastinum": [
-        rf"{_MEDIASTINUM} {_FILLER}{_NORMAL}",
+        rf"{_MEDIASTINUM},? {_FILLER}{_NORMAL}",
         rf"normal (?:(?:heart|cardiac|size|and|hilar|the)\s+){{0,4}}{_MEDIASTINUM}"],
+    "Lung Opacity": list(_NORMAL_INTERSTITIAL),
 }
 # Phrases that contain a mention but name something else; masked before that observation is matched.
 UNMENTIONS: dict[str, list[str]] = {
     "Pleural Effusion": [r"pericardial effusions?"],
     "Lung Lesion": [r"calcified nodul\w*", r"massive", r"mass effect", r"nipple"],
-    "Lung Opacity": [r"pleural scar\w*"],
+    "Lung Opacity": [r"pleural scar\w*", *_NORMAL_INTERSTITIAL],
+    SUPPORT_DEVICES: [r"plate ?like", r"end ?plates?"],
     "Pneumonia": [r"granulomatous (?:\w+ )?infection", r"(?:prior|previous|old|healed|remote|chronic) "
                   r"(?:\w+ ){0,2}infection", r"sequela\w* of (?:\w+ ){0,3}infection"],
     "Atelectasis": [r"(?:vertebral|vertebra|body|bodies|height) collapse", r"collapse of (?:the )?(?:\w+ )?"
@@ -164,7 +173,10 @@ _CUE_NEG_POST = (r"^\W*(?:[\w,]+\s+){0,6}(?:is|are|was|were|has been|have been)\
                  r"(?:resolved|cleared)",
                  r"^\W*(?:[\w,]+\s+){0,6}(?:is|are|was|were)\s+(?:now\s+)?(?:absent|unlikely)",
                  r"^\W*(?:[\w,]+\s+){0,6}(?:has|have)\s+been\s+removed", r"^\W*(?:is|are)?\s*removed",
-                 r"^\W*(?:is\s+|are\s+|now\s+)*(?:unlikely|absent|excluded|gone)\b")
+                 r"^\W*(?:is\s+|are\s+|now\s+)*(?:unlikely|absent|excluded|gone)\b",
+                 r"^\s*(?:none|negative)\b(?!\s+for)",
+                 r"^\W*(?:[\w,]+\s+){0,6}?(?:with|showing|shows)\s+(?:near(?:ly)?\s+)?(?:complete\s+|interval\s+)*"
+                 r"(?:resolution|clearing)\b(?!\s+of)")
 _CUE_UNC_FIRST = (r"\b(?:cannot|can not|can't|could not|not)\s+(?:be\s+)?(?:entirely\s+|completely\s+|"
                   r"totally\s+|definitely\s+)?(?:excluded?|ruled?\s+out)",)
 _NO_NEW = r"\bno\s+(?:\w+\s+)?new\s+(?:\w+\s+){0,2}$"
@@ -202,16 +214,26 @@ _FINDING_WORDS = (r"scar\w*|fibros\w*|thickening|fat|vessels?|vascular\w*|artifa
                   r"nodules?|mass|pneumothorax|emphysema|tumou?r|neoplasm|cardiomegaly|collapse|"
                   r"abnormalit\w+|changes?|findings?|structures?|contusion|hernia|eventration")
 
-_SENTENCE_SPLIT = re.compile(r"(?<=[.;!?:])(?=\s|$)|\n")
+# A sentence ends at ". ", ";", "?", "!", a header's ":", a line break, a period glued to the next word
+# ("normal.the lungs", "effusion.2.") and before a numbered item "2) ".
+_SENTENCE_SPLIT = re.compile(r"(?<=[.;!?:])(?=\s|$)|\n|(?<=[a-z]\.)(?=[a-z\d])|(?=\b\d{1,2}\)\s)")
+_HEADERS = {"findings", "impression", "impressions", "comparison", "comparisons", "indication", "history",
+            "technique", "exam", "examination", "conclusion", "conclusions", "recommendation", "recommendations",
+            "note", "reason", "procedure", "report", "summary", "addendum", "clinical", "views", "view"}
+_COLON = re.compile(r"\b(\w+)?\s*:(?!\d)\s*")
+_SPACED_DASH = re.compile(r"\s+-{1,2}\s+")
+_BLANKS = re.compile(r"[ \t]+")
 _SCOPE_BREAK = re.compile(r"\b(?:but|however|although|though|otherwise|except|whereas|which|aside from|"
                           r"apart from|with the exception of)\b")
-_LIST_SEPARATOR = re.compile(r",\s*(?:and\b|or\b)?|\band\b")
+_LIST_SEPARATOR = re.compile(r",\s*(?:and\b|or\b)?|\band\b|\bwith\b")
 _STATEMENT_START = re.compile(
     r"^\s*(?:there|the|a|an|this|these|that|it|its|with|small|large|tiny|trace|minimal|mild|mildly|moderate|"
     r"moderately|severe|marked|markedly|extensive|massive|left|right|bilateral|bibasilar|bibasal|basilar|"
     r"new|old|stable|unchanged|persistent|persisting|chronic|acute|increased|increasing|decreased|"
-    r"decreasing|improved|improving|worsening|worsened|resolving|healed|healing|calcified|subsegmental|"
+    r"decreasing|improved|improving|worsening|worsened|resolving|healed|healing|calcified|subsegmental|residual|"
     r"patchy|diffuse|multiple|several|\d)\b")
+# A subject and its predicate without a verb: "heart enlarged", "heart size normal".
+_PREDICATE = re.compile(r"^\s*(?:\w+\s+){1,3}(?:enlarged|widened|normal|unremarkable|clear|intact|stable|unchanged)\b")
 _VERB = re.compile(r"\b(?:is|are|was|were|has|have|had|be|been|can|cannot|may|might|could|appears?|remains?|"
                    r"seen|noted|present|identified|demonstrated|visualized|shows?|persists?|measur\w+|"
                    r"projects?|overlies|represents?)\b")
@@ -250,9 +272,10 @@ def _compiled() -> dict:
         "unc_post": re.compile(_alternation(_CUE_UNC_POST)),
         "pseudo": re.compile(_alternation(_PSEUDO_NEGATION)),
         "cue_start": re.compile(r"^\s*(?:" + _alternation(_CUE_NEG_PRE + _STATEMENT_CUES) + ")"),
-        "or_after": re.compile(r"^\s*(?:,\s*)?(?:or|and/or|versus|vs)\s+(?:\w+\s+){0,3}?(?:" + _FINDING_WORDS
-                               + r")\b"),
-        "or_before": re.compile(r"\b(?:" + _FINDING_WORDS + r")\s+(?:\w+\s+){0,3}?(?:or|and/or|versus|vs)\s+"
+        # "atelectasis or pneumonia", also closing a list: "atelectasis, scarring, or pneumonia"
+        "or_after": re.compile(r"^\s*,?\s*(?:(?:\w+\s+){0,2}?(?:" + _FINDING_WORDS + r")\s*,\s*){0,3}"
+                               r"(?:or|and/or|versus|vs)\s+(?:\w+\s+){0,3}?(?:" + _FINDING_WORDS + r")\b"),
+        "or_before": re.compile(r"\b(?:" + _FINDING_WORDS + r"),?\s+(?:\w+\s+){0,3}?(?:or|and/or|versus|vs)\s+"
                                 r"(?:\w+\s+){0,3}$"),
     }
 
@@ -268,6 +291,8 @@ def _starts_statement(previous: str, separator: str, part: str) -> bool:
     negated_list = disjunction and _compiled()["neg_pre"].search(previous)
     if _PLACE.search(text) and not disjunction and _compiled()["neg_pre"].search(previous):
         return True  # "no effusion, atelectasis at the left base": not an item of the negated list
+    if _PREDICATE.match(text) and not disjunction and not _VERB.search(text):
+        return True  # "no effusion, heart enlarged"
     if _VERB.search(text):
         if "and" not in separator:  # "opacity at the base, pneumonia cannot be excluded"
             return not negated_list
@@ -319,19 +344,30 @@ def _mask(text: str, pattern: re.Pattern | None) -> str:
     return pattern.sub(lambda m: " " * len(m.group()), text)
 
 
+def _colon(match: re.Match) -> str:
+    """A colon after a section header ends a sentence; inside a statement ("Heart: enlarged") it is a space."""
+    return f"{match.group(1) or ''}: " if match.group(1) in _HEADERS else f"{match.group(1) or ''} "
+
+
+def _prepare(text: str) -> str:
+    """Lowercased text, single-spaced, with a spaced dash read as a comma, hyphens and statement colons as spaces."""
+    lowered = _SPACED_DASH.sub(", ", text.lower()).replace("-", " ")
+    return _COLON.sub(_colon, _BLANKS.sub(" ", lowered))
+
+
 def label_report(text: str) -> dict[str, str]:
     """``{observation: positive | negative | uncertain | absent}`` for one report (see the module docstring)."""
     c = _compiled()
     labels = {obs: ABSENT for obs in OBSERVATIONS}
-    lowered = (text if isinstance(text, str) else "").lower().replace("-", " ")
+    lowered = _prepare(text if isinstance(text, str) else "")
     for sentence in _SENTENCE_SPLIT.split(lowered):
         if not sentence.strip():
             continue
         for _, clause in clauses(sentence):
             for obs, patterns in c["mentions"].items():
                 visible = _mask(clause, c["unmentions"].get(obs))
-                for kind, pattern in patterns:
-                    for match in pattern.finditer(visible):
+                for kind, pattern in patterns:  # a normal statement is read where its mention is masked
+                    for match in pattern.finditer(clause if kind == "normal" else visible):
                         status = mention_status(clause, match.start(), match.end())
                         if kind == "uncertain" and status == POSITIVE:
                             status = UNCERTAIN

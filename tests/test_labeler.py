@@ -142,7 +142,40 @@ MENTIONS = [
     ("Sternotomy wires are intact.", "Support Devices", P),
     ("Small hiatal hernia.", "Hernia", P),
 ]
-CONVENTION_CASES = ISSUE_TABLE + NEGATION + UNCERTAINTY + KEEPS_POSITIVE + SCOPE + LISTS + MENTIONS
+# Found by review (issue #13): real-style shapes the first version missed.
+REVIEW = [
+    ("Atelectasis, scarring, or pneumonia.", "Atelectasis", U),  # "or" closing a list of findings
+    ("Atelectasis, scarring, or pneumonia.", "Pneumonia", U),
+    ("Left basilar opacity, atelectasis, or infiltrate.", "Lung Opacity", U),
+    ("Right IJ line with tip in the SVC.", "Support Devices", P),  # CheXpert: line, tube, plate, screw
+    ("Lines and tubes are unchanged.", "Support Devices", P),
+    ("Dobhoff tube in the stomach.", "Support Devices", P),
+    ("Plate and screws in the lower cervical spine.", "Support Devices", P),
+    ("Kerley B lines.", "Support Devices", A),
+    ("Plate-like atelectasis at the left base.", "Support Devices", A),
+    ("Increased interstitial markings.", "Lung Opacity", P),  # CheXpert's lung opacity phrases
+    ("Coarse reticular markings bilaterally.", "Lung Opacity", P),
+    ("No increased interstitial markings.", "Lung Opacity", N),
+    ("Lungs are clear, no effusion, heart enlarged.", "Cardiomegaly", P),  # a predicate makes a statement
+    ("No pneumothorax, heart size enlarged.", "Cardiomegaly", P),
+    ("Resolution of the effusion with persistent atelectasis.", "Atelectasis", P),
+    ("Resolution of the effusion with persistent atelectasis.", "Pleural Effusion", N),
+    ("No pneumothorax.Small right effusion.", "Pleural Effusion", P),  # no space after the period
+    ("1.No effusion.2.Left lower lobe pneumonia.", "Pneumonia", P),
+    ("1) No pneumothorax 2) Small right pleural effusion", "Pleural Effusion", P),
+    ("No pneumothorax - small right effusion.", "Pleural Effusion", P),  # a spaced dash separates
+    ("Pleural effusion: none.", "Pleural Effusion", N),
+    ("Pneumothorax: negative.", "Pneumothorax", N),
+    ("Lungs: clear. Heart: enlarged.", "Cardiomegaly", P),  # a colon inside a statement is not a break
+    ("Heart: normal size. Lungs: no effusion.", "Cardiomegaly", N),
+    ("FINDINGS: No pneumothorax IMPRESSION: Cardiomegaly.", "Cardiomegaly", P),  # a header still breaks
+    ("FINDINGS: No pneumothorax IMPRESSION: Cardiomegaly.", "Pneumothorax", N),
+    ("Right lower lobe pneumonia with interval resolution.", "Pneumonia", N),  # CheXpert post-negation
+    ("The heart, mediastinum, and hila are normal.", "Cardiomegaly", N),
+    ("The heart, mediastinum, and hila are normal.", "Enlarged Cardiomediastinum", N),
+    ("Borderline size of the cardiac silhouette.", "Cardiomegaly", U),
+]
+CONVENTION_CASES = ISSUE_TABLE + NEGATION + UNCERTAINTY + KEEPS_POSITIVE + SCOPE + LISTS + MENTIONS + REVIEW
 
 
 @pytest.mark.parametrize("sentence, observation, expected", CONVENTION_CASES)
@@ -204,9 +237,10 @@ def test_mesh_agreement_counts_on_known_input():
 
 
 # Floors below what the labeler measures on the whole sample (findings + impression); each observation
-# with a MeSH term is held to a precision AND a recall floor.
+# with a MeSH term is held to a precision AND a recall floor. Lung Opacity's precision is lower by
+# definition: CheXpert counts "interstitial markings" as Lung Opacity, MeSH indexes them as "Markings".
 FLOORS = {"Cardiomegaly": (0.85, 0.80), "Atelectasis": (0.90, 0.70), "Pleural Effusion": (0.85, 0.80),
-          "Lung Opacity": (0.90, 0.90), "Lung Lesion": (0.65, 0.85), "Edema": (0.90, 0.90),
+          "Lung Opacity": (0.80, 0.90), "Lung Lesion": (0.65, 0.85), "Edema": (0.90, 0.90),
           "Pneumonia": (0.60, 0.90), "Consolidation": (0.90, 0.70), "Fracture": (0.70, 0.90)}
 
 
