@@ -171,7 +171,7 @@ _CUE_NEG_POST = (r"^\W*(?:[\w,]+\s+){0,6}(?:is|are|was|were|has been|have been)\
                  r"appreciated|evident|visible|detected)",
                  r"^\W*(?:[\w,]+\s+){0,6}(?:has|have|had)?\s*(?:since\s+|now\s+|completely\s+|nearly\s+)?"
                  r"(?:resolved|cleared)",
-                 r"^\W*(?:[\w,]+\s+){0,6}(?:is|are|was|were)\s+(?:now\s+)?(?:absent|unlikely)",
+                 r"^\W*(?:[\w,]+\s+){0,6}(?:is|are|was|were)\s+(?:now\s+|very\s+|highly\s+)?(?:absent|unlikely)",
                  r"^\W*(?:[\w,]+\s+){0,6}(?:has|have)\s+been\s+removed", r"^\W*(?:is|are)?\s*removed",
                  r"^\W*(?:is\s+|are\s+|now\s+)*(?:unlikely|absent|excluded|gone)\b",
                  r"^\s*(?:none|negative)\b(?!\s+for)",
@@ -223,6 +223,9 @@ _HEADERS = {"findings", "impression", "impressions", "comparison", "comparisons"
 _COLON = re.compile(r"\b(\w+)?\s*:(?!\d)\s*")
 _SPACED_DASH = re.compile(r"\s+-{1,2}\s+")
 _BLANKS = re.compile(r"[ \t]+")
+_ABBREVIATION = re.compile(r"\b(vs|approx|e\.g|i\.e)\.")  # not the end of a sentence
+# ", which was seen before," inside a statement: the statement's own cues reach past it.
+_PARENTHETICAL = re.compile(r",\s*which\b[^,;.]*,")
 _SCOPE_BREAK = re.compile(r"\b(?:but|however|although|though|otherwise|except|whereas|which|aside from|"
                           r"apart from|with the exception of)\b")
 _LIST_SEPARATOR = re.compile(r",\s*(?:and\b|or\b)?|\band\b|\bwith\b")
@@ -280,14 +283,18 @@ def _compiled() -> dict:
     }
 
 
-def _starts_statement(previous: str, separator: str, part: str) -> bool:
-    """Whether ``part`` (after a comma or "and") opens a new statement instead of continuing a list."""
+def _starts_statement(previous: str, separator: str, part: str, following: str = "") -> bool:
+    """Whether ``part`` (after a comma or "and") opens a new statement instead of continuing a list.
+
+    ``following`` is the text after ``part``: a list that goes on with "or" ("no effusion, consolidation at
+    the base, or pneumothorax") keeps its items.
+    """
     text = part.strip()
     if not text or re.search(r"\bor\b", separator) or re.match(r"(?:or|nor)\b", text):
         return False
     if _compiled()["cue_start"].match(text) or _STATEMENT_START.match(text):
         return True
-    disjunction = re.search(r"\b(?:or|nor)\b", text)
+    disjunction = re.search(r"\b(?:or|nor)\b", text) or re.match(r"\s*,?\s*(?:or|nor)\b", following)
     negated_list = disjunction and _compiled()["neg_pre"].search(previous)
     if _PLACE.search(text) and not disjunction and _compiled()["neg_pre"].search(previous):
         return True  # "no effusion, atelectasis at the left base": not an item of the negated list
@@ -316,7 +323,7 @@ def clauses(sentence: str) -> list[tuple[int, str]]:
         for i in range(1, len(bounds) - 1):
             sep = _LIST_SEPARATOR.match(piece, bounds[i])
             part = piece[sep.end():bounds[i + 1]]
-            if _starts_statement(piece[clause_start:bounds[i]], sep.group(), part):
+            if _starts_statement(piece[clause_start:bounds[i]], sep.group(), part, piece[bounds[i + 1]:]):
                 out.append((offset + clause_start, piece[clause_start:bounds[i]]))
                 clause_start = bounds[i]
         out.append((offset + clause_start, piece[clause_start:]))
@@ -350,9 +357,12 @@ def _colon(match: re.Match) -> str:
 
 
 def _prepare(text: str) -> str:
-    """Lowercased text, single-spaced, with a spaced dash read as a comma, hyphens and statement colons as spaces."""
+    """Lowercased text, single-spaced; a spaced dash reads as a comma, "and/or" as "or", hyphens and
+    statement colons as spaces, and a comma-enclosed "which" clause is left out."""
     lowered = _SPACED_DASH.sub(", ", text.lower()).replace("-", " ")
-    return _COLON.sub(_colon, _BLANKS.sub(" ", lowered))
+    lowered = _ABBREVIATION.sub(r"\1", lowered.replace("and/or", "or"))
+    lowered = _PARENTHETICAL.sub(" ", _BLANKS.sub(" ", lowered))
+    return _COLON.sub(_colon, lowered)
 
 
 def label_report(text: str) -> dict[str, str]:

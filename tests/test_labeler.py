@@ -174,6 +174,13 @@ REVIEW = [
     ("The heart, mediastinum, and hila are normal.", "Cardiomegaly", N),
     ("The heart, mediastinum, and hila are normal.", "Enlarged Cardiomediastinum", N),
     ("Borderline size of the cardiac silhouette.", "Cardiomegaly", U),
+    ("Pneumothorax is very unlikely.", "Pneumothorax", N),
+    ("The effusion, which was seen previously, has resolved.", "Pleural Effusion", N),  # a relative clause
+    ("The nodule, which was seen on the prior study, is no longer visualized.", "Lung Lesion", N),
+    ("No effusion, consolidation at the left base, or pneumothorax.", "Consolidation", N),  # the list goes on
+    ("No effusion, consolidation at the left base, or pneumothorax.", "Pneumothorax", N),
+    ("Atelectasis vs. pneumonia.", "Atelectasis", U),  # "vs." does not end the sentence
+    ("Left lower lobe atelectasis vs. infiltrate.", "Lung Opacity", U),
 ]
 CONVENTION_CASES = ISSUE_TABLE + NEGATION + UNCERTAINTY + KEEPS_POSITIVE + SCOPE + LISTS + MENTIONS + REVIEW
 
