@@ -153,7 +153,7 @@ UNMENTIONS: dict[str, list[str]] = {
     "Pleural Effusion": [r"pericardial effusions?"],
     "Lung Lesion": [r"calcified nodul\w*", r"massive", r"mass effect", r"nipple"],
     "Lung Opacity": [r"pleural scar\w*", *_NORMAL_INTERSTITIAL],
-    SUPPORT_DEVICES: [r"plate ?like", r"end ?plates?"],
+    SUPPORT_DEVICES: [r"plates? (?:like )?atelecta\w*", r"plate ?like", r"end ?plates?"],
     "Pneumonia": [r"granulomatous (?:\w+ )?infection", r"(?:prior|previous|old|healed|remote|chronic) "
                   r"(?:\w+ ){0,2}infection", r"sequela\w* of (?:\w+ ){0,3}infection"],
     "Atelectasis": [r"(?:vertebral|vertebra|body|bodies|height) collapse", r"collapse of (?:the )?(?:\w+ )?"
@@ -216,7 +216,7 @@ _FINDING_WORDS = (r"scar\w*|fibros\w*|thickening|fat|vessels?|vascular\w*|artifa
 
 # A sentence ends at ". ", ";", "?", "!", a header's ":", a line break, a period glued to the next word
 # ("normal.the lungs", "effusion.2.") and before a numbered item "2) ".
-_SENTENCE_SPLIT = re.compile(r"(?<=[.;!?:])(?=\s|$)|\n|(?<=[a-z]\.)(?=[a-z\d])|(?=\b\d{1,2}\)\s)")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.:])(?=\s|$)|(?<=[;!?])|\n|(?<=[a-z]\.)(?=[a-z\d])|(?=\b\d{1,2}\)\s)")
 _HEADERS = {"findings", "impression", "impressions", "comparison", "comparisons", "indication", "history",
             "technique", "exam", "examination", "conclusion", "conclusions", "recommendation", "recommendations",
             "note", "reason", "procedure", "report", "summary", "addendum", "clinical", "views", "view"}
@@ -330,14 +330,18 @@ def clauses(sentence: str) -> list[tuple[int, str]]:
     return out
 
 
-def mention_status(clause: str, start: int, end: int) -> str:
-    """Positive, negative or uncertain for the mention ``clause[start:end]``, from the cues of its clause."""
+def mention_status(clause: str, start: int, end: int, relative: str = "") -> str:
+    """Positive, negative or uncertain for the mention ``clause[start:end]``, from the cues of its clause.
+
+    ``relative`` is a "which" clause that follows: its negation ("opacity which has resolved") reaches
+    back, its uncertainty ("opacity which may represent pneumonia") does not.
+    """
     c = _compiled()
     before, inside, after = clause[:start], clause[start:end], clause[end:]
     if c["unc_first"].search(clause) or c["no_new"].search(before):
         return UNCERTAIN
     masked = c["pseudo"].sub(lambda m: " " * len(m.group()), before + inside)
-    if c["neg_pre"].search(masked) or c["neg_post"].search(after):
+    if c["neg_pre"].search(masked) or c["neg_post"].search(after) or c["neg_post"].search(relative):
         return NEGATIVE
     if (c["unc_pre"].search(before + inside) or c["unc_post"].search(after) or before.rstrip().endswith("?")
             or c["or_after"].search(after) or c["or_before"].search(before)):
@@ -373,12 +377,15 @@ def label_report(text: str) -> dict[str, str]:
     for sentence in _SENTENCE_SPLIT.split(lowered):
         if not sentence.strip():
             continue
-        for _, clause in clauses(sentence):
+        scopes = [clause for _, clause in clauses(sentence)]
+        for i, clause in enumerate(scopes):
+            following = scopes[i + 1] if i + 1 < len(scopes) else ""
+            relative = following if re.match(r"\s*which\b", following) else ""
             for obs, patterns in c["mentions"].items():
                 visible = _mask(clause, c["unmentions"].get(obs))
                 for kind, pattern in patterns:  # a normal statement is read where its mention is masked
                     for match in pattern.finditer(clause if kind == "normal" else visible):
-                        status = mention_status(clause, match.start(), match.end())
+                        status = mention_status(clause, match.start(), match.end(), relative)
                         if kind == "uncertain" and status == POSITIVE:
                             status = UNCERTAIN
                         elif kind == "normal":

@@ -181,6 +181,10 @@ REVIEW = [
     ("No effusion, consolidation at the left base, or pneumothorax.", "Pneumothorax", N),
     ("Atelectasis vs. pneumonia.", "Atelectasis", U),  # "vs." does not end the sentence
     ("Left lower lobe atelectasis vs. infiltrate.", "Lung Opacity", U),
+    ("Plate atelectasis at the left base.", "Support Devices", A),
+    ("No pneumothorax;small effusion.", "Pleural Effusion", P),
+    ("Opacity which has resolved.", "Lung Opacity", N),  # a "which" clause's negation reaches back
+    ("Opacity at the right base which could be atelectasis.", "Lung Opacity", P),  # its uncertainty does not
 ]
 CONVENTION_CASES = ISSUE_TABLE + NEGATION + UNCERTAINTY + KEEPS_POSITIVE + SCOPE + LISTS + MENTIONS + REVIEW
 
