@@ -78,7 +78,7 @@ _FILLER = (r"(?:(?:is|are|was|were|appears?|remains?|seems?|again|now|still|also
            r"mildly|moderately|markedly|severely|slightly|minimally|significantly|somewhat|borderline|"
            r"not|no|longer|top|at|near|the|upper|limits?|of|within|in|size|silhouette|contours?|and|"
            r"mediastinal|mediastinum|hilar|pulmonary|vascularity|vasculature|lungs?|stable|unchanged|"
-           r"xxxx|likely|probably|possibly|may|be|to|for|very|slightly|shape|configuration|hila|hilum),?\s+){0,6}")
+           r"xxxx|likely|probably|possibly|may|be|to|for|very|slightly|shape|configuration|hila|hilum|\w+ly),?\s+){0,6}")
 _HEART = r"(?:heart|cardiac (?:silhouette|shadow|size|contour|diameter)s?)(?: size)?"
 _MEDIASTINUM = (r"(?:(?:cardio)?mediastin(?:um|al) (?:silhouette|contours?|configuration|width|shadow)s?"
                 r"|mediastinum|superior mediastinum)")
@@ -235,6 +235,11 @@ _STATEMENT_START = re.compile(
     r"new|old|stable|unchanged|persistent|persisting|chronic|acute|increased|increasing|decreased|"
     r"decreasing|improved|improving|worsening|worsened|resolving|healed|healing|calcified|subsegmental|residual|"
     r"patchy|diffuse|multiple|several|\d)\b")
+# A negation followed by adjectives only, before a comma: "no displaced, acute fracture".
+_NEGATED_MODIFIERS = re.compile(
+    r"\b(?:no|not|without|negative for|free of|clear of)\s+(?:(?:acute|displaced|nondisplaced|non displaced|"
+    r"focal|large|significant|definite|new|obvious|gross|discrete|suspicious|active|confluent|appreciable|"
+    r"sizable|substantial|frank|overt|dense|visible|evident)\s*)+$")
 # A subject and its predicate without a verb: "heart enlarged", "heart size normal".
 _PREDICATE = re.compile(r"^\s*(?:\w+\s+){1,3}(?:enlarged|widened|normal|unremarkable|clear|intact|stable|unchanged)\b")
 _VERB = re.compile(r"\b(?:is|are|was|were|has|have|had|be|been|can|cannot|may|might|could|appears?|remains?|"
@@ -292,9 +297,14 @@ def _starts_statement(previous: str, separator: str, part: str, following: str =
     text = part.strip()
     if not text or re.search(r"\bor\b", separator) or re.match(r"(?:or|nor)\b", text):
         return False
-    if _compiled()["cue_start"].match(text) or _STATEMENT_START.match(text):
+    if _compiled()["cue_start"].match(text):
         return True
-    disjunction = re.search(r"\b(?:or|nor)\b", text) or re.match(r"\s*,?\s*(?:or|nor)\b", following)
+    if _NEGATED_MODIFIERS.search(previous):
+        return False  # "no displaced, acute fractures": the comma joins two adjectives
+    goes_on = re.match(r"\s*,?\s*(?:or|nor)\b", following)
+    if _STATEMENT_START.match(text):  # "without consolidation, large effusion, or pneumothorax" is one list
+        return not (goes_on and _compiled()["neg_pre"].search(previous))
+    disjunction = re.search(r"\b(?:or|nor)\b", text) or goes_on
     negated_list = disjunction and _compiled()["neg_pre"].search(previous)
     if _PLACE.search(text) and not disjunction and _compiled()["neg_pre"].search(previous):
         return True  # "no effusion, atelectasis at the left base": not an item of the negated list

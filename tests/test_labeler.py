@@ -185,6 +185,10 @@ REVIEW = [
     ("No pneumothorax;small effusion.", "Pleural Effusion", P),
     ("Opacity which has resolved.", "Lung Opacity", N),  # a "which" clause's negation reaches back
     ("Opacity at the right base which could be atelectasis.", "Lung Opacity", P),  # its uncertainty does not
+    ("The heart size is persistently enlarged.", "Cardiomegaly", P),  # any adverb between subject and predicate
+    ("Lungs are without focal consolidation, large pleural effusion, or pneumothoraces.", "Pleural Effusion", N),
+    ("No displaced, acute fractures are identified.", "Fracture", N),
+    ("No pneumothorax, small right pleural effusion or atelectasis.", "Pleural Effusion", U),
 ]
 CONVENTION_CASES = ISSUE_TABLE + NEGATION + UNCERTAINTY + KEEPS_POSITIVE + SCOPE + LISTS + MENTIONS + REVIEW
 
