@@ -177,12 +177,17 @@ _CUE_NEG_POST = (r"^\W*(?:[\w,]+\s+){0,6}(?:is|are|was|were|has been|have been)\
                  r"^\s*(?:none|negative)\b(?!\s+for)",
                  r"^\W*(?:[\w,]+\s+){0,6}?(?:with|showing|shows)\s+(?:near(?:ly)?\s+)?(?:complete\s+|interval\s+)*"
                  r"(?:resolution|clearing)\b(?!\s+of)")
+# What a "which" clause says that negates its antecedent ("opacity which has resolved"); not "unlikely" or
+# "not seen" ("opacity which is unlikely to be pneumonia", "nodule which is not seen on the lateral view").
+_RELATIVE_NEGATION = (r"^\s*which\s+(?:[\w,]+\s+){0,6}?(?:(?:has|have|had)\s+)?(?:since\s+|now\s+|completely\s+|"
+                      r"nearly\s+)?(?:resolved|cleared|been\s+removed|(?:is|are|was|were)\s+no\s+longer)\b")
 _CUE_UNC_FIRST = (r"\b(?:cannot|can not|can't|could not|not)\s+(?:be\s+)?(?:entirely\s+|completely\s+|"
                   r"totally\s+|definitely\s+)?(?:excluded?|ruled?\s+out)",)
-_NO_NEW = r"\bno\s+(?:\w+\s+)?new\s+(?:\w+\s+){0,2}$"
+_NO_NEW = r"\bno\s+(?:\w+\s+)?new,?\s+(?:\w+\s+){0,2}$"
 _CUE_UNC_PRE = (r"\bmay\b", r"\bmight\b", r"\bcould\b", r"\bpossibl[ey]\b", r"\bpossibility\b",
                 r"\bprobabl[ey]\b", r"(?<!un)\blikely\b", r"\bsuggest\w*", r"\bversus\b", r"\bvs\b",
                 r"\bquestionabl[ey]\b", r"\bquestion(?:ed)?\b", r"\bconcern(?:ing)?\b", r"\bsuspicious\b",
+                r"\bcorrelat\w*\s+(?:clinically\s+)?for\b",
                 r"\bsuspect\w*", r"\bsuspicion\b", r"\bworrisome\b", r"\bfavou?r\w*", r"\bconsider(?:ed)?\b",
                 r"\bdifferential\b", r"\bborderline\b", r"\bequivocal\b", r"\bindeterminate\b",
                 r"\bpresumed\b", r"\bpresumabl[ey]\b", r"\bperhaps\b", r"\bmaybe\b", r"\bapparent\b")
@@ -224,8 +229,8 @@ _COLON = re.compile(r"\b(\w+)?\s*:(?!\d)\s*")
 _SPACED_DASH = re.compile(r"\s+-{1,2}\s+")
 _BLANKS = re.compile(r"[ \t]+")
 _ABBREVIATION = re.compile(r"\b(vs|approx|e\.g|i\.e)\.")  # not the end of a sentence
-# ", which was seen before," inside a statement: the statement's own cues reach past it.
-_PARENTHETICAL = re.compile(r",\s*which\b[^,;.]*,")
+# ", which was seen before," inside a statement: its commas go, so the statement goes on after it.
+_PARENTHETICAL = re.compile(r",(\s*which\b[^,;.]*),")
 _SCOPE_BREAK = re.compile(r"\b(?:but|however|although|though|otherwise|except|whereas|which|aside from|"
                           r"apart from|with the exception of)\b")
 _LIST_SEPARATOR = re.compile(r",\s*(?:and\b|or\b)?|\band\b|\bwith\b")
@@ -274,6 +279,7 @@ def _compiled() -> dict:
         "mentions": mentions, "unmentions": unmentions,
         "neg_pre": re.compile(_alternation(_CUE_NEG_PRE)),
         "neg_post": re.compile(_alternation(_CUE_NEG_POST)),
+        "relative_neg": re.compile(_RELATIVE_NEGATION),
         "unc_first": re.compile(_alternation(_CUE_UNC_FIRST)),
         "no_new": re.compile(_NO_NEW),
         "unc_pre": re.compile(_alternation(_CUE_UNC_PRE)),
@@ -343,15 +349,15 @@ def clauses(sentence: str) -> list[tuple[int, str]]:
 def mention_status(clause: str, start: int, end: int, relative: str = "") -> str:
     """Positive, negative or uncertain for the mention ``clause[start:end]``, from the cues of its clause.
 
-    ``relative`` is a "which" clause that follows: its negation ("opacity which has resolved") reaches
-    back, its uncertainty ("opacity which may represent pneumonia") does not.
+    ``relative`` is a "which" clause that follows: its resolution ("opacity which has resolved") reaches
+    back, its other cues ("opacity which may represent pneumonia", "... is unlikely to be") do not.
     """
     c = _compiled()
     before, inside, after = clause[:start], clause[start:end], clause[end:]
     if c["unc_first"].search(clause) or c["no_new"].search(before):
         return UNCERTAIN
     masked = c["pseudo"].sub(lambda m: " " * len(m.group()), before + inside)
-    if c["neg_pre"].search(masked) or c["neg_post"].search(after) or c["neg_post"].search(relative):
+    if c["neg_pre"].search(masked) or c["neg_post"].search(after) or c["relative_neg"].search(relative):
         return NEGATIVE
     if (c["unc_pre"].search(before + inside) or c["unc_post"].search(after) or before.rstrip().endswith("?")
             or c["or_after"].search(after) or c["or_before"].search(before)):
@@ -372,10 +378,10 @@ def _colon(match: re.Match) -> str:
 
 def _prepare(text: str) -> str:
     """Lowercased text, single-spaced; a spaced dash reads as a comma, "and/or" as "or", hyphens and
-    statement colons as spaces, and a comma-enclosed "which" clause is left out."""
+    statement colons as spaces, and a comma-enclosed "which" clause loses its commas."""
     lowered = _SPACED_DASH.sub(", ", text.lower()).replace("-", " ")
     lowered = _ABBREVIATION.sub(r"\1", lowered.replace("and/or", "or"))
-    lowered = _PARENTHETICAL.sub(" ", _BLANKS.sub(" ", lowered))
+    lowered = _PARENTHETICAL.sub(r"\1", _BLANKS.sub(" ", lowered))
     return _COLON.sub(_colon, lowered)
 
 

@@ -189,6 +189,11 @@ REVIEW = [
     ("Lungs are without focal consolidation, large pleural effusion, or pneumothoraces.", "Pleural Effusion", N),
     ("No displaced, acute fractures are identified.", "Fracture", N),
     ("No pneumothorax, small right pleural effusion or atelectasis.", "Pleural Effusion", U),
+    ("Left basilar opacity, which is likely atelectasis, and no effusion.", "Atelectasis", U),
+    ("Left basilar opacity, which is likely atelectasis, and no effusion.", "Pleural Effusion", N),
+    ("Right basilar opacity which is unlikely to represent pneumonia.", "Lung Opacity", P),
+    ("Clinical correlation for pneumonia is recommended.", "Pneumonia", U),  # CheXpert: correlate for X
+    ("No new, focal consolidation.", "Consolidation", U),
 ]
 CONVENTION_CASES = ISSUE_TABLE + NEGATION + UNCERTAINTY + KEEPS_POSITIVE + SCOPE + LISTS + MENTIONS + REVIEW
 
