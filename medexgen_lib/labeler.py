@@ -108,10 +108,10 @@ MENTIONS: dict[str, list[str]] = {
                      r"decreased translucency", _INTERSTITIAL],
     "Edema": [r"edema", r"heart failure", r"\bchf"],
     "Consolidation": [r"consolidat\w*"],
-    "Pneumonia": [r"pneumonias?", r"infection", r"infectious(?: process)?"],
+    "Pneumonia": [r"(?:broncho)?pneumonias?", r"infection", r"infectious(?: process)?"],
     "Atelectasis": [r"atelecta\w+", r"collapsed?"],
-    "Pneumothorax": [r"pneumothora(?:x|ces)"],
-    "Pleural Effusion": [r"effusions?", r"pleural fluid"],
+    "Pneumothorax": [r"(?:hydro)?pneumothora(?:x|ces)"],
+    "Pleural Effusion": [r"effusions?", r"pleural fluid", r"hydropneumothora(?:x|ces)"],
     "Pleural Other": [r"pleural (?:thickening|scarring|scar|plaques?|calcifications?)", r"fibrothorax",
                       r"pleuro ?parenchymal (?:scarring|scar)", r"pleural parenchymal scar"],
     "Fracture": [r"fractures?", r"fractured"],
@@ -192,7 +192,7 @@ _CUE_UNC_PRE = (r"\bmay\b", r"\bmight\b", r"\bcould\b", r"\bpossibl[ey]\b", r"\b
                 r"\bdifferential\b", r"\bborderline\b", r"\bequivocal\b", r"\bindeterminate\b",
                 r"\bpresumed\b", r"\bpresumabl[ey]\b", r"\bperhaps\b", r"\bmaybe\b", r"\bapparent\b")
 _CUE_UNC_POST = (r"^\W*(?:[\w,]+\s+){0,6}(?:is|are)\s+(?:\w+\s+)?(?:possible|suspected|questioned|likely|"
-                 r"probable|suggested|considered|favou?red)\s*(?:[,.;:]|$)",
+                 r"probable|suggested|considered|favou?red)\s*(?:[,.;:]|\bthan\b|$)",
                  r"^\W*(?:is\s+|are\s+)?(?:less\s+|more\s+|most\s+)?(?:likely|possible|suspected|questioned|"
                  r"probable|favou?red)\s*(?:[,.;:]|$)",
                  r"^\W*(?:\w+\s+){0,3}(?:may|might|could)\s+(?:also\s+)?(?:be|have\s+been)\s+(?:present|seen|"

@@ -194,6 +194,10 @@ REVIEW = [
     ("Right basilar opacity which is unlikely to represent pneumonia.", "Lung Opacity", P),
     ("Clinical correlation for pneumonia is recommended.", "Pneumonia", U),  # CheXpert: correlate for X
     ("No new, focal consolidation.", "Consolidation", U),
+    ("Atelectasis is more likely than pneumonia.", "Atelectasis", U),
+    ("Small left hydropneumothorax.", "Pneumothorax", P),
+    ("Small left hydropneumothorax.", "Pleural Effusion", P),
+    ("Right lower lobe bronchopneumonia.", "Pneumonia", P),
 ]
 CONVENTION_CASES = ISSUE_TABLE + NEGATION + UNCERTAINTY + KEEPS_POSITIVE + SCOPE + LISTS + MENTIONS + REVIEW
 
