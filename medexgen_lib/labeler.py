@@ -9,21 +9,36 @@ expressions in place of its dependency parse:
    enlarged", ...) and unmention phrases (``UNMENTIONS``) that look like a
    mention but name something else: "pericardial effusion", "calcified
    nodule" (a granuloma), "massive", a bony "lesion" (only a "cavitary
-   lesion" is a lung lesion), a healed or granulomatous "infection".
+   lesion" is a lung lesion), a healed or granulomatous "infection",
+   "plate(-like) atelectasis" (no device). As in CheXpert's lists,
+   "interstitial / reticular markings" are Lung Opacity, and a "line",
+   "tube", "plate" or "screw" is a support device.
    Statements that the heart or mediastinum is normal ("heart size is
-   normal", "normal cardiomediastinal silhouette", "upper limits of normal")
-   are negative mentions of Cardiomegaly / Enlarged Cardiomediastinum.
-2. Scope. A report is split into sentences (". ", ";", "?", "!", ":"),
-   sentences into clauses. A clause ends at "but", "however", "although",
-   "though", "otherwise", "except", "whereas", "which", and at a comma or
-   "and" that starts a new statement: the next part opens with a cue ("no
+   normal", "normal cardiomediastinal silhouette", "upper limits of normal",
+   "the heart, mediastinum and hila are normal") are negative mentions of
+   Cardiomegaly / Enlarged Cardiomediastinum, "normal interstitial markings"
+   a negative one of Lung Opacity.
+2. Scope. A report is split into sentences: at ". ", ";", "?", "!", a
+   line break, a period glued to the next word ("normal.The lungs"), before
+   a numbered item "2) ", and at a colon after a section header
+   ("IMPRESSION:"); a colon inside a statement ("Heart: enlarged",
+   "Pneumothorax: none") is read as a space, a spaced dash as a comma,
+   "vs." is no sentence end. Sentences are split into clauses. A clause
+   ends at "but", "however", "although", "though", "otherwise", "except",
+   "whereas", "which" (a comma-enclosed ", which ...," clause loses its
+   commas, so the statement goes on after it), and at a comma, "and" or
+   "with" that starts a new statement: the next part opens with a cue ("no
    pneumothorax"), with "there", an article or a size, severity, laterality
-   or time word ("small right pleural effusion", "stable cardiomegaly"), or
-   holds its own verb after a complete statement ("..., cardiomegaly is
-   present"). A comma or "and" before a bare noun phrase, or before "or",
-   continues a list, so a cue applies to the whole list: "no effusion,
-   pneumothorax or consolidation" negates all three, "effusion and
-   pneumothorax are not seen" both.
+   or time word ("small right pleural effusion", "with persistent
+   atelectasis"), is a verbless subject and predicate ("..., heart
+   enlarged"), or holds its own verb after a complete statement ("...,
+   cardiomegaly is present"). A comma or "and" before a bare noun phrase,
+   or before "or", continues a list, so a cue applies to the whole list:
+   "no effusion, pneumothorax or consolidation" negates all three,
+   "effusion and pneumothorax are not seen" both; a negated list that goes
+   on with "or" keeps qualified items ("without consolidation, large
+   effusion, or pneumothorax"), and "no displaced, acute fracture" is one
+   negation.
 3. Cues, applied in CheXpert's order within a mention's clause:
    (a) "cannot be excluded / ruled out", "not excluded", "no new X"
    -> uncertain; (b) negation -> negative: before the mention "no", "not",
@@ -31,13 +46,16 @@ expressions in place of its dependency parse:
    "resolution of", "resolved", "history of", "removal of", "rule out",
    "unlikely"; after it "is not seen / identified / present", "has
    resolved", "has cleared", "is no longer seen", "is absent", "is
-   unlikely", "has been removed"; "no change in X" and "no increase" are
-   not negations; (c) uncertainty -> uncertain: "may", "might", "could",
-   "possible", "probable", "likely", "suggest", "question of", "concern
-   for", "suspicious for", "suspected", "favor", "consider", "versus",
-   "differential", "borderline", "equivocal", "indeterminate", "is not
-   well seen", a "?" after the mention, and "or" between two findings
-   ("atelectasis or pneumonia"). "Vascular / pulmonary congestion",
+   unlikely", "has been removed", "none", "negative", "with interval
+   resolution", and a following "which has resolved / is no longer seen";
+   "no change in X" and "no increase" are not negations; (c) uncertainty
+   -> uncertain: "may", "might", "could", "possible", "probable", "likely"
+   (also "more likely than"), "suggest", "question of", "concern for",
+   "suspicious for", "suspected", "favor", "consider", "correlate for",
+   "versus" / "vs.", "differential", "borderline", "equivocal",
+   "indeterminate", "is not well seen", a "?" after the mention, and "or"
+   (or "and/or") between two findings, also closing a list ("atelectasis,
+   scarring, or pneumonia"). "Vascular / pulmonary congestion",
    "vascular prominence" and "indistinctness" are at most uncertain Edema,
    and "blunting of the costophrenic angle" at most uncertain Pleural
    Effusion. A mention with no cue is positive: "stable", "unchanged",
@@ -53,11 +71,11 @@ expressions in place of its dependency parse:
 It is a keyword labeler, not CheXbert: it reads what a report states, not
 what a radiologist would infer. medspaCy 1.3.1's ConText (default rules,
 sentence scope, these same mention phrases) was measured in its place on the
-IU X-Ray sample and lost: MeSH macro-F1 0.810 vs 0.935 on the held-out half
-(0.843 vs 0.889 on all 389 indexed reports), 83 vs 118 of the 118 convention
-sentences of tests/test_labeler.py, and 24-35 times slower (2.8-6.2 vs
-0.08-0.26 s per 100 reports, same runs). So it is not a dependency;
-``labeler_agreement`` holds the measurement's MeSH side.
+IU X-Ray sample and lost (labeler 2.0): MeSH macro-F1 0.810 vs 0.935 on the
+held-out half (0.843 vs 0.889 on all 389 indexed reports), 83 vs 118 of the
+118 convention sentences of tests/test_labeler.py, and 24-35 times slower
+(2.8-6.2 vs 0.08-0.26 s per 100 reports, same runs). So it is not a
+dependency; ``labeler_agreement`` holds the measurement's MeSH side.
 """
 
 from __future__ import annotations
@@ -78,7 +96,8 @@ _FILLER = (r"(?:(?:is|are|was|were|appears?|remains?|seems?|again|now|still|also
            r"mildly|moderately|markedly|severely|slightly|minimally|significantly|somewhat|borderline|"
            r"not|no|longer|top|at|near|the|upper|limits?|of|within|in|size|silhouette|contours?|and|"
            r"mediastinal|mediastinum|hilar|pulmonary|vascularity|vasculature|lungs?|stable|unchanged|"
-           r"xxxx|likely|probably|possibly|may|be|to|for|very|slightly|shape|configuration|hila|hilum|\w+ly),?\s+){0,6}")
+           r"xxxx|likely|probably|possibly|may|be|to|for|very|slightly|shape|configuration|hila|hilum|"
+           r"\w+ly),?\s+){0,6}")
 _HEART = r"(?:heart|cardiac (?:silhouette|shadow|size|contour|diameter)s?)(?: size)?"
 _MEDIASTINUM = (r"(?:(?:cardio)?mediastin(?:um|al) (?:silhouette|contours?|configuration|width|shadow)s?"
                 r"|mediastinum|superior mediastinum)")
