@@ -74,8 +74,12 @@ sentence scope, these same mention phrases) was measured in its place on the
 IU X-Ray sample and lost (labeler 2.0): MeSH macro-F1 0.810 vs 0.935 on the
 held-out half (0.843 vs 0.889 on all 389 indexed reports), 83 vs 118 of the
 118 convention sentences of tests/test_labeler.py, and 24-35 times slower
-(2.8-6.2 vs 0.08-0.26 s per 100 reports, same runs). So it is not a
-dependency; ``labeler_agreement`` holds the measurement's MeSH side.
+(2.8-6.2 vs 0.08-0.26 s per 100 reports, same runs). Re-run with labeler
+2.1 (the trial script is not in the repository: it ran from
+/work/extra/trial/medspacy_trial.py with PYTHONPATH=/work/extra/medspacy):
+0.811 vs 0.942 held out, 0.838 vs 0.903 on all, 113 vs 172 of 172
+sentences, 11.7 vs 0.32 s per 100 reports on a loaded machine. So it is not
+a dependency; ``labeler_agreement`` holds the measurement's MeSH side.
 """
 
 from __future__ import annotations
