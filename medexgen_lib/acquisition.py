@@ -274,15 +274,18 @@ def acquire(cfg: Config) -> AcquisitionResult:
 
 
 def build_studies_table(cfg: Config, result: AcquisitionResult) -> pd.DataFrame:
-    """Read the acquired reports into ``processed/studies.parquet`` (+ the config used)."""
+    """Read the acquired reports into ``processed/studies.parquet`` (+ the config used);
+    malformed files and duplicate uids or images are listed in ``logs/acquisition_malformed.json``."""
     table = read_reports(result.reports_dir, result.images_dir, result.projections_csv)
     if table.empty:
         raise AcquisitionError(f"no readable reports under {result.reports_dir}")
     write_studies_table(table, cfg.paths.studies_table)
     cfg.save(cfg.paths.processed / "config_01_acquisition.json")
     malformed = table.attrs.get("malformed", [])
+    duplicates = {key: table.attrs.get(key, []) for key in
+                  ("duplicate_uids", "duplicate_images", "repeated_image_ids")}
     write_json(cfg.paths.logs / "acquisition_malformed.json",
-               {"count": len(malformed), "files": malformed})
+               {"count": len(malformed), "files": malformed, **duplicates})
     return table
 
 
