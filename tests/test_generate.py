@@ -165,3 +165,25 @@ def test_dicom_rescale_is_applied_before_the_window(tmp_path):
     out = read_dicom(path, 200)
     black, white = (out == 0).mean(), (out == 255).mean()
     assert abs(black - 1500 / 4096) < 0.03 and abs(white - 595 / 4096) < 0.03, (black, white)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("field, value, message", [
+    ("encoder", "get_model", "'encoder' must be one of resnet18, resnet34, resnet50, resnet101, got 'get_model'"),
+    ("encoder", "alexnet", "'encoder' must be one of .*got 'alexnet'"),
+    ("image_size", "64", "'image_size' must be int, got str '64'"),
+    ("n_head", -2, "'n_head' must not be negative"),
+])
+def test_a_hostile_model_config_names_the_field(field, value, message, model_dir, tmp_path, capsys):
+    import shutil
+
+    hostile = tmp_path / "model"
+    shutil.copytree(model_dir, hostile)
+    config = json.loads((hostile / "config.json").read_text())
+    (hostile / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=f"config.json: model config field {message}"):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"field '{field}'" in error[0]
