@@ -6,7 +6,9 @@ renames the file into place. We add a size check (when configured) inside the
 download step, so a short file never reaches its final name. Every archive is
 then read to its end and each member checked before anything is extracted: a
 truncated archive, or one with absolute paths, ``..``, links or device files,
-is refused with an error naming the archive and member.
+duplicate names, or more declared bytes or members than configured (or than the
+disk has free), is refused with an error naming the archive and member. Size and
+sha256, where configured, are checked on every use of an archive.
 """
 
 from __future__ import annotations
