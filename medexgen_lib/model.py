@@ -28,6 +28,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from medexgen_lib.files import recover_dir, replace_dir
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -369,25 +371,3 @@ def write_errors_named(target: Path):
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OSError(f"could not write {target} ({reason}); the previous {target.name} "
                       "is kept as it was") from None
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap folder ``new`` into ``target``; the old one survives as ``.<name>.old`` until then.
-
-    A crash between the two renames leaves only ``.<name>.old``, which
-    ``recover_dir`` puts back, so a complete folder is always there to load.
-    """
-    old = target.with_name(f".{target.name}.old")
-    recover_dir(target)
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(target: Path) -> None:
-    """Put ``.<name>.old`` back at ``target`` if a swap was interrupted between its renames."""
-    old = target.with_name(f".{target.name}.old")
-    if not target.exists() and old.exists():
-        os.replace(old, target)
