@@ -326,3 +326,27 @@ def test_a_history_line_torn_by_a_kill_is_skipped_on_resume(tiny_cfg, caplog):
         train(cfg, resume=True, progress=False)
     assert "history.jsonl line 2 is damaged" in caplog.text
     assert [json.loads(l)["epoch"] for l in history.read_text().splitlines()] == [1, 2]
+
+
+# --------------------------------------------------------------------------- blank views
+
+
+def test_a_blank_view_does_not_enter_batchnorm_statistics_in_training():
+    from medexgen_lib.model import ReportGeneratorConfig
+
+    torch.manual_seed(0)
+    model = ReportGenerator(ReportGeneratorConfig(vocab_size=20, bos_token_id=0, eos_token_id=1,
+                                                  pad_token_id=2, encoder="resnet18", image_size=32,
+                                                  n_layer=1, n_head=2, n_embd=16)).train()
+    reference = ReportGenerator(model.config).train()
+    reference.load_state_dict(model.state_dict())
+    images = torch.rand(3, 2, 3, 32, 32) + 0.5
+    view_mask = torch.tensor([[True, False], [True, True], [False, True]])
+    images[~view_mask] = 0.0  # missing_view=blank: a zero image stands in for the absent view
+    tokens, mask = model.encode(images, view_mask)
+    reference.encoder(images[view_mask])  # what BatchNorm should see: the present views only
+    stats = lambda m: {k: v for k, v in m.encoder.state_dict().items() if "running" in k}
+    expected = stats(reference)
+    for name, value in stats(model).items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name
+    assert tokens.shape == (3, 2 * 1, 16) and mask.tolist() == view_mask.long().tolist()
