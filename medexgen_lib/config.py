@@ -214,6 +214,9 @@ class TrainConfig:
     selection_metric: str = "clinical macro_F1"
     num_workers: int = 0
     shuffle_images: bool = False  # control experiment: images permuted against reports
+    # Encoder BatchNorm in eval mode while training: running statistics instead of the batch's
+    # (small batches, a pretrained encoder; makes grad_accum x batch equal one larger batch).
+    freeze_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("cosine", "linear", "plateau"):

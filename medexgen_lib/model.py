@@ -156,9 +156,22 @@ class ReportGenerator(nn.Module):
 
     def encode(self, images: torch.Tensor, view_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, V, 3, H, W]`` -> visual tokens ``[B, V*G, n_embd]`` and their mask ``[B, V*G]``."""
+        """``[B, V, 3, H, W]`` -> visual tokens ``[B, V*G, n_embd]`` and their mask ``[B, V*G]``.
+
+        The encoder sees only the views ``view_mask`` marks present: a blank stand-in for a
+        missing view would otherwise enter BatchNorm's batch statistics in training. Missing
+        views get zero features; their tokens are masked out of cross-attention."""
         batch, views = images.shape[:2]
-        features = self.encoder(images.flatten(0, 1))  # [B*V, C, h, w]
+        if view_mask is None:
+            view_mask = torch.ones(batch, views, dtype=torch.bool, device=images.device)
+        present = view_mask.flatten().bool()
+        flat = images.flatten(0, 1)
+        if present.all():
+            features = self.encoder(flat)  # [B*V, C, h, w]
+        else:
+            seen = self.encoder(flat[present])
+            features = seen.new_zeros((batch * views, *seen.shape[1:]))
+            features[present] = seen
         tokens = self.projection(features.flatten(2).transpose(1, 2))  # [B*V, G, D]
         if tokens.shape[1] != self.grid_embedding.shape[0]:
             raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} px give "
@@ -167,8 +180,6 @@ class ReportGenerator(nn.Module):
         view_ids = torch.arange(views, device=images.device).repeat(batch)
         tokens = tokens + self.grid_embedding + self.view_embedding(view_ids).unsqueeze(1)
         tokens = tokens.reshape(batch, views * tokens.shape[1], -1)
-        if view_mask is None:
-            view_mask = torch.ones(batch, views, dtype=torch.bool, device=images.device)
         mask = view_mask.repeat_interleave(self.grid_embedding.shape[0], dim=1).long()
         return tokens, mask
 
