@@ -142,7 +142,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     import time
 
     from medexgen_lib.labeler import label_report
-    from medexgen_lib.metrics import diversity, per_sample_text_scores, score
+    from medexgen_lib.metrics import diversity, per_sample_text_scores, prediction_labels, score
     from medexgen_lib.model import ReportGenerator
     from medexgen_lib.preprocess import load_split
 
@@ -167,7 +167,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     for row in rows:
         row.update(per_sample_text_scores(row["reference"], row["prediction"]))
         row["reference_labels"] = label_report(row["reference"])
-        row["prediction_labels"] = label_report(row["prediction"])
+        row["prediction_labels"] = prediction_labels(row["prediction"])
     weights = (model_dir / "model.safetensors").read_bytes()
     settings, warnings = comparability(cfg, read_json(cfg.paths.processed / "splits.json").get("meta", {}))
     note = PUBLISHED_NOTE + "".join(f"\nWARNING: {w}" for w in warnings)

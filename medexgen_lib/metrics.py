@@ -19,7 +19,7 @@ import shutil
 from collections import Counter
 from collections.abc import Sequence
 
-from medexgen_lib.labeler import NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES, label_report, positive_set
+from medexgen_lib.labeler import ABSENT, NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES, label_report, positive_set
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,14 @@ def is_degenerate(prediction: str) -> bool:
     return len(set(_WORDS.findall((prediction or "").lower()))) < 2
 
 
+def prediction_labels(prediction: str) -> dict[str, str]:
+    """The labeler's labels of a prediction; a degenerate one (``is_degenerate``) states
+    nothing, so every observation is absent, "No Finding" included."""
+    if is_degenerate(prediction):
+        return {obs: ABSENT for obs in OBSERVATIONS}
+    return label_report(prediction)
+
+
 def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = False,
           observations: Sequence[str] = OBSERVATIONS, uncertain_as_positive: bool = False,
           reference_convention: str = "full", training_reports: Sequence[str] | None = None) -> dict:
@@ -227,7 +235,7 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
         out.update(rouge_score_f1(references, predictions))
     degenerate = [is_degenerate(p) for p in predictions]
     clinical = clinical_metrics([label_report(r) for r in references],
-                                [{} if bad else label_report(p) for p, bad in zip(predictions, degenerate)],
+                                [prediction_labels(p) for p in predictions],
                                 observations, uncertain_as_positive)
     out.update({f"clinical {k}": v for k, v in clinical.items()})
     out["n"] = len(references)
