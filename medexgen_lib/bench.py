@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from medexgen_lib.config import load_config
+from medexgen_lib.files import write_json
 from medexgen_lib.images import ImageCache, load_image, normalize
 from medexgen_lib.paths import PROJECT_ROOT
 
@@ -397,8 +398,6 @@ TARGETS = {"image_cache_speedup_512": 20, "image_cache_speedup_2048": 100, "gene
 
 def run(quick: bool, name: str, out_dir: Path, num_workers: int = 0) -> dict:
     """Run every benchmark, print the table and write ``out_dir/<name>.json``."""
-    from medexgen_lib.files import write_json
-
     repeats = 2 if quick else 3
     report = {"name": name, "quick": quick, "machine": machine(), "repeats": repeats}
     report["images"] = bench_images(quick, repeats, num_workers)

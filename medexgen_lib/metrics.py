@@ -19,7 +19,8 @@ import shutil
 from collections import Counter
 from collections.abc import Sequence
 
-from medexgen_lib.labeler import ABSENT, NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES, label_report, positive_set
+from medexgen_lib.labeler import (ABSENT, LABELER_VERSION, NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES,
+                                  label_report, positive_set)
 
 log = logging.getLogger(__name__)
 
@@ -246,4 +247,5 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
     out["reference_convention"] = description
     out["normalisation"] = NORMALISATION
     out["metrics_version"] = METRICS_VERSION
+    out["labeler_version"] = LABELER_VERSION
     return out

@@ -66,10 +66,36 @@ class ReportGeneratorConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> ReportGeneratorConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """The config from ``config.json``'s values, each checked before torchvision sees it:
+        an unknown or missing key, a value of the wrong type or a negative count, or an encoder
+        that is not one of the allowed ResNets raises ``ValueError`` naming ``source`` and the field."""
+        from medexgen_lib.config import RESNET_ENCODERS
+
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: expected an object of model settings, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"{source}: unknown model config key(s) {unknown}")
+        kinds = {"int": int, "float": float, "str": str}
+        for name, fld in fields.items():
+            if name not in values:
+                if fld.default is dataclasses.MISSING:
+                    raise ValueError(f"{source}: model config field {name!r} is missing")
+                continue
+            value, kind = values[name], kinds.get(str(fld.type))
+            if kind is None:
+                continue
+            fits = isinstance(value, kind) or (kind is float and isinstance(value, int))
+            if not fits or isinstance(value, bool):
+                raise ValueError(f"{source}: model config field {name!r} must be {kind.__name__}, "
+                                 f"got {type(value).__name__} {value!r}")
+            if kind is int and value < 0:
+                raise ValueError(f"{source}: model config field {name!r} must not be negative, got {value}")
+        encoder = values.get("encoder", fields["encoder"].default)
+        if encoder not in RESNET_ENCODERS:
+            raise ValueError(f"{source}: model config field 'encoder' must be one of "
+                             f"{', '.join(RESNET_ENCODERS)}, got {encoder!r}")
         return cls(**values)
 
 

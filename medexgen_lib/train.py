@@ -33,6 +33,7 @@ from medexgen_lib.config import Config, TrainConfig
 from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
 from medexgen_lib.files import read_json, save_figure, write_text_atomic
+from medexgen_lib.labeler import LABELER_VERSION
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
 from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_load_error,
                                 recover_dir, replace_dir, write_errors_named)
@@ -137,6 +138,7 @@ def evaluation_fingerprint(cfg: Config, val_uids: list[str]) -> tuple[str, dict]
     payload = {"decode": decode_settings(cfg.eval), "max_length": cfg.text.max_length,
                "target": cfg.text.target, "lowercase": cfg.text.lowercase,
                "val_uids": sorted(val_uids), "metrics_version": METRICS_VERSION,
+               "labeler_version": LABELER_VERSION,
                "selection_metric": cfg.train.selection_metric,
                "uncertain_as_positive": cfg.eval.uncertain_as_positive}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
