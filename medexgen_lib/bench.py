@@ -314,7 +314,7 @@ def bench_accelerated_training(quick: bool, steps: int = 20) -> dict:
     size, batch = 224, 32
     if quick:
         model_cfg = load_config("demo").model
-        size, batch, steps = 64, 4, 2
+        size, batch, steps = 64, 4, 1
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else ""
     results = {}
     for mode in GPU_MODES:
