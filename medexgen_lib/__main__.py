@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--profile", default="demo", help="config preset whose studies table gives references")
     score.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     score.add_argument("--meteor", action="store_true", help="also METEOR (needs Java)")
+    score.add_argument("--split", default="test", help="split whose coverage is checked (default test)")
     score.add_argument("--out", help="write the metrics as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -85,10 +86,15 @@ def _score(args) -> None:
     from medexgen_lib.evaluate import score_predictions_file
     from medexgen_lib.files import write_json
 
-    metrics = score_predictions_file(args.predictions, load_config(args.profile, dict(args.p)), args.meteor)
+    metrics = score_predictions_file(args.predictions, load_config(args.profile, dict(args.p)), args.meteor,
+                                     args.split)
+    print(f"references: {metrics['references_from']}\nconvention: {metrics['reference_convention']}")
     for key, value in metrics.items():
         if isinstance(value, float):
             print(f"{key:<32}{value:.4f}")
+    print(f"{'degenerate_predictions':<32}{metrics['degenerate_predictions']} of {metrics['n']}")
+    for warning in metrics["warnings"]:
+        print(f"WARNING: {warning}")
     if args.out:
         write_json(args.out, metrics)
 

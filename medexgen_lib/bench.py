@@ -9,6 +9,7 @@ to the figures; a missed target is reported, not hidden.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -82,8 +83,48 @@ def _synthetic_pngs(folder: Path, n: int, size: int, sixteen_bit: bool, seed: in
     return files
 
 
-def bench_images(quick: bool, repeats: int) -> dict:
-    """Per-epoch loading to normalised float tensors: decode + resize each time vs the cache."""
+def _training_dataset(files: list[tuple[str, str]], cache: ImageCache, augment: bool):
+    """A ``ReportDataset`` over ``files`` as training builds it: studies of two consecutive
+    files (frontal, lateral) in ``files`` order, which is not the cache's row order (by id)."""
+    import pandas as pd
+
+    from medexgen_lib.dataset import ReportDataset
+    from medexgen_lib.tokenizer import train_tokenizer
+
+    pairs = [files[k:k + 2] for k in range(0, len(files), 2)]
+    studies = pd.DataFrame({"uid": [f"CXR{k}" for k in range(len(pairs))],
+                            "image_ids": [[i for i, _ in pair] for pair in pairs],
+                            "projections": [["frontal", "lateral"][:len(pair)] for pair in pairs]})
+    texts = pd.Series(["Heart size normal. No effusion."] * len(pairs), index=studies.index)
+    tokenizer = train_tokenizer(texts.tolist() * 5, 300)
+    return ReportDataset(studies, texts, cache, tokenizer, 16, augment=augment), tokenizer
+
+
+def augmentation_cost(size: int, repeats: int, views: int = 64) -> dict:
+    """Milliseconds per view: torchvision's transform view by view (``images.train_augmentation``)
+    vs ``dataset.augment_views`` on a study's two views at once, as ``__getitem__`` calls it."""
+    from medexgen_lib.dataset import augment_views
+    from medexgen_lib.images import train_augmentation
+
+    pixels = torch.randint(0, 256, (views // 2, 2, size, size), dtype=torch.uint8)
+    transform = train_augmentation()
+    per_view = _median_time(lambda: [transform(v.unsqueeze(0)) for v in pixels.flatten(0, 1)], repeats)
+    batched = _median_time(lambda: [augment_views(study) for study in pixels], repeats)
+    return {"image_size": size, "torchvision_per_view_ms": 1e3 * per_view / views,
+            "augment_views_ms": 1e3 * batched / views, "speedup": per_view / batched}
+
+
+def bench_images(quick: bool, repeats: int, num_workers: int = 0) -> dict:
+    """Per-epoch loading to normalised float tensors: per-file decode + resize, a raw read of
+    contiguous cache rows, and what training sees (``ReportDataset`` through a ``DataLoader``
+    with ``collate``, augmentation off and on). The decode, the cache and the loader must give
+    equal tensors for the same images, or the benchmark stops."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from medexgen_lib.dataset import collate
+
     target_size, batch = 224, 32
     sets = {"512": (512, False, 64 if quick else 256), "2048": (2048, True, 8 if quick else 48)}
     results = {}
@@ -93,8 +134,25 @@ def bench_images(quick: bool, repeats: int) -> dict:
         if SAMPLE_IMAGES.is_dir():
             inputs["shared_real"] = [(p.stem, str(p)) for p in sorted(SAMPLE_IMAGES.glob("*.png"))]
         for name, files in inputs.items():
+            files = files[::-1]  # not in id order, as a split's studies are not
             cache = ImageCache.build(files, target_size, tmp / "cache", max_pixels=10**9)
             rows = np.arange(len(files))
+            loaders = {}
+            for augment in (False, True):
+                dataset, tokenizer = _training_dataset(files, cache, augment)
+                loaders[augment] = DataLoader(dataset, batch_size=batch // 2, shuffle=False,
+                                              num_workers=num_workers,
+                                              collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
+            path_of = dict(files)
+            order = [i for example in loaders[False].dataset.examples for i in example.image_ids]
+            seen = torch.cat([b["images"] for b in loaders[False]]).flatten(0, 1)
+            from_cache = normalize(torch.from_numpy(cache.pixels[[cache.row_of[i] for i in order]]))
+            decoded = normalize(torch.stack([torch.from_numpy(load_image(path_of[i], target_size).copy())
+                                             for i in order]))
+            identical = torch.equal(seen, from_cache) and torch.equal(from_cache, decoded)
+            if not identical:
+                raise AssertionError(f"{name}: the training loader, the cache and per-file decoding gave "
+                                     "different tensors for the same images")
 
             def naive():
                 for start in range(0, len(files), batch):
@@ -105,9 +163,19 @@ def bench_images(quick: bool, repeats: int) -> dict:
                 for start in range(0, len(files), batch):
                     normalize(torch.from_numpy(cache.pixels[rows[start:start + batch]]))
 
-            naive_s, cached_s = _median_time(naive, repeats), _median_time(cached, repeats)
-            results[name] = {"images": len(files), "naive_images_per_s": len(files) / naive_s,
-                             "cached_images_per_s": len(files) / cached_s, "speedup": naive_s / cached_s}
+            times = {"naive": _median_time(naive, repeats), "cached": _median_time(cached, repeats)}
+            for augment, loader in loaders.items():
+                times["augmented" if augment else "training"] = _median_time(lambda: [b for b in loader], repeats)
+            n_views = len(order)
+            results[name] = {"images": len(files), "identical_outputs": identical,
+                             "naive_images_per_s": len(files) / times["naive"],
+                             "cached_images_per_s": len(files) / times["cached"],
+                             "training_images_per_s": n_views / times["training"],
+                             "training_augmented_images_per_s": n_views / times["augmented"],
+                             "speedup": times["naive"] / times["cached"],
+                             "training_speedup": (n_views / times["training"]) / (len(files) / times["naive"]),
+                             "training_augmented_speedup":
+                                 (n_views / times["augmented"]) / (len(files) / times["naive"])}
     return results
 
 
@@ -191,9 +259,31 @@ def bench_training(quick: bool, repeats: int) -> dict:
     return results
 
 
-# Dense peak TFLOP/s per precision, for MFU (vendor datasheets, SXM parts).
-PEAK_TFLOPS = {"H100": {"fp32": 67.0, "bf16": 989.0}, "H200": {"fp32": 67.0, "bf16": 989.0},
-               "A100": {"fp32": 19.5, "bf16": 312.0}}
+# Dense (no sparsity) peak TFLOP/s per math mode, for MFU (vendor datasheets, SXM parts).
+PEAK_TFLOPS = {"H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+               "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+               "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}}
+# What each benchmark mode computes in; "fp32" turns TF32 off so that it is fp32 indeed.
+GPU_MODES = {"fp32": "fp32 (TF32 off)", "tf32": "fp32 storage, TF32 matmuls and convolutions",
+             "bf16": "bf16 autocast (TF32 off for what stays fp32)",
+             "bf16 + channels_last": "bf16 autocast, channels_last encoder (TF32 off)"}
+
+
+def peak_tflops(gpu: str, mode: str) -> float | None:
+    """The datasheet peak matching ``mode``'s math (fp32, TF32 or bf16) for ``gpu``; None if unknown."""
+    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    return peaks["bf16" if mode.startswith("bf16") else mode] if peaks else None
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 for CUDA matmuls and cuDNN convolutions on or off inside the block, restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def training_step_flops(model, images: torch.Tensor, ids: torch.Tensor) -> int:
@@ -208,8 +298,9 @@ def training_step_flops(model, images: torch.Tensor, ids: torch.Tensor) -> int:
 
 
 def bench_accelerated_training(quick: bool, steps: int = 20) -> dict:
-    """fp32 vs bf16 autocast vs bf16 + channels_last for the full-size model (ResNet50 +
-    GPT-2 small shape, random init, synthetic 224 px inputs): samples/s, peak memory, MFU.
+    """fp32 (TF32 off) vs TF32 vs bf16 autocast vs bf16 + channels_last for the full-size model
+    (ResNet50 + GPT-2 small shape, random init, synthetic 224 px inputs): samples/s, peak memory,
+    MFU against the peak of the mode's own math (``peak_tflops``).
 
     Meant for a GPU; on CPU (``quick``) it runs tiny shapes to exercise the code path.
     """
@@ -223,11 +314,10 @@ def bench_accelerated_training(quick: bool, steps: int = 20) -> dict:
     size, batch = 224, 32
     if quick:
         model_cfg = load_config("demo").model
-        size, batch, steps = 64, 4, 2
+        size, batch, steps = 64, 4, 1
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else ""
-    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     results = {}
-    for mode in ("fp32", "bf16", "bf16 + channels_last"):
+    for mode in GPU_MODES:
         torch.manual_seed(0)
         model = ReportGenerator.build(model_cfg, tokenizer, size, 96).to(device).train()
         images = torch.randn(batch, 2, 3, size, size, device=device)
@@ -248,25 +338,44 @@ def bench_accelerated_training(quick: bool, steps: int = 20) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
         flops = training_step_flops(model, images, ids)
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        began = time.perf_counter()
-        for _ in range(steps):
+        with tf32(mode == "tf32"):
             step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - began) / steps
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            began = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - began) / steps
         achieved = flops / seconds / 1e12
-        peak = peaks["bf16" if dtype == torch.bfloat16 else "fp32"] if peaks else None
-        results[mode] = {"batch": batch, "samples_per_s": batch / seconds, "tflops": achieved,
+        peak = peak_tflops(gpu, mode)
+        results[mode] = {"math": GPU_MODES[mode], "batch": batch, "samples_per_s": batch / seconds,
+                         "tflops": achieved, "peak_tflops": peak,
                          "mfu": achieved / peak if peak else None,
                          "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
                          "flops_per_step": flops}
     results["device"] = gpu or "cpu"
     results["bf16_speedup_over_fp32"] = results["bf16"]["samples_per_s"] / results["fp32"]["samples_per_s"]
+    results["tf32_speedup_over_fp32"] = results["tf32"]["samples_per_s"] / results["fp32"]["samples_per_s"]
+    if device == "cuda":
+        results["augmentation"] = gpu_augmentation_cost()
     return results
+
+
+def gpu_augmentation_cost(views: int = 64, size: int = 224, repeats: int = 5) -> dict:
+    """``dataset.augment_views`` on a whole batch of views already on the GPU: ms per view."""
+    from medexgen_lib.dataset import augment_views
+
+    pixels = torch.randint(0, 256, (views, size, size), dtype=torch.uint8, device="cuda")
+
+    def run_once():
+        augment_views(pixels)
+        torch.cuda.synchronize()
+
+    run_once()
+    return {"views": views, "image_size": size, "ms_per_view": 1e3 * _median_time(run_once, repeats) / views}
 
 
 # --------------------------------------------------------------------------- 4. end to end
@@ -287,10 +396,12 @@ TARGETS = {"image_cache_speedup_512": 20, "image_cache_speedup_2048": 100, "gene
            "end_to_end_demo_s": 300, "amp_speedup": 2.5}
 
 
-def run(quick: bool, name: str, out_dir: Path) -> dict:
+def run(quick: bool, name: str, out_dir: Path, num_workers: int = 0) -> dict:
+    """Run every benchmark, print the table and write ``out_dir/<name>.json``."""
     repeats = 2 if quick else 3
     report = {"name": name, "quick": quick, "machine": machine(), "repeats": repeats}
-    report["images"] = bench_images(quick, repeats)
+    report["images"] = bench_images(quick, repeats, num_workers)
+    report["augmentation_cpu"] = augmentation_cost(224, repeats)
     report["image_cache_speedup_512"] = report["images"]["512"]["speedup"]
     report["image_cache_speedup_2048"] = report["images"]["2048"]["speedup"]
     report["generation"] = bench_generation(quick, repeats)
@@ -313,10 +424,18 @@ def run(quick: bool, name: str, out_dir: Path) -> dict:
 def format_report(report: dict) -> str:
     lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
              f"GPU {report['machine']['gpu']}, torch {report['machine']['torch']}", ""]
-    lines.append(f"{'images (to normalised tensors)':<38}{'naive img/s':>12}{'cached img/s':>14}{'speedup':>10}")
+    lines.append("images to normalised 224 px tensors, images/s (speedup over per-file decode + resize);")
+    lines.append("training = ReportDataset.__getitem__ + collate through a DataLoader, as training reads them")
+    lines.append(f"{'':<14}{'decode':>9}{'raw cache rows':>22}{'training, no aug':>22}{'training, aug':>22}  equal")
     for name, r in report["images"].items():
-        lines.append(f"{name + ' px' if name.isdigit() else name:<38}{r['naive_images_per_s']:>12.0f}"
-                     f"{r['cached_images_per_s']:>14.0f}{r['speedup']:>9.1f}x")
+        cells = "".join(f"{r[k + '_images_per_s']:>13.0f} ({r[s]:>5.1f}x)" for k, s in (
+            ("cached", "speedup"), ("training", "training_speedup"),
+            ("training_augmented", "training_augmented_speedup")))
+        lines.append(f"{name + ' px' if name.isdigit() else name:<14}{r['naive_images_per_s']:>9.0f}{cells}"
+                     f"  {r['identical_outputs']}")
+    a = report["augmentation_cpu"]
+    lines.append(f"augmentation at {a['image_size']} px: torchvision per view {a['torchvision_per_view_ms']:.2f} ms, "
+                 f"augment_views {a['augment_views_ms']:.2f} ms per view ({a['speedup']:.1f}x)")
     g = report["generation"]
     lines += ["", f"generation ({g['decoder']}, batch {g['batch']}, {g['new_tokens']} tokens, greedy; "
                   f"identical outputs: {g['identical_outputs']})",
@@ -338,12 +457,16 @@ def format_report(report: dict) -> str:
             lines.append(f"  {key:<28}{value:>9.1f}  target {'<=' if key.endswith('_s') else '>='} {target}"
                          f"  {'met' if met else 'MISSED'}")
     if isinstance(report["gpu"], dict):
-        lines += ["", f"GPU training ({report['gpu']['device']}):"]
-        for mode in ("fp32", "bf16", "bf16 + channels_last"):
+        lines += ["", f"GPU training ({report['gpu']['device']}); MFU against the peak of each mode's math:"]
+        for mode in GPU_MODES:
             r = report["gpu"][mode]
-            mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] is not None else "n/a"
-            lines.append(f"  {mode:<24}{r['samples_per_s']:>9.1f} samples/s  {r['peak_memory_gb'] or 0:>6.1f} GB"
-                         f"  MFU {mfu}")
+            mfu = f"{100 * r['mfu']:.0f}% of {r['peak_tflops']:g}" if r["mfu"] is not None else "n/a"
+            lines.append(f"  {mode:<22}{r['samples_per_s']:>9.1f} samples/s  {r['peak_memory_gb'] or 0:>6.1f} GB"
+                         f"  {r['tflops']:>7.1f} TFLOP/s  MFU {mfu}  [{r['math']}]")
+        if "augmentation" in report["gpu"]:
+            g = report["gpu"]["augmentation"]
+            lines.append(f"  augment_views on the GPU, {g['views']} views at {g['image_size']} px: "
+                         f"{g['ms_per_view']:.4f} ms per view")
     else:
         lines.append(f"  GPU: {report['gpu']}")
     return "\n".join(lines)
@@ -357,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="config override, e.g. -p paths.output_dir /tmp/out")
     args = parser.parse_args(argv)
     cfg = load_config("demo", dict(args.p))
-    run(args.quick, args.name or ("quick" if args.quick else "full"), cfg.paths.logs / "bench")
+    run(args.quick, args.name or ("quick" if args.quick else "full"), cfg.paths.logs / "bench",
+        cfg.train.num_workers)
     return 0
 
 

@@ -236,6 +236,13 @@ class EvalConfig:
     batch_size: int = 32
     meteor: bool = True  # where Java is installed; recorded as skipped otherwise
     uncertain_as_positive: bool = False
+    # "full": whole cleaned references; "r2gen": R2Gen's convention (references cut to 60
+    # tokens of its tokenizer, words seen < 3 times in training as <unk>), see metrics.py
+    references: str = "full"
+
+    def __post_init__(self) -> None:
+        if self.references not in ("full", "r2gen"):
+            raise ConfigError(f"eval.references must be 'full' or 'r2gen', got {self.references!r}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medexgen_lib.files import save_figure, write_json
+from medexgen_lib.text import target_texts
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,20 @@ STOPWORDS = frozenset(
     "with no not".split())
 
 
-def report_text(table: pd.DataFrame) -> pd.Series:
-    """Findings and impression joined: the text a model is asked to write."""
-    return (table["findings"].fillna("") + " " + table["impression"].fillna("")).str.strip()
+def report_text(table: pd.DataFrame, target: str = "findings+impression", lowercase: bool = False) -> pd.Series:
+    """The text the model learns to write (``text.target_texts``: cleaned, list numbering removed),
+    so that words and sentences are counted as training sees them, not as the raw XML has them."""
+    return target_texts(table, target, lowercase).fillna("")
 
 
-def compute_eda_stats(table: pd.DataFrame, top: int = 25) -> dict:
-    """Counts, lengths, frequent words/sentences, duplicates, MeSH and image statistics."""
-    text = report_text(table)
+def compute_eda_stats(table: pd.DataFrame, top: int = 25, target: str = "findings+impression",
+                      lowercase: bool = False) -> dict:
+    """Counts, lengths, frequent words/sentences, duplicates, MeSH and image statistics.
+
+    Text statistics describe ``report_text(table, target, lowercase)``: pass ``cfg.text``'s
+    ``target`` and ``lowercase`` so they describe the run's own target.
+    """
+    text = report_text(table, target, lowercase)
     lowered = text.str.lower()
     words = lowered.map(WORD.findall)
     tokens = lowered.map(TOKEN.findall)
@@ -45,6 +52,7 @@ def compute_eda_stats(table: pd.DataFrame, top: int = 25) -> dict:
     mesh = Counter(term for terms in table["mesh_major"] for term in
                    {t.split("/")[0].strip() for t in terms})
     stats = {
+        "text": f"text.target {target}, cleaned with text.clean_report (as the model learns it)",
         "reports": int(len(table)),
         "images_referenced": int(table["n_images"].sum()),
         "images_on_disk": int(sum(1 for ps in table["image_paths"] for p in ps if p)),
@@ -97,7 +105,8 @@ def _image_stats(table: pd.DataFrame) -> dict:
             "sizes": Counter(f"{w}x{h}" for w, h in sizes).most_common(10)}
 
 
-def plot_eda(table: pd.DataFrame, stats: dict, plots_dir: str | os.PathLike) -> list[Path]:
+def plot_eda(table: pd.DataFrame, stats: dict, plots_dir: str | os.PathLike,
+             target: str = "findings+impression", lowercase: bool = False) -> list[Path]:
     """Save the EDA figures as ``plots_dir/eda_*.png`` and return their paths."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +123,7 @@ def plot_eda(table: pd.DataFrame, stats: dict, plots_dir: str | os.PathLike) -> 
     axes[1].set(title=f"Missing parts (of {stats['reports']} reports)", xlabel="reports")
     saved.append(_save(fig, plots_dir / "eda_counts.png"))
 
-    text = report_text(table).str.lower()
+    text = report_text(table, target, lowercase).str.lower()
     lengths = pd.DataFrame({"words": text.map(lambda t: len(WORD.findall(t))),
                             "tokens": text.map(lambda t: len(TOKEN.findall(t)))})[text != ""]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -122,7 +131,7 @@ def plot_eda(table: pd.DataFrame, stats: dict, plots_dir: str | os.PathLike) -> 
         sns.histplot(lengths[column], bins=40, ax=ax, color="steelblue")
         p95 = stats[f"length_{column}"].get("p95", 0)
         ax.axvline(p95, color="black", ls="--", label=f"95th percentile ({p95:.0f})")
-        ax.set(title=f"Report length (findings + impression), {column}", xlabel=column)
+        ax.set(title=f"Report length ({target}), {column}", xlabel=column)
         ax.legend()
     saved.append(_save(fig, plots_dir / "eda_report_lengths.png"))
 
@@ -157,12 +166,12 @@ def plot_eda(table: pd.DataFrame, stats: dict, plots_dir: str | os.PathLike) -> 
     return saved
 
 
-def run_eda(table: pd.DataFrame, plots_dir: str | os.PathLike,
-            stats_path: str | os.PathLike) -> tuple[dict, list[Path]]:
+def run_eda(table: pd.DataFrame, plots_dir: str | os.PathLike, stats_path: str | os.PathLike,
+            target: str = "findings+impression", lowercase: bool = False) -> tuple[dict, list[Path]]:
     """Compute the statistics, write them as JSON (atomically) and save the figures."""
-    stats = compute_eda_stats(table)
+    stats = compute_eda_stats(table, target=target, lowercase=lowercase)
     write_json(stats_path, stats)
-    return stats, plot_eda(table, stats, plots_dir)
+    return stats, plot_eda(table, stats, plots_dir, target, lowercase)
 
 
 def _short(text: str, width: int = 70) -> str:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from medexgen_lib.config import EvalConfig
 from medexgen_lib.dataset import ReportDataset, collate
-from medexgen_lib.files import save_figure, write_json
+from medexgen_lib.files import read_json, save_figure, write_json
 
 
 def decode_settings(decode: EvalConfig) -> dict:
@@ -38,6 +38,11 @@ def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: tor
         ids = model.generate(batch["images"].to(device), batch["view_mask"].to(device), **settings)
         for uid, prediction in zip(batch["uids"], model.decode(ids.cpu())):
             out.append({"uid": uid, "prediction": prediction.strip()})
+    expected = [e.uid for e in data.examples]
+    if [row["uid"] for row in out] != expected:
+        raise RuntimeError(f"the loader returned studies in another order or number ({len(out)}) than the "
+                           f"dataset's {len(expected)} examples; references would be paired with the "
+                           "wrong predictions")
     for row, example in zip(out, data.examples):
         row["images"] = [i for i in example.image_ids if i is not None]
         row["reference"] = example.text
@@ -57,9 +62,39 @@ PUBLISHED_IU_XRAY = {
 PUBLISHED_NOTE = ("Comparable only on the real data with split.annotation_file set to R2Gen's "
                   "annotation.json, both views and this (R2Gen) normalisation; on the phantom set or "
                   "another split the numbers measure something else.")
+# How the published numbers were obtained (R2Gen's code and paper).
+PUBLISHED_SETTINGS = {"target": "findings", "split": "R2Gen annotation.json (2069/296/590 studies)",
+                      "normalisation": "R2Gen clean_report_iu_xray",
+                      "references": "r2gen (<= 59 words, words seen < 3 times in training as <unk>)"}
+R2GEN_SPLIT_SIZES = {"train": 2069, "val": 296, "test": 590}
 TABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
-                 "clinical macro_F1", "clinical micro_F1", "clinical example_F1",
-                 "clinical abnormal_recall", "distinct_predictions")
+                 "clinical macro_F1", "clinical macro_F1 (observations in references)",
+                 "clinical micro_F1", "clinical example_F1", "clinical abnormal_recall",
+                 "distinct_predictions", "degenerate_predictions")
+
+
+def comparability(cfg, split_meta: dict) -> tuple[dict, list[str]]:
+    """This run's target, split, normalisation and reference convention, and a warning for each
+    way they differ from how the published IU X-Ray numbers were obtained (``PUBLISHED_SETTINGS``)."""
+    from medexgen_lib.metrics import NORMALISATION
+
+    counts = {name: c.get("studies") for name, c in split_meta.get("counts", {}).items()}
+    settings = {"data": cfg.data.source, "target": cfg.text.target, "split": split_meta.get("source", "unknown"),
+                "split_sizes": counts, "normalisation": NORMALISATION, "references": cfg.eval.references}
+    warnings = []
+    if cfg.data.source == "phantom":
+        warnings.append("phantom data: these numbers are not about IU X-Ray at all")
+    if cfg.text.target != "findings":
+        warnings.append(f"target is {cfg.text.target}; published results score FINDINGS only")
+    if not cfg.split.annotation_file:
+        warnings.append(f"split is this project's ({settings['split']}), not R2Gen's annotation.json")
+    elif counts != R2GEN_SPLIT_SIZES:
+        warnings.append(f"split from {cfg.split.annotation_file} has {counts} studies, R2Gen's has "
+                        f"{R2GEN_SPLIT_SIZES}")
+    if cfg.eval.references != "r2gen":
+        warnings.append("references are full length; published numbers used R2Gen's (<= 59 words, rare "
+                        "words as <unk>): set eval.references r2gen")
+    return settings, warnings
 
 
 @torch.no_grad()
@@ -107,7 +142,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     import time
 
     from medexgen_lib.labeler import label_report
-    from medexgen_lib.metrics import diversity, per_sample_text_scores, score
+    from medexgen_lib.metrics import diversity, per_sample_text_scores, prediction_labels, score
     from medexgen_lib.model import ReportGenerator
     from medexgen_lib.preprocess import load_split
 
@@ -121,7 +156,8 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     references = [r["reference"] for r in rows]
     predictions = [r["prediction"] for r in rows]
     train_texts = [e.text for e in train_data.examples]
-    options = {"meteor": cfg.eval.meteor, "uncertain_as_positive": cfg.eval.uncertain_as_positive}
+    options = {"meteor": cfg.eval.meteor, "uncertain_as_positive": cfg.eval.uncertain_as_positive,
+               "reference_convention": cfg.eval.references, "training_reports": train_texts}
 
     metrics = score(references, predictions, **options)
     metrics.update(diversity(predictions, train_texts))
@@ -131,10 +167,14 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     for row in rows:
         row.update(per_sample_text_scores(row["reference"], row["prediction"]))
         row["reference_labels"] = label_report(row["reference"])
-        row["prediction_labels"] = label_report(row["prediction"])
+        row["prediction_labels"] = prediction_labels(row["prediction"])
     weights = (model_dir / "model.safetensors").read_bytes()
+    settings, warnings = comparability(cfg, read_json(cfg.paths.processed / "splits.json").get("meta", {}))
+    note = PUBLISHED_NOTE + "".join(f"\nWARNING: {w}" for w in warnings)
     summary = {"split": split, "n": len(rows), "model": metrics, "baselines": baselines,
-               "published": PUBLISHED_IU_XRAY, "published_note": PUBLISHED_NOTE,
+               "published": PUBLISHED_IU_XRAY, "published_note": note, "published_settings": PUBLISHED_SETTINGS,
+               "comparability": settings, "warnings": warnings, "references": metrics["references"],
+               "reference_convention": metrics["reference_convention"],
                "normalisation": metrics["normalisation"], "decode": decode_settings(cfg.eval),
                "model_dir": str(model_dir), "model_sha256": hashlib.sha256(weights).hexdigest(),
                "seconds": time.perf_counter() - began}
@@ -144,12 +184,26 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
 
 
 def comparison_table(summary: dict):
-    """One table: the model, the baselines and published IU X-Ray results, by metric."""
+    """One table: the model, the baselines and published IU X-Ray results, by metric.
+
+    Its ``note`` column states each row's setting; on the published rows it carries every
+    mismatch with this run (``summary["warnings"]``), also kept in ``table.attrs["warnings"]``.
+    """
     import pandas as pd
 
     rows = {"model": summary["model"], **summary["baselines"], **summary["published"]}
     table = pd.DataFrame({name: {m: values.get(m) for m in TABLE_METRICS} for name, values in rows.items()}).T
-    return table.dropna(axis=1, how="all")
+    table = table.dropna(axis=1, how="all")
+    settings = summary.get("comparability", {})
+    ours = ", ".join(f"{k} {settings[k]}" for k in ("data", "target", "split", "references") if k in settings)
+    warnings = summary.get("warnings", ["no record of this run's target, split or references"])
+    published = "; ".join(f"{k} {v}" for k, v in PUBLISHED_SETTINGS.items())
+    verdict = ("NOT COMPARABLE: " + "; ".join(warnings)) if warnings else \
+        "same target, split, normalisation and reference convention (vocabulary from this run's text)"
+    table["note"] = [f"this run: {ours}" if name not in summary["published"] else f"{published}. {verdict}"
+                     for name in table.index]
+    table.attrs["warnings"] = list(warnings)
+    return table
 
 
 def plot_observation_f1(summary: dict, path: Path) -> Path:
@@ -206,26 +260,68 @@ def read_predictions_file(path) -> list[dict]:
     return rows
 
 
-def score_predictions_file(path, cfg, meteor: bool = False) -> dict:
+def score_predictions_file(path, cfg, meteor: bool = False, split: str = "test") -> dict:
     """Score any model's predictions file with the project's metrics.
 
     References come from the file when it has a ``reference`` column, else from
-    the studies table (cleaned target text per ``cfg.text``).
+    the studies table (cleaned target text per ``cfg.text``); the result says which
+    (``references_from``) and under which convention (``cfg.eval.references``).
+    Duplicate ids are refused; ids of ``split`` the file lacks, and ids outside it,
+    are counted in ``coverage`` and named in ``warnings``.
     """
+    from collections import Counter
+
     from medexgen_lib.metrics import score
     from medexgen_lib.reports import load_studies_table
+    from medexgen_lib.splits import load_splits
     from medexgen_lib.text import target_texts
 
     rows = read_predictions_file(path)
-    if any(r["reference"] is None for r in rows):
+    repeats = {uid: n for uid, n in Counter(r["uid"] for r in rows).items() if n > 1}
+    if repeats:
+        raise ValueError(f"predictions file {path}: {len(repeats)} id(s) appear more than once "
+                         f"({sum(repeats.values()) - len(repeats)} extra rows), e.g. {list(repeats)[:3]}; "
+                         "keep one prediction per study")
+    splits_path = cfg.paths.processed / "splits.json"
+    splits = load_splits(splits_path) if splits_path.exists() else None
+    given = sum(r["reference"] is not None for r in rows)
+    from_file = given == len(rows)
+    reference_of: dict[str, str] = {}
+    if not from_file or cfg.eval.references == "r2gen":
         table = load_studies_table(cfg.paths.studies_table)
         reference_of = dict(zip(table["uid"], target_texts(table, cfg.text.target, cfg.text.lowercase)))
-        unknown = [r["uid"] for r in rows if r["reference"] is None and r["uid"] not in reference_of]
-        if unknown:
-            raise ValueError(f"predictions file {path}: {len(unknown)} id(s) not in the studies table "
-                             f"{cfg.paths.studies_table}, e.g. {unknown[:3]}")
-        for r in rows:
-            if r["reference"] is None:
-                r["reference"] = reference_of[r["uid"]]
-    return score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=meteor,
-                 uncertain_as_positive=cfg.eval.uncertain_as_positive)
+    unknown = [r["uid"] for r in rows if r["reference"] is None and r["uid"] not in reference_of]
+    if unknown:
+        raise ValueError(f"predictions file {path}: {len(unknown)} id(s) not in the studies table "
+                         f"{cfg.paths.studies_table}, e.g. {unknown[:3]}")
+    for r in rows:
+        if r["reference"] is None:
+            r["reference"] = reference_of[r["uid"]]
+    training_reports = None
+    if cfg.eval.references == "r2gen":
+        if splits is None:
+            raise FileNotFoundError(f"eval.references r2gen needs the training reports for R2Gen's vocabulary: "
+                                    f"{splits_path} not found; run notebook 03_preprocessing first")
+        training_reports = [reference_of[u] for u in splits["train"] if u in reference_of]
+    metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=meteor,
+                    uncertain_as_positive=cfg.eval.uncertain_as_positive,
+                    reference_convention=cfg.eval.references, training_reports=training_reports)
+    metrics["references_from"] = (
+        f"{given} from the file's 'reference' column, {len(rows) - given} from the studies table "
+        f"{cfg.paths.studies_table} (text.target {cfg.text.target}, cleaned with text.clean_report)")
+    warnings = []
+    if splits is None:
+        metrics["coverage"] = None
+        warnings.append(f"coverage not checked: {splits_path} not found")
+    else:
+        expected, ids = set(splits[split]), {r["uid"] for r in rows}
+        metrics["coverage"] = {"split": split, "studies_in_split": len(expected), "scored": len(rows),
+                               "missing": len(expected - ids), "outside_split": len(ids - expected)}
+        if expected - ids:
+            warnings.append(f"{len(expected - ids)} of the {len(expected)} {split} studies have no prediction, "
+                            f"e.g. {sorted(expected - ids)[:3]}; the scores cover {len(ids & expected)} of them")
+        if ids - expected:
+            warnings.append(f"{len(ids - expected)} scored id(s) are not in the {split} split, "
+                            f"e.g. {sorted(ids - expected)[:3]}")
+    metrics["warnings"] = warnings
+    return metrics

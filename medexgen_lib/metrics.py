@@ -4,6 +4,11 @@ Text metrics use pycocoevalcap (BLEU-1..4 corpus level, ROUGE-L with beta 1.2,
 CIDEr, METEOR where Java is installed) on R2Gen's normalisation, which is what
 published IU X-Ray results use; ROUGE-1/2/L F1 from rouge-score are reported
 beside them, labelled as such. Clinical metrics come from ``labeler``.
+
+Two reference conventions (``eval.references``): ``full`` scores against the whole
+cleaned reference; ``r2gen`` reproduces how R2Gen-family papers scored (their
+tokenizer: words seen fewer than 3 times in training become ``<unk>``, references
+cut at ``max_seq_length`` 60). Every result says which one it used.
 """
 
 from __future__ import annotations
@@ -11,20 +16,38 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 
-from medexgen_lib.labeler import (LABELER_VERSION, NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES, label_report,
-                                  positive_set)
+from medexgen_lib.labeler import (ABSENT, LABELER_VERSION, NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES,
+                                  label_report, positive_set)
 
 log = logging.getLogger(__name__)
 
-METRICS_VERSION = "1"  # bump when any metric or the normalisation changes
+METRICS_VERSION = "2"  # bump when any metric or the normalisation changes
 NORMALISATION = (
     "R2Gen clean_report_iu_xray, verbatim: '..' -> '.', list numbering '1. '..'5. ' removed, "
     "lowercase, split into sentences at '. ', characters matching [.,?;*!%^&_+():-\\[\\]{}] and "
     "\" / \\ ' removed in each sentence (the class's ')-[' range also removes digits and <=>?@), "
     "sentences joined with ' . ' plus a final ' .'; 'xxxx' kept as a word")
 _R2GEN_CHARS = re.compile(r"[.,?;*!%^&_+():-\[\]{}]")
+
+REFERENCE_CONVENTIONS = ("full", "r2gen")
+# R2Gen (cuhksz-nlp/R2Gen): modules/tokenizers.py keeps words seen >= threshold (3) times in
+# the training reports, others become <unk>; modules/datasets.py cuts [0] + ids + [0] to
+# max_seq_length (60) and the trainer decodes ids[1:], so a reference keeps at most 59 words.
+R2GEN_THRESHOLD, R2GEN_MAX_SEQ_LENGTH, R2GEN_UNK = 3, 60, "<unk>"
+REFERENCE_DESCRIPTIONS = {
+    "full": "full: each reference is its whole cleaned target text (no truncation, no <unk>); "
+            "references and predictions R2Gen-normalised",
+    "r2gen": (f"r2gen: R2Gen's reference convention: references and predictions R2Gen-normalised, "
+              f"words seen fewer than {R2GEN_THRESHOLD} times in this run's {{n_train}} training "
+              f"reports replaced by {R2GEN_UNK}, references cut to their first "
+              f"{R2GEN_MAX_SEQ_LENGTH - 1} words (max_seq_length {R2GEN_MAX_SEQ_LENGTH} with the start "
+              "token); predictions not cut; the vocabulary comes from this run's cleaned training text, "
+              "so it matches R2Gen's only where the split and text are R2Gen's. Clinical metrics use "
+              "the full references"),
+}
 
 
 def normalise(report: str) -> str:
@@ -38,14 +61,30 @@ def normalise(report: str) -> str:
     return " . ".join(sentences) + " ."
 
 
-def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: bool = False) -> dict:
-    """Corpus BLEU-1..4, ROUGE-L (beta 1.2), CIDEr [, METEOR] on normalised text."""
+def r2gen_vocabulary(training_reports: Sequence[str]) -> frozenset[str]:
+    """R2Gen's vocabulary: normalised words seen at least 3 times in the training reports."""
+    counts = Counter(word for report in training_reports for word in normalise(report).split())
+    return frozenset(word for word, n in counts.items() if n >= R2GEN_THRESHOLD)
+
+
+def r2gen_text(report: str, vocabulary: frozenset[str], max_words: int | None = None) -> str:
+    """A report as R2Gen's tokenizer decodes it: normalised, unknown words as ``<unk>``,
+    at most ``max_words`` words (references: ``R2GEN_MAX_SEQ_LENGTH - 1``)."""
+    words = [w if w in vocabulary else R2GEN_UNK for w in normalise(report).split()]
+    return " ".join(words[:max_words])
+
+
+def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: bool = False,
+                 normalised: bool = False) -> dict:
+    """Corpus BLEU-1..4, ROUGE-L (beta 1.2), CIDEr [, METEOR] on normalised text
+    (``normalised=True``: the texts are already in their final form, e.g. ``r2gen_text``)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    gts = {i: [normalise(r)] for i, r in enumerate(references)}
-    res = {i: [normalise(p)] for i, p in enumerate(predictions)}
+    prepare = (lambda t: t) if normalised else normalise
+    gts = {i: [prepare(r)] for i, r in enumerate(references)}
+    res = {i: [prepare(p)] for i, p in enumerate(predictions)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge_l, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
@@ -63,14 +102,15 @@ def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: 
     return out
 
 
-def rouge_score_f1(references: Sequence[str], predictions: Sequence[str]) -> dict:
+def rouge_score_f1(references: Sequence[str], predictions: Sequence[str], normalised: bool = False) -> dict:
     """Mean ROUGE-1/2/L F1 from Google's rouge-score on normalised text."""
     from rouge_score import rouge_scorer
 
+    prepare = (lambda t: t) if normalised else normalise
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for ref, pred in zip(references, predictions):
-        scores = scorer.score(normalise(ref), normalise(pred))
+        scores = scorer.score(prepare(ref), prepare(pred))
         for key in totals:
             totals[key] += scores[key].fmeasure
     n = max(1, len(references))
@@ -92,7 +132,10 @@ def clinical_metrics(reference_labels: Sequence[dict], predicted_labels: Sequenc
                      uncertain_as_positive: bool = False) -> dict:
     """Per-observation precision/recall/F1 (positive class), micro/macro, example F1, abnormal recall.
 
-    Macro averages the observations that occur (positive) in the references.
+    ``macro_F1`` (the primary figure, and ``train.selection_metric``'s default) averages the
+    observations positive in the references OR the predictions, so writing a finding no
+    reference has costs F1; ``macro_F1 (observations in references)`` averages only those
+    positive in the references (the older convention, blind to invented findings).
     """
     observations = tuple(observations)
     refs = [positive_set(l, uncertain_as_positive, observations) for l in reference_labels]
@@ -108,14 +151,19 @@ def clinical_metrics(reference_labels: Sequence[dict], predicted_labels: Sequenc
         per_observation[obs] = {"precision": precision, "recall": recall, "f1": f1,
                                 "support": tp + fn, "predicted": tp + fp}
         tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
-    present = [o for o in observations if per_observation[o]["support"] > 0]
+    in_references = [o for o in observations if per_observation[o]["support"] > 0]
+    in_either = [o for o in observations if per_observation[o]["support"] + per_observation[o]["predicted"] > 0]
+    macro = {name: sum(per_observation[o]["f1"] for o in chosen) / len(chosen) if chosen else 0.0
+             for name, chosen in (("in_references", in_references), ("in_either", in_either))}
     micro_p = tp_all / (tp_all + fp_all) if tp_all + fp_all else 0.0
     micro_r = tp_all / (tp_all + fn_all) if tp_all + fn_all else 0.0
     example_f1 = [1.0 if not r and not p else 2 * len(r & p) / (len(r) + len(p)) for r, p in zip(refs, preds)]
     findings = set(observations) - {NO_FINDING, SUPPORT_DEVICES}
     abnormal = [(r & findings, p & findings) for r, p in zip(refs, preds) if r & findings]
     return {
-        "macro_F1": sum(per_observation[o]["f1"] for o in present) / len(present) if present else 0.0,
+        "macro_F1": macro["in_either"],
+        "macro_F1 (observations in references or predictions)": macro["in_either"],
+        "macro_F1 (observations in references)": macro["in_references"],
         "micro_F1": 2 * micro_p * micro_r / (micro_p + micro_r) if micro_p + micro_r else 0.0,
         "example_F1": sum(example_f1) / len(example_f1) if example_f1 else 0.0,
         "abnormal_recall": sum(bool(p) for _, p in abnormal) / len(abnormal) if abnormal else 0.0,
@@ -139,20 +187,64 @@ def diversity(predictions: Sequence[str], training_reports: Sequence[str] = ()) 
             "copied_from_training": sum(p in train for p in normalised) / n if train else None}
 
 
+_WORDS = re.compile(r"[a-z]+")
+
+
+def is_degenerate(prediction: str) -> bool:
+    """Empty, whitespace or punctuation only, or fewer than two distinct words (one token
+    repeated, "xxxx xxxx"): text that states nothing about the chest."""
+    return len(set(_WORDS.findall((prediction or "").lower()))) < 2
+
+
+def prediction_labels(prediction: str) -> dict[str, str]:
+    """The labeler's labels of a prediction; a degenerate one (``is_degenerate``) states
+    nothing, so every observation is absent, "No Finding" included."""
+    if is_degenerate(prediction):
+        return {obs: ABSENT for obs in OBSERVATIONS}
+    return label_report(prediction)
+
+
 def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = False,
-          observations: Sequence[str] = OBSERVATIONS, uncertain_as_positive: bool = False) -> dict:
-    """All text and clinical metrics for two equal-length lists of raw report strings."""
+          observations: Sequence[str] = OBSERVATIONS, uncertain_as_positive: bool = False,
+          reference_convention: str = "full", training_reports: Sequence[str] | None = None) -> dict:
+    """All text and clinical metrics for two equal-length lists of raw report strings.
+
+    ``reference_convention`` is ``"full"`` or ``"r2gen"`` (needs ``training_reports`` for
+    R2Gen's vocabulary); the result names the one used. Degenerate predictions
+    (``is_degenerate``) are counted and labelled with nothing, so they get no clinical
+    credit, "No Finding" included.
+    """
     if len(references) != len(predictions):
         raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
     if not references:
         raise ValueError("nothing to score: no references")
-    out = text_metrics(references, predictions, meteor=meteor)
-    out.update(rouge_score_f1(references, predictions))
+    if reference_convention not in REFERENCE_CONVENTIONS:
+        raise ValueError(f"reference convention must be one of {REFERENCE_CONVENTIONS}, "
+                         f"got {reference_convention!r}")
+    description = REFERENCE_DESCRIPTIONS["full"]
+    if reference_convention == "r2gen":
+        if not training_reports:
+            raise ValueError("the r2gen reference convention needs the training reports (R2Gen's vocabulary)")
+        vocabulary = r2gen_vocabulary(training_reports)
+        texts = ([r2gen_text(r, vocabulary, R2GEN_MAX_SEQ_LENGTH - 1) for r in references],
+                 [r2gen_text(p, vocabulary) for p in predictions])
+        description = REFERENCE_DESCRIPTIONS["r2gen"].format(n_train=len(training_reports))
+        out = text_metrics(*texts, meteor=meteor, normalised=True)
+        out.update(rouge_score_f1(*texts, normalised=True))
+    else:
+        out = text_metrics(references, predictions, meteor=meteor)
+        out.update(rouge_score_f1(references, predictions))
+    degenerate = [is_degenerate(p) for p in predictions]
     clinical = clinical_metrics([label_report(r) for r in references],
-                                [label_report(p) for p in predictions],
+                                [prediction_labels(p) for p in predictions],
                                 observations, uncertain_as_positive)
     out.update({f"clinical {k}": v for k, v in clinical.items()})
     out["n"] = len(references)
+    out["empty_predictions"] = sum(not (p or "").strip() for p in predictions)
+    out["degenerate_predictions"] = sum(degenerate)
+    out["degenerate_predictions_share"] = sum(degenerate) / len(predictions)
+    out["references"] = reference_convention
+    out["reference_convention"] = description
     out["normalisation"] = NORMALISATION
     out["metrics_version"] = METRICS_VERSION
     out["labeler_version"] = LABELER_VERSION

@@ -35,3 +35,20 @@ def test_run_eda_writes_stats_and_figures(tmp_path):
     assert {f.name for f in figures} >= {"eda_counts.png", "eda_report_lengths.png",
                                          "eda_mesh_terms.png", "eda_top_words.png"}
     assert all(f.stat().st_size > 1000 for f in figures)
+
+
+def test_sentences_are_counted_on_the_cleaned_text_the_model_learns(iuxray_sample):
+    """The real sample's numbered impressions ("1. ... 2. ...") must not make "1." a sentence."""
+    import re
+
+    from medexgen_lib.reports import read_reports
+
+    table = read_reports(iuxray_sample / "reports")
+    assert table["impression"].str.contains(r"(?:^|\. )2\. ", regex=True).sum() >= 20  # numbered lists exist
+    stats = compute_eda_stats(table, top=1000)
+    numbering = [(s, n) for s, n in stats["top_sentences"] if re.fullmatch(r"\W*\d*\W*", s)]
+    assert numbering == []
+    assert stats["top_sentences"][0][0] == "no acute cardiopulmonary abnormality."
+    assert "target findings+impression" in stats["text"]
+    findings_only = compute_eda_stats(table, target="findings")
+    assert findings_only["length_words"]["mean"] < stats["length_words"]["mean"]

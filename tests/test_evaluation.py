@@ -1,14 +1,19 @@
 """Stage 05 end to end with a tiny model on phantom data; baselines; scoring files."""
 
+import copy
+import dataclasses
 import json
 from collections import Counter
 
 import pytest
 
 from medexgen_lib.__main__ import main
-from medexgen_lib.evaluate import (baseline_predictions, comparison_table, read_predictions_file,
-                                   run_evaluation, score_predictions_file)
-from medexgen_lib.metrics import text_metrics
+from medexgen_lib.config import load_config
+from medexgen_lib.dataset import ReportDataset
+from medexgen_lib.evaluate import (R2GEN_SPLIT_SIZES, baseline_predictions, comparability, comparison_table,
+                                   generate_reports, read_predictions_file, run_evaluation,
+                                   score_predictions_file)
+from medexgen_lib.metrics import is_degenerate, text_metrics
 from medexgen_lib.model import ReportGenerator
 from medexgen_lib.preprocess import load_split
 
@@ -33,8 +38,49 @@ def test_end_to_end_evaluation_writes_predictions_and_metrics(cfg):
                                        "retrieval (nearest image)"}
     assert saved["decode"]["max_new_tokens"] == cfg.eval.max_new_tokens and len(saved["model_sha256"]) == 64
     assert "R2Gen" in saved["normalisation"]
+    assert saved["model"]["degenerate_predictions"] == sum(is_degenerate(r["prediction"]) for r in rows)
+    # Phantom data, findings+impression, our own split, full references: four stated mismatches.
+    assert saved["references"] == "full" and saved["comparability"]["target"] == "findings+impression"
+    assert len(saved["warnings"]) == 4 and "phantom" in saved["warnings"][0]
+    assert all(w in saved["published_note"] for w in saved["warnings"])
     table = comparison_table(saved)
     assert {"model", "retrieval (nearest image)", "R2Gen (Chen et al., 2020)"} <= set(table.index)
+    published_note = table.loc["R2Gen (Chen et al., 2020)", "note"]
+    assert published_note.count("NOT COMPARABLE") == 1 and "FINDINGS only" in published_note
+    assert table.loc["model", "note"].startswith("this run: data phantom, target findings+impression")
+    assert table.attrs["warnings"] == saved["warnings"]
+
+
+def test_comparability_states_each_mismatch_with_published_work(tmp_path):
+    r2gen_like = load_config("full", {"data.source": "folder", "split.annotation_file": str(tmp_path / "a.json"),
+                                      "eval.references": "r2gen"})
+    meta = {"source": "annotation:a.json", "counts": {k: {"studies": v} for k, v in R2GEN_SPLIT_SIZES.items()}}
+    settings, warnings = comparability(r2gen_like, meta)
+    assert warnings == [] and settings["target"] == "findings" and settings["references"] == "r2gen"
+    table = comparison_table({"model": {"BLEU-4": 0.1}, "baselines": {},
+                              "published": {"R2Gen (Chen et al., 2020)": {"BLEU-4": 0.165}},
+                              "comparability": settings, "warnings": warnings})
+    assert "NOT COMPARABLE" not in table.loc["R2Gen (Chen et al., 2020)", "note"]
+    assert "exactly" not in table.loc["R2Gen (Chen et al., 2020)", "note"]
+    meta["counts"]["test"] = {"studies": 500}
+    _, warnings = comparability(load_config("full", {"data.source": "folder", "text.target": "findings+impression",
+                                                     "split.annotation_file": "a.json"}), meta)
+    assert len(warnings) == 3 and "FINDINGS only" in warnings[0] and "'test': 500" in warnings[1]
+    assert "eval.references r2gen" in warnings[2]
+
+
+def test_generate_reports_refuses_a_loader_out_of_step_with_the_examples(trained_tiny):
+    _, model, test, _ = trained_tiny
+
+    class Shifted(ReportDataset):  # a loader that yields the studies in another order
+        def __getitem__(self, index):
+            return super().__getitem__((index + 1) % len(self))
+
+    shifted = copy.copy(test)
+    shifted.__class__ = Shifted
+    with pytest.raises(RuntimeError, match="another order"):
+        generate_reports(model, shifted, dataclasses.replace(load_config("demo").eval, max_new_tokens=2),
+                         progress=False)
 
 
 def test_baselines(cfg):
@@ -63,7 +109,43 @@ def test_scoring_a_predictions_file_from_outside(cfg, tmp_path, capsys):
     assert score_predictions_file(json_path, cfg)["BLEU-4"] < 0.5
     overrides = ["-p", "paths.data_dir", cfg.paths.data_dir, "-p", "paths.output_dir", cfg.paths.output_dir]
     assert main(["score", str(csv_path), *overrides, "--out", str(tmp_path / "m.json")]) == 0
-    assert "BLEU-4" in capsys.readouterr().out and (tmp_path / "m.json").exists()
+    printed = capsys.readouterr().out
+    assert f"{'BLEU-4':<32}1.0000" in printed and "WARNING" not in printed
+    assert f"0 from the file's 'reference' column, {len(test)} from the studies table" in printed
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["BLEU-4"] == pytest.approx(metrics["BLEU-4"]) and saved["references"] == "full"
+    assert saved["coverage"] == {"split": "test", "studies_in_split": len(test), "scored": len(test),
+                                 "missing": 0, "outside_split": 0}
+
+
+def test_scoring_a_file_counts_missing_and_refuses_duplicate_ids(cfg, tmp_path, capsys):
+    test, train = load_split(cfg, "test"), load_split(cfg, "train")
+    rows = [{"uid": e.uid, "prediction": e.text} for e in test.examples[1:]] + \
+        [{"uid": train.examples[0].uid, "prediction": "Heart size normal."}]
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(rows))
+    metrics = score_predictions_file(path, cfg)
+    assert metrics["coverage"]["missing"] == 1 and metrics["coverage"]["outside_split"] == 1
+    assert metrics["n"] == len(test) and len(metrics["warnings"]) == 2
+    assert f"1 of the {len(test)} test studies have no prediction" in metrics["warnings"][0]
+    overrides = ["-p", "paths.data_dir", cfg.paths.data_dir, "-p", "paths.output_dir", cfg.paths.output_dir]
+    assert main(["score", str(path), *overrides]) == 0
+    assert capsys.readouterr().out.count("WARNING") == 2
+    path.write_text(json.dumps(rows + rows[:2]))
+    with pytest.raises(ValueError, match=r"2 id\(s\) appear more than once \(2 extra rows\)"):
+        score_predictions_file(path, cfg)
+
+
+def test_scoring_a_file_under_r2gens_reference_convention(cfg, tmp_path):
+    r2gen = copy.deepcopy(cfg)
+    r2gen.eval.references = "r2gen"
+    test = load_split(cfg, "test")
+    path = tmp_path / "preds.json"
+    path.write_text(json.dumps([{"uid": e.uid, "prediction": e.text} for e in test.examples]))
+    full, cut = score_predictions_file(path, cfg), score_predictions_file(path, r2gen)
+    assert full["references"] == "full" and cut["references"] == "r2gen"
+    train_n = len(load_split(cfg, "train"))
+    assert f"this run's {train_n} training reports" in cut["reference_convention"]
 
 
 @pytest.mark.parametrize("content, message", [

@@ -158,6 +158,20 @@ def test_augmentation_changes_pixels_but_never_flips(image_files, tmp_path):
     assert same < flipped
 
 
+def test_batched_augmentation_is_the_identity_at_zero_strength_and_keeps_blank_views_blank(monkeypatch):
+    import medexgen_lib.dataset as dataset
+
+    views = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    views[2] = 0  # a blank view
+    out = dataset.augment_views(views, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == views.shape and not torch.equal(out[:2], views[:2])
+    assert out[2].sum() == 0
+    for name, value in (("DEGREES", 0.0), ("TRANSLATE", 0.0), ("SCALE", (1.0, 1.0)), ("BRIGHTNESS", 0.0),
+                        ("CONTRAST", 0.0)):
+        monkeypatch.setattr(dataset, name, value)
+    assert torch.equal(dataset.augment_views(views), views)
+
+
 BUILD_CACHE = """
 import sys
 from medexgen_lib.images import ImageCache

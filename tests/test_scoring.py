@@ -1,0 +1,79 @@
+"""Scoring conventions: macro-F1 that charges invented findings, degenerate predictions,
+R2Gen's reference convention, and the real METEOR path."""
+
+import shutil
+
+import pytest
+
+from medexgen_lib.labeler import label_report
+from medexgen_lib.metrics import (R2GEN_MAX_SEQ_LENGTH, clinical_metrics, is_degenerate, r2gen_text,
+                                  r2gen_vocabulary, score, text_metrics)
+
+OBS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax")
+
+
+def test_inventing_an_absent_finding_costs_macro_f1():
+    refs = [label_report(t) for t in ["Cardiomegaly.", "Left pleural effusion."]]
+    honest = [label_report(t) for t in ["Cardiomegaly.", "Left pleural effusion."]]
+    inventive = [label_report(t) for t in ["Cardiomegaly. Right pneumothorax.", "Left pleural effusion."]]
+    a, b = clinical_metrics(refs, honest, OBS), clinical_metrics(refs, inventive, OBS)
+    # Over observations in the references the invented pneumothorax is invisible ...
+    assert a["macro_F1 (observations in references)"] == b["macro_F1 (observations in references)"] == 1.0
+    # ... over observations in references OR predictions it is averaged in with F1 0.
+    assert a["macro_F1 (observations in references or predictions)"] == 1.0
+    assert b["macro_F1 (observations in references or predictions)"] == pytest.approx(2 / 3)
+    assert b["macro_F1"] == b["macro_F1 (observations in references or predictions)"]  # the primary key
+
+
+@pytest.mark.parametrize("text, degenerate", [
+    ("", True), ("   \n", True), (". . ,", True), ("1. 2.", True), ("xxxx xxxx xxxx", True),
+    ("effusion effusion effusion effusion", True), ("No effusion.", False),
+    ("Heart size normal. Lungs clear.", False)])
+def test_degenerate_predictions(text, degenerate):
+    assert is_degenerate(text) is degenerate
+
+
+def test_empty_or_garbage_predictions_are_counted_and_get_no_no_finding_credit():
+    refs = ["No acute disease.", "Heart size normal. Lungs clear.", "Heart size normal. Lungs clear."]
+    preds = ["", "xxxx xxxx", "Heart size normal. Lungs clear."]
+    result = score(refs, preds)
+    assert result["empty_predictions"] == 1 and result["degenerate_predictions"] == 2
+    assert result["degenerate_predictions_share"] == pytest.approx(2 / 3)
+    no_finding = result["clinical per_observation"]["No Finding"]
+    assert (no_finding["support"], no_finding["predicted"]) == (3, 1)  # only the real report counts
+    assert no_finding["recall"] == pytest.approx(1 / 3)
+
+
+def test_r2gen_vocabulary_threshold_and_truncation_follow_r2gens_tokenizer():
+    training = ["Heart size normal."] * 3 + ["Rare word twice."] * 2
+    vocabulary = r2gen_vocabulary(training)
+    # seen 3 times: kept; seen twice: <unk> (R2Gen: counter[k] >= threshold 3)
+    assert {"heart", "size", "normal", "."} <= vocabulary and "rare" not in vocabulary
+    assert r2gen_text("1. Heart size normal. Rare word.", vocabulary) == "heart size normal . <unk> <unk> ."
+    long_report = "Heart size normal. " * 30  # 120 words with the full stops
+    cut = r2gen_text(long_report, vocabulary, R2GEN_MAX_SEQ_LENGTH - 1)
+    assert len(cut.split()) == 59 and cut.split()[:4] == ["heart", "size", "normal", "."]
+
+
+def test_r2gen_reference_convention_scores_against_cut_references():
+    training = ["Heart size normal. Lungs clear."] * 3
+    reference = "Heart size normal. Lungs clear. " * 12  # 72 words with the stops
+    prediction = " ".join(r2gen_text(reference, r2gen_vocabulary(training), 59).split())  # first 59 words
+    full = score([reference], [prediction])
+    r2gen = score([reference], [prediction], reference_convention="r2gen", training_reports=training)
+    assert full["references"] == "full" and r2gen["references"] == "r2gen"
+    assert "59 words" in r2gen["reference_convention"] and "<unk>" in r2gen["reference_convention"]
+    # the prediction is the cut reference plus the final " ." normalisation adds: 59 of 60 words match
+    assert r2gen["BLEU-1"] == pytest.approx(59 / 60, abs=1e-6)
+    assert full["BLEU-1"] < 0.9  # brevity penalty against the whole 72-word reference
+    with pytest.raises(ValueError, match="training reports"):
+        score([reference], [prediction], reference_convention="r2gen")
+    with pytest.raises(ValueError, match="reference convention"):
+        score([reference], [prediction], reference_convention="published")
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR 1.5 runs in Java; no java on PATH")
+def test_meteor_runs_for_real_with_java():
+    refs = ["heart size is normal. no pleural effusion.", "left pleural effusion."]
+    same = text_metrics(refs, refs, meteor=True)
+    assert "METEOR_skipped" not in same and same["METEOR"] == pytest.approx(1.0, abs=1e-6)
