@@ -59,7 +59,7 @@ PUBLISHED_NOTE = ("Comparable only on the real data with split.annotation_file s
                   "another split the numbers measure something else.")
 TABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
                  "clinical macro_F1", "clinical micro_F1", "clinical example_F1",
-                 "clinical abnormal_recall", "distinct_predictions")
+                 "clinical abnormal_recall", "laterality", "distinct_predictions")
 
 
 @torch.no_grad()
@@ -106,6 +106,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     import hashlib
     import time
 
+    from medexgen_lib.guidance import laterality, load_phantom_truth
     from medexgen_lib.labeler import label_report
     from medexgen_lib.metrics import diversity, per_sample_text_scores, score
     from medexgen_lib.model import ReportGenerator
@@ -123,11 +124,17 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     train_texts = [e.text for e in train_data.examples]
     options = {"meteor": cfg.eval.meteor, "uncertain_as_positive": cfg.eval.uncertain_as_positive}
 
+    truth = load_phantom_truth(cfg.paths.reports)  # None on real data
+    uids = [r["uid"] for r in rows]
     metrics = score(references, predictions, **options)
     metrics.update(diversity(predictions, train_texts))
+    metrics.update(laterality(truth, uids, predictions) if truth is not None else {})
     baselines = {}
     for name, guesses in baseline_predictions(model, train_data, val_data, data, device).items():
-        baselines[name] = {**score(references, guesses, **options), **diversity(guesses, train_texts)}
+        baselines[name] = {**score(references, guesses, **options), **diversity(guesses, train_texts),
+                           **(laterality(truth, uids, guesses) if truth is not None else {})}
+        for row, guess in zip(rows, guesses):
+            row.setdefault("baseline_predictions", {})[name] = guess
     for row in rows:
         row.update(per_sample_text_scores(row["reference"], row["prediction"]))
         row["reference_labels"] = label_report(row["reference"])
@@ -136,7 +143,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     summary = {"split": split, "n": len(rows), "model": metrics, "baselines": baselines,
                "published": PUBLISHED_IU_XRAY, "published_note": PUBLISHED_NOTE,
                "normalisation": metrics["normalisation"], "decode": decode_settings(cfg.eval),
-               "model_dir": str(model_dir), "model_sha256": hashlib.sha256(weights).hexdigest(),
+               "seed": cfg.seed, "model_dir": str(model_dir), "model_sha256": hashlib.sha256(weights).hexdigest(),
                "seconds": time.perf_counter() - began}
     write_json(cfg.paths.logs / f"predictions_{split}.json", rows)
     write_json(cfg.paths.logs / f"metrics_{split}.json", summary)

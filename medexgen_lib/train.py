@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from medexgen_lib import guidance
 from medexgen_lib.config import Config, TrainConfig
 from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
@@ -89,7 +90,8 @@ def parameter_groups(model: ReportGenerator, tcfg: TrainConfig) -> list[dict]:
         if name.startswith("encoder."):
             group = "encoder"
         elif (name.startswith("decoder.") and not (param is token_embeddings and decoder_is_new)
-              and not any(part in name for part in CROSS_ATTENTION_PARTS)):
+              and (tcfg.cross_attention_lr == "decoder"
+                   or not any(part in name for part in CROSS_ATTENTION_PARTS))):
             group = "decoder"
         else:
             group = "new"
@@ -257,7 +259,11 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         raise ValueError(f"empty split: {len(train_data)} train / {len(val_data)} val studies; "
                          "check notebook 03's split counts")
     tokenizer = load_tokenizer(cfg.paths.processed / "tokenizer")
-    model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length)
+    labels = guidance.choose_labels([e.text for e in train_data.examples],
+                                    cfg.guidance.min_count) if cfg.guidance.head else []
+    model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length,
+                                  labels, cfg.guidance.decoder, cfg.guidance.pool)
+    loss_hook = guidance.LossHook(cfg, train_data, labels)
     new_token_rows = NewTokenRows(model, tcfg)
     optimizer = torch.optim.AdamW(parameter_groups(model, tcfg))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -302,7 +308,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         began = time.perf_counter()
         train_loss, samples, state["step"] = _train_epoch(
             accelerator, model, optimizer, scheduler, epoch_loader(epoch), new_token_rows, tcfg,
-            epoch, state["step"], progress)
+            epoch, state["step"], progress, loss_hook)
         seconds_train = time.perf_counter() - began
         _sync_buffers(accelerator, model)
         metrics, val_loss = _validate(accelerator, model, val_data, collate_fn, cfg, progress)
@@ -356,7 +362,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_rows, tcfg, epoch,
-                 step, progress) -> tuple[float, int, int]:
+                 step, progress, loss_hook) -> tuple[float, int, int]:
     model.train()
     total, count, samples = 0.0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False,
@@ -364,8 +370,8 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
     for batch in bar:
         with accelerator.accumulate(model):
             out = model(batch["images"], batch["input_ids"], batch["attention_mask"],
-                        labels=batch["labels"], view_mask=batch["view_mask"])
-            loss = out.loss
+                        view_mask=batch["view_mask"], **loss_hook.inputs(batch, accelerator.device))
+            loss = loss_hook.loss(out, batch["labels"])
             finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
             if not finite:
                 raise NonFiniteLoss(

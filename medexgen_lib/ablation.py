@@ -1,0 +1,133 @@
+"""Ablation of the generator's levers: each row trained and evaluated with the same seeds and data.
+
+    python -m medexgen_lib.ablation [--profile demo] [--seeds 3] [--rows NAME ...] [-p KEY VALUE ...]
+
+Stages 01-03 run once (shared split); every row x seed trains (stage 04) and evaluates
+(stage 05) in ``<output_dir>/ablation/<row>/seed_<s>/``. The table (mean ± std over
+seeds) goes to ``<output_dir>/logs/ablation.json`` and ``ablation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from medexgen_lib.config import load_config
+from medexgen_lib.files import read_json, write_json, write_text_atomic
+from medexgen_lib.seeds import RETRIEVAL, mean_std
+
+log = logging.getLogger(__name__)
+
+# Row -> overrides on top of the profile. The demo profile is the last row's settings, so
+# the earlier rows switch the new defaults off again.
+SEED_DESIGN = {"guidance.head": False, "guidance.decoder": False, "train.epochs": 16,
+               "train.label_smoothing": 0.0, "train.patience": 6}
+ROWS: dict[str, dict] = {
+    "seed design (old lr groups)": {**SEED_DESIGN, "train.cross_attention_lr": "decoder"},
+    "lr groups fixed": {**SEED_DESIGN, "train.cross_attention_lr": "new"},
+    "+ observation head": {**SEED_DESIGN, "guidance.head": True},
+    "+ guided decoding": {**SEED_DESIGN, "guidance.head": True, "guidance.decoder": True},
+    "+ guided decoding, true labels at train time": {
+        **SEED_DESIGN, "guidance.head": True, "guidance.decoder": True,
+        "guidance.decoder_input": "true"},
+    "best combination (demo default)": {},
+}
+COLUMNS = ("BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1", "clinical micro_F1", "laterality",
+           "distinct_predictions", "train_seconds")
+
+
+def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: int = 3,
+                 rows: list[str] | None = None) -> dict:
+    """Train and evaluate every row for seeds ``seed .. seed + n_seeds - 1``; write the table."""
+    from medexgen_lib.acquisition import acquire, build_studies_table
+    from medexgen_lib.evaluate import run_evaluation
+    from medexgen_lib.preprocess import run_preprocessing
+    from medexgen_lib.train import train
+
+    overrides = dict(overrides or {})
+    names = rows or list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown ablation row(s) {unknown}; known: {list(ROWS)}")
+    base = load_config(profile, overrides)
+    if not (base.paths.processed / "splits.json").exists():
+        build_studies_table(base, acquire(base))
+        run_preprocessing(base)
+    out_root = Path(base.paths.output_dir) / "ablation"
+    table = {}
+    for name in names:
+        per_seed = []
+        for seed in range(base.seed, base.seed + n_seeds):
+            folder = out_root / _slug(name) / f"seed_{seed}"
+            cfg = load_config(profile, {**overrides, **ROWS[name], "seed": seed,
+                                        "paths.output_dir": str(folder)})
+            began = time.perf_counter()
+            train(cfg, progress=False)
+            seconds = time.perf_counter() - began
+            summary = run_evaluation(cfg, progress=False)
+            per_seed.append({**summary["model"], "train_seconds": seconds,
+                             "retrieval": summary["baselines"][RETRIEVAL]})
+            log.info("ablation %s seed %d: macro-F1 %.3f BLEU-4 %.3f (%.0f s)", name, seed,
+                     summary["model"]["clinical macro_F1"], summary["model"]["BLEU-4"], seconds)
+        table[name] = {"overrides": ROWS[name],
+                       **{c: mean_std([s.get(c) for s in per_seed]) for c in COLUMNS},
+                       "retrieval": {c: mean_std([s["retrieval"].get(c) for s in per_seed])
+                                     for c in COLUMNS[:-1]}}
+    result = {"profile": profile, "overrides": overrides, "n_seeds": n_seeds,
+              "seeds": list(range(base.seed, base.seed + n_seeds)), "rows": table}
+    logs = base.paths.logs
+    previous = read_json(logs / "ablation.json") if (logs / "ablation.json").exists() else {}
+    if previous.get("profile") == profile and previous.get("n_seeds") == n_seeds:
+        result["rows"] = {**previous.get("rows", {}), **table}  # rows run separately, one table
+    write_json(logs / "ablation.json", result)
+    write_text_atomic(logs / "ablation.md", format_table(result))
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The ablation as a Markdown table, mean ± std over seeds."""
+    head = ["row", *COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in result["rows"].items():
+        cells = [_cell(row[c], c) for c in COLUMNS]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    retrieval = next(iter(result["rows"].values()))["retrieval"]
+    lines.append("| " + " | ".join(["retrieval (nearest image, first row's encoder)",
+                                     *[_cell(retrieval[c], c) for c in COLUMNS[:-1]], ""]) + " |")
+    return (f"Ablation, profile {result['profile']}, seeds {result['seeds']} "
+            f"(mean ± std)\n\n" + "\n".join(lines) + "\n")
+
+
+def _cell(value: dict, column: str) -> str:
+    if value["mean"] is None:
+        return "n/a"
+    digits = 0 if column == "train_seconds" else 3
+    return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medexgen_lib.ablation", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default="demo")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rows", nargs="+", help=f"subset of rows; known: {list(ROWS)}")
+    parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        result = run_ablation(args.profile, dict(args.p), args.seeds, args.rows)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
