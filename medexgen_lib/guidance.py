@@ -126,7 +126,8 @@ class LossHook:
     def __init__(self, cfg, train_data, labels: Sequence[str]):
         self.smoothing = cfg.train.label_smoothing
         self.weight = cfg.guidance.loss_weight
-        self.teacher = cfg.guidance.decoder and cfg.guidance.decoder_input == "true"
+        self.teacher = ((cfg.guidance.decoder or cfg.guidance.embedding)
+                        and cfg.guidance.decoder_input == "true")
         self.lookup = TargetLookup(train_data.examples, labels) if labels else None
 
     def inputs(self, batch: dict, device: torch.device | str) -> dict:

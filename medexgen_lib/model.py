@@ -64,6 +64,7 @@ class ReportGeneratorConfig:
     guidance_labels: list[str] = field(default_factory=list)  # observation head's labels; empty: none
     guidance_tokens: bool = False  # predicted labels fed to the decoder as extra tokens
     guidance_pool: int = 2  # the head's pooled grid per view (2: left/right halves kept apart)
+    guidance_embedding: bool = False  # predicted labels also added to every input token embedding
 
     @property
     def grid_size(self) -> int:
@@ -93,8 +94,12 @@ class ReportGenerator(nn.Module):
         nn.init.normal_(self.view_embedding.weight, std=0.02)
         self.decoder = GPT2LMHeadModel(_gpt2_config(config))
         self.guidance = (ObservationGuidance(config.guidance_labels, self.encoder_dim, config.n_views,
-                                             config.n_embd, config.guidance_pool, config.guidance_tokens)
+                                             config.n_embd, config.guidance_pool,
+                                             config.guidance_tokens or config.guidance_embedding)
                          if config.guidance_labels else None)
+        self._condition = None  # [B, n_embd] added to token embeddings during a forward/generate
+        if config.guidance_embedding and config.guidance_labels:
+            self.decoder.get_input_embeddings().register_forward_hook(self._add_condition)
         self.tokenizer = None  # attached by from_pretrained when the folder has one
 
     # ------------------------------------------------------------------ building
@@ -102,7 +107,7 @@ class ReportGenerator(nn.Module):
     @classmethod
     def build(cls, model_cfg, tokenizer, image_size: int, max_length: int,
               guidance_labels: list[str] | None = None, guidance_tokens: bool = False,
-              guidance_pool: int = 2) -> ReportGenerator:
+              guidance_pool: int = 2, guidance_embedding: bool = False) -> ReportGenerator:
         """A new model per the run's ``ModelConfig``; pretrained parts loaded when asked for;
         an observation head for ``guidance_labels`` (see ``medexgen_lib.guidance``)."""
         decoder = None
@@ -119,6 +124,7 @@ class ReportGenerator(nn.Module):
             encoder=model_cfg.encoder, image_size=image_size, dropout=model_cfg.dropout,
             encoder_init="random", decoder_init="random", guidance_labels=list(guidance_labels or []),
             guidance_tokens=guidance_tokens and bool(guidance_labels), guidance_pool=guidance_pool,
+            guidance_embedding=guidance_embedding and bool(guidance_labels),
             **sizes)
         model = cls(config)
         if model_cfg.encoder_pretrained:
@@ -150,8 +156,11 @@ class ReportGenerator(nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """What the decoder cross-attends to: visual tokens plus, with guidance tokens, one token
         per observation label (from ``teacher_labels`` when given, else the head's detached
-        probabilities); their mask; and the head's logits (None without a head)."""
+        probabilities); their mask; and the head's logits (None without a head). With the
+        guidance embedding, also sets the label tokens' mean, which the decoder's token
+        embedding hook adds to every input token (used by the next forward or generate)."""
         tokens, mask, features = self._encode(images, view_mask)
+        self._condition = None
         if self.guidance is None:
             return tokens, mask, None
         if view_mask is None:
@@ -160,9 +169,22 @@ class ReportGenerator(nn.Module):
         if self.guidance.states is not None:
             probabilities = teacher_labels if teacher_labels is not None else logits.detach().sigmoid()
             extra = self.guidance.tokens(probabilities).to(tokens.dtype)
-            tokens = torch.cat([tokens, extra], dim=1)
-            mask = torch.cat([mask, torch.ones(extra.shape[:2], dtype=mask.dtype, device=mask.device)], 1)
+            if self.config.guidance_embedding:
+                self._condition = extra.mean(dim=1)
+            if self.config.guidance_tokens:
+                tokens = torch.cat([tokens, extra], dim=1)
+                mask = torch.cat([mask, torch.ones(extra.shape[:2], dtype=mask.dtype,
+                                                   device=mask.device)], 1)
         return tokens, mask, logits
+
+    def _add_condition(self, module, inputs, embeddings: torch.Tensor) -> torch.Tensor:
+        """Forward hook of the token embedding: add the study's guidance vector (beams repeat it)."""
+        if self._condition is None:
+            return embeddings
+        condition = self._condition
+        if embeddings.shape[0] != condition.shape[0]:  # beam search: batch * num_beams rows
+            condition = condition.repeat_interleave(embeddings.shape[0] // condition.shape[0], dim=0)
+        return embeddings + condition.unsqueeze(1).to(embeddings.dtype)
 
     def _encode(self, images: torch.Tensor, view_mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,9 +212,12 @@ class ReportGenerator(nn.Module):
         BCE) is set on the output too; ``teacher_labels`` replace the head's predictions as
         the decoder's guidance (see ``medexgen_lib.guidance``)."""
         visual, visual_mask, logits = self.encoder_states(images, view_mask, teacher_labels)
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                           encoder_hidden_states=visual, encoder_attention_mask=visual_mask,
-                           **decoder_kwargs)
+        try:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                               encoder_hidden_states=visual, encoder_attention_mask=visual_mask,
+                               **decoder_kwargs)
+        finally:
+            self._condition = None
         out.observation_logits = logits
         if logits is not None and observation_targets is not None:
             out.observation_loss = observation_loss(logits, observation_targets)
@@ -213,9 +238,12 @@ class ReportGenerator(nn.Module):
             log.warning("max_new_tokens %d exceeds what the decoder's %d positions allow; using %d",
                         settings["max_new_tokens"], self.config.n_positions, room)
             settings["max_new_tokens"] = room
-        out = self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
-                                    encoder_hidden_states=visual,
-                                    encoder_attention_mask=visual_mask, **settings)
+        try:
+            out = self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
+                                        encoder_hidden_states=visual,
+                                        encoder_attention_mask=visual_mask, **settings)
+        finally:
+            self._condition = None
         return out[:, 1:]
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:

@@ -18,10 +18,11 @@ from medexgen_lib.seeds import (bleu4_from_sums, macro_f1_from_sums, paired_boot
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Pleural Effusion, left", "Pleural Effusion, right"]
 
 
-def _model(tokens: bool = True, labels=LABELS) -> ReportGenerator:
+def _model(tokens: bool = True, labels=LABELS, embedding: bool = False) -> ReportGenerator:
     config = ReportGeneratorConfig(vocab_size=50, bos_token_id=0, eos_token_id=1, pad_token_id=2,
                                    encoder="resnet18", image_size=64, n_layer=1, n_head=2, n_embd=16,
-                                   n_positions=32, guidance_labels=list(labels), guidance_tokens=tokens)
+                                   n_positions=32, guidance_labels=list(labels), guidance_tokens=tokens,
+                                   guidance_embedding=embedding)
     return ReportGenerator(config)
 
 
@@ -56,6 +57,21 @@ def test_guidance_tokens_shapes_and_labels_round_trip():
     decoded = ((tokens - present).norm(dim=-1) < (tokens - absent).norm(dim=-1)).float()
     assert torch.equal(decoded, labels)
     assert model.generate(images, max_new_tokens=4).shape[0] == 3
+
+
+def test_guidance_embedding_conditions_every_step_and_is_cleared():
+    torch.manual_seed(0)
+    model = _model(tokens=False, embedding=True).eval()
+    images, ids = torch.randn(2, 2, 3, 64, 64), torch.tensor([[0, 5, 6], [0, 7, 8]])
+    yes, no = torch.ones(2, len(LABELS)), torch.zeros(2, len(LABELS))
+    with torch.no_grad():
+        model.guidance.states.mul_(50)  # make the two label states far apart
+        a = model(images, ids, teacher_labels=yes).logits
+        b = model(images, ids, teacher_labels=no).logits
+    assert not torch.allclose(a, b) and model._condition is None
+    greedy = model.generate(images, max_new_tokens=3)
+    beams = model.generate(images, max_new_tokens=3, num_beams=2)
+    assert greedy.shape[0] == beams.shape[0] == 2 and model._condition is None
 
 
 def test_observation_loss_is_part_of_the_training_loss_and_reaches_the_head():
