@@ -24,19 +24,21 @@ log = logging.getLogger(__name__)
 # Row -> overrides on top of the profile. The demo profile is the last row's settings, so
 # the earlier rows switch the new defaults off again. "seed design" is the demo as it was
 # (96 px, 16 epochs, no guidance); the later rows add one lever at a time.
-SEED_DESIGN = {"images.size": 96, "train.epochs": 16, "guidance.head": False,
-               "guidance.decoder": False, "train.label_smoothing": 0.0}
-CHEAP = {**SEED_DESIGN, "images.size": 64, "train.epochs": 10}
+SEED_DESIGN = {"images.size": 96, "images.augment": True, "train.epochs": 16,
+               "train.batch_size": 16, "guidance.head": False, "guidance.embedding": False,
+               "guidance.decoder": False, "guidance.decoder_input": "predicted"}
+CHEAP = {**SEED_DESIGN, "images.size": 64, "images.augment": False, "train.epochs": 12,
+         "train.batch_size": 8}
 ROWS: dict[str, dict] = {
     "seed design (old lr groups)": {**SEED_DESIGN, "train.cross_attention_lr": "decoder"},
-    "lr groups fixed": {**SEED_DESIGN, "train.cross_attention_lr": "new"},
-    "64 px, 10 epochs": CHEAP,
+    "lr groups fixed": SEED_DESIGN,
+    "64 px, 12 epochs of batch 8, no augmentation": CHEAP,
     "+ observation head": {**CHEAP, "guidance.head": True},
-    "+ guided decoding (predicted labels)": {**CHEAP, "guidance.head": True, "guidance.decoder": True},
-    "+ guided decoding (true labels at train time)": {
-        **CHEAP, "guidance.head": True, "guidance.decoder": True, "guidance.decoder_input": "true"},
+    "+ guided decoding (soft predictions, tokens + embedding)": {
+        **CHEAP, "guidance.head": True, "guidance.decoder": True, "guidance.embedding": True},
     "best combination (demo default)": {},
 }
+ROW_FILE = "row.json"
 COLUMNS = ("BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1", "clinical micro_F1", "laterality",
            "distinct_predictions", "train_seconds")
 
@@ -56,7 +58,6 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
         raise ValueError(f"unknown ablation row(s) {unknown}; known: {list(ROWS)}")
     base = load_config(profile, overrides)
     out_root = Path(base.paths.output_dir) / "ablation"
-    table = {}
     for name in names:
         per_seed = []
         for seed in range(base.seed, base.seed + n_seeds):
@@ -74,22 +75,34 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
             train(cfg, progress=False)
             seconds = time.perf_counter() - began
             summary = run_evaluation(cfg, progress=False)
-            per_seed.append({**summary["model"], "train_seconds": seconds,
+            per_seed.append({**summary["model"], "seed": seed, "train_seconds": seconds,
                              "retrieval": summary["baselines"][RETRIEVAL]})
             log.info("ablation %s seed %d: macro-F1 %.3f BLEU-4 %.3f (%.0f s)", name, seed,
                      summary["model"]["clinical macro_F1"], summary["model"]["BLEU-4"], seconds)
-        table[name] = {"overrides": ROWS[name],
-                       **{c: mean_std([s.get(c) for s in per_seed]) for c in COLUMNS},
-                       "retrieval": {c: mean_std([s["retrieval"].get(c) for s in per_seed])
-                                     for c in COLUMNS[:-1]}}
-    result = {"profile": profile, "overrides": overrides, "n_seeds": n_seeds,
-              "seeds": list(range(base.seed, base.seed + n_seeds)), "rows": table}
-    logs = base.paths.logs
-    previous = read_json(logs / "ablation.json") if (logs / "ablation.json").exists() else {}
-    if previous.get("profile") == profile and previous.get("n_seeds") == n_seeds:
-        result["rows"] = {**previous.get("rows", {}), **table}  # rows run separately, one table
-    write_json(logs / "ablation.json", result)
-    write_text_atomic(logs / "ablation.md", format_table(result))
+        row = {"overrides": ROWS[name], "seeds": [s["seed"] for s in per_seed],
+               **{c: mean_std([s.get(c) for s in per_seed]) for c in COLUMNS},
+               "retrieval": {c: mean_std([s["retrieval"].get(c) for s in per_seed])
+                             for c in COLUMNS[:-1]}}
+        write_json(out_root / _slug(name) / ROW_FILE, row)
+    return write_table(base, profile, overrides, n_seeds)
+
+
+def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
+    """Collect every finished row of ``<output_dir>/ablation/`` (rows may be run by separate,
+    even concurrent, invocations) into ``logs/ablation.json`` and ``logs/ablation.md``."""
+    out_root = Path(base.paths.output_dir) / "ablation"
+    seeds = list(range(base.seed, base.seed + n_seeds))
+    rows = {}
+    for name in ROWS:
+        path = out_root / _slug(name) / ROW_FILE
+        if path.exists():
+            row = read_json(path)
+            if row.get("seeds") == seeds:
+                rows[name] = row
+    result = {"profile": profile, "overrides": overrides, "n_seeds": n_seeds, "seeds": seeds,
+              "rows": rows}
+    write_json(base.paths.logs / "ablation.json", result)
+    write_text_atomic(base.paths.logs / "ablation.md", format_table(result))
     return result
 
 
@@ -100,6 +113,8 @@ def format_table(result: dict) -> str:
     for name, row in result["rows"].items():
         cells = [_cell(row[c], c) for c in COLUMNS]
         lines.append("| " + " | ".join([name, *cells]) + " |")
+    if not result["rows"]:
+        return "Ablation: no finished rows yet\n"
     retrieval = next(iter(result["rows"].values()))["retrieval"]
     lines.append("| " + " | ".join(["retrieval (nearest image, first row's encoder)",
                                      *[_cell(retrieval[c], c) for c in COLUMNS[:-1]], ""]) + " |")

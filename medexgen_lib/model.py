@@ -65,6 +65,7 @@ class ReportGeneratorConfig:
     guidance_tokens: bool = False  # predicted labels fed to the decoder as extra tokens
     guidance_pool: int = 2  # the head's pooled grid per view (2: left/right halves kept apart)
     guidance_embedding: bool = False  # predicted labels also added to every input token embedding
+    guidance_hard: bool = False  # feed thresholded (0/1) predictions, as a decoder trained on true labels saw
 
     @property
     def grid_size(self) -> int:
@@ -107,7 +108,8 @@ class ReportGenerator(nn.Module):
     @classmethod
     def build(cls, model_cfg, tokenizer, image_size: int, max_length: int,
               guidance_labels: list[str] | None = None, guidance_tokens: bool = False,
-              guidance_pool: int = 2, guidance_embedding: bool = False) -> ReportGenerator:
+              guidance_pool: int = 2, guidance_embedding: bool = False,
+              guidance_hard: bool = False) -> ReportGenerator:
         """A new model per the run's ``ModelConfig``; pretrained parts loaded when asked for;
         an observation head for ``guidance_labels`` (see ``medexgen_lib.guidance``)."""
         decoder = None
@@ -124,7 +126,7 @@ class ReportGenerator(nn.Module):
             encoder=model_cfg.encoder, image_size=image_size, dropout=model_cfg.dropout,
             encoder_init="random", decoder_init="random", guidance_labels=list(guidance_labels or []),
             guidance_tokens=guidance_tokens and bool(guidance_labels), guidance_pool=guidance_pool,
-            guidance_embedding=guidance_embedding and bool(guidance_labels),
+            guidance_embedding=guidance_embedding and bool(guidance_labels), guidance_hard=guidance_hard,
             **sizes)
         model = cls(config)
         if model_cfg.encoder_pretrained:
@@ -156,7 +158,7 @@ class ReportGenerator(nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """What the decoder cross-attends to: visual tokens plus, with guidance tokens, one token
         per observation label (from ``teacher_labels`` when given, else the head's detached
-        probabilities); their mask; and the head's logits (None without a head). With the
+        probabilities, thresholded at 0.5 with ``guidance_hard``); their mask; and the head's logits (None without a head). With the
         guidance embedding, also sets the label tokens' mean, which the decoder's token
         embedding hook adds to every input token (used by the next forward or generate)."""
         tokens, mask, features = self._encode(images, view_mask)
@@ -167,7 +169,12 @@ class ReportGenerator(nn.Module):
             view_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
         logits = self.guidance.logits(features, images.shape[0], view_mask)
         if self.guidance.states is not None:
-            probabilities = teacher_labels if teacher_labels is not None else logits.detach().sigmoid()
+            if teacher_labels is not None:
+                probabilities = teacher_labels
+            elif self.config.guidance_hard:
+                probabilities = (logits.detach() > 0).to(logits.dtype)
+            else:
+                probabilities = logits.detach().sigmoid()
             extra = self.guidance.tokens(probabilities).to(tokens.dtype)
             if self.config.guidance_embedding:
                 self._condition = extra.mean(dim=1)

@@ -262,7 +262,8 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     labels = guidance.choose_labels([e.text for e in train_data.examples],
                                     cfg.guidance.min_count) if cfg.guidance.head else []
     model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length,
-                                  labels, cfg.guidance.decoder, cfg.guidance.pool, cfg.guidance.embedding)
+                                  labels, cfg.guidance.decoder, cfg.guidance.pool, cfg.guidance.embedding,
+                                  cfg.guidance.decoder_input == "true")
     loss_hook = guidance.LossHook(cfg, train_data, labels)
     new_token_rows = NewTokenRows(model, tcfg)
     optimizer = torch.optim.AdamW(parameter_groups(model, tcfg))
