@@ -6,18 +6,23 @@ sentences name ("left", "right", "bilateral"). Nothing beyond the report text is
 
 The head sees each view's feature map average-pooled to a ``pool x pool`` grid
 (2x2 keeps the image's left and right halves apart, which laterality needs) and
-predicts every label (multi-label, BCE). With ``decoder`` guidance the predicted
-probabilities become one extra cross-attention token per label,
-``p * present[label] + (1 - p) * absent[label]``, appended to the visual tokens,
-so ``generate`` conditions on them exactly as on the image (PromptMRG-style
-clinical guidance, as an embedding rather than prompt text).
+predicts every label (multi-label, BCE). Its predictions reach the decoder as one
+label-state vector per label, ``p * present[label] + (1 - p) * absent[label]``:
+with ``guidance.embedding`` their mean is added to every input token embedding
+(each decoding step sees it directly), with ``guidance.decoder`` they are appended
+to the visual tokens for cross-attention (PromptMRG-style guidance, as embeddings
+rather than prompt text).
 
 What the decoder sees at training time (``guidance.decoder_input``):
-``predicted`` (default): the head's own probabilities, detached, as at test time.
-With true labels (``true``) the decoder learns to trust perfect labels and is
-then fed imperfect ones at test time (exposure bias); with detached predictions
-it learns how far the head can be trusted, and the LM loss does not push the
-head towards whatever makes decoding easier (the head learns only from its BCE).
+``true`` (the demo's choice): the labels of the report being learned, so the decoder
+learns a clean labels -> text mapping from the first step instead of ignoring a head
+that is still guessing; at test time it is given the head's predictions thresholded
+at 0.5 (``guidance_hard``), the same 0/1 kind of input. ``predicted``: the head's
+detached probabilities at training and test time (no train/test mismatch, but early
+in training the guidance is noise and the decoder learns to rely on its language
+prior). On the phantom (one seed, 64 px, 12 epochs) ``true`` gave macro-F1 .78,
+BLEU-4 .38, laterality .68 against .65/.33/.55 for ``predicted``. The head learns only
+from its BCE (the decoder's loss does not reach it through the guidance).
 """
 
 from __future__ import annotations
