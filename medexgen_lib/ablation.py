@@ -108,18 +108,16 @@ def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
 
 def format_table(result: dict) -> str:
     """The ablation as a Markdown table, mean ± std over seeds."""
-    head = ["row", *COLUMNS]
+    head = ["row", *COLUMNS, "retrieval macro_F1", "retrieval BLEU-4", "retrieval laterality"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in result["rows"].items():
-        cells = [_cell(row[c], c) for c in COLUMNS]
-        lines.append("| " + " | ".join([name, *cells]) + " |")
     if not result["rows"]:
         return "Ablation: no finished rows yet\n"
-    retrieval = next(iter(result["rows"].values()))["retrieval"]
-    lines.append("| " + " | ".join(["retrieval (nearest image, first row's encoder)",
-                                     *[_cell(retrieval[c], c) for c in COLUMNS[:-1]], ""]) + " |")
+    for name, row in result["rows"].items():
+        cells = [_cell(row[c], c) for c in COLUMNS]
+        cells += [_cell(row["retrieval"][c], c) for c in ("clinical macro_F1", "BLEU-4", "laterality")]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
     return (f"Ablation, profile {result['profile']}, seeds {result['seeds']} "
-            f"(mean ± std)\n\n" + "\n".join(lines) + "\n")
+            f"(mean ± std; retrieval: nearest image in that row's encoder)\n\n" + "\n".join(lines) + "\n")
 
 
 def _cell(value: dict, column: str) -> str:
