@@ -1,6 +1,6 @@
 """Command line.
 
-    python -m medexgen_lib run --profile demo [--from NN] [--to NN] [-p key value ...]
+    python -m medexgen_lib run --profile demo [--from NN] [--to NN] [--seeds N] [-p key value ...]
     python -m medexgen_lib train --profile full [--resume] [-p key value ...]   (also under accelerate launch)
     python -m medexgen_lib generate --model DIR FRONTAL [LATERAL] [--json]
     python -m medexgen_lib score PREDICTIONS [--profile demo] [--out metrics.json]
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--to", dest="stop", help="last stage to run, e.g. 05")
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                      help="config override, e.g. -p data.n_phantom_studies 200")
+    run.add_argument("--seeds", type=int, default=1,
+                     help="train and evaluate N seeds (seed, seed+1, ...; extra ones in "
+                          "seeds/seed_<s>/) and write logs/metrics_test_seeds.json")
     train = commands.add_parser("train", help="stage 04 alone; run it under `accelerate launch` for several GPUs")
     train.add_argument("--profile", default="demo")
     train.add_argument("--resume", action="store_true", help="continue from checkpoints/last")
@@ -47,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     try:
-        if args.command == "run":
+        if args.command == "run" and args.seeds > 1:
+            from medexgen_lib.seeds import bootstrap_table, run_seeds, seeds_table
+
+            results, aggregate = run_seeds(args.profile, dict(args.p), args.seeds, args.start, args.stop)
+            print(format_summary(results))
+            print(seeds_table(aggregate).to_string())
+            print(bootstrap_table(aggregate).to_string())
+        elif args.command == "run":
             print(format_summary(run_pipeline(args.profile, dict(args.p), args.start, args.stop)))
         elif args.command == "train":
             from medexgen_lib.config import load_config

@@ -217,12 +217,40 @@ class TrainConfig:
     # Encoder BatchNorm in eval mode while training: running statistics instead of the batch's
     # (small batches, a pretrained encoder; makes grad_accum x batch equal one larger batch).
     freeze_batchnorm: bool = False
+    # "new": cross-attention layers train at lr_new (they are new even in a pretrained GPT-2);
+    # "decoder": the seed design's grouping, kept to reproduce the ablation's reference row.
+    cross_attention_lr: str = "new"
+    label_smoothing: float = 0.0  # of the LM loss (0: plain cross-entropy)
 
     def __post_init__(self) -> None:
+        if self.cross_attention_lr not in ("new", "decoder"):
+            raise ConfigError("train.cross_attention_lr must be 'new' or 'decoder', "
+                              f"got {self.cross_attention_lr!r}")
         if self.scheduler not in ("cosine", "linear", "plateau"):
             raise ConfigError(f"train.scheduler must be 'cosine', 'linear' or 'plateau', got {self.scheduler!r}")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.precision!r}")
+
+
+@dataclass
+class GuidanceConfig:
+    """Clinical guidance (medexgen_lib.guidance): an observation head on the image features,
+    trained on the labeler's labels of the training reports, optionally feeding the decoder."""
+
+    head: bool = False  # auxiliary observation head, BCE added to the LM loss
+    decoder: bool = False  # predicted observations fed to the decoder as extra tokens (needs head)
+    embedding: bool = False  # ... and added to every input token embedding (needs head)
+    decoder_input: str = "predicted"  # at training time: "predicted" (detached) or "true" labels
+    loss_weight: float = 1.0
+    min_count: int = 5  # observations positive in fewer training reports get no label
+    pool: int = 2  # pooled grid per view the head sees (2: left/right halves apart)
+
+    def __post_init__(self) -> None:
+        if self.decoder_input not in ("predicted", "true"):
+            raise ConfigError("guidance.decoder_input must be 'predicted' or 'true', "
+                              f"got {self.decoder_input!r}")
+        if (self.decoder or self.embedding) and not self.head:
+            raise ConfigError("guidance.decoder needs guidance.head (the decoder is fed its predictions)")
 
 
 @dataclass
@@ -259,6 +287,7 @@ class Config:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -286,23 +315,36 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.clip_grad_norm": (0, None), "train.patience": (1, None), "train.num_workers": (0, None),
     "eval.num_beams": (1, None), "eval.max_new_tokens": (1, None),
     "eval.no_repeat_ngram_size": (0, None), "eval.batch_size": (1, None),
+    "train.label_smoothing": (0, 1), "guidance.loss_weight": (0, None), "guidance.min_count": (1, None),
+    "guidance.pool": (1, None),
 }
 
 
 PROFILES: dict[str, dict[str, Any]] = {
     # Phantom data, a small randomly initialised model, small images: CPU-friendly.
+    # Guided (issue 14's ablation, logs/ablation.md): an observation head on the image
+    # features, its thresholded predictions added to every decoder input embedding (true
+    # labels at train time); 64 px, 12 epochs of batch 8 without augmentation: about half
+    # the seed design's training time.
     "demo": {"data.source": "phantom", "data.n_phantom_studies": 500,
-             "tokenizer.kind": "trained", "text.max_length": 96, "images.size": 96,
+             "tokenizer.kind": "trained", "text.max_length": 96, "images.size": 64,
+             "images.augment": False,
              "model.encoder": "resnet18", "model.encoder_pretrained": False,
              "model.decoder_pretrained": False, "model.n_layer": 2, "model.n_head": 4,
-             "model.n_embd": 128, "model.dropout": 0.1, "train.epochs": 16,
+             "model.n_embd": 128, "model.dropout": 0.1, "train.epochs": 12, "train.batch_size": 8,
              "train.lr_encoder": 1e-3, "train.lr_decoder": 1e-3, "train.lr_new": 1e-3,
-             "train.patience": 6, "eval.num_beams": 1, "eval.max_new_tokens": 80,
-             "eval.meteor": False},
+             "train.patience": 6, "guidance.head": True, "guidance.embedding": True,
+             "guidance.decoder_input": "true",
+             "eval.num_beams": 1, "eval.max_new_tokens": 80, "eval.meteor": False},
     # Real Open-i data, ImageNet ResNet50 + GPT-2 small, 224 px, both views.
     # Target: FINDINGS, the convention of R2Gen, R2GenCMN and CvT2DistilGPT2.
+    # Guidance as in the demo (head + guidance tokens from detached predictions); labels kept
+    # where at least 20 of the ~2.5k training reports are positive (rarer ones are noise at
+    # this size); a 2x2 pooled grid of ResNet50's 7x7 map keeps left and right apart; the
+    # head's BCE at weight 1 (the LM loss of a pretrained GPT-2 starts near 2-3 nats).
     "full": {"data.source": "openi", "tokenizer.kind": "gpt2", "split.require_findings": True,
-             "text.target": "findings"},
+             "text.target": "findings", "guidance.head": True, "guidance.decoder": True,
+             "guidance.min_count": 20},
 }
 
 

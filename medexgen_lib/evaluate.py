@@ -70,7 +70,7 @@ R2GEN_SPLIT_SIZES = {"train": 2069, "val": 296, "test": 590}
 TABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
                  "clinical macro_F1", "clinical macro_F1 (observations in references)",
                  "clinical micro_F1", "clinical example_F1", "clinical abnormal_recall",
-                 "distinct_predictions", "degenerate_predictions")
+                 "laterality", "distinct_predictions", "degenerate_predictions")
 
 
 def comparability(cfg, split_meta: dict) -> tuple[dict, list[str]]:
@@ -141,6 +141,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     import hashlib
     import time
 
+    from medexgen_lib.guidance import laterality, load_phantom_truth
     from medexgen_lib.labeler import label_report
     from medexgen_lib.metrics import diversity, per_sample_text_scores, prediction_labels, score
     from medexgen_lib.model import ReportGenerator
@@ -159,11 +160,17 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     options = {"meteor": cfg.eval.meteor, "uncertain_as_positive": cfg.eval.uncertain_as_positive,
                "reference_convention": cfg.eval.references, "training_reports": train_texts}
 
+    truth = load_phantom_truth(cfg.paths.reports)  # None on real data
+    uids = [r["uid"] for r in rows]
     metrics = score(references, predictions, **options)
     metrics.update(diversity(predictions, train_texts))
+    metrics.update(laterality(truth, uids, predictions) if truth is not None else {})
     baselines = {}
     for name, guesses in baseline_predictions(model, train_data, val_data, data, device).items():
-        baselines[name] = {**score(references, guesses, **options), **diversity(guesses, train_texts)}
+        baselines[name] = {**score(references, guesses, **options), **diversity(guesses, train_texts),
+                           **(laterality(truth, uids, guesses) if truth is not None else {})}
+        for row, guess in zip(rows, guesses):
+            row.setdefault("baseline_predictions", {})[name] = guess
     for row in rows:
         row.update(per_sample_text_scores(row["reference"], row["prediction"]))
         row["reference_labels"] = label_report(row["reference"])
@@ -176,7 +183,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
                "comparability": settings, "warnings": warnings, "references": metrics["references"],
                "reference_convention": metrics["reference_convention"],
                "normalisation": metrics["normalisation"], "decode": decode_settings(cfg.eval),
-               "model_dir": str(model_dir), "model_sha256": hashlib.sha256(weights).hexdigest(),
+               "seed": cfg.seed, "model_dir": str(model_dir), "model_sha256": hashlib.sha256(weights).hexdigest(),
                "seconds": time.perf_counter() - began}
     write_json(cfg.paths.logs / f"predictions_{split}.json", rows)
     write_json(cfg.paths.logs / f"metrics_{split}.json", summary)

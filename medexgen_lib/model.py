@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from medexgen_lib.files import recover_dir, replace_dir
+from medexgen_lib.guidance import ObservationGuidance, observation_loss
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class ReportGeneratorConfig:
     pretrained_vocab_size: int = 0  # token rows that came with a pretrained GPT-2; the rest are new
     encoder_init: str = "random"  # provenance: "random", "imagenet:<source>"
     decoder_init: str = "random"  # provenance: "random", "pretrained:<source>"
+    guidance_labels: list[str] = field(default_factory=list)  # observation head's labels; empty: none
+    guidance_tokens: bool = False  # predicted labels fed to the decoder as extra tokens
+    guidance_pool: int = 2  # the head's pooled grid per view (2: left/right halves kept apart)
+    guidance_embedding: bool = False  # predicted labels also added to every input token embedding
+    guidance_hard: bool = False  # feed thresholded (0/1) predictions, as a decoder trained on true labels saw
 
     @property
     def grid_size(self) -> int:
@@ -115,13 +121,24 @@ class ReportGenerator(nn.Module):
         self.view_embedding = nn.Embedding(config.n_views, config.n_embd)
         nn.init.normal_(self.view_embedding.weight, std=0.02)
         self.decoder = GPT2LMHeadModel(_gpt2_config(config))
+        self.guidance = (ObservationGuidance(config.guidance_labels, self.encoder_dim, config.n_views,
+                                             config.n_embd, config.guidance_pool,
+                                             config.guidance_tokens or config.guidance_embedding)
+                         if config.guidance_labels else None)
+        self._condition = None  # [B, n_embd] added to token embeddings during a forward/generate
+        if config.guidance_embedding and config.guidance_labels:
+            self.decoder.get_input_embeddings().register_forward_hook(self._add_condition)
         self.tokenizer = None  # attached by from_pretrained when the folder has one
 
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, model_cfg, tokenizer, image_size: int, max_length: int) -> ReportGenerator:
-        """A new model per the run's ``ModelConfig``; pretrained parts loaded when asked for."""
+    def build(cls, model_cfg, tokenizer, image_size: int, max_length: int,
+              guidance_labels: list[str] | None = None, guidance_tokens: bool = False,
+              guidance_pool: int = 2, guidance_embedding: bool = False,
+              guidance_hard: bool = False) -> ReportGenerator:
+        """A new model per the run's ``ModelConfig``; pretrained parts loaded when asked for;
+        an observation head for ``guidance_labels`` (see ``medexgen_lib.guidance``)."""
         decoder = None
         if model_cfg.decoder_pretrained:
             decoder = _load_pretrained_gpt2(model_cfg.decoder_source)
@@ -134,7 +151,10 @@ class ReportGenerator(nn.Module):
             vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             encoder=model_cfg.encoder, image_size=image_size, dropout=model_cfg.dropout,
-            encoder_init="random", decoder_init="random", **sizes)
+            encoder_init="random", decoder_init="random", guidance_labels=list(guidance_labels or []),
+            guidance_tokens=guidance_tokens and bool(guidance_labels), guidance_pool=guidance_pool,
+            guidance_embedding=guidance_embedding and bool(guidance_labels), guidance_hard=guidance_hard,
+            **sizes)
         model = cls(config)
         if model_cfg.encoder_pretrained:
             source = _load_pretrained_resnet(model.encoder, model_cfg.encoder, model_cfg.encoder_weights)
@@ -161,6 +181,51 @@ class ReportGenerator(nn.Module):
         The encoder sees only the views ``view_mask`` marks present: a blank stand-in for a
         missing view would otherwise enter BatchNorm's batch statistics in training. Missing
         views get zero features; their tokens are masked out of cross-attention."""
+        tokens, mask, _ = self._encode(images, view_mask)
+        return tokens, mask
+
+    def encoder_states(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+                       teacher_labels: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the decoder cross-attends to: visual tokens plus, with guidance tokens, one token
+        per observation label (from ``teacher_labels`` when given, else the head's detached
+        probabilities, thresholded at 0.5 with ``guidance_hard``); their mask; and the head's logits (None without a head). With the
+        guidance embedding, also sets the label tokens' mean, which the decoder's token
+        embedding hook adds to every input token (used by the next forward or generate)."""
+        tokens, mask, features = self._encode(images, view_mask)
+        self._condition = None
+        if self.guidance is None:
+            return tokens, mask, None
+        if view_mask is None:
+            view_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
+        logits = self.guidance.logits(features, images.shape[0], view_mask)
+        if self.guidance.states is not None:
+            if teacher_labels is not None:
+                probabilities = teacher_labels
+            elif self.config.guidance_hard:
+                probabilities = (logits.detach() > 0).to(logits.dtype)
+            else:
+                probabilities = logits.detach().sigmoid()
+            extra = self.guidance.tokens(probabilities).to(tokens.dtype)
+            if self.config.guidance_embedding:
+                self._condition = extra.mean(dim=1)
+            if self.config.guidance_tokens:
+                tokens = torch.cat([tokens, extra], dim=1)
+                mask = torch.cat([mask, torch.ones(extra.shape[:2], dtype=mask.dtype,
+                                                   device=mask.device)], 1)
+        return tokens, mask, logits
+
+    def _add_condition(self, module, inputs, embeddings: torch.Tensor) -> torch.Tensor:
+        """Forward hook of the token embedding: add the study's guidance vector (beams repeat it)."""
+        if self._condition is None:
+            return embeddings
+        condition = self._condition
+        if embeddings.shape[0] != condition.shape[0]:  # beam search: batch * num_beams rows
+            condition = condition.repeat_interleave(embeddings.shape[0] // condition.shape[0], dim=0)
+        return embeddings + condition.unsqueeze(1).to(embeddings.dtype)
+
+    def _encode(self, images: torch.Tensor, view_mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, views = images.shape[:2]
         if view_mask is None:
             view_mask = torch.ones(batch, views, dtype=torch.bool, device=images.device)
@@ -181,22 +246,33 @@ class ReportGenerator(nn.Module):
         tokens = tokens + self.grid_embedding + self.view_embedding(view_ids).unsqueeze(1)
         tokens = tokens.reshape(batch, views * tokens.shape[1], -1)
         mask = view_mask.repeat_interleave(self.grid_embedding.shape[0], dim=1).long()
-        return tokens, mask
+        return tokens, mask, features
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                view_mask: torch.Tensor | None = None, **decoder_kwargs):
-        """Teacher-forced decoding; returns transformers' output (``loss`` when labels given)."""
-        visual, visual_mask = self.encode(images, view_mask)
-        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                            encoder_hidden_states=visual, encoder_attention_mask=visual_mask,
-                            **decoder_kwargs)
+                view_mask: torch.Tensor | None = None, observation_targets: torch.Tensor | None = None,
+                teacher_labels: torch.Tensor | None = None, **decoder_kwargs):
+        """Teacher-forced decoding; returns transformers' output (``loss`` when labels given).
+        With an observation head and ``observation_targets``, ``observation_loss`` (the head's
+        BCE) is set on the output too; ``teacher_labels`` replace the head's predictions as
+        the decoder's guidance (see ``medexgen_lib.guidance``)."""
+        visual, visual_mask, logits = self.encoder_states(images, view_mask, teacher_labels)
+        try:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                               encoder_hidden_states=visual, encoder_attention_mask=visual_mask,
+                               **decoder_kwargs)
+        finally:
+            self._condition = None
+        out.observation_logits = logits
+        if logits is not None and observation_targets is not None:
+            out.observation_loss = observation_loss(logits, observation_targets)
+        return out
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
                  **generate_kwargs) -> torch.Tensor:
         """Report token ids (bos removed) via transformers' ``generate`` with the KV cache."""
-        visual, visual_mask = self.encode(images, view_mask)
+        visual, visual_mask, _ = self.encoder_states(images, view_mask)
         start = torch.full((images.shape[0], 1), self.config.bos_token_id, dtype=torch.long,
                            device=images.device)
         settings = {"max_new_tokens": 60, "do_sample": False, "num_beams": 1,
@@ -207,9 +283,12 @@ class ReportGenerator(nn.Module):
             log.warning("max_new_tokens %d exceeds what the decoder's %d positions allow; using %d",
                         settings["max_new_tokens"], self.config.n_positions, room)
             settings["max_new_tokens"] = room
-        out = self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
-                                    encoder_hidden_states=visual,
-                                    encoder_attention_mask=visual_mask, **settings)
+        try:
+            out = self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
+                                        encoder_hidden_states=visual,
+                                        encoder_attention_mask=visual_mask, **settings)
+        finally:
+            self._condition = None
         return out[:, 1:]
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
@@ -229,6 +308,7 @@ class ReportGenerator(nn.Module):
             "projection + view/grid embeddings": count([*self.projection.parameters(),
                                                         self.grid_embedding,
                                                         self.view_embedding.weight]),
+            "observation head + guidance": count(self.guidance.parameters()) if self.guidance else 0,
             "decoder": count(self.decoder.parameters()),
             "  of which cross-attention": count(cross),
             "total": count(self.parameters()),

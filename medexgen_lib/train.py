@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from medexgen_lib import guidance
 from medexgen_lib.config import Config, TrainConfig
 from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
@@ -94,7 +95,8 @@ def parameter_groups(model: ReportGenerator, tcfg: TrainConfig) -> list[dict]:
         if name.startswith("encoder."):
             group = "encoder"
         elif (name.startswith("decoder.") and not (param is token_embeddings and decoder_is_new)
-              and not any(part in name for part in CROSS_ATTENTION_PARTS)):
+              and (tcfg.cross_attention_lr == "decoder"
+                   or not any(part in name for part in CROSS_ATTENTION_PARTS))):
             group = "decoder"
         else:
             group = "new"
@@ -137,16 +139,18 @@ class NewTokenRows:
             rows.add_((rows - self.before) * (self.ratio - 1.0))
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy of a batch and the number of tokens it scored.
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy (``train.label_smoothing`` applied) of a batch and the
+    number of tokens it scored.
 
     A sum, not a mean: the loop divides it by the scored tokens of the whole accumulation
     window (every micro-batch, every process), so ``grad_accum`` micro-batches make the
     same gradient as one batch of their combined size, whatever their token counts.
     """
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                           ignore_index=-100, reduction="sum", label_smoothing=label_smoothing)
     return loss, (labels != -100).sum()
 
 
@@ -284,7 +288,12 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         raise ValueError(f"empty split: {len(train_data)} train / {len(val_data)} val studies; "
                          "check notebook 03's split counts")
     tokenizer = load_tokenizer(cfg.paths.processed / "tokenizer")
-    model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length)
+    labels = guidance.choose_labels([e.text for e in train_data.examples],
+                                    cfg.guidance.min_count) if cfg.guidance.head else []
+    model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length,
+                                  labels, cfg.guidance.decoder, cfg.guidance.pool, cfg.guidance.embedding,
+                                  cfg.guidance.decoder_input == "true")
+    loss_hook = guidance.LossHook(cfg, train_data, labels)
     new_token_rows = NewTokenRows(model, tcfg)
     optimizer = torch.optim.AdamW(parameter_groups(model, tcfg))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -333,7 +342,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         began = time.perf_counter()
         train_loss, samples, state["step"] = _train_epoch(
             accelerator, model, optimizer, scheduler, epoch_loader(epoch), new_token_rows, tcfg,
-            epoch, state["step"], progress)
+            epoch, state["step"], progress, loss_hook)
         seconds_train = time.perf_counter() - began
         _sync_buffers(accelerator, model)
         metrics, val_loss = _validate(accelerator, model, val_data, collate_fn, cfg, progress)
@@ -391,9 +400,10 @@ def _early_stopping(patience: int) -> str:
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_rows, tcfg, epoch,
-                 step, progress) -> tuple[float, int, int]:
+                 step, progress, loss_hook) -> tuple[float, int, int]:
     """One epoch; every ``grad_accum`` micro-batches (the epoch's last window may be shorter)
-    make one optimizer step whose loss is the token mean over the whole window."""
+    make one optimizer step whose loss is the token mean over the whole window, plus
+    ``guidance.loss_weight`` x the observation head's BCE averaged over the window's studies."""
     model.train()
     if tcfg.freeze_batchnorm:
         freeze_batchnorm(accelerator.unwrap_model(model))
@@ -402,23 +412,29 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
                disable=not (progress and accelerator.is_local_main_process))
     for window in _windows(loader, tcfg.grad_accum):
         tokens = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in window)
-        window_tokens = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")
-        # DDP averages gradients over processes; this factor makes the result a sum over all.
-        scale = accelerator.num_processes / max(1, int(window_tokens))
+        studies = sum(batch["input_ids"].shape[0] for batch in window)
+        totals = accelerator.reduce(torch.tensor([tokens, studies], device=accelerator.device), "sum")
+        # DDP averages gradients over processes; these factors make the result a sum over all.
+        token_scale = accelerator.num_processes / max(1, int(totals[0]))
+        study_scale = accelerator.num_processes / max(1, int(totals[1]))
         for index, batch in enumerate(window):
             last = index == len(window) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 out = model(batch["images"], batch["input_ids"], batch["attention_mask"],
-                            view_mask=batch["view_mask"])
-                loss_sum, scored = token_loss(out.logits, batch["labels"])
-                finite = accelerator.gather(torch.isfinite(loss_sum.detach()).reshape(1)).all()
+                            view_mask=batch["view_mask"], **loss_hook.inputs(batch, accelerator.device))
+                loss_sum, scored = token_loss(out.logits, batch["labels"], tcfg.label_smoothing)
+                objective = loss_sum * token_scale
+                if getattr(out, "observation_loss", None) is not None:
+                    objective = objective + (loss_hook.weight * out.observation_loss
+                                             * batch["input_ids"].shape[0] * study_scale)
+                finite = accelerator.gather(torch.isfinite(objective.detach()).reshape(1)).all()
                 mean = loss_sum.item() / max(1, int(scored))
                 if not finite:
                     raise NonFiniteLoss(
                         f"loss became {mean} at epoch {epoch}, step {step}; run stopped. "
                         "The last good checkpoint is intact in checkpoints/last; lower the learning "
                         "rates or use train.precision='no' and resume")
-                accelerator.backward(loss_sum * scale)
+                accelerator.backward(objective)
             total += mean
             count += 1
             samples += batch["input_ids"].shape[0]

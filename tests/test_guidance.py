@@ -1,0 +1,235 @@
+"""Clinical guidance (observation head, guidance tokens), laterality, seed aggregation, ablation rows."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from medexgen_lib import guidance
+from medexgen_lib.config import load_config
+from medexgen_lib.model import ReportGenerator, ReportGeneratorConfig
+from medexgen_lib.seeds import (bleu4_from_sums, macro_f1_from_sums, paired_bootstrap,
+                                study_statistics)
+
+LABELS = ["Cardiomegaly", "Pleural Effusion", "Pleural Effusion, left", "Pleural Effusion, right"]
+
+
+def _model(tokens: bool = True, labels=LABELS, embedding: bool = False) -> ReportGenerator:
+    config = ReportGeneratorConfig(vocab_size=50, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                                   encoder="resnet18", image_size=64, n_layer=1, n_head=2, n_embd=16,
+                                   n_positions=32, guidance_labels=list(labels), guidance_tokens=tokens,
+                                   guidance_embedding=embedding)
+    return ReportGenerator(config)
+
+
+def test_report_targets_read_observations_and_sides_from_the_text():
+    text = ("The heart is enlarged. There is a small left pleural effusion. No pneumothorax. "
+            "IMPRESSION: 1. Cardiomegaly. 2. Left pleural effusion.")
+    assert guidance.report_targets(text, LABELS) == [1.0, 1.0, 1.0, 0.0]
+    both = guidance.report_targets("There are bilateral pleural effusions.", LABELS)
+    assert both == [0.0, 1.0, 1.0, 1.0]
+    assert guidance.report_targets("No pleural effusion on the left.", LABELS) == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_choose_labels_keeps_frequent_observations_and_their_sides():
+    texts = ["Small right pneumothorax.", "Right pneumothorax is present.", "The heart is enlarged."]
+    assert guidance.choose_labels(texts, min_count=2) == ["Pneumothorax", "Pneumothorax, left",
+                                                           "Pneumothorax, right"]
+
+
+def test_guidance_tokens_shapes_and_labels_round_trip():
+    model = _model().eval()
+    images = torch.randn(3, 2, 3, 64, 64)
+    visual, _ = model.encode(images)
+    states, mask, logits = model.encoder_states(images)
+    assert logits.shape == (3, len(LABELS))
+    assert states.shape == (3, visual.shape[1] + len(LABELS), 16) and mask.shape == states.shape[:2]
+    # labels -> guidance tokens -> labels: each token is exactly its label's "present" or
+    # "absent" embedding, so the nearest of the two gives the labels back.
+    labels = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.float32)
+    states, _, _ = model.encoder_states(images, teacher_labels=labels)
+    tokens = states[:, visual.shape[1]:]
+    present, absent = model.guidance.states[1], model.guidance.states[0]
+    decoded = ((tokens - present).norm(dim=-1) < (tokens - absent).norm(dim=-1)).float()
+    assert torch.equal(decoded, labels)
+    assert model.generate(images, max_new_tokens=4).shape[0] == 3
+
+
+def test_guidance_embedding_conditions_every_step_and_is_cleared():
+    torch.manual_seed(0)
+    model = _model(tokens=False, embedding=True).eval()
+    images, ids = torch.randn(2, 2, 3, 64, 64), torch.tensor([[0, 5, 6], [0, 7, 8]])
+    yes, no = torch.ones(2, len(LABELS)), torch.zeros(2, len(LABELS))
+    with torch.no_grad():
+        model.guidance.states.mul_(50)  # make the two label states far apart
+        a = model(images, ids, teacher_labels=yes).logits
+        b = model(images, ids, teacher_labels=no).logits
+    assert not torch.allclose(a, b) and model._condition is None
+    greedy = model.generate(images, max_new_tokens=3)
+    beams = model.generate(images, max_new_tokens=3, num_beams=2)
+    assert greedy.shape[0] == beams.shape[0] == 2 and model._condition is None
+
+
+def test_observation_loss_is_set_by_the_hooks_inputs_and_reaches_the_head():
+    model = _model(tokens=False).train()
+    cfg = load_config("demo", {"guidance.head": True, "guidance.loss_weight": 2.0})
+    examples = [SimpleNamespace(uid="a", text="Left pleural effusion."),
+                SimpleNamespace(uid="b", text="The heart is enlarged.")]
+    hook = guidance.LossHook(cfg, SimpleNamespace(examples=examples), LABELS)
+    assert hook.weight == 2.0
+    ids = torch.tensor([[0, 5, 6, 1], [0, 7, 1, 2]])
+    inputs = hook.inputs({"uids": ["a", "b"]}, "cpu")
+    assert torch.equal(inputs["teacher_labels"], inputs["observation_targets"])
+    out = model(torch.randn(2, 2, 3, 64, 64), ids, torch.ones_like(ids), **inputs)
+    assert out.observation_loss is not None and out.observation_loss > 0
+    out.observation_loss.backward()
+    assert model.guidance.head.weight.grad.abs().sum() > 0
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+
+
+def test_label_smoothing_changes_the_lm_loss():
+    from medexgen_lib.train import token_loss
+
+    model = _model(labels=[]).train()
+    ids = torch.tensor([[0, 5, 6, 1]])
+    out = model(torch.randn(1, 2, 3, 64, 64), ids, torch.ones_like(ids), labels=ids)
+    plain, scored = token_loss(out.logits, ids)
+    smooth, _ = token_loss(out.logits, ids, label_smoothing=0.1)
+    assert torch.isclose(plain / scored, out.loss) and not torch.isclose(smooth, plain)
+
+
+def test_guided_model_saves_and_loads(tmp_path):
+    model = _model().eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = ReportGenerator.from_pretrained(tmp_path / "m")
+    assert loaded.config.guidance_labels == LABELS
+    images = torch.randn(1, 2, 3, 64, 64)
+    assert torch.equal(model.encoder_states(images)[0], loaded.encoder_states(images)[0])
+
+
+def test_old_lr_grouping_puts_cross_attention_with_the_decoder():
+    from medexgen_lib.train import parameter_groups
+
+    model = _model(labels=[])
+    groups = {cfg: {n: g["name"] for g in parameter_groups(model, load_config(
+        "demo", {"train.cross_attention_lr": cfg}).train) for n in g["param_names"]}
+        for cfg in ("new", "decoder")}
+    cross = [n for n in groups["new"] if "crossattention" in n]
+    assert cross and all(groups["new"][n].startswith("new") for n in cross)
+    assert all(groups["decoder"][n].startswith("decoder") for n in cross)
+
+
+# --------------------------------------------------------------------------- laterality
+
+TRUTH = {"CXR1": {"Pleural Effusion": {"left"}},
+         "CXR2": {"Pneumothorax": {"right"}, "Lung Lesion": {"left"}},
+         "CXR3": {"Pleural Effusion": {"left", "right"}},
+         "CXR4": {}}
+
+
+def test_laterality_counts_detected_findings_with_the_right_side():
+    predictions = ["Small left pleural effusion.",  # right side
+                   "A small left pneumothorax is present. No nodule.",  # wrong side; lesion missed
+                   "There are bilateral pleural effusions.",  # both sides: right
+                   "Right pleural effusion."]  # nothing sided in the truth: not counted
+    result = guidance.laterality(TRUTH, ["CXR1", "CXR2", "CXR3", "CXR4"], predictions)
+    assert result == {"laterality": 2 / 3, "laterality_correct": 2, "laterality_detected": 3,
+                      "laterality_findings": 4}
+
+
+def test_laterality_of_a_report_without_side_or_detection():
+    result = guidance.laterality(TRUTH, ["CXR1", "CXR3"], ["Pleural effusion.", "Normal chest."])
+    assert result["laterality"] == 0.0 and result["laterality_detected"] == 1
+    assert guidance.laterality(TRUTH, ["CXR4"], ["Normal."])["laterality"] is None
+
+
+def test_phantom_truth_follows_the_written_reports(phantom_dir):
+    from medexgen_lib.reports import parse_report
+
+    truth = guidance.load_phantom_truth(phantom_dir / "reports")
+    studies = json.loads((phantom_dir / "reports" / "phantom_findings.json").read_text())
+    uids, texts = [], []
+    for study in studies:
+        report = parse_report(phantom_dir / "reports" / "ecgen-radiology" / f"{study['number']}.xml")
+        uids.append(f"CXR{study['number']}")
+        texts.append(f"{report['findings']} {report['impression']}")
+    result = guidance.laterality(truth, uids, texts)
+    assert result["laterality_findings"] > 5 and result["laterality"] == 1.0
+    swapped = [t.replace("left", "LEFT").replace("right", "left").replace("LEFT", "right") for t in texts]
+    assert guidance.laterality(truth, uids, swapped)["laterality"] < 0.5
+
+
+# --------------------------------------------------------------------------- aggregation
+
+REFS = ["The heart is normal in size. No pleural effusion.", "Small left pleural effusion.",
+        "The heart is enlarged.", "Right pneumothorax is present.", "Lungs are clear."]
+PREDS = ["The heart is normal. No effusion.", "Small left pleural effusion.", "Heart size is normal.",
+         "Right pneumothorax.", "Lungs are clear bilaterally."]
+
+
+def test_sums_reproduce_corpus_bleu4_and_macro_f1():
+    from medexgen_lib.metrics import score
+
+    stats = study_statistics(REFS, PREDS)
+    expected = score(REFS, PREDS)
+    ones = np.ones((1, len(REFS)))
+    assert bleu4_from_sums(ones @ stats["bleu"])[0] == pytest.approx(expected["BLEU-4"], abs=1e-9)
+    sums = np.einsum("bn,nkj->bkj", ones, stats["clinical"])
+    assert macro_f1_from_sums(sums)[0] == pytest.approx(expected["clinical macro_F1"], abs=1e-9)
+
+
+def test_paired_bootstrap_known_answers():
+    same = [study_statistics(REFS, PREDS)] * 2
+    tie = paired_bootstrap(same, same, "clinical macro_F1", n_resamples=200)
+    assert tie["difference"] == 0 and tie["ci95"] == [0.0, 0.0] and not tie["excludes_zero"]
+    refs = REFS * 8
+    perfect = [study_statistics(refs, refs)]
+    constant = [study_statistics(refs, ["Lungs are clear."] * len(refs))]
+    win = paired_bootstrap(perfect, constant, "BLEU-4", n_resamples=300)
+    assert win["excludes_zero"] and 0 < win["ci95"][0] <= win["difference"] <= win["ci95"][1]
+    flip = paired_bootstrap(constant, perfect, "BLEU-4", n_resamples=300)
+    assert flip["difference"] == pytest.approx(-win["difference"])
+
+
+def test_aggregate_seeds_mean_std_and_bootstrap(tmp_path):
+    from medexgen_lib.seeds import aggregate_seeds
+
+    dirs = []
+    for seed, macro in ((0, 0.5), (1, 0.7)):
+        logs = tmp_path / f"s{seed}" / "logs"
+        logs.mkdir(parents=True)
+        baselines = {name: {"clinical macro_F1": 0.1} for name in (
+            "retrieval (nearest image)", "constant (most frequent)", "constant (best of top 50 on val)")}
+        (logs / "metrics_test.json").write_text(json.dumps(
+            {"seed": seed, "model": {"clinical macro_F1": macro}, "baselines": baselines}))
+        rows = [{"uid": f"u{i}", "reference": r, "prediction": r,
+                 "baseline_predictions": {n: "Lungs are clear." for n in baselines}}
+                for i, r in enumerate(REFS * 4)]
+        (logs / "predictions_test.json").write_text(json.dumps(rows))
+        dirs.append(tmp_path / f"s{seed}")
+    result = aggregate_seeds(dirs, out_path=tmp_path / "agg.json", n_resamples=200)
+    model = result["metrics"]["model"]["clinical macro_F1"]
+    assert model["mean"] == pytest.approx(0.6) and model["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert result["bootstrap"]["model - retrieval (nearest image)"]["BLEU-4"]["excludes_zero"]
+    assert json.loads((tmp_path / "agg.json").read_text())["n_seeds"] == 2
+
+
+@pytest.mark.slow
+def test_seeds_cli_writes_the_aggregate_file(tmp_path):
+    settings = {"data.n_phantom_studies": 40, "data.phantom_image_size": 48, "images.size": 64,
+                "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 1,
+                "train.batch_size": 8, "eval.max_new_tokens": 10, "tokenizer.vocab_size": 400,
+                "text.max_length": 64, "paths.data_dir": str(tmp_path / "d"),
+                "paths.output_dir": str(tmp_path / "o")}
+    args = [a for k, v in settings.items() for a in ("-p", k, str(v))]
+    done = subprocess.run([sys.executable, "-m", "medexgen_lib", "run", "--profile", "demo", "--to", "05",
+                           "--seeds", "2", *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    aggregate = json.loads((tmp_path / "o" / "logs" / "metrics_test_seeds.json").read_text())
+    assert aggregate["n_seeds"] == 2 and aggregate["seeds"] == [0, 1]
+    assert (tmp_path / "o" / "seeds" / "seed_1" / "logs" / "metrics_test.json").exists()
+    assert "model - retrieval (nearest image)" in aggregate["bootstrap"]
