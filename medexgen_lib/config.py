@@ -207,6 +207,9 @@ class TrainConfig:
     selection_metric: str = "clinical macro_F1"
     num_workers: int = 0
     shuffle_images: bool = False  # control experiment: images permuted against reports
+    # Live curves: "tensorboard", "none", or another Accelerate tracker that is installed
+    # ("mlflow", "wandb", ...); checked when training starts (medexgen_lib.tracking).
+    log_with: str = "tensorboard"
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("cosine", "linear", "plateau"):

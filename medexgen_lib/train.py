@@ -38,6 +38,7 @@ from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_lo
                                 recover_dir, replace_dir, write_errors_named)
 from medexgen_lib.preprocess import load_split
 from medexgen_lib.tokenizer import load_tokenizer
+from medexgen_lib.tracking import RunTracker, accelerator_tracking_args, new_run_name
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +240,11 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     would (checkpoint written, no export), for time-boxed sessions and tests.
     """
     tcfg = cfg.train
+    tracking = accelerator_tracking_args(cfg)
     # cpu=True without CUDA: under a launcher (accelerate launch / torchrun) that is multi-CPU on gloo.
     accelerator = Accelerator(mixed_precision=choose_precision(tcfg.precision),
                               gradient_accumulation_steps=tcfg.grad_accum,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(), **tracking)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -296,16 +298,18 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         history_path.parent.mkdir(parents=True, exist_ok=True)
         history_path.write_text("")
         cfg.save(paths.logs / "config_04_training.json")
+    tracker = RunTracker(accelerator, tracking.get("log_with"))
+    tracker.start(cfg, state.setdefault("run_name", new_run_name(cfg)), fingerprint, state["step"])
 
     stopped = "max epochs"
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
         began = time.perf_counter()
         train_loss, samples, state["step"] = _train_epoch(
             accelerator, model, optimizer, scheduler, epoch_loader(epoch), new_token_rows, tcfg,
-            epoch, state["step"], progress)
+            epoch, state["step"], progress, tracker)
         seconds_train = time.perf_counter() - began
         _sync_buffers(accelerator, model)
-        metrics, val_loss = _validate(accelerator, model, val_data, collate_fn, cfg, progress)
+        metrics, val_loss, val_rows = _validate(accelerator, model, val_data, collate_fn, cfg, progress)
         value = float(metrics[tcfg.selection_metric])
         if tcfg.scheduler == "plateau":
             scheduler.step(value)
@@ -322,6 +326,8 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         if not fingerprint_ok:
             log.warning("epoch %d: evaluation fingerprint %s differs from the run's %s; "
                         "flagged, not eligible as best", epoch, fingerprint, state["fingerprint"])
+        tracker.epoch(state["step"], epoch, metrics, val_loss, train_loss, fingerprint, fingerprint_ok,
+                      val_rows)
         if improved:
             state.update(best_value=value, best_epoch=epoch, bad_epochs=0)
         else:
@@ -339,6 +345,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
             stopped = f"early stopping: no improvement for {tcfg.patience} epochs"
             break
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            tracker.finish()
             return TrainResult(state["best_epoch"], state["best_value"], epoch, "interrupted",
                                paths.models / "final", history_path)
 
@@ -349,6 +356,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         ReportGenerator.from_pretrained(best_dir).save_pretrained(
             final, extra_files={"run_config.json": json.dumps(cfg.to_dict(), indent=2)})
     accelerator.wait_for_everyone()
+    tracker.finish()
     log.info("best epoch %d (%s %.4f); %s; exported to %s", state["best_epoch"],
              tcfg.selection_metric, state["best_value"], stopped, final)
     return TrainResult(state["best_epoch"], state["best_value"], state["epoch"], stopped, final,
@@ -356,7 +364,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_rows, tcfg, epoch,
-                 step, progress) -> tuple[float, int, int]:
+                 step, progress, tracker: RunTracker) -> tuple[float, int, int]:
     model.train()
     total, count, samples = 0.0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False,
@@ -387,6 +395,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
         total += loss.item()
         count += 1
         samples += batch["input_ids"].shape[0]
+        tracker.batch(loss.item(), step, optimizer.param_groups)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     return total / max(1, count), samples, step
 
@@ -401,8 +410,9 @@ def _sync_buffers(accelerator, model) -> None:
 
 
 @torch.no_grad()
-def _validate(accelerator, model, val_data, collate_fn, cfg, progress) -> tuple[dict, float]:
-    """Val loss and scored generations. Every process computes the same numbers (no test split)."""
+def _validate(accelerator, model, val_data, collate_fn, cfg, progress) -> tuple[dict, float, list[dict]]:
+    """Val loss, scored generations and the generated rows. Every process computes the same
+    numbers (no test split)."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     loader = DataLoader(val_data, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collate_fn)
@@ -421,7 +431,7 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress) -> tuple[
                     uncertain_as_positive=cfg.eval.uncertain_as_positive)
     metrics["distinct_predictions"] = diversity([r["prediction"] for r in rows])["distinct_predictions"]
     unwrapped.train()
-    return metrics, float(np.average(losses, weights=weights))
+    return metrics, float(np.average(losses, weights=weights)), rows
 
 
 def _truncate_history(path: Path, last_epoch: int) -> None:
