@@ -109,6 +109,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     from medexgen_lib.labeler import label_report
     from medexgen_lib.metrics import diversity, per_sample_text_scores, score
     from medexgen_lib.model import ReportGenerator
+    from medexgen_lib.model_card import add_results
     from medexgen_lib.preprocess import load_split
 
     began = time.perf_counter()
@@ -140,6 +141,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
                "seconds": time.perf_counter() - began}
     write_json(cfg.paths.logs / f"predictions_{split}.json", rows)
     write_json(cfg.paths.logs / f"metrics_{split}.json", summary)
+    add_results(model_dir, summary)  # the model card shows test metrics beside the baselines
     return summary
 
 

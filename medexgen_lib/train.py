@@ -36,6 +36,7 @@ from medexgen_lib.files import read_json, save_figure, write_text_atomic
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
 from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_load_error,
                                 recover_dir, replace_dir, write_errors_named)
+from medexgen_lib.model_card import CARD_FILE, export_card_text
 from medexgen_lib.preprocess import load_split
 from medexgen_lib.tokenizer import load_tokenizer
 from medexgen_lib.tracking import RunTracker, accelerator_tracking_args, new_run_name
@@ -353,8 +354,11 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     if accelerator.is_main_process:
         if state["best_epoch"] == 0:
             raise RuntimeError("no epoch had the run's evaluation fingerprint; nothing to export")
-        ReportGenerator.from_pretrained(best_dir).save_pretrained(
-            final, extra_files={"run_config.json": json.dumps(cfg.to_dict(), indent=2)})
+        best_model = ReportGenerator.from_pretrained(best_dir)
+        best_record = [h for h in _history_records(history_path) if h["epoch"] == state["best_epoch"]][-1]
+        best_model.save_pretrained(final, extra_files={
+            "run_config.json": json.dumps(cfg.to_dict(), indent=2),
+            CARD_FILE: export_card_text(cfg, best_model, best_record)})
     accelerator.wait_for_everyone()
     tracker.finish()
     log.info("best epoch %d (%s %.4f); %s; exported to %s", state["best_epoch"],
