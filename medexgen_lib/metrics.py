@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Sequence
 
 from medexgen_lib.labeler import NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES, label_report, positive_set
+from medexgen_lib.nltk_bleu import seed_style_bleu
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
         raise ValueError("nothing to score: no references")
     out = text_metrics(references, predictions, meteor=meteor)
     out.update(rouge_score_f1(references, predictions))
+    out.update(seed_style_bleu([normalise(r).split() for r in references],
+                               [normalise(p).split() for p in predictions]))
     clinical = clinical_metrics([label_report(r) for r in references],
                                 [label_report(p) for p in predictions],
                                 observations, uncertain_as_positive)
