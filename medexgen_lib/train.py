@@ -26,7 +26,6 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from medexgen_lib.config import Config, TrainConfig
@@ -38,6 +37,7 @@ from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_lo
                                 recover_dir, replace_dir, write_errors_named)
 from medexgen_lib.model_card import CARD_FILE, export_card_text
 from medexgen_lib.preprocess import load_split
+from medexgen_lib.progress import ProgressBar, progress_log
 from medexgen_lib.tokenizer import load_tokenizer
 from medexgen_lib.tracking import RunTracker, accelerator_tracking_args, new_run_name
 
@@ -340,8 +340,8 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         if improved:
             save_checkpoint(best_dir, accelerator, model, optimizer, scheduler, state)
         save_checkpoint(last_dir, accelerator, model, optimizer, scheduler, state)
-        log.info("epoch %d: train loss %.4f, val loss %.4f, %s %.4f%s", epoch, train_loss, val_loss,
-                 tcfg.selection_metric, value, " (best)" if improved else "")
+        progress_log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val %s %.4f%s", epoch, tcfg.epochs,
+                          train_loss, val_loss, tcfg.selection_metric, value, " (best)" if improved else "")
         if state["bad_epochs"] >= tcfg.patience:
             stopped = f"early stopping: no improvement for {tcfg.patience} epochs"
             break
@@ -371,8 +371,8 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
                  step, progress, tracker: RunTracker) -> tuple[float, int, int]:
     model.train()
     total, count, samples = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False,
-               disable=not (progress and accelerator.is_local_main_process))
+    bar = ProgressBar(loader, desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch", leave=False,
+                      disable=not (progress and accelerator.is_local_main_process))
     for batch in bar:
         with accelerator.accumulate(model):
             out = model(batch["images"], batch["input_ids"], batch["attention_mask"],
