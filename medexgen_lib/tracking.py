@@ -154,9 +154,11 @@ class RunTracker:
             writer.flush()
 
     def finish(self) -> None:
-        """Flush and close the trackers."""
+        """Flush and close the trackers (not ``accelerator.end_training()``, which would also
+        tear down the process group that a launcher's later steps still use)."""
         if self.active:
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
 
 def accelerator_tracking_args(cfg: Config) -> dict[str, Any]:
