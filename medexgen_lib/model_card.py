@@ -30,11 +30,12 @@ FACTS_KEY = "medexgen"
 CARD_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
                 "clinical macro_F1", "clinical micro_F1", "clinical example_F1",
                 "clinical abnormal_recall")
-DATASETS = {"phantom": ("medexgen-phantom", "MedExGen phantom chest X-rays (synthetic)"),
-            "real": ("iu-xray", "IU X-Ray (Indiana University chest X-ray collection, Open-i)")}
+# id (Hub metadata), short name (titles), full name
+DATASETS = {"phantom": ("medexgen-phantom", "phantom", "MedExGen phantom chest X-rays (synthetic)"),
+            "real": ("iu-xray", "IU X-Ray", "IU X-Ray (Indiana University chest X-ray collection, Open-i)")}
 IU_XRAY_LICENCE = ("The IU X-Ray collection (Demner-Fushman et al., 2016; Open-i, National Library of "
-                   "Medicine) is licensed CC BY-NC-ND 4.0. A model trained on it is shared under the "
-                   "same terms: non-commercial, with attribution.")
+                   "Medicine) is licensed CC BY-NC-ND 4.0 (attribution, non-commercial, no derivatives). "
+                   "The card's metadata carries that licence; check its terms before sharing this model.")
 LIMITATIONS = {
     "phantom": ("This model was trained on MedExGen's synthetic phantom radiographs only. It knows "
                 "only the phantom's drawn findings and says nothing meaningful about real X-rays; it "
@@ -85,7 +86,7 @@ def export_facts(cfg: Config, model, best_record: dict, split_meta: dict) -> dic
 def build_card(facts: dict) -> ModelCard:
     """The model card for ``facts`` (as ``export_facts`` makes them, plus any split results)."""
     kind = "phantom" if facts["data"]["source"] == "phantom" else "real"
-    dataset_id, dataset_name = DATASETS[kind]
+    dataset_id, short_name, dataset_name = DATASETS[kind]
     evals = [EvalResult(task_type="image-to-text", dataset_type=dataset_id, dataset_name=dataset_name,
                         dataset_split=split, metric_type=_metric_type(name), metric_name=name,
                         metric_value=value)
@@ -97,9 +98,9 @@ def build_card(facts: dict) -> ModelCard:
         license="cc-by-nc-nd-4.0" if kind == "real" else None,
         tags=["radiology-report-generation", "chest-x-ray", "medical", "resnet", "gpt2", dataset_id],
         datasets=[dataset_id], metrics=sorted({e.metric_type for e in evals}),
-        model_name=f"MedExGen ReportGenerator ({dataset_name})", eval_results=evals,
+        model_name=f"MedExGen ReportGenerator ({short_name})", eval_results=evals,
         **{FACTS_KEY: facts})
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{_body(facts, kind, dataset_name)}")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{_body(facts, kind, short_name, dataset_name)}")
 
 
 def _table(columns: dict[str, dict], rows: tuple[str, ...]) -> str:
@@ -112,14 +113,14 @@ def _table(columns: dict[str, dict], rows: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def _body(facts: dict, kind: str, dataset_name: str) -> str:
+def _body(facts: dict, kind: str, short_name: str, dataset_name: str) -> str:
     m, d, t, v = facts["model"], facts["data"], facts["text"], facts["validation"]
     params = "\n".join(f"| {name} | {count:,} |" for name, count in m["parameters"].items())
     counts = ", ".join(f"{name} {n}" for name, n in d["split_counts"].items())
     source = (f"MedExGen's phantom set: {d['n_phantom_studies']} synthetic studies generated with seed "
               f"{d['phantom_seed']}" if kind == "phantom" else f"{dataset_name}, data source `{d['source']}`")
     sections = [
-        f"# MedExGen ReportGenerator ({dataset_name})",
+        f"# MedExGen ReportGenerator ({short_name})",
         "Writes a chest X-ray report (text) from a frontal and a lateral radiograph. Trained with "
         "MedExGen; load it with "
         "`medexgen_lib.model.ReportGenerator.from_pretrained(<this folder>)`.",
@@ -142,7 +143,8 @@ def _body(facts: dict, kind: str, dataset_name: str) -> str:
     ]
     for split, result in facts["results"].items():
         sections += [f"## {split.capitalize()} metrics, with baselines",
-                     f"{result['n']} studies; decoding {result['decode']}.\n\n"
+                     f"{result['n']} studies; decoding: "
+                     + ", ".join(f"{k}={v}" for k, v in result["decode"].items()) + ".\n\n"
                      + _table({"model": result["model"], **result["baselines"]}, CARD_METRICS)]
     if not facts["results"]:
         sections += ["## Test metrics", "Not evaluated yet: notebook 05_evaluation adds them here."]
