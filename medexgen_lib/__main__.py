@@ -81,18 +81,16 @@ def _generate(args) -> None:
 
 
 def _score(args) -> None:
-    import json
-    from pathlib import Path
-
     from medexgen_lib.config import load_config
     from medexgen_lib.evaluate import score_predictions_file
+    from medexgen_lib.files import write_json
 
     metrics = score_predictions_file(args.predictions, load_config(args.profile, dict(args.p)), args.meteor)
     for key, value in metrics.items():
         if isinstance(value, float):
             print(f"{key:<32}{value:.4f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=1))
+        write_json(args.out, metrics)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ renames the file into place. We add a size check (when configured) inside the
 download step, so a short file never reaches its final name. Every archive is
 then read to its end and each member checked before anything is extracted: a
 truncated archive, or one with absolute paths, ``..``, links or device files,
-is refused with an error naming the archive and member.
+duplicate names, or more declared bytes or members than configured (or than the
+disk has free), is refused with an error naming the archive and member. Size and
+sha256, where configured, are checked on every use of an archive.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -23,8 +26,8 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 import pooch
 
-from medexgen_lib.config import Config
-from medexgen_lib.files import read_json, write_json
+from medexgen_lib.config import Config, DataConfig
+from medexgen_lib.files import read_json, replace_dir, write_json
 from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset
 from medexgen_lib.reports import BUNDLED_PROJECTIONS, read_reports, write_studies_table
 
@@ -81,11 +84,18 @@ def download_archive(url: str, dest_dir: str | os.PathLike, *, sha256: str = "",
                      size: int = 0, retries: int = 3, progressbar: bool = True) -> Path:
     """Download ``url`` into ``dest_dir`` and return the file's path.
 
-    An existing file with the right hash (or any existing file when no hash is
-    configured) is reused. On failure nothing is left at the final name.
+    An existing file is reused when its size and hash match where they are
+    configured; one that does not is downloaded again (pooch re-fetches a file whose
+    hash differs; one of the wrong size is deleted first). On failure nothing is left
+    at the final name.
     """
     dest_dir = Path(dest_dir)
     fname = url.rstrip("/").rsplit("/", 1)[-1]
+    existing = dest_dir / fname
+    if size and existing.is_file() and existing.stat().st_size != size:
+        log.warning("%s is %d bytes, expected %d (stale or partial): downloading it again",
+                    existing, existing.stat().st_size, size)
+        existing.unlink()
     known_hash = f"sha256:{sha256}" if sha256 else None
     fetcher = pooch.create(path=dest_dir, base_url="", registry={fname: known_hash},
                            urls={fname: url}, retry_if_failed=retries)
@@ -100,32 +110,64 @@ def download_archive(url: str, dest_dir: str | os.PathLike, *, sha256: str = "",
 
 # --------------------------------------------------------------------------- extraction
 
-def check_archive(archive: str | os.PathLike) -> list[tarfile.TarInfo]:
+def check_archive(archive: str | os.PathLike, max_bytes: int = DataConfig.archive_max_bytes,
+                  max_members: int = DataConfig.archive_max_members) -> list[tarfile.TarInfo]:
     """Read ``archive`` to its end and return its members if every one is safe.
 
-    Raises ``AcquisitionError`` for a truncated or corrupt archive and
-    ``UnsafeArchiveError`` naming the first unsafe member.
+    Raises ``AcquisitionError`` for a truncated or corrupt archive, for one whose
+    declared sizes add up to more than ``max_bytes`` or that has more than
+    ``max_members`` members (checked header by header, so a bomb is refused before
+    its data is read), and for duplicate member names (the last copy would silently
+    replace the first); ``UnsafeArchiveError`` names the first unsafe member. The
+    archive's own root (``./``, as ``tar -C dir .`` writes it) is accepted and skipped.
     """
     archive = Path(archive)
+    members: list[tarfile.TarInfo] = []
+    kind_of: dict[str, bool] = {}  # normalised name -> is a folder
+    duplicates: list[str] = []
+    declared = 0
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
+            for member in tar:
+                problem = _unsafe_reason(member)
+                if problem:
+                    raise UnsafeArchiveError(
+                        f"archive {archive}: member {member.name!r} refused ({problem}); "
+                        "nothing was extracted")
+                key = str(PurePosixPath(member.name))
+                if key == ".":
+                    continue
+                if key in kind_of and not (kind_of[key] and member.isdir()):
+                    duplicates.append(member.name)
+                kind_of[key] = member.isdir()
+                members.append(member)
+                declared += member.size
+                if len(members) > max_members:
+                    raise AcquisitionError(
+                        f"archive {archive} has more than {max_members} members (at "
+                        f"{member.name!r}), over data.archive_max_members; nothing was extracted")
+                if declared > max_bytes:
+                    raise AcquisitionError(
+                        f"archive {archive}: member {member.name!r} ({member.size} bytes) brings "
+                        f"the declared total to {declared} bytes, over data.archive_max_bytes "
+                        f"({max_bytes}); nothing was extracted")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise AcquisitionError(f"archive {archive} is truncated or corrupt ({exc}); "
                                "nothing was extracted") from None
     if not members:
         raise AcquisitionError(f"archive {archive} is empty; nothing was extracted")
-    for member in members:
-        problem = _unsafe_reason(member)
-        if problem:
-            raise UnsafeArchiveError(
-                f"archive {archive}: member {member.name!r} refused ({problem}); "
-                "nothing was extracted")
+    if duplicates:
+        raise AcquisitionError(
+            f"archive {archive} has {len(duplicates)} duplicate member name(s), first "
+            f"{duplicates[0]!r}; a later copy would silently replace an earlier one, so "
+            "nothing was extracted")
     return members
 
 
 def _unsafe_reason(member: tarfile.TarInfo) -> str:
     path = PurePosixPath(member.name)
+    if not path.parts:  # "" or "." (the root folder): harmless only as a folder
+        return "" if member.isdir() else "empty name"
     if path.is_absolute() or member.name.startswith(("/", "\\")) or ":" in path.parts[0]:
         return "absolute path"
     if ".." in path.parts:
@@ -140,32 +182,58 @@ def _unsafe_reason(member: tarfile.TarInfo) -> str:
 
 
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
-                 staging_root: str | os.PathLike) -> int:
+                 staging_root: str | os.PathLike, max_bytes: int = DataConfig.archive_max_bytes,
+                 max_members: int = DataConfig.archive_max_members) -> int:
     """Extract a checked archive into ``target`` through a staging folder.
 
-    The archive is checked completely first; then it is extracted into a staging
-    folder (with tarfile's ``data`` filter as a second guard) and its top-level
-    entries are moved into ``target``. Returns the number of files extracted.
+    The archive is checked completely first (``check_archive``), and its declared
+    size against the free disk space; then it is extracted into a staging folder
+    (with tarfile's ``data`` filter as a second guard) and each top-level entry is
+    swapped into ``target`` by renames (``replace_dir``): an entry already there is
+    removed only after the new one took its place, and put back if the swap fails.
+    Returns the number of files extracted.
     """
-    archive, target = Path(archive), Path(target)
-    members = check_archive(archive)
-    staging = Path(staging_root) / f"extract-{archive.name}"
+    archive, target, staging_root = Path(archive), Path(target), Path(staging_root)
+    members = check_archive(archive, max_bytes, max_members)
+    staging_root.mkdir(parents=True, exist_ok=True)
+    declared, free = sum(m.size for m in members), shutil.disk_usage(staging_root).free
+    if declared > free:
+        raise AcquisitionError(f"archive {archive} declares {declared} bytes but only {free} "
+                               f"bytes are free under {staging_root}; nothing was extracted")
+    staging = staging_root / f"extract-{archive.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         with tarfile.open(archive, "r:*") as tar:
             tar.extractall(staging, members=members, filter="data")
         target.mkdir(parents=True, exist_ok=True)
-        for entry in staging.iterdir():
-            destination = target / entry.name
-            if destination.is_dir():
-                shutil.rmtree(destination)
-            os.replace(entry, destination)
+        for entry in sorted(staging.iterdir()):
+            replace_dir(entry, target / entry.name)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise AcquisitionError(f"extracting {archive} into {target} failed: {exc}") from None
+        raise AcquisitionError(f"extracting {archive} into {target} failed: {exc}; what was "
+                               f"in {target} before is kept") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return sum(1 for m in members if m.isfile())
+
+
+def verify_archive(archive: str | os.PathLike, size: int = 0, sha256: str = "") -> None:
+    """Check ``archive``'s byte size and sha256 where configured (0 / empty: unchecked),
+    on every use, not only after a download; a mismatch names the file and both values."""
+    archive = Path(archive)
+    actual = archive.stat().st_size
+    if size and actual != size:
+        raise AcquisitionError(f"archive {archive} is {actual} bytes, expected {size} "
+                               "(data.images_size / data.reports_size); nothing was extracted")
+    if sha256:
+        digest = hashlib.sha256()
+        with open(archive, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha256.lower():
+            raise AcquisitionError(f"archive {archive} has sha256 {digest.hexdigest()}, expected "
+                                   f"{sha256} (data.images_sha256 / data.reports_sha256); "
+                                   "nothing was extracted")
 
 
 # --------------------------------------------------------------------------- stage
@@ -208,15 +276,18 @@ def acquire(cfg: Config) -> AcquisitionResult:
 
 
 def build_studies_table(cfg: Config, result: AcquisitionResult) -> pd.DataFrame:
-    """Read the acquired reports into ``processed/studies.parquet`` (+ the config used)."""
+    """Read the acquired reports into ``processed/studies.parquet`` (+ the config used);
+    malformed files and duplicate uids or images are listed in ``logs/acquisition_malformed.json``."""
     table = read_reports(result.reports_dir, result.images_dir, result.projections_csv)
     if table.empty:
         raise AcquisitionError(f"no readable reports under {result.reports_dir}")
     write_studies_table(table, cfg.paths.studies_table)
     cfg.save(cfg.paths.processed / "config_01_acquisition.json")
     malformed = table.attrs.get("malformed", [])
+    duplicates = {key: table.attrs.get(key, []) for key in
+                  ("duplicate_uids", "duplicate_images", "repeated_image_ids")}
     write_json(cfg.paths.logs / "acquisition_malformed.json",
-               {"count": len(malformed), "files": malformed})
+               {"count": len(malformed), "files": malformed, **duplicates})
     return table
 
 
@@ -257,7 +328,9 @@ def _acquire_archive(url: str, local_archive: str, sha256: str, size: int,
                                    retries=cfg.data.download_retries)
         downloaded = True
     try:
-        n_files = safe_extract(archive, target, cfg.paths.temp)
+        verify_archive(archive, size, "" if downloaded else sha256)  # pooch checked the hash
+        n_files = safe_extract(archive, target, cfg.paths.temp, cfg.data.archive_max_bytes,
+                               cfg.data.archive_max_members)
     except AcquisitionError:
         if downloaded:  # a bad download must not be reused by the next run
             archive.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ to the figures; a missed target is reported, not hidden.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 
 from medexgen_lib.config import load_config
+from medexgen_lib.files import write_json
 from medexgen_lib.images import ImageCache, load_image, normalize
 from medexgen_lib.paths import PROJECT_ROOT
 
@@ -304,9 +304,7 @@ def run(quick: bool, name: str, out_dir: Path) -> dict:
         report["amp_speedup"] = report["gpu"]["bf16_speedup_over_fp32"]
     else:
         report["gpu"] = "not measured: no GPU on this machine"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(report, indent=2))
+    path = write_json(out_dir / f"{name}.json", report)
     print(format_report(report))
     print(f"\nwritten to {path}")
     return report

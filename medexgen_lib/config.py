@@ -16,6 +16,7 @@ from typing import Any
 from medexgen_lib.paths import PROJECT_ROOT
 
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections"
+RESNET_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 class ConfigError(ValueError):
@@ -91,8 +92,14 @@ class DataConfig:
     reports_archive: str = ""
     images_sha256: str = ""
     reports_sha256: str = ""
+    # Byte sizes checked on every use of an archive (0: unchecked). Open-i publishes no byte
+    # sizes or checksums that could be cited here, so both stay unchecked by default.
     images_size: int = 0
     reports_size: int = 0
+    # Refused before extraction: more declared bytes or members than these. Open-i's image
+    # archive holds about 7,470 PNGs (about 1.3 GB), its report archive 3,955 XML files.
+    archive_max_bytes: int = 2_500_000_000
+    archive_max_members: int = 15_000
     download_retries: int = 3
     projections_csv: str = ""
 
@@ -181,7 +188,7 @@ class ModelConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.encoder not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        if self.encoder not in RESNET_ENCODERS:
             raise ConfigError(f"model.encoder must be a torchvision ResNet name, got {self.encoder!r}")
         if not self.decoder_pretrained and self.n_head > 0 and self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head "
@@ -207,6 +214,9 @@ class TrainConfig:
     selection_metric: str = "clinical macro_F1"
     num_workers: int = 0
     shuffle_images: bool = False  # control experiment: images permuted against reports
+    # Encoder BatchNorm in eval mode while training: running statistics instead of the batch's
+    # (small batches, a pretrained encoder; makes grad_accum x batch equal one larger batch).
+    freeze_batchnorm: bool = False
     # Live curves: "tensorboard", "none", or another Accelerate tracker that is installed
     # ("mlflow", "wandb", ...); checked when training starts (medexgen_lib.tracking).
     log_with: str = "tensorboard"
@@ -262,6 +272,7 @@ class Config:
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, 2**32 - 1), "data.n_phantom_studies": (1, None), "data.phantom_image_size": (32, None),
     "data.download_retries": (0, None), "data.images_size": (0, None), "data.reports_size": (0, None),
+    "data.archive_max_bytes": (1, None), "data.archive_max_members": (1, None),
     "text.max_length": (8, None), "tokenizer.vocab_size": (256, None),
     "split.val_fraction": (0, 1), "split.test_fraction": (0, 1), "images.max_pixels": (1, None),
     "model.n_layer": (1, None), "model.n_head": (1, None), "model.n_embd": (1, None),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,3 +55,39 @@ def save_figure(fig, path: str | os.PathLike, close: bool = True) -> Path:
         import matplotlib.pyplot as plt
         plt.close(fig)
     return Path(path)
+
+
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Swap ``new`` (a folder, or a file) into ``target`` by renames; the old one is kept as
+    ``.<name>.old`` until the new one is in place and removed only then.
+
+    If the second rename fails the old one is put back at once; a crash between the
+    renames leaves ``.<name>.old``, which ``recover_dir`` puts back.
+    """
+    new, target = Path(new), Path(target)
+    old = target.with_name(f".{target.name}.old")
+    recover_dir(target)
+    _remove(old)
+    if target.exists() or target.is_symlink():
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        recover_dir(target)
+        raise
+    _remove(old)
+
+
+def recover_dir(target: str | os.PathLike) -> None:
+    """Put ``.<name>.old`` back at ``target`` if a ``replace_dir`` swap was interrupted."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if not (target.exists() or target.is_symlink()) and (old.exists() or old.is_symlink()):
+        os.replace(old, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -31,6 +31,9 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 MIN_SIDE, MAX_ASPECT = 32, 4.0  # anything smaller or more elongated is not a radiograph
+# The only decoders Pillow may use for each suffix: a TIFF, BMP or EPS named .png is refused,
+# never handed to another plugin (EPS would go to Ghostscript). DICOM has its own reader.
+FORMATS_BY_SUFFIX = {".png": ("PNG",), ".jpg": ("JPEG",), ".jpeg": ("JPEG",)}
 
 
 class ImageError(ValueError):
@@ -44,25 +47,40 @@ def check_radiograph_shape(path, width: int, height: int) -> None:
                          f"(each side at least {MIN_SIDE} px, sides within {MAX_ASPECT:g}:1)")
 
 
+def image_formats(path: str | os.PathLike) -> tuple[str, ...]:
+    """The Pillow formats a file's suffix promises; ``ImageError`` for any other suffix."""
+    formats = FORMATS_BY_SUFFIX.get(Path(path).suffix.lower())
+    if formats is None:
+        raise ImageError(f"image {path}: suffix {Path(path).suffix!r} is not read here "
+                         "(PNG as .png, JPEG as .jpg/.jpeg, or DICOM)")
+    return formats
+
+
 def load_image(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:
     """Decode any mode the data has (8/16-bit gray, RGB, palette, CMYK) to ``size``² uint8 gray.
 
-    Images over ``max_pixels`` are refused before decoding (decompression bombs).
+    Only the format the suffix promises is decoded (``image_formats``). Images over
+    ``max_pixels`` are refused before decoding (decompression bombs). EXIF orientation
+    is applied before any pixel is used, so the model sees the image as displayed.
     The image is resized to a square without cropping, so no finding at the edge is lost.
     """
+    formats = image_formats(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=formats) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageError(f"image {path} is {width}x{height} pixels, over images.max_pixels "
                                  f"({max_pixels}); refused as a possible decompression bomb")
             check_radiograph_shape(path, width, height)
-            if im.format == "JPEG":
+            if im.format in ("JPEG", "MPO"):
                 im.draft("L", (size, size))  # let libjpeg decode at reduced scale
-            gray = _to_gray(im)
+            gray = _to_gray(ImageOps.exif_transpose(im))
             return np.asarray(gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
     except ImageError:
         raise
+    except Image.UnidentifiedImageError as exc:
+        raise ImageError(f"cannot read image {path}: not a {formats[0]} file, as its suffix "
+                         f"promises ({exc})") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image {path} refused as a decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:

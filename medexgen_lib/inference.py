@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medexgen_lib.config import EvalConfig
+from medexgen_lib.config import EvalConfig, ImagesConfig
 from medexgen_lib.evaluate import decode_settings
 from medexgen_lib.images import (ImageError, check_radiograph_shape, load_image, normalize,
                                  stretch_to_uint8)
@@ -24,11 +24,14 @@ def is_dicom(path: Path) -> bool:
         return handle.read(4) == b"DICM"
 
 
-def read_dicom(path: str | os.PathLike, size: int) -> np.ndarray:
-    """A DICOM radiograph as ``size``² uint8 gray: VOI LUT / windowing applied, MONOCHROME1 inverted."""
+def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:
+    """A DICOM radiograph as ``size``² uint8 gray, displayed as pydicom documents it: the
+    modality LUT (rescale slope/intercept) first, then the VOI LUT or window, MONOCHROME1
+    inverted. Rows x columns x frames declared in the header are checked against
+    ``max_pixels`` before any pixel is decoded (a compressed bomb is refused unread)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(path)
@@ -37,17 +40,26 @@ def read_dicom(path: str | os.PathLike, size: int) -> np.ndarray:
     if "PixelData" not in ds:
         raise ImageError(f"DICOM {path} has no pixel data (PixelData element missing)")
     try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"DICOM {path} has an unreadable image size in its header: {exc}") from None
+    if rows * columns * frames > max_pixels:
+        raise ImageError(f"DICOM {path} declares {rows}x{columns} pixels x {frames} frame(s), over "
+                         f"images.max_pixels ({max_pixels}); refused before decoding as a "
+                         "possible decompression bomb")
+    try:
         pixels = ds.pixel_array
     except Exception as exc:  # unsupported transfer syntax, truncated data, missing decoder
         raise ImageError(f"cannot decode the pixels of DICOM {path}: {exc}") from None
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+    if frames > 1:
         pixels = pixels[0]
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         pixels = pixels[..., :3].mean(axis=-1)
     if pixels.ndim != 2:
         raise ImageError(f"DICOM {path} has pixels of shape {pixels.shape}; expected one 2-D image")
     check_radiograph_shape(path, pixels.shape[1], pixels.shape[0])
-    values = apply_voi_lut(pixels, ds).astype(np.float32)
+    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         values = values.max() - values  # MONOCHROME1: bright means low values
     return np.asarray(stretch_to_uint8(values).resize((size, size), Image.Resampling.BILINEAR))
@@ -59,21 +71,23 @@ def read_radiograph(path: str | os.PathLike, size: int, max_pixels: int = 60_000
     if not path.is_file():
         raise ImageError(f"image {path} does not exist")
     if is_dicom(path):
-        return read_dicom(path, size)
+        return read_dicom(path, size, max_pixels)
     return load_image(path, size, max_pixels)
 
 
 @torch.no_grad()
 def generate_report(model: ReportGenerator, images: list[str | os.PathLike],
-                    decode: EvalConfig | None = None, missing_view: str = "duplicate") -> dict:
-    """The report for one study: ``images`` = [frontal] or [frontal, lateral].
+                    decode: EvalConfig | None = None, missing_view: str = "duplicate",
+                    max_pixels: int = ImagesConfig.max_pixels) -> dict:
+    """The report for one study: ``images`` = [frontal] or [frontal, lateral]; an image over
+    ``max_pixels`` (``images.max_pixels``) is refused before decoding.
 
     Runs the model in eval mode (restored afterwards), so the same files and settings
     always give the same report and never change the weights or BatchNorm statistics."""
     if not 1 <= len(images) <= 2:
         raise ValueError(f"give one or two images (frontal, then lateral), got {len(images)}")
     size = model.config.image_size
-    views = [torch.tensor(read_radiograph(p, size)) for p in images]
+    views = [torch.tensor(read_radiograph(p, size, max_pixels)) for p in images]
     mask = [True, len(views) == 2]
     if len(views) == 1:
         views.append(views[0] if missing_view == "duplicate" else torch.zeros_like(views[0]))

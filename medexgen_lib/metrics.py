@@ -13,7 +13,8 @@ import re
 import shutil
 from collections.abc import Sequence
 
-from medexgen_lib.labeler import NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES, label_report, positive_set
+from medexgen_lib.labeler import (LABELER_VERSION, NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES, label_report,
+                                  positive_set)
 from medexgen_lib.nltk_bleu import seed_style_bleu
 
 log = logging.getLogger(__name__)
@@ -157,4 +158,5 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
     out["n"] = len(references)
     out["normalisation"] = NORMALISATION
     out["metrics_version"] = METRICS_VERSION
+    out["labeler_version"] = LABELER_VERSION
     return out

@@ -28,6 +28,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from medexgen_lib.files import recover_dir, replace_dir
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -66,10 +68,36 @@ class ReportGeneratorConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> ReportGeneratorConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """The config from ``config.json``'s values, each checked before torchvision sees it:
+        an unknown or missing key, a value of the wrong type or a negative count, or an encoder
+        that is not one of the allowed ResNets raises ``ValueError`` naming ``source`` and the field."""
+        from medexgen_lib.config import RESNET_ENCODERS
+
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: expected an object of model settings, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"{source}: unknown model config key(s) {unknown}")
+        kinds = {"int": int, "float": float, "str": str}
+        for name, fld in fields.items():
+            if name not in values:
+                if fld.default is dataclasses.MISSING:
+                    raise ValueError(f"{source}: model config field {name!r} is missing")
+                continue
+            value, kind = values[name], kinds.get(str(fld.type))
+            if kind is None:
+                continue
+            fits = isinstance(value, kind) or (kind is float and isinstance(value, int))
+            if not fits or isinstance(value, bool):
+                raise ValueError(f"{source}: model config field {name!r} must be {kind.__name__}, "
+                                 f"got {type(value).__name__} {value!r}")
+            if kind is int and value < 0:
+                raise ValueError(f"{source}: model config field {name!r} must not be negative, got {value}")
+        encoder = values.get("encoder", fields["encoder"].default)
+        if encoder not in RESNET_ENCODERS:
+            raise ValueError(f"{source}: model config field 'encoder' must be one of "
+                             f"{', '.join(RESNET_ENCODERS)}, got {encoder!r}")
         return cls(**values)
 
 
@@ -128,9 +156,22 @@ class ReportGenerator(nn.Module):
 
     def encode(self, images: torch.Tensor, view_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, V, 3, H, W]`` -> visual tokens ``[B, V*G, n_embd]`` and their mask ``[B, V*G]``."""
+        """``[B, V, 3, H, W]`` -> visual tokens ``[B, V*G, n_embd]`` and their mask ``[B, V*G]``.
+
+        The encoder sees only the views ``view_mask`` marks present: a blank stand-in for a
+        missing view would otherwise enter BatchNorm's batch statistics in training. Missing
+        views get zero features; their tokens are masked out of cross-attention."""
         batch, views = images.shape[:2]
-        features = self.encoder(images.flatten(0, 1))  # [B*V, C, h, w]
+        if view_mask is None:
+            view_mask = torch.ones(batch, views, dtype=torch.bool, device=images.device)
+        present = view_mask.flatten().bool()
+        flat = images.flatten(0, 1)
+        if present.all():
+            features = self.encoder(flat)  # [B*V, C, h, w]
+        else:
+            seen = self.encoder(flat[present])
+            features = seen.new_zeros((batch * views, *seen.shape[1:]))
+            features[present] = seen
         tokens = self.projection(features.flatten(2).transpose(1, 2))  # [B*V, G, D]
         if tokens.shape[1] != self.grid_embedding.shape[0]:
             raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} px give "
@@ -139,8 +180,6 @@ class ReportGenerator(nn.Module):
         view_ids = torch.arange(views, device=images.device).repeat(batch)
         tokens = tokens + self.grid_embedding + self.view_embedding(view_ids).unsqueeze(1)
         tokens = tokens.reshape(batch, views * tokens.shape[1], -1)
-        if view_mask is None:
-            view_mask = torch.ones(batch, views, dtype=torch.bool, device=images.device)
         mask = view_mask.repeat_interleave(self.grid_embedding.shape[0], dim=1).long()
         return tokens, mask
 
@@ -343,25 +382,3 @@ def write_errors_named(target: Path):
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OSError(f"could not write {target} ({reason}); the previous {target.name} "
                       "is kept as it was") from None
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap folder ``new`` into ``target``; the old one survives as ``.<name>.old`` until then.
-
-    A crash between the two renames leaves only ``.<name>.old``, which
-    ``recover_dir`` puts back, so a complete folder is always there to load.
-    """
-    old = target.with_name(f".{target.name}.old")
-    recover_dir(target)
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(target: Path) -> None:
-    """Put ``.<name>.old`` back at ``target`` if a swap was interrupted between its renames."""
-    old = target.with_name(f".{target.name}.old")
-    if not target.exists() and old.exists():
-        os.replace(old, target)

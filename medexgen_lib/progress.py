@@ -29,26 +29,30 @@ CONTINUATION_LINES = 20  # lines of a multi-line warning or error (a traceback) 
 
 class ProgressBar(tqdm):
     """``tqdm.auto`` bar that also logs ``desc: i/n unit (p%), s`` on the progress logger
-    every ``LOG_EVERY_S`` seconds while it iterates (not when disabled)."""
+    at most every ``LOG_EVERY_S`` seconds as it advances, and a last line when it closes
+    if it logged any (a disabled bar logs nothing). Works iterated or with ``update()``."""
 
-    def __iter__(self):
-        if self.disable:
-            yield from super().__iter__()
-            return
-        began = last = time.monotonic()
-        total = self.total
-        count = 0
-        for count, item in enumerate(super().__iter__(), 1):
-            yield item
-            now = time.monotonic()
-            if now - last >= LOG_EVERY_S:
-                last = now
-                share = f" ({100 * count / total:.0f}%)" if total else ""
-                progress_log.info("%s: %d/%s %s%s, %.0f s", self.desc, count, total or "?",
-                                  self.unit, share, now - began)
-        if last > began:  # a line was logged: say it finished
-            progress_log.info("%s: done, %d %s in %.0f s", self.desc, count, self.unit,
-                              time.monotonic() - began)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._began = self._last_line = time.monotonic()
+        self._logged = self._closed = False
+
+    def update(self, n: float = 1) -> bool | None:
+        shown = super().update(n)
+        now = time.monotonic()
+        if not self.disable and now - self._last_line >= LOG_EVERY_S:
+            self._last_line, self._logged = now, True
+            share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            progress_log.info("%s: %d/%s %s%s, %.0f s", self.desc, self.n, self.total or "?",
+                              self.unit, share, now - self._began)
+        return shown
+
+    def close(self) -> None:
+        if self._logged and not self._closed:
+            progress_log.info("%s: done, %d %s in %.0f s", self.desc, self.n, self.unit,
+                              time.monotonic() - self._began)
+        self._closed = True
+        super().close()
 
 
 class StageProgress:

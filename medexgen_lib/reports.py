@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("findings", "impression", "indication", "comparison")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Open-i's reports are a few kB each; a file over this is refused (named) before parsing.
+MAX_REPORT_BYTES = 1_000_000
 # Frontal/lateral for every image of the Open-i collection (Kaggle's table, CC BY-NC-ND 4.0;
 # see the README beside it): the default for real data when no table is given.
 BUNDLED_PROJECTIONS = Path(__file__).parent / "data" / "iuxray_projections" / "indiana_projections.csv"
@@ -34,8 +36,9 @@ class MalformedReport(ValueError):
 
 
 def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike | None = None,
-                 projections: str | os.PathLike | pd.DataFrame | None = None) -> pd.DataFrame:
-    """The studies table for every ``*.xml`` under ``reports_dir``.
+                 projections: str | os.PathLike | pd.DataFrame | None = None,
+                 max_report_bytes: int = MAX_REPORT_BYTES) -> pd.DataFrame:
+    """The studies table for every ``*.xml`` under ``reports_dir``, one row per uid.
 
     ``images_dir``: where image files are looked up by id (any depth), so each
     study gets resolved paths and an ``image_missing`` flag. ``projections``: a
@@ -44,35 +47,63 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
     without one, projections are ``unknown`` (Open-i's captions describe the study,
     not the image, so they are not a reliable source). ``projection_source`` names
     the table that gave a study's projections, or ``unknown``.
-    Malformed files are listed in ``df.attrs["malformed"]`` as (file, reason).
+    Malformed files, and files over ``max_report_bytes``, are listed in
+    ``df.attrs["malformed"]`` as (file, reason). A uid declared by a second file is
+    kept from the first file in sorted order (numeric file names in number order),
+    logged with both file names and listed in ``df.attrs["duplicate_uids"]`` as
+    (uid, kept file, dropped file). Images: a name found in two folders uses the
+    first path in sorted order, an id listed twice in one report is kept once; both
+    are logged and listed in ``df.attrs["duplicate_images"]`` /
+    ``df.attrs["repeated_image_ids"]``.
     """
     reports_dir = Path(reports_dir)
     if not reports_dir.is_dir():
         raise FileNotFoundError(f"reports folder {reports_dir} does not exist; "
                                 "run notebook 01_acquisition first")
     files = sorted(reports_dir.rglob("*.xml"), key=_report_sort_key)
-    image_index = _index_images(Path(images_dir)) if images_dir is not None else None
+    image_index, duplicate_images = (_index_images(Path(images_dir)) if images_dir is not None
+                                     else (None, []))
     projection_of = _load_projections(projections) if projections is not None else {}
     table_name = _projection_table_name(projections)
-    rows, malformed = [], []
+    rows, malformed, duplicate_uids, repeated_ids = [], [], [], []
+    file_of: dict[str, Path] = {}
     for path in files:
         try:
-            row = parse_report(path)
+            row = parse_report(path, max_report_bytes)
         except MalformedReport as exc:
             log.warning("skipping malformed report %s: %s", path, exc)
             malformed.append((str(path), str(exc)))
             continue
+        if row["uid"] in file_of:
+            log.warning("report %s declares uid %s, already read from %s; keeping the first "
+                        "(sorted order)", path, row["uid"], file_of[row["uid"]])
+            duplicate_uids.append((row["uid"], str(file_of[row["uid"]]), str(path)))
+            continue
+        file_of[row["uid"]] = path
+        unique_ids = list(dict.fromkeys(row["image_ids"]))
+        if len(unique_ids) < len(row["image_ids"]):
+            log.warning("report %s lists image(s) more than once; each is used once", path)
+            repeated_ids.append((str(path), len(row["image_ids"]) - len(unique_ids)))
+            row["image_ids"] = unique_ids
         _add_images(row, image_index, projection_of, table_name)
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
-    table.attrs["malformed"] = malformed
-    log.info("read %d reports from %s (%d malformed)", len(table), reports_dir, len(malformed))
+    table.attrs.update(malformed=malformed, duplicate_uids=duplicate_uids,
+                       duplicate_images=duplicate_images, repeated_image_ids=repeated_ids)
+    log.info("read %d reports from %s (%d malformed, %d duplicate uids, %d image names in two "
+             "folders, %d reports listing an image twice)", len(table), reports_dir,
+             len(malformed), len(duplicate_uids), len(duplicate_images), len(repeated_ids))
     return table
 
 
-def parse_report(path: str | os.PathLike) -> dict:
-    """One report's sections, MeSH terms and image ids (no entity expansion)."""
+def parse_report(path: str | os.PathLike, max_bytes: int = MAX_REPORT_BYTES) -> dict:
+    """One report's sections, MeSH terms and image ids (no entity expansion); a file over
+    ``max_bytes`` is refused before it is parsed."""
     path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise MalformedReport(f"{size} bytes, over the {max_bytes}-byte limit for one report "
+                              "(Open-i's are a few kB); not parsed")
     try:
         root = SafeET.parse(str(path), forbid_dtd=True).getroot()
     except DefusedXmlException as exc:
@@ -132,11 +163,22 @@ def _texts(parent, tag: str) -> list[str]:
     return [" ".join(el.text.split()) for el in parent.findall(tag) if el.text and el.text.strip()]
 
 
-def _index_images(images_dir: Path) -> dict[str, Path]:
+def _index_images(images_dir: Path) -> tuple[dict[str, Path], list[tuple[str, str, str]]]:
+    """Image id -> path; an id found twice (another folder or suffix) keeps the first path in
+    sorted order, and each such choice is logged and returned as (id, kept, ignored)."""
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder {images_dir} does not exist; "
                                 "run notebook 01_acquisition first")
-    return {p.stem: p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+    index: dict[str, Path] = {}
+    duplicates = []
+    for path in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        if path.stem in index:
+            log.warning("image %s has the same id as %s; using %s", path, index[path.stem],
+                        index[path.stem])
+            duplicates.append((path.stem, str(index[path.stem]), str(path)))
+            continue
+        index[path.stem] = path
+    return index, duplicates
 
 
 def _projection_table_name(projections: str | os.PathLike | pd.DataFrame | None) -> str:

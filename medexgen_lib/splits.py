@@ -43,6 +43,11 @@ def make_splits(table: pd.DataFrame, seed: int, val_fraction: float = 0.1,
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be "
                          "in [0, 1) and leave some training data")
+    duplicated = sorted(set(table.loc[table["uid"].duplicated(), "uid"]), key=_uid_key)
+    if duplicated:
+        raise ValueError(f"the studies table has {len(duplicated)} uid(s) on more than one row, "
+                         f"e.g. {duplicated[:3]}; a study must be in exactly one split "
+                         "(read_reports keeps one row per uid)")
     rng = np.random.default_rng(seed)
     splits: dict[str, list[str]] = {name: [] for name in SPLITS}
     abnormal = table["mesh_major"].map(is_abnormal)
@@ -54,7 +59,20 @@ def make_splits(table: pd.DataFrame, seed: int, val_fraction: float = 0.1,
         splits["test"] += uids[:n_test]
         splits["val"] += uids[n_test:n_test + n_val]
         splits["train"] += uids[n_test + n_val:]
+    check_disjoint(splits, "make_splits")
     return {name: sorted(uids, key=_uid_key) for name, uids in splits.items()}
+
+
+def check_disjoint(splits: dict[str, list[str]], source: str) -> None:
+    """Raise ``ValueError`` naming the first uid listed twice (in one split or in two):
+    a study in train and test would leak its report into the test score."""
+    seen: dict[str, str] = {}
+    for name in SPLITS:
+        for uid in splits[name]:
+            if uid in seen:
+                where = f"twice in {name}" if seen[uid] == name else f"in both {seen[uid]} and {name}"
+                raise ValueError(f"{source}: study {uid} is {where}")
+            seen[uid] = name
 
 
 def splits_from_annotation(annotation_file: str | os.PathLike, table: pd.DataFrame
@@ -76,12 +94,7 @@ def splits_from_annotation(annotation_file: str | os.PathLike, table: pd.DataFra
         uids = [str(entry["id"]).split("_")[0] for entry in annotation[name]]
         splits[name] = sorted({u for u in uids if u in known}, key=_uid_key)
         missing[name] = len(set(uids) - known)
-    seen: dict[str, str] = {}
-    for name in SPLITS:
-        for uid in splits[name]:
-            if uid in seen:
-                raise ValueError(f"split file {path}: study {uid} is in both {seen[uid]} and {name}")
-            seen[uid] = name
+    check_disjoint(splits, f"split file {path}")
     return splits, missing
 
 
@@ -96,7 +109,9 @@ def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
     if not path.exists():
         raise FileNotFoundError(f"split file {path} does not exist; run notebook 03_preprocessing first")
     data = read_json(path)
-    return {name: data[name] for name in SPLITS}
+    splits = {name: data[name] for name in SPLITS}
+    check_disjoint(splits, f"split file {path}")
+    return splits
 
 
 def _uid_key(uid: str):

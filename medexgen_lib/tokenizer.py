@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
+
+from medexgen_lib.files import recover_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +110,30 @@ def build_tokenizer(kind: str, train_texts: list[str], out_dir: str | os.PathLik
         source.update(used="trained", vocab_size_requested=vocab_size,
                       training_texts=len(train_texts))
     source.update(vocab_size=len(tokenizer), medical_tokens=len(MEDICAL_TOKENS))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+    save_tokenizer(tokenizer, out_dir, source)
     log.info("tokenizer: %s, %d tokens -> %s", source["used"], len(tokenizer), out_dir)
     return tokenizer
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLike, source: dict) -> Path:
+    """``save_pretrained`` plus ``source.json`` into a staging folder, swapped in for ``out_dir``
+    by renames: a failed save leaves the previous tokenizer folder as it was."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tokenizer.save_pretrained(staging)
+        (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+        replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """The tokenizer saved by ``build_tokenizer`` (notebook 03)."""
     path = Path(path)
+    recover_dir(path)
     if not (path / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer in {path}; run notebook 03_preprocessing first")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)

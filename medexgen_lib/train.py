@@ -9,6 +9,7 @@ kept in ``checkpoints/best`` and exported to ``models/final``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +27,8 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_model
+from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from transformers import get_scheduler
 
@@ -32,6 +36,7 @@ from medexgen_lib.config import Config, TrainConfig
 from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
 from medexgen_lib.files import read_json, save_figure, write_text_atomic
+from medexgen_lib.labeler import LABELER_VERSION
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
 from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_load_error,
                                 recover_dir, replace_dir, write_errors_named)
@@ -134,11 +139,33 @@ class NewTokenRows:
             rows.add_((rows - self.before) * (self.ratio - 1.0))
 
 
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy of a batch and the number of tokens it scored.
+
+    A sum, not a mean: the loop divides it by the scored tokens of the whole accumulation
+    window (every micro-batch, every process), so ``grad_accum`` micro-batches make the
+    same gradient as one batch of their combined size, whatever their token counts.
+    """
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+def freeze_batchnorm(model: ReportGenerator) -> None:
+    """Put the encoder's BatchNorm layers in eval mode (running statistics, no updates) while the
+    rest trains: ``train.freeze_batchnorm``, for small batches or a pretrained encoder."""
+    for module in model.encoder.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def evaluation_fingerprint(cfg: Config, val_uids: list[str]) -> tuple[str, dict]:
     """Hash of everything that decides validation scores; frozen for a run."""
     payload = {"decode": decode_settings(cfg.eval), "max_length": cfg.text.max_length,
                "target": cfg.text.target, "lowercase": cfg.text.lowercase,
                "val_uids": sorted(val_uids), "metrics_version": METRICS_VERSION,
+               "labeler_version": LABELER_VERSION,
                "selection_metric": cfg.train.selection_metric,
                "uncertain_as_positive": cfg.eval.uncertain_as_positive}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -243,8 +270,8 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     tcfg = cfg.train
     tracking = accelerator_tracking_args(cfg)
     # cpu=True without CUDA: under a launcher (accelerate launch / torchrun) that is multi-CPU on gloo.
+    # Gradient accumulation is done by _train_epoch (loss normalised over the whole window).
     accelerator = Accelerator(mixed_precision=choose_precision(tcfg.precision),
-                              gradient_accumulation_steps=tcfg.grad_accum,
                               cpu=not torch.cuda.is_available(), **tracking)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -302,8 +329,12 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     tracker = RunTracker(accelerator, tracking.get("log_with"))
     tracker.start(cfg, state.setdefault("run_name", new_run_name(cfg)), fingerprint, state["step"])
 
-    stopped = "max epochs"
-    for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
+    stopped, last_epoch = "max epochs", tcfg.epochs
+    if state["bad_epochs"] >= tcfg.patience:  # a resumed run that had already stopped early
+        stopped, last_epoch = _early_stopping(tcfg.patience), state["epoch"]
+        log.info("the run stopped early after epoch %d (%s); nothing left to train",
+                 state["epoch"], stopped)
+    for epoch in range(state["epoch"] + 1, last_epoch + 1):
         began = time.perf_counter()
         train_loss, samples, state["step"] = _train_epoch(
             accelerator, model, optimizer, scheduler, epoch_loader(epoch), new_token_rows, tcfg,
@@ -343,7 +374,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         progress_log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val %s %.4f%s", epoch, tcfg.epochs,
                           train_loss, val_loss, tcfg.selection_metric, value, " (best)" if improved else "")
         if state["bad_epochs"] >= tcfg.patience:
-            stopped = f"early stopping: no improvement for {tcfg.patience} epochs"
+            stopped = _early_stopping(tcfg.patience)
             break
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             tracker.finish()
@@ -351,9 +382,9 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
                                paths.models / "final", history_path)
 
     final = paths.models / "final"
+    if state["best_epoch"] == 0:  # the same on every process: all raise, none waits below
+        raise RuntimeError("no epoch had the run's evaluation fingerprint; nothing to export")
     if accelerator.is_main_process:
-        if state["best_epoch"] == 0:
-            raise RuntimeError("no epoch had the run's evaluation fingerprint; nothing to export")
         best_model = ReportGenerator.from_pretrained(best_dir)
         best_record = [h for h in _history_records(history_path) if h["epoch"] == state["best_epoch"]][-1]
         best_model.save_pretrained(final, extra_files={
@@ -367,41 +398,70 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
                        history_path)
 
 
+def _early_stopping(patience: int) -> str:
+    return f"early stopping: no improvement for {patience} epochs"
+
+
 def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_rows, tcfg, epoch,
                  step, progress, tracker: RunTracker) -> tuple[float, int, int]:
+    """One epoch; every ``grad_accum`` micro-batches (the epoch's last window may be shorter)
+    make one optimizer step whose loss is the token mean over the whole window."""
     model.train()
+    if tcfg.freeze_batchnorm:
+        freeze_batchnorm(accelerator.unwrap_model(model))
     total, count, samples = 0.0, 0, 0
-    bar = ProgressBar(loader, desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch", leave=False,
+    bar = ProgressBar(total=len(loader), desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch", leave=False,
                       disable=not (progress and accelerator.is_local_main_process))
-    for batch in bar:
-        with accelerator.accumulate(model):
-            out = model(batch["images"], batch["input_ids"], batch["attention_mask"],
-                        labels=batch["labels"], view_mask=batch["view_mask"])
-            loss = out.loss
-            finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
-            if not finite:
-                raise NonFiniteLoss(
-                    f"loss became {loss.item()} at epoch {epoch}, step {step}; run stopped. "
-                    "The last good checkpoint is intact in checkpoints/last; lower the learning "
-                    "rates or use train.precision='no' and resume")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), tcfg.clip_grad_norm)
-                new_token_rows.before_step()
-            optimizer.step()
-            if accelerator.sync_gradients:
-                new_token_rows.after_step()
-                if not accelerator.optimizer_step_was_skipped:
-                    step += 1
-                    if tcfg.scheduler != "plateau":
-                        scheduler.step()
-            optimizer.zero_grad()
-        total += loss.item()
-        count += 1
-        samples += batch["input_ids"].shape[0]
-        tracker.batch(loss.item(), step, optimizer.param_groups)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    for window in _windows(loader, tcfg.grad_accum):
+        tokens = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in window)
+        window_tokens = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")
+        # DDP averages gradients over processes; this factor makes the result a sum over all.
+        scale = accelerator.num_processes / max(1, int(window_tokens))
+        window_loss = 0.0
+        for index, batch in enumerate(window):
+            last = index == len(window) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                out = model(batch["images"], batch["input_ids"], batch["attention_mask"],
+                            view_mask=batch["view_mask"])
+                loss_sum, scored = token_loss(out.logits, batch["labels"])
+                finite = accelerator.gather(torch.isfinite(loss_sum.detach()).reshape(1)).all()
+                mean = loss_sum.item() / max(1, int(scored))
+                if not finite:
+                    raise NonFiniteLoss(
+                        f"loss became {mean} at epoch {epoch}, step {step}; run stopped. "
+                        "The last good checkpoint is intact in checkpoints/last; lower the learning "
+                        "rates or use train.precision='no' and resume")
+                accelerator.backward(loss_sum * scale)
+            total += mean
+            window_loss += mean / len(window)
+            count += 1
+            samples += batch["input_ids"].shape[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        accelerator.clip_grad_norm_(model.parameters(), tcfg.clip_grad_norm)
+        new_token_rows.before_step()
+        optimizer.step()
+        new_token_rows.after_step()
+        if not accelerator.optimizer_step_was_skipped:
+            step += 1
+            if tcfg.scheduler != "plateau":
+                scheduler.step()
+        optimizer.zero_grad()
+        tracker.batch(window_loss, step, optimizer.param_groups)
+    bar.close()
     return total / max(1, count), samples, step
+
+
+def _windows(loader: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """The loader's batches in lists of ``size`` (the last one may be shorter)."""
+    window = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
 @torch.no_grad()

@@ -79,6 +79,14 @@ def load_predictions(log_dir: str | os.PathLike, split: str = "test") -> list[di
     return read_json(path)
 
 
+def evaluated_model_dir(log_dir: str | os.PathLike, split: str = "test") -> Path:
+    """The model folder notebook 05 evaluated, as recorded in ``logs/metrics_<split>.json``."""
+    path = Path(log_dir) / f"metrics_{split}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run notebook 05_evaluation first")
+    return Path(read_json(path)["model_dir"])
+
+
 def visualize_model_predictions(model_dir: str | os.PathLike, split: str = "test", n: int = 6,
                                 seed: int = 0, cfg=None, out_path: str | os.PathLike | None = None):
     """A gallery of ``n`` random studies: both views, reference and generated report side by side,

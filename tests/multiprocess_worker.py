@@ -1,5 +1,8 @@
 """Run by test_multiprocess.py under ``accelerate launch``: a tiny training run that records,
-per process, every file write and a digest of the weights after each epoch."""
+per process, every file write and a digest of the weights after each epoch.
+
+Mode ``never-best`` (4th argument): validation never scores, so no epoch is eligible as best;
+each process records the "nothing to export" error it raised."""
 
 import hashlib
 import os
@@ -14,6 +17,7 @@ from medexgen_lib.config import Config, load_config
 from medexgen_lib.model import ReportGenerator
 
 data_dir, out_dir, record_dir = sys.argv[1:4]
+mode = sys.argv[4] if len(sys.argv) > 4 else "train"
 rank = int(os.environ["RANK"])  # set by the launcher; PartialState here would fix its settings early
 writes = []
 
@@ -50,6 +54,15 @@ cfg = load_config("demo", {
     "paths.data_dir": data_dir, "paths.output_dir": out_dir, "images.size": 32, "model.n_layer": 1,
     "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2, "train.batch_size": 4,
     "eval.max_new_tokens": 6, "text.max_length": 48, "tokenizer.vocab_size": 400})
+if mode == "never-best":
+    train_module._validate = lambda *args, **kwargs: (
+        {"clinical macro_F1": float("-inf"), "distinct_predictions": 0}, 1.0)
+    cfg.train.epochs = 1
+    try:
+        train_module.train(cfg, progress=False)
+    except RuntimeError as exc:
+        (Path(record_dir) / f"raised_rank{rank}.txt").write_text(str(exc))
+    sys.exit(0)
 train_module.train(cfg, progress=False)
 with _open(Path(record_dir) / f"writes_rank{rank}.json", "w") as handle:
     json.dump(writes, handle)

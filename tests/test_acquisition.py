@@ -1,9 +1,12 @@
 """Download, check and extract archives against a local HTTP server; the acquire stage."""
 
+import gzip
 import hashlib
 import http.server
 import io
 import json
+import os
+import shutil
 import tarfile
 import threading
 
@@ -259,3 +262,128 @@ def test_a_download_cut_half_way_then_run_again_completes(server, reports_tgz, i
     del server.truncate["NLMCXR_reports.tgz"]  # the network is back
     acquire(cfg)
     assert len(list(cfg.paths.reports.rglob("*.xml"))) == 20
+
+
+# --------------------------------------------------------------------------- hostile archives (issue 16)
+
+def _nothing_written(target, temp):
+    assert not target.exists() or list(target.iterdir()) == []
+    assert not temp.exists() or list(temp.iterdir()) == []
+
+
+def _header_only_tgz(path, name, declared_size):
+    """A .tgz whose one member declares ``declared_size`` bytes in its header; the data is not
+    there, as the check must stop at the header (a real 3 GiB member would be read to the end)."""
+    info = tarfile.TarInfo(name)
+    info.size = declared_size
+    with gzip.open(path, "wb") as gz:
+        gz.write(info.tobuf())
+        gz.write(bytes(4096))
+    return path
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("bomb", ["3GiB_member", "20000_members", "no_disk_space"])
+def test_archive_bombs_are_refused_before_extracting(bomb, tmp_path, monkeypatch):
+    target, temp = tmp_path / "target", tmp_path / "temp"
+    if bomb == "3GiB_member":
+        archive = _header_only_tgz(tmp_path / "bomb.tgz", "zeros.bin", 3 * 2**30)
+        message = r"'zeros.bin' \(3221225472 bytes\).*data.archive_max_bytes"
+    elif bomb == "20000_members":
+        archive = _tgz(tmp_path / "many.tgz", {f"f{i}.txt": b"" for i in range(20_000)})
+        message = "more than 15000 members.*data.archive_max_members"
+    else:
+        archive = _tgz(tmp_path / "big.tgz", {"images/zeros.png": bytes(100_000)})
+        real_usage = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=5_000))
+        message = "declares 100000 bytes but only 5000 bytes are free"
+    with pytest.raises(AcquisitionError, match=message):
+        safe_extract(archive, target, temp)
+    _nothing_written(target, temp)
+
+
+@pytest.mark.reliability
+def test_archive_limits_are_config_keys(images_tgz, reports_tgz, tmp_config):
+    cfg = tmp_config("full", data__images_archive=str(images_tgz),
+                     data__reports_archive=str(reports_tgz), data__archive_max_members=2)
+    with pytest.raises(AcquisitionError, match="more than 2 members"):
+        acquire(cfg)
+    assert list(cfg.paths.images.glob("*.png")) == []
+
+
+@pytest.mark.reliability
+def test_an_archive_made_with_tar_c_dir_dot_is_accepted(tmp_path, iuxray_sample):
+    folder = tmp_path / "folder"
+    shutil.copytree(iuxray_sample / "images", folder / "images")
+    archive = tmp_path / "x.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=".")  # members ".", "./images", "./images/...", as tar -C dir . writes
+    assert [m.name for m in tarfile.open(archive).getmembers()][:2] == [".", "./images"]
+    assert safe_extract(archive, tmp_path / "target", tmp_path / "temp") == 3
+    assert len(list((tmp_path / "target" / "images").glob("*.png"))) == 3
+    nameless = tmp_path / "nameless.tgz"
+    with tarfile.open(nameless, "w:gz") as tar:
+        info = tarfile.TarInfo("")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"ok"))
+    with pytest.raises(UnsafeArchiveError, match="empty name"):
+        check_archive(nameless)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("names", [["a.png", "a.png"], ["images/a.png", "./images/a.png"]])
+def test_duplicate_archive_members_are_refused_and_counted(names, tmp_path):
+    archive = tmp_path / "dup.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(bytes([i])))
+    with pytest.raises(AcquisitionError, match=f"1 duplicate member name.*{names[1]!r}"):
+        safe_extract(archive, tmp_path / "target", tmp_path / "temp")
+    _nothing_written(tmp_path / "target", tmp_path / "temp")
+
+
+@pytest.mark.reliability
+def test_a_folder_already_in_the_target_survives_a_failed_swap(tmp_path, monkeypatch):
+    target = tmp_path / "reports"
+    (target / "ecgen-radiology").mkdir(parents=True)
+    (target / "ecgen-radiology" / "1.xml").write_text("old")
+    archive = _tgz(tmp_path / "r.tgz", {"ecgen-radiology/2.xml": b"new"})
+    real_replace = os.replace
+
+    def crash_moving_the_new_folder_in(src, dst):
+        if "extract-" in str(src):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_moving_the_new_folder_in)
+    with pytest.raises(AcquisitionError, match="is kept"):
+        safe_extract(archive, target, tmp_path / "temp")
+    assert sorted(p.name for p in target.iterdir()) == ["ecgen-radiology"]
+    assert (target / "ecgen-radiology" / "1.xml").read_text() == "old"
+    monkeypatch.setattr(os, "replace", real_replace)
+    safe_extract(archive, target, tmp_path / "temp")
+    assert sorted(p.name for p in target.iterdir()) == ["ecgen-radiology"]
+    assert [p.name for p in (target / "ecgen-radiology").iterdir()] == ["2.xml"]
+
+
+@pytest.mark.reliability
+def test_a_stale_archive_in_temp_is_checked_and_downloaded_again(server, reports_tgz, tmp_path):
+    server.files["NLMCXR_reports.tgz"] = reports_tgz.read_bytes()
+    (tmp_path / "temp").mkdir()
+    (tmp_path / "temp" / "NLMCXR_reports.tgz").write_bytes(b"old!")
+    out = download_archive(f"{server.url}/NLMCXR_reports.tgz", tmp_path / "temp",
+                           size=reports_tgz.stat().st_size, retries=0, progressbar=False)
+    assert out.read_bytes() == reports_tgz.read_bytes() and server.requests == 1
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("check", ["size", "sha256"])
+def test_a_local_archive_is_checked_on_every_use(check, images_tgz, reports_tgz, tmp_config):
+    wrong = {"data__reports_size": 4} if check == "size" else {"data__reports_sha256": "0" * 64}
+    cfg = tmp_config("full", data__images_archive=str(images_tgz),
+                     data__reports_archive=str(reports_tgz), **wrong)
+    with pytest.raises(AcquisitionError, match=f"{reports_tgz}.*expected"):
+        acquire(cfg)
+    assert list(cfg.paths.reports.rglob("*.xml")) == []

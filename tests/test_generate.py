@@ -131,3 +131,82 @@ def test_wrong_number_of_images(model_dir, tmp_path):
     model = ReportGenerator.from_pretrained(model_dir)
     with pytest.raises(ValueError, match="one or two images"):
         generate_report(model, [tmp_path / "a.png"] * 3)
+
+
+def _rle_bomb(path, rows, columns, frames=1):
+    """An RLE Lossless DICOM whose header declares ``rows`` x ``columns`` x ``frames`` 8-bit pixels;
+    its pixel data is a few runs (a real 30000x30000 one compresses to 14 MB and decodes to 900 MB)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = RLELossless
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "TEST"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    segment = b"\x81\x00" * 64  # each pair: 128 zero pixels
+    frame = (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(56) + segment
+    ds.PixelData = encapsulate([frame] * frames)
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("rows, columns, frames", [(30000, 30000, 1), (6000, 6000, 2)])
+def test_a_dicom_bomb_is_refused_from_its_header(rows, columns, frames, tmp_path, model_dir,
+                                                 capsys, monkeypatch):
+    from pydicom.dataset import Dataset
+
+    path = _rle_bomb(tmp_path / "bomb.dcm", rows, columns, frames)
+    monkeypatch.setattr(Dataset, "pixel_array",
+                        property(lambda ds: pytest.fail("pixels decoded before the size check")))
+    message = f"bomb.dcm declares {rows}x{columns} pixels x {frames} frame\\(s\\), over images.max_pixels"
+    with pytest.raises(ImageError, match=message):
+        read_radiograph(path, 64)
+    assert main(["generate", "--model", str(model_dir), str(path)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "bomb.dcm declares" in error[0]
+
+
+@pytest.mark.reliability
+def test_dicom_rescale_is_applied_before_the_window(tmp_path):
+    import pydicom
+
+    stored = np.tile(np.linspace(0, 4095, 200).round(), (200, 1))  # columns: stored 0 .. 4095
+    path = write_dicom(tmp_path / "ct.dcm", stored)
+    ds = pydicom.dcmread(path)
+    ds.RescaleIntercept, ds.RescaleSlope = -1000, 1  # stored 0 .. 4095 -> -1000 .. 3095
+    ds.WindowCenter, ds.WindowWidth = 1500, 2000  # 500 .. 2500 after rescale = stored 1500 .. 3500
+    ds.save_as(path)
+    out = read_dicom(path, 200)
+    black, white = (out == 0).mean(), (out == 255).mean()
+    assert abs(black - 1500 / 4096) < 0.03 and abs(white - 595 / 4096) < 0.03, (black, white)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("field, value, message", [
+    ("encoder", "get_model", "'encoder' must be one of resnet18, resnet34, resnet50, resnet101, got 'get_model'"),
+    ("encoder", "alexnet", "'encoder' must be one of .*got 'alexnet'"),
+    ("image_size", "64", "'image_size' must be int, got str '64'"),
+    ("n_head", -2, "'n_head' must not be negative"),
+])
+def test_a_hostile_model_config_names_the_field(field, value, message, model_dir, tmp_path, capsys):
+    import shutil
+
+    hostile = tmp_path / "model"
+    shutil.copytree(model_dir, hostile)
+    config = json.loads((hostile / "config.json").read_text())
+    (hostile / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=f"config.json: model config field {message}"):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"field '{field}'" in error[0]

@@ -204,3 +204,30 @@ def test_a_filesystem_without_fallocate_still_gets_a_cache(image_files, tmp_path
     monkeypatch.setattr(os, "posix_fallocate", unsupported)
     cache = ImageCache.build(image_files, 32, tmp_path / "cache")
     assert len(cache) == 5 and np.array_equal(cache.get("IM0"), load_image(image_files[0][1], 32))
+
+
+@pytest.mark.reliability
+def test_exif_orientation_is_applied_before_anything_else(tmp_path):
+    stored = np.zeros((100, 200), np.uint8)
+    stored[:, :100] = 255  # wide as stored, left half bright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: displayed turned 90° clockwise, so the left half is on top
+    Image.fromarray(stored).save(tmp_path / "x.jpg", exif=exif)
+    out = load_image(tmp_path / "x.jpg", 64).astype(int)
+    assert out[:28].mean() > 200 and out[36:].mean() < 50
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("real, name, promised", [("TIFF", "x.png", "PNG"), ("BMP", "x.png", "PNG"),
+                                                  ("EPS", "x.jpg", "JPEG"), ("JPEG", "x.png", "PNG")])
+def test_only_the_format_the_suffix_promises_is_decoded(real, name, promised, tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript",
+                        lambda *a, **k: pytest.fail("an EPS file reached Ghostscript"))
+    Image.fromarray(_gradient(64, 64)).save(tmp_path / name, format=real)
+    with pytest.raises(ImageError, match=f"{name}: not a {promised} file, as its suffix promises"):
+        load_image(tmp_path / name, 32)
+    (tmp_path / "x.tif").write_bytes((tmp_path / name).read_bytes())
+    with pytest.raises(ImageError, match="suffix '.tif' is not read here"):
+        load_image(tmp_path / "x.tif", 32)

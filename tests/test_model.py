@@ -100,7 +100,8 @@ def test_damaged_weights_file_is_named(damage, tokenizer, tmp_path):
 
 def test_pretrained_parts_load_from_local_files(tokenizer, tmp_path):
     torch.manual_seed(1)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32,
+                                      n_layer=2, n_head=2))  # the tokenizer's own base vocabulary
     gpt2.save_pretrained(tmp_path / "gpt2-tiny")
     resnet = torchvision.models.resnet18(weights=None)
     torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")

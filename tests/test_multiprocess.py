@@ -1,30 +1,54 @@
-"""Two CPU processes under ``accelerate launch`` (gloo): same weights, only rank 0 writes."""
+"""Two CPU processes under ``accelerate launch`` (gloo): same weights, only rank 0 writes;
+a run with nothing to export stops on every process instead of leaving one waiting."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from medexgen_lib.acquisition import acquire, build_studies_table
 from medexgen_lib.config import load_config
 from medexgen_lib.preprocess import run_preprocessing
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
+# --multi_gpu selects the torchrun launcher; without CUDA, Accelerate runs MULTI_CPU on gloo.
+LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def test_two_processes_keep_identical_weights_and_only_rank0_writes(tmp_path):
-    data, out, record = tmp_path / "data", tmp_path / "out", tmp_path / "record"
-    record.mkdir()
-    cfg = load_config("demo", {"paths.data_dir": str(data), "paths.output_dir": str(out),
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("data")
+    cfg = load_config("demo", {"paths.data_dir": str(data),
+                               "paths.output_dir": str(tmp_path_factory.mktemp("unused")),
                                "data.n_phantom_studies": 24, "data.phantom_image_size": 48,
                                "images.size": 32, "tokenizer.vocab_size": 400, "text.max_length": 48})
     build_studies_table(cfg, acquire(cfg))
     run_preprocessing(cfg)
-    # --multi_gpu selects the torchrun launcher; without CUDA, Accelerate runs MULTI_CPU on gloo.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run = subprocess.run([*launcher, str(WORKER), str(data), str(out), str(record)],
-                         capture_output=True, text=True, timeout=600)
+    return data
+
+
+def _launch(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    """The worker on two processes; a hang is killed (the whole process group) and fails the test."""
+    process = subprocess.Popen([*LAUNCHER, str(WORKER), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the 2-process run hung for {timeout} s: {stderr[-2000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_two_processes_keep_identical_weights_and_only_rank0_writes(data, tmp_path):
+    out, record = tmp_path / "out", tmp_path / "record"
+    record.mkdir()
+    run = _launch(str(data), str(out), str(record), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
     digests = [[json.loads(l) for l in (record / f"digest_rank{r}.jsonl").read_text().splitlines()]
@@ -38,3 +62,15 @@ def test_two_processes_keep_identical_weights_and_only_rank0_writes(tmp_path):
     history = (out / "logs" / "history.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in history] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints" / "last").glob("rng_*.json")) == ["rng_0.json", "rng_1.json"]
+
+
+def test_nothing_to_export_is_raised_on_every_process_none_hangs(data, tmp_path):
+    out, record = tmp_path / "out", tmp_path / "record"
+    record.mkdir()
+    run = _launch(str(data), str(out), str(record), "never-best", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        raised = record / f"raised_rank{rank}.txt"
+        assert raised.exists(), f"rank {rank} did not raise: {run.stderr[-2000:]}"
+        assert "nothing to export" in raised.read_text()
+    assert not (out / "models" / "final").exists()

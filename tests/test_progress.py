@@ -40,11 +40,16 @@ def test_stage_progress_passes_progress_and_warnings_only(caplog):
 def test_progress_bar_logs_lines_while_it_runs_and_when_done(monkeypatch, caplog):
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     with caplog.at_level(logging.INFO, logger=progress.PROGRESS_LOGGER):
-        assert list(ProgressBar(range(4), desc="generating", unit="batch")) == [0, 1, 2, 3]
+        bar = ProgressBar(total=4, desc="epoch 1/2", unit="batch")
+        for _ in range(4):
+            bar.update(1)
+        bar.close()
+        assert list(ProgressBar(range(3), desc="generating", mininterval=0)) == [0, 1, 2]
         assert list(ProgressBar(range(4), desc="quiet", disable=True)) == [0, 1, 2, 3]
     lines = _messages(caplog)
-    assert lines[0].startswith("generating: 1/4 batch (25%)") and lines[3].startswith("generating: 4/4 batch (100%)")
-    assert lines[4].startswith("generating: done, 4 batch in") and len(lines) == 5
+    assert lines[0].startswith("epoch 1/2: 1/4 batch (25%)") and lines[3].startswith("epoch 1/2: 4/4 batch (100%)")
+    assert lines[4].startswith("epoch 1/2: done, 4 batch in")
+    assert lines[-1].startswith("generating: done, 3 it in") and not any("quiet" in line for line in lines)
 
 
 TRAIN_CELL = f"""

@@ -193,3 +193,48 @@ def test_a_report_whose_image_is_not_on_disk_is_flagged_and_left_out(tmp_config)
     summary = run_preprocessing(cfg)
     assert summary.dropped["no_image_on_disk"] == 1 and summary.studies == 11
     assert summary.images_skipped == 0
+
+
+def _report(uid, findings="Clear lungs.", images=()):
+    parents = "".join(f'<parentImage id="{i}"/>' for i in images)
+    return (f'<eCitation><uId id="{uid}"/><Abstract><AbstractText Label="FINDINGS">{findings}'
+            f'</AbstractText></Abstract>{parents}</eCitation>')
+
+
+@pytest.mark.reliability
+def test_a_uid_in_two_report_files_keeps_the_first_and_names_both(tmp_path, caplog):
+    (tmp_path / "10.xml").write_text(_report("CXR1", "Second file."))
+    (tmp_path / "2.xml").write_text(_report("CXR1", "First file."))
+    (tmp_path / "3.xml").write_text(_report("CXR3"))
+    t = read_reports(tmp_path)
+    assert list(t.uid) == ["CXR1", "CXR3"] and t.findings[0] == "First file."
+    assert t.attrs["duplicate_uids"] == [("CXR1", str(tmp_path / "2.xml"), str(tmp_path / "10.xml"))]
+    assert "10.xml declares uid CXR1, already read from" in caplog.text and "2.xml" in caplog.text
+
+
+@pytest.mark.reliability
+def test_an_image_name_in_two_folders_and_an_image_listed_twice_are_named(tmp_path, caplog):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "1.xml").write_text(_report("CXR1", images=["CXR1_a", "CXR1_a", "CXR1_b"]))
+    for relative in ("images/CXR1_a.png", "images/sub/CXR1_a.png", "images/CXR1_b.png"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"png")
+    t = read_reports(tmp_path / "reports", tmp_path / "images")
+    row = t.iloc[0]
+    assert list(row.image_ids) == ["CXR1_a", "CXR1_b"] and row.n_images == 2
+    assert row.image_paths[0] == str(tmp_path / "images" / "CXR1_a.png")
+    assert t.attrs["duplicate_images"] == [("CXR1_a", str(tmp_path / "images" / "CXR1_a.png"),
+                                            str(tmp_path / "images" / "sub" / "CXR1_a.png"))]
+    assert t.attrs["repeated_image_ids"] == [(str(tmp_path / "reports" / "1.xml"), 1)]
+    assert "sub/CXR1_a.png has the same id as" in caplog.text
+    assert "lists image(s) more than once" in caplog.text
+
+
+@pytest.mark.reliability
+def test_an_oversized_report_file_is_refused_before_parsing(tmp_path):
+    (tmp_path / "1.xml").write_text(_report("CXR1"))
+    (tmp_path / "2.xml").write_text(_report("CXR2", "opacity " * 250_000))  # 2 MB of findings
+    t = read_reports(tmp_path)
+    assert list(t.uid) == ["CXR1"]
+    (path, reason), = t.attrs["malformed"]
+    assert path.endswith("2.xml") and "over the 1000000-byte limit" in reason

@@ -1,8 +1,9 @@
+import pandas as pd
 import pytest
 
 from medexgen_lib.reports import read_reports
-from medexgen_lib.splits import (is_abnormal, make_splits, splits_from_annotation,
-                                 usable_studies)
+from medexgen_lib.splits import (is_abnormal, load_splits, make_splits, splits_from_annotation,
+                                 usable_studies, write_splits)
 from medexgen_lib.text import target_texts
 
 
@@ -58,3 +59,15 @@ def test_usable_studies_counts_what_it_leaves_out(iuxray_sample):
     assert list(usable.uid) == ["CXR3"]  # the only sample report whose images are on disk
     assert dropped["no_target_text"] == 3
     assert dropped["no_image_on_disk"] == 397 - 3 - 1
+
+
+@pytest.mark.reliability
+def test_a_study_is_in_exactly_one_split(sample, tmp_path):
+    doubled = pd.concat([sample, sample.iloc[:5]], ignore_index=True)
+    with pytest.raises(ValueError, match="5 uid\\(s\\) on more than one row"):
+        make_splits(doubled, seed=0)
+    splits = make_splits(sample, seed=0)
+    leaked = {**splits, "test": splits["test"] + splits["train"][:1]}
+    write_splits(leaked, tmp_path / "splits.json", {})
+    with pytest.raises(ValueError, match=f"study {splits['train'][0]} is in both train and test"):
+        load_splits(tmp_path / "splits.json")

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,8 +174,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cfg, mon
 
     def poisoned(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        if self.training and out.loss is not None:
-            out.loss = out.loss * float("nan")
+        if self.training:
+            out.logits = out.logits * float("nan")
         return out
     monkeypatch.setattr(ReportGenerator, "forward", poisoned)
     with pytest.raises(NonFiniteLoss, match="nan at epoch 2"):
@@ -326,3 +327,111 @@ def test_a_history_line_torn_by_a_kill_is_skipped_on_resume(tiny_cfg, caplog):
         train(cfg, resume=True, progress=False)
     assert "history.jsonl line 2 is damaged" in caplog.text
     assert [json.loads(l)["epoch"] for l in history.read_text().splitlines()] == [1, 2]
+
+
+# --------------------------------------------------------------------------- blank views
+
+
+def test_a_blank_view_does_not_enter_batchnorm_statistics_in_training():
+    from medexgen_lib.model import ReportGeneratorConfig
+
+    torch.manual_seed(0)
+    model = ReportGenerator(ReportGeneratorConfig(vocab_size=20, bos_token_id=0, eos_token_id=1,
+                                                  pad_token_id=2, encoder="resnet18", image_size=32,
+                                                  n_layer=1, n_head=2, n_embd=16)).train()
+    reference = ReportGenerator(model.config).train()
+    reference.load_state_dict(model.state_dict())
+    images = torch.rand(3, 2, 3, 32, 32) + 0.5
+    view_mask = torch.tensor([[True, False], [True, True], [False, True]])
+    images[~view_mask] = 0.0  # missing_view=blank: a zero image stands in for the absent view
+    tokens, mask = model.encode(images, view_mask)
+    reference.encoder(images[view_mask])  # what BatchNorm should see: the present views only
+    stats = lambda m: {k: v for k, v in m.encoder.state_dict().items() if "running" in k}
+    expected = stats(reference)
+    for name, value in stats(model).items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name
+    assert tokens.shape == (3, 2 * 1, 16) and mask.tolist() == view_mask.long().tolist()
+
+
+# --------------------------------------------------------------------------- resume after early stopping
+
+
+def test_a_resumed_run_that_stopped_early_trains_no_further_epoch(tiny_cfg, monkeypatch):
+    import medexgen_lib.train as train_module
+
+    flat = {"clinical macro_F1": 0.5, "distinct_predictions": 1}  # epoch 1 best, then no improvement
+    monkeypatch.setattr(train_module, "_validate", lambda *args, **kwargs: (dict(flat), 1.0))
+    cfg = tiny_cfg(train__epochs=4, train__patience=1)
+    first = train(cfg, progress=False)
+    assert first.stopped.startswith("early stopping") and first.epochs_run == 2
+    last = _weights_digest(cfg.paths.checkpoints / "last")
+    shutil.rmtree(cfg.paths.models / "final")
+    resumed = train(cfg, resume=True, progress=False)
+    assert resumed.stopped.startswith("early stopping") and resumed.epochs_run == 2
+    assert [json.loads(l)["epoch"] for l in (cfg.paths.logs / "history.jsonl").read_text().splitlines()] == [1, 2]
+    assert _weights_digest(cfg.paths.checkpoints / "last") == last
+    assert _weights_digest(resumed.final_model) == _weights_digest(cfg.paths.checkpoints / "best")
+
+
+# --------------------------------------------------------------------------- accumulation and learning rates
+
+
+def _weights(directory: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_gradient_accumulation_matches_one_batch_of_the_combined_size(tiny_cfg, tmp_path):
+    # Without batch statistics (frozen BatchNorm), dropout and augmentation, 2 x 4 must be 8.
+    same = {"train__epochs": 1, "train__freeze_batchnorm": True, "model__dropout": 0.0,
+            "images__augment": False}
+    big = tiny_cfg(paths__output_dir=str(tmp_path / "big"), train__batch_size=8, **same)
+    accumulated = tiny_cfg(paths__output_dir=str(tmp_path / "acc"), train__batch_size=4,
+                           train__grad_accum=2, **same)
+    from medexgen_lib.preprocess import load_split
+    assert len(load_split(big, "train")) % 8 == 5  # the last window is 4 + 1: unequal token counts
+    results = [train(c, progress=False) for c in (big, accumulated)]
+    assert [json.loads(l)["step"] for r in results for l in r.history.read_text().splitlines()] == [3, 3]
+    expected, got = (_weights(c.paths.checkpoints / "last") for c in (big, accumulated))
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.fixture(scope="module")
+def gpt2_prepared_data(tmp_path_factory, tiny_gpt2_dir):
+    """The tiny phantom set prepared with the stand-in pretrained GPT-2's tokenizer."""
+    data_dir = tmp_path_factory.mktemp("gpt2data")
+    cfg = load_config("demo", {**TINY, "paths.data_dir": str(data_dir), "tokenizer.kind": "gpt2",
+                               "tokenizer.gpt2_source": str(tiny_gpt2_dir),
+                               "paths.output_dir": str(tmp_path_factory.mktemp("unused"))})
+    build_studies_table(cfg, acquire(cfg))
+    run_preprocessing(cfg)
+    return data_dir
+
+
+def test_new_token_rows_train_at_lr_new_end_to_end_with_decay_and_tied_weights(
+        gpt2_prepared_data, tiny_gpt2_dir, tmp_path):
+    def one_step(name, lr_decoder, lr_new):
+        cfg = load_config("demo", {**TINY, "paths.data_dir": str(gpt2_prepared_data),
+                                   "paths.output_dir": str(tmp_path / name), "tokenizer.kind": "gpt2",
+                                   "tokenizer.gpt2_source": str(tiny_gpt2_dir),
+                                   "model.decoder_pretrained": True,
+                                   "model.decoder_source": str(tiny_gpt2_dir), "train.epochs": 1,
+                                   "train.batch_size": 64, "train.weight_decay": 0.1,
+                                   "train.lr_decoder": lr_decoder, "train.lr_new": lr_new})
+        final = train(cfg, progress=False).final_model
+        assert [json.loads(l)["step"] for l in (cfg.paths.logs / "history.jsonl").read_text().splitlines()] == [1]
+        return ReportGenerator.from_pretrained(final)
+
+    unequal, all_new, all_decoder = one_step("unequal", 1e-3, 1e-2), one_step("new", 1e-2, 1e-2), \
+        one_step("decoder", 1e-3, 1e-3)
+    first_new = unequal.config.pretrained_vocab_size
+    assert 0 < first_new < unequal.config.vocab_size
+    rows = lambda m: m.decoder.get_input_embeddings().weight.detach()
+    assert torch.allclose(rows(unequal)[first_new:], rows(all_new)[first_new:], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(rows(unequal)[:first_new], rows(all_decoder)[:first_new], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(rows(unequal)[first_new:], rows(all_decoder)[first_new:], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(rows(unequal)[:first_new], rows(all_new)[:first_new], rtol=1e-5, atol=1e-7)
+    # After save/load the output layer is still the embedding matrix itself, not a copy.
+    assert unequal.decoder.get_output_embeddings().weight is unequal.decoder.get_input_embeddings().weight
