@@ -221,6 +221,9 @@ class TrainConfig:
     # "decoder": the seed design's grouping, kept to reproduce the ablation's reference row.
     cross_attention_lr: str = "new"
     label_smoothing: float = 0.0  # of the LM loss (0: plain cross-entropy)
+    # Live curves: "tensorboard", "none", or another Accelerate tracker that is installed
+    # ("mlflow", "wandb", ...); checked when training starts (medexgen_lib.tracking).
+    log_with: str = "tensorboard"
 
     def __post_init__(self) -> None:
         if self.cross_attention_lr not in ("new", "decoder"):

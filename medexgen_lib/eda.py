@@ -73,8 +73,18 @@ def compute_eda_stats(table: pd.DataFrame, top: int = 25, target: str = "finding
         "duplicate_report_share": float(duplicated.mean()) if len(duplicated) else 0.0,
         "mesh_major_prevalence": [(t, int(n), n / len(table)) for t, n in mesh.most_common(top)],
         "images": _image_stats(table),
+        "projections": _projection_counts(table),
     }
     return stats
+
+
+def _projection_counts(table: pd.DataFrame) -> dict:
+    """Frontal/lateral/unknown per image, view combinations per study, and which table gave them."""
+    with_images = table[table["n_images"] > 0]
+    combos = Counter(" + ".join(sorted(ps)) for ps in with_images["projections"])
+    return {"images": dict(Counter(p for ps in table["projections"] for p in ps)),
+            "studies_by_views": dict(combos.most_common()),
+            "source": dict(Counter(with_images["projection_source"]))}
 
 
 def _describe(values: pd.Series) -> dict:
@@ -113,7 +123,7 @@ def plot_eda(table: pd.DataFrame, stats: dict, plots_dir: str | os.PathLike,
     sns.set_theme(style="whitegrid", context="notebook")
     saved = []
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
     per_report = stats["images_per_report"]
     sns.barplot(x=list(per_report), y=list(per_report.values()), ax=axes[0], color="steelblue")
     axes[0].set(title="Images per report", xlabel="images", ylabel="reports")
@@ -121,6 +131,11 @@ def plot_eda(table: pd.DataFrame, stats: dict, plots_dir: str | os.PathLike,
     sns.barplot(x=list(missing.values()), y=[k.replace("_", " ") for k in missing], ax=axes[1],
                 color="indianred")
     axes[1].set(title=f"Missing parts (of {stats['reports']} reports)", xlabel="reports")
+    views = stats["projections"]["images"]
+    sns.barplot(x=list(views), y=list(views.values()), ax=axes[2], color="slategray")
+    sources = ", ".join(stats["projections"]["source"]) or "none"
+    axes[2].set(title=f"Image projections (from: {_short(sources, 40)})", xlabel="projection",
+                ylabel="images")
     saved.append(_save(fig, plots_dir / "eda_counts.png"))
 
     text = report_text(table, target, lowercase).str.lower()

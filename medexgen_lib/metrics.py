@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from medexgen_lib.labeler import (ABSENT, LABELER_VERSION, NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES,
                                   label_report, positive_set)
+from medexgen_lib.nltk_bleu import seed_style_bleu
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +233,10 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
         out = text_metrics(*texts, meteor=meteor, normalised=True)
         out.update(rouge_score_f1(*texts, normalised=True))
     else:
+        texts = ([normalise(r) for r in references], [normalise(p) for p in predictions])
         out = text_metrics(references, predictions, meteor=meteor)
         out.update(rouge_score_f1(references, predictions))
+    out.update(seed_style_bleu([t.split() for t in texts[0]], [t.split() for t in texts[1]]))
     degenerate = [is_degenerate(p) for p in predictions]
     clinical = clinical_metrics([label_report(r) for r in references],
                                 [prediction_labels(p) for p in predictions],

@@ -15,6 +15,7 @@ from typing import Any
 from medexgen_lib.config import load_config
 from medexgen_lib.files import write_json
 from medexgen_lib.paths import NOTEBOOKS_DIR
+from medexgen_lib.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,12 @@ def _run_stage(stage: str, notebook: Path, profile: str, overrides: dict, cfg, o
     executed = out_dir / notebook.name
     log.info("stage %s: %s", stage, notebook.name)
     began = time.perf_counter()
+    progress = StageProgress(stage, log)  # progress lines and warnings to the terminal, not all output
     try:
         _execute_interruptibly(received, input_path=str(notebook), output_path=str(executed),
                                parameters={"profile": profile, "overrides": overrides},
-                               cwd=str(notebook.parent), kernel_name="python3", progress_bar=False)
+                               cwd=str(notebook.parent), kernel_name="python3", progress_bar=False,
+                               stderr_file=progress)
     except _UserInterrupt as exc:
         return StageResult(stage, notebook.name, "interrupted", time.perf_counter() - began,
                            str(executed), error=(
@@ -121,11 +124,13 @@ def _run_stage(stage: str, notebook: Path, profile: str, overrides: dict, cfg, o
                                f"Rerun with --from {stage}"
                                + (f"; {CONTINUE_HINTS[stage]}" if stage in CONTINUE_HINTS else "")))
     except papermill.PapermillExecutionError as exc:
+        progress.close()
         return StageResult(stage, notebook.name, "failed", time.perf_counter() - began,
                            str(executed), error=(
                                f"stage {stage} ({notebook.name}) failed in cell {exc.cell_index} "
                                f"(execution count {exc.exec_count}): {exc.ename}: {exc.evalue}. "
                                f"Executed copy: {executed}. Fix it and rerun with --from {stage}"))
+    progress.close()
     outputs = [str(_output_path(cfg, o)) for o in STAGE_OUTPUTS.get(stage, [])
                if _output_path(cfg, o).exists()]
     return StageResult(stage, notebook.name, "ok", time.perf_counter() - began, str(executed), outputs)
@@ -161,7 +166,7 @@ def _execute_interruptibly(received: list[int], **papermill_args) -> None:
 
     class TrackedKernelManager(AsyncKernelManager):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs, **_encrypted_transport())
             kernels.append(self)
 
     outcome: list[BaseException] = []
@@ -190,6 +195,15 @@ def _execute_interruptibly(received: list[int], **papermill_args) -> None:
         raise _UserInterrupt(f"in cell {cell}" if cell is not None else "(its kernel was killed)")
     if outcome:
         raise outcome[0]
+
+
+def _encrypted_transport() -> dict:
+    """Kernel manager settings for CurveZMQ-encrypted kernel sockets where pyzmq has Curve
+    (its wheels do), so ipykernel has no "running over TCP without encryption" warning to print.
+    Without Curve the kernel stays on plain local TCP and prints the warning once per stage."""
+    import zmq
+
+    return {"transport_encryption": "auto"} if zmq.has("curve") else {}
 
 
 def _signal_kernels(kernels, signum: int) -> None:

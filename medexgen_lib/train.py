@@ -30,7 +30,6 @@ from safetensors.torch import load_model
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from medexgen_lib import guidance
@@ -42,8 +41,11 @@ from medexgen_lib.labeler import LABELER_VERSION
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
 from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_load_error,
                                 recover_dir, replace_dir, write_errors_named)
+from medexgen_lib.model_card import CARD_FILE, export_card_text
 from medexgen_lib.preprocess import load_split
+from medexgen_lib.progress import ProgressBar, progress_log
 from medexgen_lib.tokenizer import load_tokenizer
+from medexgen_lib.tracking import RunTracker, accelerator_tracking_args, new_run_name
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +272,11 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     would (checkpoint written, no export), for time-boxed sessions and tests.
     """
     tcfg = cfg.train
+    tracking = accelerator_tracking_args(cfg)
     # cpu=True without CUDA: under a launcher (accelerate launch / torchrun) that is multi-CPU on gloo.
     # Gradient accumulation is done by _train_epoch (loss normalised over the whole window).
     accelerator = Accelerator(mixed_precision=choose_precision(tcfg.precision),
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(), **tracking)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -332,6 +335,8 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         history_path.parent.mkdir(parents=True, exist_ok=True)
         history_path.write_text("")
         cfg.save(paths.logs / "config_04_training.json")
+    tracker = RunTracker(accelerator, tracking.get("log_with"))
+    tracker.start(cfg, state.setdefault("run_name", new_run_name(cfg)), fingerprint, state["step"])
 
     stopped, last_epoch = "max epochs", tcfg.epochs
     if state["bad_epochs"] >= tcfg.patience:  # a resumed run that had already stopped early
@@ -342,10 +347,10 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         began = time.perf_counter()
         train_loss, samples, state["step"] = _train_epoch(
             accelerator, model, optimizer, scheduler, epoch_loader(epoch), new_token_rows, tcfg,
-            epoch, state["step"], progress, loss_hook)
+            epoch, state["step"], progress, loss_hook, tracker)
         seconds_train = time.perf_counter() - began
         _sync_buffers(accelerator, model)
-        metrics, val_loss = _validate(accelerator, model, val_data, collate_fn, cfg, progress)
+        metrics, val_loss, val_rows = _validate(accelerator, model, val_data, collate_fn, cfg, progress)
         value = float(metrics[tcfg.selection_metric])
         if tcfg.scheduler == "plateau":
             scheduler.step(value)
@@ -362,6 +367,8 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         if not fingerprint_ok:
             log.warning("epoch %d: evaluation fingerprint %s differs from the run's %s; "
                         "flagged, not eligible as best", epoch, fingerprint, state["fingerprint"])
+        tracker.epoch(state["step"], epoch, metrics, val_loss, train_loss, fingerprint, fingerprint_ok,
+                      val_rows)
         if improved:
             state.update(best_value=value, best_epoch=epoch, bad_epochs=0)
         else:
@@ -373,12 +380,13 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         if improved:
             save_checkpoint(best_dir, accelerator, model, optimizer, scheduler, state)
         save_checkpoint(last_dir, accelerator, model, optimizer, scheduler, state)
-        log.info("epoch %d: train loss %.4f, val loss %.4f, %s %.4f%s", epoch, train_loss, val_loss,
-                 tcfg.selection_metric, value, " (best)" if improved else "")
+        progress_log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val %s %.4f%s", epoch, tcfg.epochs,
+                          train_loss, val_loss, tcfg.selection_metric, value, " (best)" if improved else "")
         if state["bad_epochs"] >= tcfg.patience:
             stopped = _early_stopping(tcfg.patience)
             break
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            tracker.finish()
             return TrainResult(state["best_epoch"], state["best_value"], epoch, "interrupted",
                                paths.models / "final", history_path)
 
@@ -386,9 +394,13 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     if state["best_epoch"] == 0:  # the same on every process: all raise, none waits below
         raise RuntimeError("no epoch had the run's evaluation fingerprint; nothing to export")
     if accelerator.is_main_process:
-        ReportGenerator.from_pretrained(best_dir).save_pretrained(
-            final, extra_files={"run_config.json": json.dumps(cfg.to_dict(), indent=2)})
+        best_model = ReportGenerator.from_pretrained(best_dir)
+        best_record = [h for h in _history_records(history_path) if h["epoch"] == state["best_epoch"]][-1]
+        best_model.save_pretrained(final, extra_files={
+            "run_config.json": json.dumps(cfg.to_dict(), indent=2),
+            CARD_FILE: export_card_text(cfg, best_model, best_record)})
     accelerator.wait_for_everyone()
+    tracker.finish()
     log.info("best epoch %d (%s %.4f); %s; exported to %s", state["best_epoch"],
              tcfg.selection_metric, state["best_value"], stopped, final)
     return TrainResult(state["best_epoch"], state["best_value"], state["epoch"], stopped, final,
@@ -400,7 +412,7 @@ def _early_stopping(patience: int) -> str:
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_rows, tcfg, epoch,
-                 step, progress, loss_hook) -> tuple[float, int, int]:
+                 step, progress, loss_hook, tracker: RunTracker) -> tuple[float, int, int]:
     """One epoch; every ``grad_accum`` micro-batches (the epoch's last window may be shorter)
     make one optimizer step whose loss is the token mean over the whole window, plus
     ``guidance.loss_weight`` x the observation head's BCE averaged over the window's studies."""
@@ -408,8 +420,8 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
     if tcfg.freeze_batchnorm:
         freeze_batchnorm(accelerator.unwrap_model(model))
     total, count, samples = 0.0, 0, 0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False,
-               disable=not (progress and accelerator.is_local_main_process))
+    bar = ProgressBar(total=len(loader), desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch", leave=False,
+                      disable=not (progress and accelerator.is_local_main_process))
     for window in _windows(loader, tcfg.grad_accum):
         tokens = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in window)
         studies = sum(batch["input_ids"].shape[0] for batch in window)
@@ -417,6 +429,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
         # DDP averages gradients over processes; these factors make the result a sum over all.
         token_scale = accelerator.num_processes / max(1, int(totals[0]))
         study_scale = accelerator.num_processes / max(1, int(totals[1]))
+        window_loss = 0.0
         for index, batch in enumerate(window):
             last = index == len(window) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
@@ -436,6 +449,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
                         "rates or use train.precision='no' and resume")
                 accelerator.backward(objective)
             total += mean
+            window_loss += mean / len(window)
             count += 1
             samples += batch["input_ids"].shape[0]
             bar.update(1)
@@ -449,6 +463,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
             if tcfg.scheduler != "plateau":
                 scheduler.step()
         optimizer.zero_grad()
+        tracker.batch(window_loss, step, optimizer.param_groups)
     bar.close()
     return total / max(1, count), samples, step
 
@@ -475,8 +490,9 @@ def _sync_buffers(accelerator, model) -> None:
 
 
 @torch.no_grad()
-def _validate(accelerator, model, val_data, collate_fn, cfg, progress) -> tuple[dict, float]:
-    """Val loss and scored generations. Every process computes the same numbers (no test split)."""
+def _validate(accelerator, model, val_data, collate_fn, cfg, progress) -> tuple[dict, float, list[dict]]:
+    """Val loss, scored generations and the generated rows. Every process computes the same
+    numbers (no test split)."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     loader = DataLoader(val_data, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collate_fn)
@@ -495,7 +511,7 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress) -> tuple[
                     uncertain_as_positive=cfg.eval.uncertain_as_positive)
     metrics["distinct_predictions"] = diversity([r["prediction"] for r in rows])["distinct_predictions"]
     unwrapped.train()
-    return metrics, float(np.average(losses, weights=weights))
+    return metrics, float(np.average(losses, weights=weights)), rows
 
 
 def _truncate_history(path: Path, last_epoch: int) -> None:

@@ -12,6 +12,8 @@ def _table():
         "findings": [r[0] for r in rows], "impression": [r[1] for r in rows],
         "mesh_major": [r[2] for r in rows], "n_images": [r[3] for r in rows],
         "image_paths": [[""] * r[3] for r in rows],
+        "projections": [["frontal", "lateral"][:r[3]] for r in rows],
+        "projection_source": ["bundled IU X-Ray table" if r[3] else "unknown" for r in rows],
         "no_findings": [not r[0] for r in rows], "no_impression": [not r[1] for r in rows],
         "no_image": [r[3] == 0 for r in rows], "image_missing": [r[3] > 0 for r in rows]})
 
@@ -27,6 +29,9 @@ def test_known_values():
     assert stats["length_words"]["max"] == 7 and stats["length_tokens"]["max"] == 10
     assert stats["top_sentences"][0] == ("heart normal.", 2)
     assert stats["mesh_major_prevalence"][0] == ("normal", 2, 0.5)
+    assert stats["projections"] == {"images": {"frontal": 3, "lateral": 2},
+                                    "studies_by_views": {"frontal + lateral": 2, "frontal": 1},
+                                    "source": {"bundled IU X-Ray table": 3}}
 
 
 def test_run_eda_writes_stats_and_figures(tmp_path):
@@ -52,3 +57,14 @@ def test_sentences_are_counted_on_the_cleaned_text_the_model_learns(iuxray_sampl
     assert "target findings+impression" in stats["text"]
     findings_only = compute_eda_stats(table, target="findings")
     assert findings_only["length_words"]["mean"] < stats["length_words"]["mean"]
+
+
+def test_real_sample_projection_counts_come_from_the_bundled_table(iuxray_sample):
+    from medexgen_lib.reports import BUNDLED_PROJECTIONS, read_reports
+
+    table = read_reports(iuxray_sample / "reports", projections=BUNDLED_PROJECTIONS)
+    projections = compute_eda_stats(table)["projections"]
+    assert set(projections["images"]) == {"frontal", "lateral"}
+    assert sum(projections["images"].values()) == table["n_images"].sum() == 754
+    assert projections["source"] == {"bundled IU X-Ray table": int((table["n_images"] > 0).sum())}
+    assert projections["studies_by_views"]["frontal + lateral"] > 300

@@ -1,0 +1,54 @@
+"""The model card written with every exported model, and updated by evaluation."""
+
+import json
+import shutil
+
+from huggingface_hub import ModelCard
+
+from medexgen_lib.model import ReportGenerator
+from medexgen_lib.model_card import CARD_FILE, CARD_METRICS, FACTS_KEY, add_results, build_card
+
+
+def _results(card, split):
+    return {e.metric_name: e.metric_value for e in card.data.eval_results if e.dataset_split == split}
+
+
+def test_exported_card_matches_the_metrics_files(trained_tiny):
+    cfg = trained_tiny[0]
+    card = ModelCard.load(cfg.paths.models / "final" / CARD_FILE)
+    metrics = json.loads((cfg.paths.logs / "metrics_test.json").read_text())
+    history = [json.loads(line) for line in (cfg.paths.logs / "history.jsonl").read_text().splitlines()]
+    best = [h for h in history if h["best"]][-1]
+
+    assert card.data.library_name == "medexgen"
+    assert card.data.datasets == ["medexgen-phantom"] and "medexgen-phantom" in card.data.tags
+    assert card.data.license is None  # no patient data, no data licence to inherit
+    assert {"bleu", "rouge", "cider", "f1"} <= set(card.data.metrics)
+    assert _results(card, "validation") == {k: v for k, v in best["val"].items() if k in CARD_METRICS}
+    test = _results(card, "test")
+    assert test == {k: metrics["model"][k] for k in CARD_METRICS if metrics["model"].get(k) is not None}
+    assert set(test) >= {"BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1"}
+    facts = card.data.to_dict()[FACTS_KEY]
+    assert facts["validation"]["fingerprint"] == best["fingerprint"]
+    assert set(facts["results"]["test"]["baselines"]) == set(metrics["baselines"])
+    split_counts = json.loads((cfg.paths.processed / "splits.json").read_text())["meta"]["counts"]
+    assert facts["data"]["split_counts"] == {k: v["studies"] for k, v in split_counts.items()}
+    assert "Not for clinical use" in card.text and "It knows only the phantom" in card.text
+    assert "## Test metrics, with baselines" in card.text and "retrieval" in card.text
+
+
+def test_real_data_card_carries_the_iu_xray_licence(trained_tiny):
+    facts = ModelCard.load(trained_tiny[0].paths.models / "final" / CARD_FILE).data.to_dict()[FACTS_KEY]
+    facts["data"]["source"] = "openi"
+    card = ModelCard(str(build_card(facts)))
+    assert card.data.license == "cc-by-nc-nd-4.0" and card.data.datasets == ["iu-xray"]
+    assert "CC BY-NC-ND 4.0" in card.text
+
+
+def test_from_pretrained_works_with_and_without_a_card(trained_tiny, tmp_path):
+    final = trained_tiny[0].paths.models / "final"
+    bare = shutil.copytree(final, tmp_path / "bare")
+    (bare / CARD_FILE).unlink()
+    with_card, without = ReportGenerator.from_pretrained(final), ReportGenerator.from_pretrained(bare)
+    assert with_card.config == without.config
+    assert add_results(bare, {}) is None and not (bare / CARD_FILE).exists()

@@ -1,0 +1,90 @@
+"""Live curves: a tiny run's TensorBoard event files, read back with TensorBoard's own reader."""
+
+import importlib.util
+import json
+
+import pytest
+
+from medexgen_lib.acquisition import acquire, build_studies_table
+from medexgen_lib.config import ConfigError, load_config
+from medexgen_lib.preprocess import run_preprocessing
+from medexgen_lib.tracking import flatten, resolve_log_with, tracker_dir
+from medexgen_lib.train import train
+
+TINY = {"data.n_phantom_studies": 30, "data.phantom_image_size": 48, "images.size": 32,
+        "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
+        "train.batch_size": 8, "train.patience": 5, "eval.max_new_tokens": 8,
+        "tokenizer.vocab_size": 400, "text.max_length": 48}
+
+
+@pytest.fixture(scope="module")
+def tiny_settings(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    settings = {**TINY, "paths.data_dir": str(data_dir)}
+    cfg = load_config("demo", {**settings, "paths.output_dir": str(tmp_path_factory.mktemp("unused"))})
+    build_studies_table(cfg, acquire(cfg))
+    run_preprocessing(cfg)
+    return settings
+
+
+def _read_run(cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [p for p in tracker_dir(cfg).iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    events = EventAccumulator(str(runs[0]), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return runs[0], events
+
+
+def test_a_tiny_run_writes_curves_tensorboard_reads_back(tiny_settings, tmp_path):
+    cfg = load_config("demo", {**tiny_settings, "paths.output_dir": str(tmp_path / "out")})
+    result = train(cfg, progress=False)
+    history = [json.loads(line) for line in result.history.read_text().splitlines()]
+    run, events = _read_run(cfg)
+    scalars = events.Tags()["scalars"]
+
+    steps = history[-1]["step"]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, steps + 1))
+    for group in history[0]["learning_rates"]:
+        assert len(events.Scalars(f"lr/{group}")) == steps
+    val_steps = [h["step"] for h in history]
+    assert [e.step for e in events.Scalars("val/loss")] == val_steps
+    assert [e.value for e in events.Scalars("val/loss")] == pytest.approx([h["val_loss"] for h in history])
+    for metric in history[0]["val"]:
+        assert [e.value for e in events.Scalars(f"val/{metric}")] == pytest.approx(
+            [h["val"][metric] for h in history]), metric
+    assert any(tag.startswith("val_per_observation/") for tag in scalars)
+    # Text (generated reports, fingerprint) is stored as tensors by the TensorBoard writer.
+    texts = events.Tags()["tensors"]
+    assert "val/generated_reports/text_summary" in texts
+    fingerprints = events.Tensors("run/evaluation_fingerprint/text_summary")
+    assert len(fingerprints) == len(history)
+    assert history[0]["fingerprint"] in fingerprints[0].tensor_proto.string_val[0].decode()
+    # The config as hyperparameters, with the fingerprint.
+    hparams = next(run.glob("*/hparams.yml")).read_text()
+    assert f"evaluation_fingerprint: {history[0]['fingerprint']}" in hparams
+    assert "train.lr_new: " in hparams
+
+
+def test_log_with_none_writes_no_event_files(tiny_settings, tmp_path):
+    cfg = load_config("demo", {**tiny_settings, "paths.output_dir": str(tmp_path / "out"),
+                               "train.epochs": 1, "train.log_with": "none"})
+    train(cfg, progress=False)
+    assert not tracker_dir(cfg).exists()
+
+
+def test_unknown_or_missing_tracker_is_named():
+    with pytest.raises(ConfigError, match="'tensorbored'"):
+        resolve_log_with("tensorbored")
+    assert resolve_log_with("none") is None
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="'wandb': its package is not installed"):
+            resolve_log_with("wandb")
+    assert resolve_log_with("tensorboard") == "tensorboard"
+
+
+def test_config_flattens_to_scalar_hyperparameters():
+    flat = flatten(load_config("demo").to_dict())
+    assert flat["train.lr_new"] == 1e-3 and flat["model.encoder"] == "resnet18"
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
