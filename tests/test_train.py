@@ -360,7 +360,7 @@ def test_a_resumed_run_that_stopped_early_trains_no_further_epoch(tiny_cfg, monk
     import medexgen_lib.train as train_module
 
     flat = {"clinical macro_F1": 0.5, "distinct_predictions": 1}  # epoch 1 best, then no improvement
-    monkeypatch.setattr(train_module, "_validate", lambda *args, **kwargs: (dict(flat), 1.0))
+    monkeypatch.setattr(train_module, "_validate", lambda *args, **kwargs: (dict(flat), 1.0, []))
     cfg = tiny_cfg(train__epochs=4, train__patience=1)
     first = train(cfg, progress=False)
     assert first.stopped.startswith("early stopping") and first.epochs_run == 2
