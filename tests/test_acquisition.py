@@ -387,3 +387,29 @@ def test_a_local_archive_is_checked_on_every_use(check, images_tgz, reports_tgz,
     with pytest.raises(AcquisitionError, match=f"{reports_tgz}.*expected"):
         acquire(cfg)
     assert list(cfg.paths.reports.rglob("*.xml")) == []
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE])
+def test_a_long_name_or_pax_header_bomb_is_refused_before_it_is_read(kind, tmp_path):
+    """tarfile reads such a header into memory whole: one declaring 3 GiB (a 3 MB .tgz of
+    zeros) took 3 GiB of memory, or raised a raw MemoryError, before any member was checked."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = kind, 3 * 2**30
+    archive = tmp_path / "header_bomb.tgz"
+    with gzip.open(archive, "wb") as gz:
+        gz.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        gz.write(bytes(4096))
+    with pytest.raises(AcquisitionError, match=r"header_bomb.tgz: a long-name/pax header .* "
+                                               r"declares 3221225472 bytes"):
+        safe_extract(archive, tmp_path / "target", tmp_path / "temp")
+    _nothing_written(tmp_path / "target", tmp_path / "temp")
+
+
+@pytest.mark.reliability
+def test_a_member_named_like_the_swap_backup_is_refused(tmp_path):
+    """A top-level ``.x.old`` next to ``x`` was taken for the backup of ``x`` and silently lost."""
+    archive = _tgz(tmp_path / "old.tgz", {"x/a.xml": b"a", ".x.old/b.xml": b"b"})
+    with pytest.raises(UnsafeArchiveError, match=r"'.x.old/b.xml' refused .*reserved"):
+        safe_extract(archive, tmp_path / "target", tmp_path / "temp")
+    _nothing_written(tmp_path / "target", tmp_path / "temp")
