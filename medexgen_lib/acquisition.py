@@ -178,7 +178,8 @@ def check_archive(archive: str | os.PathLike, max_bytes: int = DataConfig.archiv
         raise AcquisitionError(f"archive {archive}: {exc}; refused as a possible bomb, "
                                "nothing was extracted") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise AcquisitionError(f"archive {archive} is truncated or corrupt ({exc}); "
+        detail = " ".join(str(exc).split())  # tarfile's "r:*" lists one line per method tried
+        raise AcquisitionError(f"archive {archive} is truncated or corrupt ({detail}); "
                                "nothing was extracted") from None
     if not members:
         raise AcquisitionError(f"archive {archive} is empty; nothing was extracted")

@@ -413,3 +413,12 @@ def test_a_member_named_like_the_swap_backup_is_refused(tmp_path):
     with pytest.raises(UnsafeArchiveError, match=r"'.x.old/b.xml' refused .*reserved"):
         safe_extract(archive, tmp_path / "target", tmp_path / "temp")
     _nothing_written(tmp_path / "target", tmp_path / "temp")
+
+
+@pytest.mark.reliability
+def test_a_corrupt_archive_gets_a_one_line_error(tmp_path):
+    """tarfile's "r:*" names every method it tried on its own line: the error was 5 lines."""
+    (tmp_path / "bad.tgz").write_bytes(b"not an archive at all")
+    with pytest.raises(AcquisitionError, match="bad.tgz is truncated or corrupt") as caught:
+        check_archive(tmp_path / "bad.tgz")
+    assert "\n" not in str(caught.value)
