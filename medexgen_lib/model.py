@@ -289,8 +289,8 @@ class ReportGenerator(nn.Module):
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: {directory} is not a saved ReportGenerator")
         try:
-            values = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
+            values = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep
             raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
         model = cls(ReportGeneratorConfig.from_dict(values, str(config_path)))
         try:

@@ -267,3 +267,20 @@ def test_a_model_config_out_of_range_names_the_field(field, value, message, mode
     assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"'{field}'" in error[0] and "config.json" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("content", [b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000])
+def test_a_model_config_json_not_utf8_or_nested_too_deep_names_the_file(content, model_dir,
+                                                                        tmp_path, capsys):
+    """These gave "error: 'utf-8' codec can't decode ..." or "maximum recursion depth exceeded"
+    without naming the file."""
+    import shutil
+
+    hostile = tmp_path / "model"
+    shutil.copytree(model_dir, hostile)
+    (hostile / "config.json").write_bytes(content)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "config.json is not valid JSON" in error[0]
