@@ -29,13 +29,13 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from medexgen_lib.config import MAX_IMAGE_SIZE
 from medexgen_lib.files import recover_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 ENCODER_STRIDE = 32  # a ResNet's grid is image_size / 32 per side
-MAX_IMAGE_SIZE = 4096  # px per side; larger would allocate a grid embedding of gigabytes
 # Allowed (low, high) of config.json's numbers, checked before any layer is built: a zero
 # count or an image below one encoder cell cannot run, NaN dropout passes torch's own check.
 _CONFIG_RANGES = {"vocab_size": (1, None), "n_layer": (1, None), "n_head": (1, None),

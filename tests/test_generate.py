@@ -284,3 +284,17 @@ def test_a_model_config_json_not_utf8_or_nested_too_deep_names_the_file(content,
     assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "config.json is not valid JSON" in error[0]
+
+
+@pytest.mark.reliability
+def test_every_image_size_the_config_allows_loads_back(model_dir):
+    """The model's image_size bound is the config's: no trained model is refused at load time."""
+    from medexgen_lib.config import MAX_IMAGE_SIZE, ConfigError, load_config
+    from medexgen_lib.model import ReportGeneratorConfig
+
+    values = json.loads((model_dir / "config.json").read_text())
+    assert ReportGeneratorConfig.from_dict({**values, "image_size": MAX_IMAGE_SIZE}).image_size == 4096
+    assert load_config("demo", {"images.size": MAX_IMAGE_SIZE}).images.size == MAX_IMAGE_SIZE
+    with pytest.raises(ConfigError, match=f"images.size must be a multiple of 32 from 32 to "
+                                          f"{MAX_IMAGE_SIZE}, got {MAX_IMAGE_SIZE + 32}"):
+        load_config("demo", {"images.size": MAX_IMAGE_SIZE + 32})
