@@ -45,6 +45,40 @@ class UnsafeArchiveError(AcquisitionError):
     """An archive member would write outside the target or is not a plain file."""
 
 
+# tarfile reads a long-name or pax header into memory whole before it returns the member
+# it describes: one declaring gigabytes (a few MB compressed) would exhaust memory before
+# any member could be checked. Real ones hold a path and a few attributes. Likewise a sparse
+# member's map (its extension blocks, or a pax 1.0 map) is read whole, thousands of times
+# its compressed size; Open-i's archives hold no sparse files, so sparse members are refused.
+MAX_META_HEADER_BYTES = 1 << 20
+_META_HEADER_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                      tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+class _RefusedHeader(Exception):
+    """Raised inside tarfile's reader (not a ``TarError``, which ``open`` would swallow)."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's member, refusing a long-name or pax header over ``MAX_META_HEADER_BYTES``
+    and any sparse member before tarfile reads them (``_proc_member`` is the hook tarfile
+    leaves to subclasses; the ``_proc_gnusparse_*`` methods read pax sparse maps)."""
+
+    def _proc_member(self, tarfile_obj):
+        if self.type in _META_HEADER_TYPES and self.size > MAX_META_HEADER_BYTES:
+            raise _RefusedHeader(f"a long-name/pax header at byte {self.offset} declares "
+                                 f"{self.size} bytes, over {MAX_META_HEADER_BYTES}")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            self._refuse_sparse()
+        return super()._proc_member(tarfile_obj)
+
+    def _refuse_sparse(self, *_):
+        raise _RefusedHeader(f"member {self.name!r} at byte {self.offset} is a sparse file "
+                             "(its map would be read into memory whole)")
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+
 @dataclass
 class AcquisitionResult:
     """What stage 01 found or did."""
@@ -127,7 +161,7 @@ def check_archive(archive: str | os.PathLike, max_bytes: int = DataConfig.archiv
     duplicates: list[str] = []
     declared = 0
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with tarfile.open(archive, "r:*", tarinfo=_BoundedTarInfo) as tar:
             for member in tar:
                 problem = _unsafe_reason(member)
                 if problem:
@@ -151,8 +185,12 @@ def check_archive(archive: str | os.PathLike, max_bytes: int = DataConfig.archiv
                         f"archive {archive}: member {member.name!r} ({member.size} bytes) brings "
                         f"the declared total to {declared} bytes, over data.archive_max_bytes "
                         f"({max_bytes}); nothing was extracted")
+    except _RefusedHeader as exc:
+        raise AcquisitionError(f"archive {archive}: {exc}; refused as a possible bomb, "
+                               "nothing was extracted") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise AcquisitionError(f"archive {archive} is truncated or corrupt ({exc}); "
+        detail = " ".join(str(exc).split())  # tarfile's "r:*" lists one line per method tried
+        raise AcquisitionError(f"archive {archive} is truncated or corrupt ({detail}); "
                                "nothing was extracted") from None
     if not members:
         raise AcquisitionError(f"archive {archive} is empty; nothing was extracted")
@@ -172,6 +210,8 @@ def _unsafe_reason(member: tarfile.TarInfo) -> str:
         return "absolute path"
     if ".." in path.parts:
         return "path leaves the target folder"
+    if path.parts[0].startswith(".") and path.parts[0].endswith(".old"):
+        return "top-level name of the form .<name>.old is reserved for the folder swap"
     if member.issym() or member.islnk():
         return f"link to {member.linkname!r}"
     if member.isdev():
@@ -204,7 +244,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with tarfile.open(archive, "r:*", tarinfo=_BoundedTarInfo) as tar:
             tar.extractall(staging, members=members, filter="data")
         target.mkdir(parents=True, exist_ok=True)
         for entry in sorted(staging.iterdir()):

@@ -17,6 +17,7 @@ from medexgen_lib.paths import PROJECT_ROOT
 
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections"
 RESNET_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101")
+MAX_IMAGE_SIZE = 4096  # px per side; a saved model's image_size is held to the same bound
 
 
 class ConfigError(ValueError):
@@ -169,8 +170,9 @@ class ImagesConfig:
                               f"got {self.missing_view!r}")
         if self.bad_image not in ("stop", "skip"):
             raise ConfigError(f"images.bad_image must be 'stop' or 'skip', got {self.bad_image!r}")
-        if self.size < 32 or self.size % 32:
-            raise ConfigError(f"images.size must be a multiple of 32 (at least 32), got {self.size}")
+        if self.size < 32 or self.size % 32 or self.size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"images.size must be a multiple of 32 from 32 to {MAX_IMAGE_SIZE}, "
+                              f"got {self.size}")
 
 
 @dataclass

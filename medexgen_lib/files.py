@@ -42,7 +42,7 @@ def read_json(path: str | os.PathLike):
     """Parse a JSON file this project wrote; a damaged one raises ``ValueError`` naming it."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep
         raise ValueError(f"{path} is damaged, not valid JSON ({exc}); delete it and re-run "
                          "the stage that writes it") from None
 

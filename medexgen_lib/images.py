@@ -34,6 +34,9 @@ MIN_SIDE, MAX_ASPECT = 32, 4.0  # anything smaller or more elongated is not a ra
 # The only decoders Pillow may use for each suffix: a TIFF, BMP or EPS named .png is refused,
 # never handed to another plugin (EPS would go to Ghostscript). DICOM has its own reader.
 FORMATS_BY_SUFFIX = {".png": ("PNG",), ".jpg": ("JPEG",), ".jpeg": ("JPEG",)}
+# Part of the image cache's key: raised whenever load_image decodes the same file differently,
+# so a cache built by older code is not reused. 2: EXIF orientation applied, formats by suffix.
+CACHE_VERSION = 2
 
 
 class ImageError(ValueError):
@@ -173,7 +176,7 @@ class ImageCache:
     @staticmethod
     def key(images: list[tuple[str, str]], size: int) -> str:
         """A digest of the settings and the files (id, path, byte size) the cache holds."""
-        digest = hashlib.sha256(json.dumps({"size": size, "version": 1}).encode())
+        digest = hashlib.sha256(json.dumps({"size": size, "version": CACHE_VERSION}).encode())
         for image_id, path in sorted(images):
             size_on_disk = os.path.getsize(path) if os.path.exists(path) else -1  # gone: named when read
             digest.update(f"{image_id}\0{path}\0{size_on_disk}\n".encode())

@@ -59,7 +59,13 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
     if pixels.ndim != 2:
         raise ImageError(f"DICOM {path} has pixels of shape {pixels.shape}; expected one 2-D image")
     check_radiograph_shape(path, pixels.shape[1], pixels.shape[0])
-    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
+    try:
+        values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:  # a text slope, a zero width
+        raise ImageError(f"DICOM {path} has an unusable rescale or window in its header: {exc}") from None
+    if not np.isfinite(values).all():
+        raise ImageError(f"DICOM {path}: its rescale slope/intercept or window give non-finite "
+                         "pixel values (NaN or infinity); refused rather than shown blank")
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         values = values.max() - values  # MONOCHROME1: bright means low values
     return np.asarray(stretch_to_uint8(values).resize((size, size), Image.Resampling.BILINEAR))

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from medexgen_lib.config import MAX_IMAGE_SIZE
 from medexgen_lib.files import recover_dir, replace_dir
 from medexgen_lib.guidance import ObservationGuidance, observation_loss
 
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 ENCODER_STRIDE = 32  # a ResNet's grid is image_size / 32 per side
+# Allowed (low, high) of config.json's numbers, checked before any layer is built: a zero
+# count or an image below one encoder cell cannot run, NaN dropout passes torch's own check.
+_CONFIG_RANGES = {"vocab_size": (1, None), "n_layer": (1, None), "n_head": (1, None),
+                  "n_embd": (1, None), "n_positions": (1, None), "n_views": (2, None),
+                  "image_size": (ENCODER_STRIDE, MAX_IMAGE_SIZE), "dropout": (0.0, 1.0)}
 # Parameter names of the decoder's cross-attention layers: new even in a pretrained GPT-2.
 CROSS_ATTENTION_PARTS = ("crossattention", "ln_cross_attn")
 
@@ -75,8 +82,10 @@ class ReportGeneratorConfig:
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> ReportGeneratorConfig:
         """The config from ``config.json``'s values, each checked before torchvision sees it:
-        an unknown or missing key, a value of the wrong type or a negative count, or an encoder
-        that is not one of the allowed ResNets raises ``ValueError`` naming ``source`` and the field."""
+        an unknown or missing key, a value of the wrong type or outside ``_CONFIG_RANGES`` (NaN
+        included), ``n_embd`` not a multiple of ``n_head``, a token id outside the vocabulary, or an
+        encoder that is not one of the allowed ResNets raises ``ValueError`` naming ``source`` and
+        the field."""
         from medexgen_lib.config import RESNET_ENCODERS
 
         if not isinstance(values, dict):
@@ -100,11 +109,25 @@ class ReportGeneratorConfig:
                                  f"got {type(value).__name__} {value!r}")
             if kind is int and value < 0:
                 raise ValueError(f"{source}: model config field {name!r} must not be negative, got {value}")
+            low, high = _CONFIG_RANGES.get(name, (None, None))
+            if (kind is float and not math.isfinite(value)) or (low is not None and value < low) \
+                    or (high is not None and value > high):
+                raise ValueError(f"{source}: model config field {name!r} must be in "
+                                 f"[{low}, {high if high is not None else 'inf'}], got {value!r}")
         encoder = values.get("encoder", fields["encoder"].default)
         if encoder not in RESNET_ENCODERS:
             raise ValueError(f"{source}: model config field 'encoder' must be one of "
                              f"{', '.join(RESNET_ENCODERS)}, got {encoder!r}")
-        return cls(**values)
+        config = cls(**values)
+        if config.n_embd % config.n_head:
+            raise ValueError(f"{source}: model config field 'n_embd' ({config.n_embd}) must be a "
+                             f"multiple of 'n_head' ({config.n_head})")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "pretrained_vocab_size"):
+            limit = config.vocab_size if name == "pretrained_vocab_size" else config.vocab_size - 1
+            if getattr(config, name) > limit:
+                raise ValueError(f"{source}: model config field {name!r} ({getattr(config, name)}) "
+                                 f"must be at most {limit} (vocab_size {config.vocab_size})")
+        return config
 
 
 class ReportGenerator(nn.Module):
@@ -357,8 +380,8 @@ class ReportGenerator(nn.Module):
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: {directory} is not a saved ReportGenerator")
         try:
-            values = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
+            values = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep
             raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
         model = cls(ReportGeneratorConfig.from_dict(values, str(config_path)))
         try:

@@ -48,7 +48,8 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
     not the image, so they are not a reliable source). ``projection_source`` names
     the table that gave a study's projections, or ``unknown``.
     Malformed files, and files over ``max_report_bytes``, are listed in
-    ``df.attrs["malformed"]`` as (file, reason). A uid declared by a second file is
+    ``df.attrs["malformed"]`` as (file, reason). Uids are read without surrounding
+    whitespace and compared without case; a uid declared by a second file is
     kept from the first file in sorted order (numeric file names in number order),
     logged with both file names and listed in ``df.attrs["duplicate_uids"]`` as
     (uid, kept file, dropped file). Images: a name found in two folders uses the
@@ -66,7 +67,7 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
     projection_of = _load_projections(projections) if projections is not None else {}
     table_name = _projection_table_name(projections)
     rows, malformed, duplicate_uids, repeated_ids = [], [], [], []
-    file_of: dict[str, Path] = {}
+    file_of: dict[str, Path] = {}  # uid, case-folded -> the file it was kept from
     for path in files:
         try:
             row = parse_report(path, max_report_bytes)
@@ -74,12 +75,13 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
             log.warning("skipping malformed report %s: %s", path, exc)
             malformed.append((str(path), str(exc)))
             continue
-        if row["uid"] in file_of:
+        key = row["uid"].casefold()
+        if key in file_of:
             log.warning("report %s declares uid %s, already read from %s; keeping the first "
-                        "(sorted order)", path, row["uid"], file_of[row["uid"]])
-            duplicate_uids.append((row["uid"], str(file_of[row["uid"]]), str(path)))
+                        "(sorted order)", path, row["uid"], file_of[key])
+            duplicate_uids.append((row["uid"], str(file_of[key]), str(path)))
             continue
-        file_of[row["uid"]] = path
+        file_of[key] = path
         unique_ids = list(dict.fromkeys(row["image_ids"]))
         if len(unique_ids) < len(row["image_ids"]):
             log.warning("report %s lists image(s) more than once; each is used once", path)
@@ -121,7 +123,8 @@ def parse_report(path: str | os.PathLike, max_bytes: int = MAX_REPORT_BYTES) -> 
         if label in sections:
             sections[label] = " ".join("".join(element.itertext()).split())
     uid_element = root.find("uId")
-    uid = uid_element.get("id") if uid_element is not None and uid_element.get("id") else f"CXR{path.stem}"
+    uid = (uid_element.get("id") or "").strip() if uid_element is not None else ""
+    uid = uid or f"CXR{path.stem}"
     mesh = root.find("MeSH")
     image_ids = [el.get("id") for el in root.findall("parentImage") if el.get("id")]
     return {
@@ -154,7 +157,8 @@ def load_studies_table(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def _report_sort_key(path: Path):
-    return (0, int(path.stem), "") if path.stem.isdigit() else (1, 0, path.stem)
+    # isdecimal, not isdigit: int() refuses digits such as "²" that isdigit accepts
+    return (0, int(path.stem), "") if path.stem.isdecimal() else (1, 0, path.stem)
 
 
 def _texts(parent, tag: str) -> list[str]:

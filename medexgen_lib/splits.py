@@ -116,4 +116,4 @@ def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
 
 def _uid_key(uid: str):
     digits = uid.removeprefix("CXR")
-    return (0, int(digits), "") if digits.isdigit() else (1, 0, uid)
+    return (0, int(digits), "") if digits.isdecimal() else (1, 0, uid)  # int() refuses "²"

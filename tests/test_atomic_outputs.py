@@ -68,3 +68,12 @@ def test_a_disk_filling_up_keeps_the_previous_output_file(writer, tmp_path, full
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["preds.csv", "metrics.json"] if writer != "bench" else ["quick.json"])
     # Writing when there is room is covered by test_evaluation and test_bench.
+
+
+@pytest.mark.reliability
+def test_read_json_names_a_file_nested_too_deep(tmp_path):
+    from medexgen_lib.files import read_json
+
+    (tmp_path / "splits.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="splits.json is damaged, not valid JSON"):
+        read_json(tmp_path / "splits.json")

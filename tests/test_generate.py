@@ -210,3 +210,91 @@ def test_a_hostile_model_config_names_the_field(field, value, message, model_dir
     assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"field '{field}'" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("header, message", [
+    ({"WindowCenter": "100", "WindowWidth": "0"}, "unusable rescale or window.*Window Width"),
+    ({"WindowCenter": "100", "WindowWidth": "-5"}, "unusable rescale or window.*Window Width"),
+    ({"WindowCenter": "100", "WindowWidth": "10", "VOILUTFunction": "WEIRD"}, "unusable.*'WEIRD'"),
+    ({"RescaleSlope": "@SLOPE", "RescaleIntercept": "0"}, "unusable rescale or window"),
+    ({"WindowCenter": "@CENTER", "WindowWidth": "10"}, "unusable rescale or window"),
+    ({"RescaleSlope": "nan", "RescaleIntercept": "0"}, "non-finite pixel values"),
+])
+def test_a_dicom_with_a_hostile_rescale_or_window_gets_one_error(header, message, tmp_path,
+                                                                 model_dir, capsys):
+    """These raised a raw ValueError/TypeError from pydicom (or, for NaN, gave a black image)."""
+    import pydicom
+
+    path = write_dicom(tmp_path / "w.dcm", np.tile(np.arange(64) * 60, (64, 1)))
+    ds = pydicom.dcmread(path)
+    for key, value in header.items():
+        setattr(ds, key, "7.5" if value.startswith("@") else value)
+    ds.save_as(path)
+    if any(value.startswith("@") for value in header.values()):  # text where a number belongs
+        path.write_bytes(path.read_bytes().replace(b"7.5 ", b"abc ", 1))
+    with pytest.raises(ImageError, match=f"DICOM .*w.dcm.*{message}"):
+        read_dicom(path, 64)
+    assert main(["generate", "--model", str(model_dir), str(path)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "w.dcm" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("field, value, message", [
+    ("dropout", float("nan"), r"'dropout' must be in \[0.0, 1.0\], got nan"),
+    ("dropout", 5.0, r"'dropout' must be in \[0.0, 1.0\], got 5.0"),
+    ("n_head", 0, r"'n_head' must be in \[1, inf\], got 0"),
+    ("n_head", 7, r"'n_embd' \(\d+\) must be a multiple of 'n_head' \(7\)"),
+    ("image_size", 16, r"'image_size' must be in \[32, 4096\], got 16"),
+    ("image_size", 10**9, r"'image_size' must be in \[32, 4096\], got 1000000000"),
+    ("n_views", 1, r"'n_views' must be in \[2, inf\], got 1"),
+    ("eos_token_id", 10**6, r"'eos_token_id' \(1000000\) must be at most"),
+])
+def test_a_model_config_out_of_range_names_the_field(field, value, message, model_dir, tmp_path,
+                                                     capsys):
+    """Types alone let these through: a raw ZeroDivisionError (n_head 0), an allocation of
+    petabytes (image_size 1e9), NaN dropout accepted by torch, a token id past the vocabulary."""
+    import shutil
+
+    hostile = tmp_path / "model"
+    shutil.copytree(model_dir, hostile)
+    config = json.loads((hostile / "config.json").read_text())
+    (hostile / "config.json").write_text(json.dumps({**config, field: value}))  # NaN as JSON's NaN
+    with pytest.raises(ValueError, match=f"config.json: model config field {message}"):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"'{field}'" in error[0] and "config.json" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("content", [b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000])
+def test_a_model_config_json_not_utf8_or_nested_too_deep_names_the_file(content, model_dir,
+                                                                        tmp_path, capsys):
+    """These gave "error: 'utf-8' codec can't decode ..." or "maximum recursion depth exceeded"
+    without naming the file."""
+    import shutil
+
+    hostile = tmp_path / "model"
+    shutil.copytree(model_dir, hostile)
+    (hostile / "config.json").write_bytes(content)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "config.json is not valid JSON" in error[0]
+
+
+@pytest.mark.reliability
+def test_every_image_size_the_config_allows_loads_back(model_dir):
+    """The model's image_size bound is the config's: no trained model is refused at load time."""
+    from medexgen_lib.config import MAX_IMAGE_SIZE, ConfigError, load_config
+    from medexgen_lib.model import ReportGeneratorConfig
+
+    values = json.loads((model_dir / "config.json").read_text())
+    assert ReportGeneratorConfig.from_dict({**values, "image_size": MAX_IMAGE_SIZE}).image_size == 4096
+    assert load_config("demo", {"images.size": MAX_IMAGE_SIZE}).images.size == MAX_IMAGE_SIZE
+    with pytest.raises(ConfigError, match=f"images.size must be a multiple of 32 from 32 to "
+                                          f"{MAX_IMAGE_SIZE}, got {MAX_IMAGE_SIZE + 32}"):
+        load_config("demo", {"images.size": MAX_IMAGE_SIZE + 32})

@@ -245,3 +245,28 @@ def test_only_the_format_the_suffix_promises_is_decoded(real, name, promised, tm
     (tmp_path / "x.tif").write_bytes((tmp_path / name).read_bytes())
     with pytest.raises(ImageError, match="suffix '.tif' is not read here"):
         load_image(tmp_path / "x.tif", 32)
+
+
+@pytest.mark.reliability
+def test_a_cache_built_before_exif_orientation_was_applied_is_not_reused(tmp_path):
+    """The key did not change with the decoding: a cache of 03_preprocessing built by the old
+    code (JPEGs unrotated) was silently reused after the fix."""
+    import hashlib
+    import json
+
+    stored = np.zeros((100, 200), np.uint8)
+    stored[:, :100] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "x.jpg", exif=exif)
+    images = [("x", str(tmp_path / "x.jpg"))]
+    digest = hashlib.sha256(json.dumps({"size": 32, "version": 1}).encode())  # the old key
+    digest.update(f"x\0{images[0][1]}\0{(tmp_path / 'x.jpg').stat().st_size}\n".encode())
+    old = tmp_path / "cache" / f"32px-{digest.hexdigest()[:16]}"
+    old.mkdir(parents=True)
+    unrotated = np.asarray(Image.fromarray(stored).resize((32, 32)))
+    unrotated.tofile(old / ImageCache.PIXELS)
+    (old / ImageCache.INDEX).write_text(json.dumps({"size": 32, "image_ids": ["x"], "bad": {}}))
+    cache = ImageCache.build(images, 32, tmp_path / "cache")
+    assert cache.folder != old
+    assert np.array_equal(cache.get("x"), load_image(tmp_path / "x.jpg", 32))

@@ -238,3 +238,31 @@ def test_an_oversized_report_file_is_refused_before_parsing(tmp_path):
     assert list(t.uid) == ["CXR1"]
     (path, reason), = t.attrs["malformed"]
     assert path.endswith("2.xml") and "over the 1000000-byte limit" in reason
+
+
+@pytest.mark.reliability
+def test_a_uid_repeated_with_other_case_or_whitespace_is_one_study(tmp_path):
+    """``" CXR1 "`` and ``"cxr1"`` were kept as studies besides ``CXR1``: one study on three rows."""
+    (tmp_path / "1.xml").write_text(_report("CXR1", "First file."))
+    (tmp_path / "2.xml").write_text(_report(" CXR1 "))
+    (tmp_path / "3.xml").write_text(_report("cxr1"))
+    (tmp_path / "4.xml").write_text(_report("  "))  # blank: the file name gives the uid
+    t = read_reports(tmp_path)
+    assert list(t.uid) == ["CXR1", "CXR4"] and t.findings[0] == "First file."
+    assert [(uid, dropped) for uid, _, dropped in t.attrs["duplicate_uids"]] == [
+        ("CXR1", str(tmp_path / "2.xml")), ("cxr1", str(tmp_path / "3.xml"))]
+
+
+@pytest.mark.reliability
+def test_report_files_and_uids_with_non_decimal_digits_are_read_and_split(tmp_path):
+    """``"²".isdigit()`` is true but ``int("²")`` fails: a file ``².xml`` or a uid ``CXR²``
+    crashed read_reports and make_splits with a raw ValueError."""
+    from medexgen_lib.splits import make_splits
+
+    (tmp_path / "².xml").write_text(_report("CXR²"))
+    (tmp_path / "1.xml").write_text(_report("CXR1"))
+    (tmp_path / "٣.xml").write_text(_report("CXR٣"))  # Arabic-Indic 3: decimal, so numbered
+    t = read_reports(tmp_path)
+    assert list(t.uid) == ["CXR1", "CXR٣", "CXR²"]
+    splits = make_splits(t, seed=0, val_fraction=0.0, test_fraction=0.0)
+    assert splits["train"] == ["CXR1", "CXR٣", "CXR²"]
