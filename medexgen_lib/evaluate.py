@@ -170,6 +170,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
         row["prediction_labels"] = prediction_labels(row["prediction"])
     weights = (model_dir / "model.safetensors").read_bytes()
     settings, warnings = comparability(cfg, read_json(cfg.paths.processed / "splits.json").get("meta", {}))
+    warnings += metrics["warnings"]
     note = PUBLISHED_NOTE + "".join(f"\nWARNING: {w}" for w in warnings)
     summary = {"split": split, "n": len(rows), "model": metrics, "baselines": baselines,
                "published": PUBLISHED_IU_XRAY, "published_note": note, "published_settings": PUBLISHED_SETTINGS,
@@ -309,7 +310,7 @@ def score_predictions_file(path, cfg, meteor: bool = False, split: str = "test")
     metrics["references_from"] = (
         f"{given} from the file's 'reference' column, {len(rows) - given} from the studies table "
         f"{cfg.paths.studies_table} (text.target {cfg.text.target}, cleaned with text.clean_report)")
-    warnings = []
+    warnings = list(metrics["warnings"])
     if splits is None:
         metrics["coverage"] = None
         warnings.append(f"coverage not checked: {splits_path} not found")

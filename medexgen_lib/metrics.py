@@ -37,6 +37,7 @@ REFERENCE_CONVENTIONS = ("full", "r2gen")
 # the training reports, others become <unk>; modules/datasets.py cuts [0] + ids + [0] to
 # max_seq_length (60) and the trainer decodes ids[1:], so a reference keeps at most 59 words.
 R2GEN_THRESHOLD, R2GEN_MAX_SEQ_LENGTH, R2GEN_UNK = 3, 60, "<unk>"
+R2GEN_TRAINING_REPORTS = 2069  # R2Gen's IU X-Ray training split (annotation.json), its vocabulary's source
 REFERENCE_DESCRIPTIONS = {
     "full": "full: each reference is its whole cleaned target text (no truncation, no <unk>); "
             "references and predictions R2Gen-normalised",
@@ -72,6 +73,26 @@ def r2gen_text(report: str, vocabulary: frozenset[str], max_words: int | None = 
     at most ``max_words`` words (references: ``R2GEN_MAX_SEQ_LENGTH - 1``)."""
     words = [w if w in vocabulary else R2GEN_UNK for w in normalise(report).split()]
     return " ".join(words[:max_words])
+
+
+def r2gen_unknown_shares(references: Sequence[str], predictions: Sequence[str], n_train: int) -> dict:
+    """How much of the r2gen-converted text became ``<unk>``, and a warning when the vocabulary
+    came from fewer training reports than R2Gen's: a predicted ``<unk>`` matches a reference
+    ``<unk>``, so with a small vocabulary any rare (even wrong) word scores as a match."""
+    def share(texts: Sequence[str]) -> float:
+        words = [w for t in texts for w in t.split()]
+        return sum(w == R2GEN_UNK for w in words) / len(words) if words else 0.0
+
+    shares = {"r2gen_unk_share_references": share(references),
+              "r2gen_unk_share_predictions": share(predictions), "r2gen_training_reports": n_train}
+    warnings = []
+    if n_train < R2GEN_TRAINING_REPORTS:
+        warnings.append(
+            f"r2gen references: vocabulary from {n_train} training reports (R2Gen's: "
+            f"{R2GEN_TRAINING_REPORTS}); {shares['r2gen_unk_share_references']:.1%} of reference words and "
+            f"{shares['r2gen_unk_share_predictions']:.1%} of prediction words became {R2GEN_UNK}, and a "
+            f"predicted {R2GEN_UNK} matches a reference {R2GEN_UNK}: text scores are inflated, not comparable")
+    return {**shares, "warnings": warnings}
 
 
 def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: bool = False,
@@ -221,7 +242,7 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
     if reference_convention not in REFERENCE_CONVENTIONS:
         raise ValueError(f"reference convention must be one of {REFERENCE_CONVENTIONS}, "
                          f"got {reference_convention!r}")
-    description = REFERENCE_DESCRIPTIONS["full"]
+    description, shares = REFERENCE_DESCRIPTIONS["full"], {"warnings": []}
     if reference_convention == "r2gen":
         if not training_reports:
             raise ValueError("the r2gen reference convention needs the training reports (R2Gen's vocabulary)")
@@ -231,6 +252,7 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
         description = REFERENCE_DESCRIPTIONS["r2gen"].format(n_train=len(training_reports))
         out = text_metrics(*texts, meteor=meteor, normalised=True)
         out.update(rouge_score_f1(*texts, normalised=True))
+        shares = r2gen_unknown_shares(*texts, len(training_reports))
     else:
         out = text_metrics(references, predictions, meteor=meteor)
         out.update(rouge_score_f1(references, predictions))
@@ -239,6 +261,7 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
                                 [prediction_labels(p) for p in predictions],
                                 observations, uncertain_as_positive)
     out.update({f"clinical {k}": v for k, v in clinical.items()})
+    out.update(shares)
     out["n"] = len(references)
     out["empty_predictions"] = sum(not (p or "").strip() for p in predictions)
     out["degenerate_predictions"] = sum(degenerate)

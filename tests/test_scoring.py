@@ -77,3 +77,16 @@ def test_meteor_runs_for_real_with_java():
     refs = ["heart size is normal. no pleural effusion.", "left pleural effusion."]
     same = text_metrics(refs, refs, meteor=True)
     assert "METEOR_skipped" not in same and same["METEOR"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_r2gen_references_from_a_small_training_split_warn_that_unk_matches_inflate_scores():
+    refs = ["The heart is normal in size. The lungs are clear.", "Small right pleural effusion."]
+    garbage = ["zebra giraffe elephant.", "walrus otter."]  # no word of any reference
+    tiny = score(refs, garbage, reference_convention="r2gen", training_reports=refs[:1])
+    # every word of these predictions and most reference words became <unk>, which match each other
+    assert tiny["r2gen_unk_share_predictions"] == 1.0  # even "." is seen only twice in one report
+    assert tiny["r2gen_unk_share_references"] > 0.5 and tiny["r2gen_training_reports"] == 1
+    assert tiny["ROUGE-L"] > score(refs, garbage)["ROUGE-L"] + 0.2  # the inflation being warned about
+    assert len(tiny["warnings"]) == 1 and "inflated" in tiny["warnings"][0] and "1 training" in tiny["warnings"][0]
+    assert score(refs, garbage)["warnings"] == []
+    assert "r2gen_unk_share_references" not in score(refs, garbage)
