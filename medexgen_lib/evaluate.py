@@ -3,6 +3,7 @@ and scoring of any predictions file with the same metrics."""
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 
@@ -227,12 +228,16 @@ def plot_observation_f1(summary: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+_IMAGE_SUFFIX = re.compile(r"_IM-[0-9]+(-[0-9]+)?$")  # IU X-Ray image id = study uid + this
+
+
 def read_predictions_file(path) -> list[dict]:
     """Rows of ``{"uid", "prediction"[, "reference"]}`` from a CSV or JSON predictions file.
 
     Accepted: JSON (a list of objects, as ``logs/predictions_<split>.json``) or CSV with a
     header; the id column may be called ``uid`` or ``id`` (R2Gen ids like
-    ``CXR1573_IM-0374`` are reduced to the study uid).
+    ``CXR1573_IM-0374`` or image ids ``CXR1573_IM-0374-1001`` are reduced to the study uid;
+    only that ``_IM-...`` suffix is cut, other underscores belong to the uid).
     """
     import csv
     import json
@@ -256,7 +261,7 @@ def read_predictions_file(path) -> list[dict]:
         if not uid or "prediction" not in record:
             raise ValueError(f"predictions file {path}, row {number}: needs an 'uid' (or 'id') "
                              "and a 'prediction'")
-        rows.append({"uid": str(uid).split("_")[0], "prediction": record["prediction"] or "",
+        rows.append({"uid": _IMAGE_SUFFIX.sub("", str(uid)), "prediction": record["prediction"] or "",
                      "reference": record.get("reference")})
     return rows
 

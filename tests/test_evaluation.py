@@ -161,3 +161,10 @@ def test_bad_predictions_files_are_named(cfg, tmp_path, content, message):
         score_predictions_file(path, cfg)
     with pytest.raises(FileNotFoundError):
         read_predictions_file(tmp_path / "missing.csv")
+
+
+def test_only_an_image_suffix_is_cut_from_a_predictions_file_id(tmp_path):
+    path = tmp_path / "preds.csv"
+    path.write_text("id,prediction\nCXR1573_IM-0374-1001,a\nCXR12_IM-0001,b\nsite_a_17,c\nsite_a_18,d\n")
+    # R2Gen's image ids name their study; a folder dataset's own uids may hold underscores
+    assert [r["uid"] for r in read_predictions_file(path)] == ["CXR1573", "CXR12", "site_a_17", "site_a_18"]
