@@ -95,6 +95,12 @@ def r2gen_unknown_shares(references: Sequence[str], predictions: Sequence[str], 
     return {**shares, "warnings": warnings}
 
 
+def _wordless_as_empty(prediction: str) -> str:
+    """A normalised prediction with no letter or digit (an empty one normalises to " .") as the
+    empty string, so it matches no reference full stop and scores 0 on every text metric."""
+    return prediction if re.search(r"[a-z0-9]", prediction) else ""
+
+
 def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: bool = False,
                  normalised: bool = False) -> dict:
     """Corpus BLEU-1..4, ROUGE-L (beta 1.2), CIDEr [, METEOR] on normalised text
@@ -105,7 +111,7 @@ def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: 
 
     prepare = (lambda t: t) if normalised else normalise
     gts = {i: [prepare(r)] for i, r in enumerate(references)}
-    res = {i: [prepare(p)] for i, p in enumerate(predictions)}
+    res = {i: [_wordless_as_empty(prepare(p))] for i, p in enumerate(predictions)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge_l, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
@@ -131,7 +137,7 @@ def rouge_score_f1(references: Sequence[str], predictions: Sequence[str], normal
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for ref, pred in zip(references, predictions):
-        scores = scorer.score(prepare(ref), prepare(pred))
+        scores = scorer.score(prepare(ref), _wordless_as_empty(prepare(pred)))
         for key in totals:
             totals[key] += scores[key].fmeasure
     n = max(1, len(references))
@@ -143,7 +149,7 @@ def per_sample_text_scores(reference: str, prediction: str) -> dict:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.rouge.rouge import Rouge
 
-    gts, res = {0: [normalise(reference)]}, {0: [normalise(prediction)]}
+    gts, res = {0: [normalise(reference)]}, {0: [_wordless_as_empty(normalise(prediction))]}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     return {"BLEU-4": float(bleu[3]), "ROUGE-L": float(Rouge().compute_score(gts, res)[0])}
 
