@@ -210,3 +210,17 @@ def test_a_hostile_model_config_names_the_field(field, value, message, model_dir
     assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"field '{field}'" in error[0]
+
+
+@pytest.mark.parametrize("text, no_finding", [
+    ("Normal.", None),  # degenerate (one word): the scoring rule gives it no finding, "No Finding" included
+    ("The heart is normal in size. The lungs are clear.", "positive")])
+def test_generated_observations_follow_the_scoring_rule_for_degenerate_reports(text, no_finding, model_dir,
+                                                                               tmp_path, monkeypatch):
+    frontal = tmp_path / "f.png"
+    Image.fromarray(_chest()).save(frontal)
+    model = ReportGenerator.from_pretrained(model_dir)
+    monkeypatch.setattr(model, "decode", lambda ids: [text])
+    result = generate_report(model, [frontal])
+    assert result["report"] == text and result["observations"].get("No Finding") == no_finding
+    assert bool(result["observations"]) is (no_finding is not None)
