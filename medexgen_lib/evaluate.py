@@ -209,7 +209,8 @@ def comparison_table(summary: dict):
 
 
 def plot_observation_f1(summary: dict, path: Path) -> Path:
-    """Per-observation F1 of the model and the best constant baseline, with reference support."""
+    """Per-observation F1 of the model, nearest-image retrieval and the constant (most frequent)
+    report, with reference support."""
     import matplotlib.pyplot as plt
 
     model = summary["model"]["clinical per_observation"]
