@@ -74,15 +74,19 @@ TABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "C
                  "distinct_predictions", "degenerate_predictions")
 
 
-def comparability(cfg, split_meta: dict) -> tuple[dict, list[str]]:
-    """This run's target, split, normalisation and reference convention, and a warning for each
-    way they differ from how the published IU X-Ray numbers were obtained (``PUBLISHED_SETTINGS``)."""
+def comparability(cfg, split_meta: dict, evaluated: str = "test") -> tuple[dict, list[str]]:
+    """This run's target, split (and which part of it was scored, ``evaluated``), normalisation and
+    reference convention, and a warning for each way they differ from how the published IU X-Ray
+    numbers were obtained (``PUBLISHED_SETTINGS``: test studies)."""
     from medexgen_lib.metrics import NORMALISATION
 
     counts = {name: c.get("studies") for name, c in split_meta.get("counts", {}).items()}
     settings = {"data": cfg.data.source, "target": cfg.text.target, "split": split_meta.get("source", "unknown"),
-                "split_sizes": counts, "normalisation": NORMALISATION, "references": cfg.eval.references}
+                "split_sizes": counts, "scored": evaluated, "normalisation": NORMALISATION,
+                "references": cfg.eval.references}
     warnings = []
+    if evaluated != "test":
+        warnings.append(f"scored on the {evaluated} split; published numbers are on the test split")
     if cfg.data.source == "phantom":
         warnings.append("phantom data: these numbers are not about IU X-Ray at all")
     if cfg.text.target != "findings":
@@ -170,7 +174,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
         row["reference_labels"] = label_report(row["reference"])
         row["prediction_labels"] = prediction_labels(row["prediction"])
     weights = (model_dir / "model.safetensors").read_bytes()
-    settings, warnings = comparability(cfg, read_json(cfg.paths.processed / "splits.json").get("meta", {}))
+    settings, warnings = comparability(cfg, read_json(cfg.paths.processed / "splits.json").get("meta", {}), split)
     warnings += metrics["warnings"]
     note = PUBLISHED_NOTE + "".join(f"\nWARNING: {w}" for w in warnings)
     summary = {"split": split, "n": len(rows), "model": metrics, "baselines": baselines,
@@ -197,7 +201,8 @@ def comparison_table(summary: dict):
     table = pd.DataFrame({name: {m: values.get(m) for m in TABLE_METRICS} for name, values in rows.items()}).T
     table = table.dropna(axis=1, how="all")
     settings = summary.get("comparability", {})
-    ours = ", ".join(f"{k} {settings[k]}" for k in ("data", "target", "split", "references") if k in settings)
+    ours = ", ".join(f"{k} {settings[k]}" for k in ("data", "target", "split", "scored", "references")
+                     if k in settings)
     warnings = summary.get("warnings", ["no record of this run's target, split or references"])
     published = "; ".join(f"{k} {v}" for k, v in PUBLISHED_SETTINGS.items())
     verdict = ("NOT COMPARABLE: " + "; ".join(warnings)) if warnings else \

@@ -67,6 +67,10 @@ def test_comparability_states_each_mismatch_with_published_work(tmp_path):
                                                      "split.annotation_file": "a.json"}), meta)
     assert len(warnings) == 3 and "FINDINGS only" in warnings[0] and "'test': 500" in warnings[1]
     assert "eval.references r2gen" in warnings[2]
+    meta["counts"]["test"] = {"studies": R2GEN_SPLIT_SIZES["test"]}
+    settings, warnings = comparability(r2gen_like, meta, "val")  # val numbers beside published test ones
+    assert warnings == ["scored on the val split; published numbers are on the test split"]
+    assert settings["scored"] == "val"
 
 
 def test_generate_reports_refuses_a_loader_out_of_step_with_the_examples(trained_tiny):
