@@ -3,6 +3,7 @@ and scoring of any predictions file with the same metrics."""
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 
@@ -73,15 +74,19 @@ TABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "C
                  "laterality", "distinct_predictions", "degenerate_predictions")
 
 
-def comparability(cfg, split_meta: dict) -> tuple[dict, list[str]]:
-    """This run's target, split, normalisation and reference convention, and a warning for each
-    way they differ from how the published IU X-Ray numbers were obtained (``PUBLISHED_SETTINGS``)."""
+def comparability(cfg, split_meta: dict, evaluated: str = "test") -> tuple[dict, list[str]]:
+    """This run's target, split (and which part of it was scored, ``evaluated``), normalisation and
+    reference convention, and a warning for each way they differ from how the published IU X-Ray
+    numbers were obtained (``PUBLISHED_SETTINGS``: test studies)."""
     from medexgen_lib.metrics import NORMALISATION
 
     counts = {name: c.get("studies") for name, c in split_meta.get("counts", {}).items()}
     settings = {"data": cfg.data.source, "target": cfg.text.target, "split": split_meta.get("source", "unknown"),
-                "split_sizes": counts, "normalisation": NORMALISATION, "references": cfg.eval.references}
+                "split_sizes": counts, "scored": evaluated, "normalisation": NORMALISATION,
+                "references": cfg.eval.references}
     warnings = []
+    if evaluated != "test":
+        warnings.append(f"scored on the {evaluated} split; published numbers are on the test split")
     if cfg.data.source == "phantom":
         warnings.append("phantom data: these numbers are not about IU X-Ray at all")
     if cfg.text.target != "findings":
@@ -177,7 +182,8 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
         row["reference_labels"] = label_report(row["reference"])
         row["prediction_labels"] = prediction_labels(row["prediction"])
     weights = (model_dir / "model.safetensors").read_bytes()
-    settings, warnings = comparability(cfg, read_json(cfg.paths.processed / "splits.json").get("meta", {}))
+    settings, warnings = comparability(cfg, read_json(cfg.paths.processed / "splits.json").get("meta", {}), split)
+    warnings += metrics["warnings"]
     note = PUBLISHED_NOTE + "".join(f"\nWARNING: {w}" for w in warnings)
     summary = {"split": split, "n": len(rows), "model": metrics, "baselines": baselines,
                "published": PUBLISHED_IU_XRAY, "published_note": note, "published_settings": PUBLISHED_SETTINGS,
@@ -206,7 +212,8 @@ def comparison_table(summary: dict):
     table = pd.DataFrame({name: {m: values.get(m) for m in TABLE_METRICS} for name, values in rows.items()}).T
     table = table.dropna(axis=1, how="all")
     settings = summary.get("comparability", {})
-    ours = ", ".join(f"{k} {settings[k]}" for k in ("data", "target", "split", "references") if k in settings)
+    ours = ", ".join(f"{k} {settings[k]}" for k in ("data", "target", "split", "scored", "references")
+                     if k in settings)
     warnings = summary.get("warnings", ["no record of this run's target, split or references"])
     published = "; ".join(f"{k} {v}" for k, v in PUBLISHED_SETTINGS.items())
     verdict = ("NOT COMPARABLE: " + "; ".join(warnings)) if warnings else \
@@ -218,7 +225,8 @@ def comparison_table(summary: dict):
 
 
 def plot_observation_f1(summary: dict, path: Path) -> Path:
-    """Per-observation F1 of the model and the best constant baseline, with reference support."""
+    """Per-observation F1 of the model, nearest-image retrieval and the constant (most frequent)
+    report, with reference support."""
     import matplotlib.pyplot as plt
 
     model = summary["model"]["clinical per_observation"]
@@ -237,12 +245,16 @@ def plot_observation_f1(summary: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+_IMAGE_SUFFIX = re.compile(r"_IM-[0-9]+(-[0-9]+)?$")  # IU X-Ray image id = study uid + this
+
+
 def read_predictions_file(path) -> list[dict]:
     """Rows of ``{"uid", "prediction"[, "reference"]}`` from a CSV or JSON predictions file.
 
     Accepted: JSON (a list of objects, as ``logs/predictions_<split>.json``) or CSV with a
     header; the id column may be called ``uid`` or ``id`` (R2Gen ids like
-    ``CXR1573_IM-0374`` are reduced to the study uid).
+    ``CXR1573_IM-0374`` or image ids ``CXR1573_IM-0374-1001`` are reduced to the study uid;
+    only that ``_IM-...`` suffix is cut, other underscores belong to the uid).
     """
     import csv
     import json
@@ -266,7 +278,7 @@ def read_predictions_file(path) -> list[dict]:
         if not uid or "prediction" not in record:
             raise ValueError(f"predictions file {path}, row {number}: needs an 'uid' (or 'id') "
                              "and a 'prediction'")
-        rows.append({"uid": str(uid).split("_")[0], "prediction": record["prediction"] or "",
+        rows.append({"uid": _IMAGE_SUFFIX.sub("", str(uid)), "prediction": record["prediction"] or "",
                      "reference": record.get("reference")})
     return rows
 
@@ -320,7 +332,7 @@ def score_predictions_file(path, cfg, meteor: bool = False, split: str = "test")
     metrics["references_from"] = (
         f"{given} from the file's 'reference' column, {len(rows) - given} from the studies table "
         f"{cfg.paths.studies_table} (text.target {cfg.text.target}, cleaned with text.clean_report)")
-    warnings = []
+    warnings = list(metrics["warnings"])
     if splits is None:
         metrics["coverage"] = None
         warnings.append(f"coverage not checked: {splits_path} not found")

@@ -13,7 +13,7 @@ from medexgen_lib.config import EvalConfig, ImagesConfig
 from medexgen_lib.evaluate import decode_settings
 from medexgen_lib.images import (ImageError, check_radiograph_shape, load_image, normalize,
                                  stretch_to_uint8)
-from medexgen_lib.labeler import label_report
+from medexgen_lib.metrics import prediction_labels
 from medexgen_lib.model import ReportGenerator
 
 
@@ -108,6 +108,6 @@ def generate_report(model: ReportGenerator, images: list[str | os.PathLike],
     finally:
         model.train(was_training)
     report = model.decode(ids.cpu())[0].strip()
-    labels = label_report(report)
+    labels = prediction_labels(report)  # the scoring rule: a degenerate report states nothing
     return {"images": [str(p) for p in images], "report": report,
             "observations": {k: v for k, v in labels.items() if v != "absent"}}

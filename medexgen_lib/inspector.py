@@ -13,8 +13,8 @@ from matplotlib import colormaps
 from PIL import Image
 
 from medexgen_lib.config import EvalConfig
-from medexgen_lib.labeler import OBSERVATIONS, POSITIVE, label_report
-from medexgen_lib.metrics import per_sample_text_scores
+from medexgen_lib.labeler import OBSERVATIONS, POSITIVE
+from medexgen_lib.metrics import per_sample_text_scores, prediction_labels
 from medexgen_lib.visualize import AGREE, INVENTED, MISSED, attention_overlay, label_comparison
 
 ALL = "(all observations)"
@@ -185,7 +185,7 @@ class PredictionInspector:
                             batch_size=1, meteor=False)
         subset = _subset(self.data, [self.index_of[row["uid"]]])
         prediction = generate_reports(self.model, subset, decode, progress=False)[0]["prediction"]
-        row.update(prediction=prediction, prediction_labels=label_report(prediction), regenerated=True,
+        row.update(prediction=prediction, prediction_labels=prediction_labels(prediction), regenerated=True,
                    **per_sample_text_scores(row["reference"], prediction))
         self._show()
         return prediction

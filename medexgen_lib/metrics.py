@@ -38,6 +38,7 @@ REFERENCE_CONVENTIONS = ("full", "r2gen")
 # the training reports, others become <unk>; modules/datasets.py cuts [0] + ids + [0] to
 # max_seq_length (60) and the trainer decodes ids[1:], so a reference keeps at most 59 words.
 R2GEN_THRESHOLD, R2GEN_MAX_SEQ_LENGTH, R2GEN_UNK = 3, 60, "<unk>"
+R2GEN_TRAINING_REPORTS = 2069  # R2Gen's IU X-Ray training split (annotation.json), its vocabulary's source
 REFERENCE_DESCRIPTIONS = {
     "full": "full: each reference is its whole cleaned target text (no truncation, no <unk>); "
             "references and predictions R2Gen-normalised",
@@ -75,6 +76,32 @@ def r2gen_text(report: str, vocabulary: frozenset[str], max_words: int | None = 
     return " ".join(words[:max_words])
 
 
+def r2gen_unknown_shares(references: Sequence[str], predictions: Sequence[str], n_train: int) -> dict:
+    """How much of the r2gen-converted text became ``<unk>``, and a warning when the vocabulary
+    came from fewer training reports than R2Gen's: a predicted ``<unk>`` matches a reference
+    ``<unk>``, so with a small vocabulary any rare (even wrong) word scores as a match."""
+    def share(texts: Sequence[str]) -> float:
+        words = [w for t in texts for w in t.split()]
+        return sum(w == R2GEN_UNK for w in words) / len(words) if words else 0.0
+
+    shares = {"r2gen_unk_share_references": share(references),
+              "r2gen_unk_share_predictions": share(predictions), "r2gen_training_reports": n_train}
+    warnings = []
+    if n_train < R2GEN_TRAINING_REPORTS:
+        warnings.append(
+            f"r2gen references: vocabulary from {n_train} training reports (R2Gen's: "
+            f"{R2GEN_TRAINING_REPORTS}); {shares['r2gen_unk_share_references']:.1%} of reference words and "
+            f"{shares['r2gen_unk_share_predictions']:.1%} of prediction words became {R2GEN_UNK}, and a "
+            f"predicted {R2GEN_UNK} matches a reference {R2GEN_UNK}: text scores are inflated, not comparable")
+    return {**shares, "warnings": warnings}
+
+
+def _wordless_as_empty(prediction: str) -> str:
+    """A normalised prediction with no letter or digit (an empty one normalises to " .") as the
+    empty string, so it matches no reference full stop and scores 0 on every text metric."""
+    return prediction if re.search(r"[a-z0-9]", prediction) else ""
+
+
 def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: bool = False,
                  normalised: bool = False) -> dict:
     """Corpus BLEU-1..4, ROUGE-L (beta 1.2), CIDEr [, METEOR] on normalised text
@@ -85,7 +112,7 @@ def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: 
 
     prepare = (lambda t: t) if normalised else normalise
     gts = {i: [prepare(r)] for i, r in enumerate(references)}
-    res = {i: [prepare(p)] for i, p in enumerate(predictions)}
+    res = {i: [_wordless_as_empty(prepare(p))] for i, p in enumerate(predictions)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge_l, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
@@ -111,7 +138,7 @@ def rouge_score_f1(references: Sequence[str], predictions: Sequence[str], normal
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for ref, pred in zip(references, predictions):
-        scores = scorer.score(prepare(ref), prepare(pred))
+        scores = scorer.score(prepare(ref), _wordless_as_empty(prepare(pred)))
         for key in totals:
             totals[key] += scores[key].fmeasure
     n = max(1, len(references))
@@ -123,7 +150,7 @@ def per_sample_text_scores(reference: str, prediction: str) -> dict:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.rouge.rouge import Rouge
 
-    gts, res = {0: [normalise(reference)]}, {0: [normalise(prediction)]}
+    gts, res = {0: [normalise(reference)]}, {0: [_wordless_as_empty(normalise(prediction))]}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     return {"BLEU-4": float(bleu[3]), "ROUGE-L": float(Rouge().compute_score(gts, res)[0])}
 
@@ -222,7 +249,7 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
     if reference_convention not in REFERENCE_CONVENTIONS:
         raise ValueError(f"reference convention must be one of {REFERENCE_CONVENTIONS}, "
                          f"got {reference_convention!r}")
-    description = REFERENCE_DESCRIPTIONS["full"]
+    description, shares = REFERENCE_DESCRIPTIONS["full"], {"warnings": []}
     if reference_convention == "r2gen":
         if not training_reports:
             raise ValueError("the r2gen reference convention needs the training reports (R2Gen's vocabulary)")
@@ -232,6 +259,7 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
         description = REFERENCE_DESCRIPTIONS["r2gen"].format(n_train=len(training_reports))
         out = text_metrics(*texts, meteor=meteor, normalised=True)
         out.update(rouge_score_f1(*texts, normalised=True))
+        shares = r2gen_unknown_shares(*texts, len(training_reports))
     else:
         texts = ([normalise(r) for r in references], [normalise(p) for p in predictions])
         out = text_metrics(references, predictions, meteor=meteor)
@@ -242,6 +270,7 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
                                 [prediction_labels(p) for p in predictions],
                                 observations, uncertain_as_positive)
     out.update({f"clinical {k}": v for k, v in clinical.items()})
+    out.update(shares)
     out["n"] = len(references)
     out["empty_predictions"] = sum(not (p or "").strip() for p in predictions)
     out["degenerate_predictions"] = sum(degenerate)

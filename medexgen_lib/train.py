@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE, TRAINER_FILE = "training_state.pt", "trainer.json"
 HISTORY_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1",
-                   "clinical micro_F1", "clinical example_F1", "clinical abnormal_recall")
+                   "clinical macro_F1 (observations in references)", "clinical micro_F1",
+                   "clinical example_F1", "clinical abnormal_recall", "degenerate_predictions")
 
 
 

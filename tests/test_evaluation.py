@@ -67,6 +67,10 @@ def test_comparability_states_each_mismatch_with_published_work(tmp_path):
                                                      "split.annotation_file": "a.json"}), meta)
     assert len(warnings) == 3 and "FINDINGS only" in warnings[0] and "'test': 500" in warnings[1]
     assert "eval.references r2gen" in warnings[2]
+    meta["counts"]["test"] = {"studies": R2GEN_SPLIT_SIZES["test"]}
+    settings, warnings = comparability(r2gen_like, meta, "val")  # val numbers beside published test ones
+    assert warnings == ["scored on the val split; published numbers are on the test split"]
+    assert settings["scored"] == "val"
 
 
 def test_generate_reports_refuses_a_loader_out_of_step_with_the_examples(trained_tiny):
@@ -161,3 +165,10 @@ def test_bad_predictions_files_are_named(cfg, tmp_path, content, message):
         score_predictions_file(path, cfg)
     with pytest.raises(FileNotFoundError):
         read_predictions_file(tmp_path / "missing.csv")
+
+
+def test_only_an_image_suffix_is_cut_from_a_predictions_file_id(tmp_path):
+    path = tmp_path / "preds.csv"
+    path.write_text("id,prediction\nCXR1573_IM-0374-1001,a\nCXR12_IM-0001,b\nsite_a_17,c\nsite_a_18,d\n")
+    # R2Gen's image ids name their study; a folder dataset's own uids may hold underscores
+    assert [r["uid"] for r in read_predictions_file(path)] == ["CXR1573", "CXR12", "site_a_17", "site_a_18"]

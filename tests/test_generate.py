@@ -298,3 +298,17 @@ def test_every_image_size_the_config_allows_loads_back(model_dir):
     with pytest.raises(ConfigError, match=f"images.size must be a multiple of 32 from 32 to "
                                           f"{MAX_IMAGE_SIZE}, got {MAX_IMAGE_SIZE + 32}"):
         load_config("demo", {"images.size": MAX_IMAGE_SIZE + 32})
+
+
+@pytest.mark.parametrize("text, no_finding", [
+    ("Normal.", None),  # degenerate (one word): the scoring rule gives it no finding, "No Finding" included
+    ("The heart is normal in size. The lungs are clear.", "positive")])
+def test_generated_observations_follow_the_scoring_rule_for_degenerate_reports(text, no_finding, model_dir,
+                                                                               tmp_path, monkeypatch):
+    frontal = tmp_path / "f.png"
+    Image.fromarray(_chest()).save(frontal)
+    model = ReportGenerator.from_pretrained(model_dir)
+    monkeypatch.setattr(model, "decode", lambda ids: [text])
+    result = generate_report(model, [frontal])
+    assert result["report"] == text and result["observations"].get("No Finding") == no_finding
+    assert bool(result["observations"]) is (no_finding is not None)

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from medexgen_lib.labeler import label_report
-from medexgen_lib.metrics import (R2GEN_MAX_SEQ_LENGTH, clinical_metrics, is_degenerate, r2gen_text,
-                                  r2gen_vocabulary, score, text_metrics)
+from medexgen_lib.metrics import (R2GEN_MAX_SEQ_LENGTH, clinical_metrics, is_degenerate, per_sample_text_scores,
+                                  r2gen_text, r2gen_vocabulary, score, text_metrics)
 
 OBS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax")
 
@@ -77,3 +77,27 @@ def test_meteor_runs_for_real_with_java():
     refs = ["heart size is normal. no pleural effusion.", "left pleural effusion."]
     same = text_metrics(refs, refs, meteor=True)
     assert "METEOR_skipped" not in same and same["METEOR"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_r2gen_references_from_a_small_training_split_warn_that_unk_matches_inflate_scores():
+    refs = ["The heart is normal in size. The lungs are clear.", "Small right pleural effusion."]
+    garbage = ["zebra giraffe elephant.", "walrus otter."]  # no word of any reference
+    tiny = score(refs, garbage, reference_convention="r2gen", training_reports=refs[:1])
+    # every word of these predictions and most reference words became <unk>, which match each other
+    assert tiny["r2gen_unk_share_predictions"] == 1.0  # even "." is seen only twice in one report
+    assert tiny["r2gen_unk_share_references"] > 0.5 and tiny["r2gen_training_reports"] == 1
+    assert tiny["ROUGE-L"] > score(refs, garbage)["ROUGE-L"] + 0.2  # the inflation being warned about
+    assert len(tiny["warnings"]) == 1 and "inflated" in tiny["warnings"][0] and "1 training" in tiny["warnings"][0]
+    assert score(refs, garbage)["warnings"] == []
+    assert "r2gen_unk_share_references" not in score(refs, garbage)
+
+
+def test_empty_predictions_score_zero_on_every_text_metric():
+    refs = ["The heart is normal in size. The lungs are clear.", "Small right pleural effusion."]
+    for convention in ("full", "r2gen"):
+        result = score(refs, ["", " . "], reference_convention=convention, training_reports=refs * 3)
+        # before: normalisation turned "" into " .", which matched each reference's full stops
+        keys = ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "rouge-score ROUGE-1 F1", "rouge-score ROUGE-L F1")
+        assert [result[k] for k in keys] == [0.0] * 6
+    assert score(refs, ["", "Small right pleural effusion."])["ROUGE-L"] == pytest.approx(0.5)
+    assert per_sample_text_scores(refs[0], "")["ROUGE-L"] == 0.0

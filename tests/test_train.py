@@ -133,6 +133,9 @@ def test_train_writes_history_checkpoints_and_final_model(tiny_cfg):
     for key in ("train_loss", "val_loss", "val", "learning_rates", "seconds", "samples_per_s", "fingerprint"):
         assert key in first
     assert "clinical macro_F1" in first["val"] and first["fingerprint_ok"]
+    # every metrics record counts the predictions that state nothing (and got no clinical credit)
+    assert isinstance(first["val"]["degenerate_predictions"], int)
+    assert "clinical macro_F1 (observations in references)" in first["val"]
     assert (cfg.paths.checkpoints / "last" / "training_state.pt").exists()
     assert json.loads((cfg.paths.checkpoints / "best" / "trainer.json").read_text())["epoch"] == result.best_epoch
     model = ReportGenerator.from_pretrained(result.final_model)
