@@ -1,10 +1,8 @@
 """Proof that the demo model reads the image, scored on the TEST split (validation picked the
 checkpoint, so it would flatter the model): trained on the phantom set, the model beats the
-constant report (the most frequent training report) and the same run with images shuffled
+best constant report (the training report that scores best on the training studies) and the same run with images shuffled
 against reports by clear margins. Nearest-image retrieval is printed beside them as a fourth
 row. Takes a few minutes on 2 CPU cores."""
-
-from collections import Counter
 
 import pytest
 
@@ -12,7 +10,7 @@ from medexgen_lib.acquisition import acquire, build_studies_table
 from medexgen_lib.config import load_config
 from medexgen_lib.evaluate import baseline_predictions, generate_reports
 from medexgen_lib.labeler import label_report
-from medexgen_lib.metrics import clinical_metrics
+from medexgen_lib.metrics import clinical_metrics, prediction_labels
 from medexgen_lib.model import ReportGenerator
 from medexgen_lib.preprocess import load_split, run_preprocessing
 from medexgen_lib.train import train
@@ -23,8 +21,18 @@ PHANTOM_FINDINGS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Lung Le
 
 
 def _macro_f1(references, predictions):
-    return clinical_metrics([label_report(r) for r in references], [label_report(p) for p in predictions],
+    return clinical_metrics([label_report(r) for r in references], [prediction_labels(p) for p in predictions],
                             PHANTOM_FINDINGS)["macro_F1"]
+
+
+def _best_constant_report(train_texts):
+    """The training report that, written for every training study, scores the best macro-F1 on
+    them: the constant baseline at its strongest (the most frequent report is a normal one,
+    which scores 0 over the phantom findings by construction)."""
+    truth = [label_report(t) for t in train_texts]
+    labels = {t: prediction_labels(t) for t in set(train_texts)}
+    return max(sorted(labels), key=lambda t: clinical_metrics(truth, [labels[t]] * len(truth),
+                                                              PHANTOM_FINDINGS)["macro_F1"])
 
 
 def test_demo_model_learns_image_to_text(tmp_path):
@@ -34,9 +42,10 @@ def test_demo_model_learns_image_to_text(tmp_path):
     run_preprocessing(cfg)
     train_data, val_data, test_data = (load_split(cfg, s) for s in ("train", "val", "test"))
     references = [e.text for e in test_data.examples]
-    most_frequent = Counter(e.text for e in train_data.examples).most_common(1)[0][0]
+    constant = _best_constant_report([e.text for e in train_data.examples])
 
-    scores = {"constant report": _macro_f1(references, [most_frequent] * len(references))}
+    scores = {"constant report": _macro_f1(references, [constant] * len(references))}
+    assert scores["constant report"] > 0.05  # a baseline that is not 0 by construction
     for name, shuffled in (("model", False), ("images shuffled", True)):
         run_cfg = load_config("demo", {**data, "paths.output_dir": str(tmp_path / name),
                                        "train.shuffle_images": shuffled})
