@@ -88,3 +88,20 @@ def test_config_flattens_to_scalar_hyperparameters():
     flat = flatten(load_config("demo").to_dict())
     assert flat["train.lr_new"] == 1e-3 and flat["model.encoder"] == "resnet18"
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+
+
+def test_pipeline_refuses_an_unknown_tracker_before_any_stage_runs(tmp_path):
+    """A typo in train.log_with is found before stage 01 downloads and 03 preprocesses."""
+    import nbformat
+
+    from medexgen_lib.pipeline import run_pipeline
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for name in ("01_acquisition.ipynb", "04_training.ipynb"):
+        nbformat.write(nbformat.v4.new_notebook(), folder / name)
+    overrides = {"paths.data_dir": str(tmp_path / "data"), "paths.output_dir": str(tmp_path / "out"),
+                 "train.log_with": "tensorbored"}
+    with pytest.raises(ConfigError, match="'tensorbored'"):
+        run_pipeline("demo", overrides, notebooks_dir=folder)
+    assert not list((tmp_path / "out").rglob("*.ipynb"))
