@@ -180,7 +180,8 @@ def add_results(model_dir: str | os.PathLike, summary: dict) -> Path | None:
         return None
     try:
         facts = ModelCard.load(path).data.to_dict().get(FACTS_KEY)
-    except (ValueError, KeyError, TypeError, yaml.YAMLError) as exc:  # a hand-edited card: the metrics file stays the record
+    except (ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
+        # A hand-edited card: the metrics file, already written, stays the record.
         log.warning("model card %s is unreadable (%s); left as it is: the %s metrics are in "
                     "metrics_%s.json only", path, " ".join(str(exc).split()), summary["split"],
                     summary["split"])
