@@ -2,12 +2,13 @@
 
 import importlib.util
 import json
+import math
 
 import pytest
 
 from medexgen_lib.acquisition import acquire, build_studies_table
 from medexgen_lib.config import ConfigError, load_config
-from medexgen_lib.preprocess import run_preprocessing
+from medexgen_lib.preprocess import load_split, run_preprocessing
 from medexgen_lib.tracking import flatten, resolve_log_with, tracker_dir
 from medexgen_lib.train import train
 
@@ -45,6 +46,10 @@ def test_a_tiny_run_writes_curves_tensorboard_reads_back(tiny_settings, tmp_path
     scalars = events.Tags()["scalars"]
 
     steps = history[-1]["step"]
+    # Counted here, not taken from training's own counter: an off-by-one there shows too.
+    batches = math.ceil(len(load_split(cfg, "train")) / cfg.train.batch_size)
+    assert steps == cfg.train.epochs * math.ceil(batches / cfg.train.grad_accum)
+    assert [h["step"] for h in history] == [e * steps // cfg.train.epochs for e in range(1, cfg.train.epochs + 1)]
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, steps + 1))
     for group in history[0]["learning_rates"]:
         assert len(events.Scalars(f"lr/{group}")) == steps
