@@ -84,6 +84,14 @@ def test_table_round_trips_through_parquet(sample_table, tmp_path):
     assert back.findings.tolist() == sample_table.findings.tolist()
 
 
+def test_a_studies_table_from_before_projection_source_is_refused_naming_it(sample_table, tmp_path):
+    """``--from 02`` on a data folder whose table predates ``projection_source``: one error
+    naming the file and the missing column, not a KeyError deep inside the EDA."""
+    path = write_studies_table(sample_table.drop(columns=["projection_source"]), tmp_path / "old.parquet")
+    with pytest.raises(ValueError, match=r"old\.parquet lacks column\(s\) \['projection_source'\].*notebook 01"):
+        load_studies_table(path)
+
+
 HOSTILE = {
     "bomb.xml": """<?xml version="1.0"?>
 <!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;">]>
