@@ -1,7 +1,11 @@
 """The XML reader on the real IU X-Ray sample, on phantom data and on hostile files."""
 
 import shutil
+import subprocess
+import sys
+import zipfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -59,6 +63,21 @@ def test_bundled_projections_table_covers_every_image_of_the_real_sample(iuxray_
     views = Counter(p for ps in t.projections for p in ps)
     assert views["unknown"] == 0 and views["frontal"] + views["lateral"] == 754
     assert set(t.projection_source[t.n_images > 0]) == {"bundled IU X-Ray table"}
+
+
+def test_a_built_wheel_carries_the_bundled_table_and_its_readme(tmp_path):
+    """A non-editable install gets the table (package data), with the README that attributes it."""
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    shutil.copytree(root / "medexgen_lib", source / "medexgen_lib",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "pyproject.toml", source)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist")], check=True, cwd=tmp_path)
+    wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("medexgen-*.whl")))
+    folder = BUNDLED_PROJECTIONS.relative_to(root).parent.as_posix()
+    assert wheel.read(f"{folder}/indiana_projections.csv") == BUNDLED_PROJECTIONS.read_bytes()
+    assert "CC BY-NC-ND 4.0" in wheel.read(f"{folder}/README.md").decode()
 
 
 def test_bundled_table_maps_study_1s_irregular_image_ids():
