@@ -16,6 +16,7 @@ from medexgen_lib.config import load_config
 from medexgen_lib.files import write_json
 from medexgen_lib.paths import NOTEBOOKS_DIR
 from medexgen_lib.progress import StageProgress
+from medexgen_lib.tracking import resolve_log_with
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ def run_pipeline(profile: str = "demo", overrides: dict[str, Any] | None = None,
         if bound is not None and bound not in stages:
             raise ValueError(f"no stage {bound!r}; stages are {', '.join(stages)}")
     selected = [s for s in stages if (start is None or s >= start) and (stop is None or s <= stop)]
+    if "04" in selected:  # a tracker typo fails now, not after acquisition and preprocessing
+        resolve_log_with(cfg.train.log_with)
     out_dir = cfg.paths.logs / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[StageResult] = []

@@ -25,6 +25,8 @@ _PROGRESS_LINE = re.compile(rf"{re.escape(PROGRESS_LOGGER)}: (.*)")
 # A log record's first line: the level, after at most a date and a time.
 _RECORD_LINE = re.compile(r"^(?:\S+ ){0,2}?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
 CONTINUATION_LINES = 20  # lines of a multi-line warning or error (a traceback) passed on
+# A traceback's last line ("ValueError: ..."): passed on even past CONTINUATION_LINES.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)(?::|$)")
 
 
 class ProgressBar(tqdm):
@@ -64,6 +66,7 @@ class StageProgress:
         self.logger = logger
         self._partial = ""
         self._continuation = 0  # lines still to pass on after a warning or error
+        self._in_record = False  # inside a warning or error's continuation lines
 
     def write(self, text: str) -> int:
         """Take a chunk of the kernel's stderr; complete lines are filtered at once."""
@@ -85,13 +88,15 @@ class StageProgress:
     def _handle(self, line: str) -> None:
         progress, record = _PROGRESS_LINE.search(line), _RECORD_LINE.match(line)
         if progress:
-            self._continuation = 0
+            self._continuation, self._in_record = 0, False
             self.logger.info("[%s] %s", self.stage, progress.group(1))
         elif record and record.group(1) in ("WARNING", "ERROR", "CRITICAL"):
-            self._continuation = CONTINUATION_LINES
+            self._continuation, self._in_record = CONTINUATION_LINES, True
             self.logger.warning("[%s] %s", self.stage, line)
         elif record:
-            self._continuation = 0
+            self._continuation, self._in_record = 0, False
         elif self._continuation and line.strip():
             self._continuation -= 1
+            self.logger.warning("[%s] %s", self.stage, line)
+        elif self._in_record and _EXCEPTION_LINE.match(line):
             self.logger.warning("[%s] %s", self.stage, line)

@@ -151,6 +151,10 @@ def load_studies_table(path: str | os.PathLike) -> pd.DataFrame:
         raise FileNotFoundError(f"studies table {path} does not exist; "
                                 "run notebook 01_acquisition first")
     table = pd.read_parquet(path)
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:  # written by an older MedExGen (projection_source came with the bundled table)
+        raise ValueError(f"studies table {path} lacks column(s) {missing}; it was written by an "
+                         "older version: rerun notebook 01_acquisition")
     for column in ("mesh_major", "mesh_minor", "image_ids", "image_paths", "projections"):
         table[column] = table[column].map(list)
     return table

@@ -1,6 +1,7 @@
 """The model card written with every exported model, and updated by evaluation."""
 
 import json
+import logging
 import shutil
 
 from huggingface_hub import ModelCard
@@ -43,6 +44,7 @@ def test_real_data_card_carries_the_iu_xray_licence(trained_tiny):
     card = ModelCard(str(build_card(facts)))
     assert card.data.license == "cc-by-nc-nd-4.0" and card.data.datasets == ["iu-xray"]
     assert "CC BY-NC-ND 4.0" in card.text
+    assert f"Trained on {facts['data']['split_counts']['train']} studies from one US hospital" in card.text
 
 
 def test_from_pretrained_works_with_and_without_a_card(trained_tiny, tmp_path):
@@ -52,3 +54,18 @@ def test_from_pretrained_works_with_and_without_a_card(trained_tiny, tmp_path):
     with_card, without = ReportGenerator.from_pretrained(final), ReportGenerator.from_pretrained(bare)
     assert with_card.config == without.config
     assert add_results(bare, {}) is None and not (bare / CARD_FILE).exists()
+
+
+def test_an_unreadable_card_is_left_as_it_is_with_a_warning_naming_it(trained_tiny, tmp_path, caplog):
+    """A hand-edited card whose YAML no longer parses: evaluation's metrics file is already
+    written, so the card update warns (naming the card) instead of failing stage 05."""
+    cfg = trained_tiny[0]
+    folder = shutil.copytree(cfg.paths.models / "final", tmp_path / "edited")
+    broken = "---\nlicense: [\n---\n# my notes\n"
+    (folder / CARD_FILE).write_text(broken)
+    summary = json.loads((cfg.paths.logs / "metrics_test.json").read_text())
+    with caplog.at_level(logging.WARNING, logger="medexgen_lib.model_card"):
+        assert add_results(folder, summary) is None
+    assert (folder / CARD_FILE).read_text() == broken
+    assert any(str(folder / CARD_FILE) in r.getMessage() and "metrics_test.json" in r.getMessage()
+               for r in caplog.records)

@@ -37,6 +37,22 @@ def test_stage_progress_passes_progress_and_warnings_only(caplog):
         "[04] generating: 3/9 batch (33%), 10 s"]
 
 
+def test_a_long_logged_traceback_keeps_its_exception_line(caplog):
+    """A traceback past the continuation limit still shows the line that says what went wrong."""
+    logger = logging.getLogger("test.runner")
+    sink = StageProgress("05", logger)
+    frames = "".join(f'  File "/lib/m{i}.py", line {i}, in f{i}\n    call_{i}()\n' for i in range(15))
+    with caplog.at_level(logging.INFO, logger="test.runner"):
+        sink.write("ERROR medexgen_lib.evaluate: scoring failed\nTraceback (most recent call last):\n"
+                   + frames + "ValueError: reference 17 is empty\n[transformers] chatter\n"
+                   "INFO medexgen_lib.model: quiet again\nnot shown\n")
+        sink.close()
+    shown = _messages(caplog)
+    assert shown[0] == "[05] ERROR medexgen_lib.evaluate: scoring failed"
+    assert shown[-1] == "[05] ValueError: reference 17 is empty"
+    assert len(shown) < 25 and not any("chatter" in m or "not shown" in m for m in shown)
+
+
 def test_progress_bar_logs_lines_while_it_runs_and_when_done(monkeypatch, caplog):
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     with caplog.at_level(logging.INFO, logger=progress.PROGRESS_LOGGER):

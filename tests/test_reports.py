@@ -1,7 +1,11 @@
 """The XML reader on the real IU X-Ray sample, on phantom data and on hostile files."""
 
 import shutil
+import subprocess
+import sys
+import zipfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -61,6 +65,22 @@ def test_bundled_projections_table_covers_every_image_of_the_real_sample(iuxray_
     assert set(t.projection_source[t.n_images > 0]) == {"bundled IU X-Ray table"}
 
 
+def test_a_built_wheel_carries_the_bundled_table_and_its_readme(tmp_path):
+    """A non-editable install gets the table (package data), with the README that attributes it."""
+    pytest.importorskip("setuptools", reason="builds the wheel offline with the venv's setuptools")
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    shutil.copytree(root / "medexgen_lib", source / "medexgen_lib",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "pyproject.toml", source)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist")], check=True, cwd=tmp_path)
+    wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("medexgen-*.whl")))
+    folder = BUNDLED_PROJECTIONS.relative_to(root).parent.as_posix()
+    assert wheel.read(f"{folder}/indiana_projections.csv") == BUNDLED_PROJECTIONS.read_bytes()
+    assert "CC BY-NC-ND 4.0" in wheel.read(f"{folder}/README.md").decode()
+
+
 def test_bundled_table_maps_study_1s_irregular_image_ids():
     from medexgen_lib.reports import _load_projections
 
@@ -82,6 +102,14 @@ def test_table_round_trips_through_parquet(sample_table, tmp_path):
     back = load_studies_table(path)
     assert back.image_ids.tolist() == sample_table.image_ids.tolist()
     assert back.findings.tolist() == sample_table.findings.tolist()
+
+
+def test_a_studies_table_from_before_projection_source_is_refused_naming_it(sample_table, tmp_path):
+    """``--from 02`` on a data folder whose table predates ``projection_source``: one error
+    naming the file and the missing column, not a KeyError deep inside the EDA."""
+    path = write_studies_table(sample_table.drop(columns=["projection_source"]), tmp_path / "old.parquet")
+    with pytest.raises(ValueError, match=r"old\.parquet lacks column\(s\) \['projection_source'\].*notebook 01"):
+        load_studies_table(path)
 
 
 HOSTILE = {

@@ -2,12 +2,13 @@
 
 import importlib.util
 import json
+import math
 
 import pytest
 
 from medexgen_lib.acquisition import acquire, build_studies_table
 from medexgen_lib.config import ConfigError, load_config
-from medexgen_lib.preprocess import run_preprocessing
+from medexgen_lib.preprocess import load_split, run_preprocessing
 from medexgen_lib.tracking import flatten, resolve_log_with, tracker_dir
 from medexgen_lib.train import train
 
@@ -45,6 +46,10 @@ def test_a_tiny_run_writes_curves_tensorboard_reads_back(tiny_settings, tmp_path
     scalars = events.Tags()["scalars"]
 
     steps = history[-1]["step"]
+    # Counted here, not taken from training's own counter: an off-by-one there shows too.
+    batches = math.ceil(len(load_split(cfg, "train")) / cfg.train.batch_size)
+    assert steps == cfg.train.epochs * math.ceil(batches / cfg.train.grad_accum)
+    assert [h["step"] for h in history] == [e * steps // cfg.train.epochs for e in range(1, cfg.train.epochs + 1)]
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, steps + 1))
     for group in history[0]["learning_rates"]:
         assert len(events.Scalars(f"lr/{group}")) == steps
@@ -88,3 +93,20 @@ def test_config_flattens_to_scalar_hyperparameters():
     flat = flatten(load_config("demo").to_dict())
     assert flat["train.lr_new"] == 1e-3 and flat["model.encoder"] == "resnet18"
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+
+
+def test_pipeline_refuses_an_unknown_tracker_before_any_stage_runs(tmp_path):
+    """A typo in train.log_with is found before stage 01 downloads and 03 preprocesses."""
+    import nbformat
+
+    from medexgen_lib.pipeline import run_pipeline
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for name in ("01_acquisition.ipynb", "04_training.ipynb"):
+        nbformat.write(nbformat.v4.new_notebook(), folder / name)
+    overrides = {"paths.data_dir": str(tmp_path / "data"), "paths.output_dir": str(tmp_path / "out"),
+                 "train.log_with": "tensorbored"}
+    with pytest.raises(ConfigError, match="'tensorbored'"):
+        run_pipeline("demo", overrides, notebooks_dir=folder)
+    assert not list((tmp_path / "out").rglob("*.ipynb"))
