@@ -14,7 +14,7 @@ IUXRAY_SAMPLE = Path(__file__).parent / "data" / "iuxray-sample"
 
 @pytest.fixture(scope="session")
 def iuxray_sample() -> Path:
-    """The real sample, an unmodified copy of ../shared/iuxray-sample kept in the repository
+    """The real sample, an unmodified copy of the project's shared sample kept in the repository
     (README with the CC BY-NC-ND 4.0 attribution included), so every test runs on any clone."""
     return IUXRAY_SAMPLE
 
@@ -48,6 +48,13 @@ def tmp_config(tmp_path):
         settings.update({k.replace("__", "."): v for k, v in overrides.items()})
         return load_config(profile, settings)
     return make
+
+
+# A 30-study run of a 1-layer model: the training-loop tests' shared settings.
+TINY = {"data.n_phantom_studies": 30, "data.phantom_image_size": 48, "images.size": 32,
+        "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
+        "train.batch_size": 8, "train.patience": 5, "eval.max_new_tokens": 8,
+        "tokenizer.vocab_size": 400, "text.max_length": 48}
 
 
 TINY_TRAINED = {"data.n_phantom_studies": 40, "data.phantom_image_size": 48, "images.size": 64,

@@ -12,10 +12,7 @@ from medexgen_lib.preprocess import load_split, run_preprocessing
 from medexgen_lib.tracking import flatten, resolve_log_with, tracker_dir
 from medexgen_lib.train import train
 
-TINY = {"data.n_phantom_studies": 30, "data.phantom_image_size": 48, "images.size": 32,
-        "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
-        "train.batch_size": 8, "train.patience": 5, "eval.max_new_tokens": 8,
-        "tokenizer.vocab_size": 400, "text.max_length": 48}
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")

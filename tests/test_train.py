@@ -19,10 +19,7 @@ from medexgen_lib.preprocess import run_preprocessing
 from medexgen_lib.train import (NewTokenRows, NonFiniteLoss, evaluation_fingerprint,
                                 parameter_groups, train)
 
-TINY = {"data.n_phantom_studies": 30, "data.phantom_image_size": 48, "images.size": 32,
-        "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
-        "train.batch_size": 8, "train.patience": 5, "eval.max_new_tokens": 8,
-        "tokenizer.vocab_size": 400, "text.max_length": 48}
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")
