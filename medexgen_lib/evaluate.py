@@ -126,12 +126,12 @@ def baseline_predictions(model, train_data: ReportDataset, val_data: ReportDatas
     """
     from collections import Counter
 
-    from medexgen_lib.metrics import text_metrics
+    from medexgen_lib.metrics import corpus_bleu4
 
     train_texts = [e.text for e in train_data.examples]
     ranked = [text for text, _ in Counter(train_texts).most_common(50)]
     val_refs = [e.text for e in val_data.examples]
-    best = max(ranked, key=lambda t: text_metrics(val_refs, [t] * len(val_refs))["BLEU-4"])
+    best = max(ranked, key=lambda t: corpus_bleu4(val_refs, [t] * len(val_refs)))
     train_vectors = study_embeddings(model, train_data, device=device)
     eval_vectors = study_embeddings(model, eval_data, device=device)
     nearest = (eval_vectors @ train_vectors.T).argmax(dim=1).tolist()

@@ -1,4 +1,4 @@
-"""Clinical guidance: an observation head on pooled image features, and guidance tokens for the decoder.
+"""Clinical guidance: an observation head on pooled image features, and guidance for the decoder.
 
 Labels come from the training reports themselves: ``label_report`` of each report
 (positive vs not) plus, for the sided observations, which side(s) the report's
@@ -8,23 +8,25 @@ The head sees each view's feature map average-pooled to a ``pool x pool`` grid
 (2x2 keeps the image's left and right halves apart, which laterality needs) and
 predicts every label (multi-label, BCE). Its predictions reach the decoder as one
 label-state vector per label, ``p * present[label] + (1 - p) * absent[label]``:
-with ``guidance.embedding`` their mean is added to every input token embedding
-(each decoding step sees it directly), with ``guidance.decoder`` they are appended
-to the visual tokens for cross-attention (PromptMRG-style guidance, as embeddings
-rather than prompt text).
 
-What the decoder sees at training time (``guidance.decoder_input``):
-``true`` (the demo's choice): the labels of the report being learned, so the decoder
-learns a clean labels -> text mapping from the first step instead of ignoring a head
-that is still guessing; at test time it is given the head's predictions thresholded
-at 0.5 (``guidance_hard``), the same 0/1 kind of input. ``predicted``: the head's
-detached probabilities at training and test time (no train/test mismatch, but early
-in training the guidance is noise and the decoder learns to rely on its language
-prior). Single-seed phantom runs (64 px, 12 epochs of batch 8, test split; macro-F1 /
-BLEU-4 / laterality): tokens + embedding with ``predicted`` .65/.33/.55, with ``true``
-.80/.37/.46; embedding only with ``true`` .78/.38/.68 (the demo default).
-The head learns only
-from its BCE (the decoder's loss does not reach it through the guidance).
+* ``guidance.prompt`` (the demo's choice): the decoder's input starts with one such token
+  per label, a present label's token also carrying its words in the decoder's own token
+  embedding ("left pleural effusion"), PromptMRG-style. A sided finding is announced by its
+  side label's token (its own token then says "present, no side named"), so the decoder
+  learns what to write and on which side from one token;
+* ``guidance.embedding``: the tokens' mean added to every input token embedding;
+* ``guidance.decoder``: the tokens appended to the visual tokens for cross-attention.
+
+What the decoder sees at training time (``guidance.decoder_input``): ``true`` (the demo's
+choice): the labels of the report being learned, so the decoder learns a clean labels ->
+text mapping from the first step instead of ignoring a head that is still guessing; at test
+time it gets the head's predictions as the same 0/1 kind of input (``hard_labels``): an
+observation at its threshold, chosen on val for the exported checkpoint
+(``choose_thresholds``), a side where it is more likely than not given the finding.
+``predicted``: the head's detached probabilities at training and test time (no train/test
+mismatch, but early in training the guidance is noise and the decoder learns to rely on its
+language prior). The head learns only from its BCE (the decoder's loss does not reach it
+through the guidance). Measured lever by lever in ``medexgen_lib.ablation`` (README).
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ SIDES = ("left", "right")
 _SENTENCE_SPLIT = re.compile(r"(?<!\d)[.;](?!\d)|\n")
 _SIDE_WORDS = {"left": re.compile(r"\bleft\b"), "right": re.compile(r"\bright\b"),
                "bilateral": re.compile(r"\bbilateral(ly)?\b|\bboth\b")}
+
+
+def label_words(label: str) -> str:
+    """The words a label's guidance token carries: ``"Pleural Effusion, left"`` -> ``"left pleural
+    effusion"``, ``"Cardiomegaly"`` -> ``"cardiomegaly"``."""
+    observation, _, side = label.partition(", ")
+    return f"{side} {observation}".strip().lower()
 
 
 def side_label(observation: str, side: str) -> str:
@@ -115,10 +124,89 @@ class ObservationGuidance(nn.Module):
         pooled = pooled * view_mask.unsqueeze(-1).to(pooled.dtype)
         return self.head(pooled.flatten(1))
 
-    def tokens(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """Label probabilities ``[B, L]`` -> guidance tokens ``[B, L, n_embd]``."""
+    def tokens(self, probabilities: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
+        """Label probabilities ``[B, L]`` -> guidance tokens ``[B, L, n_embd]``; ``words``
+        ``[L, n_embd]`` (each label's words in the decoder's own token embedding) are added
+        to a present label's token."""
         p = probabilities.unsqueeze(-1).to(self.states.dtype)
-        return p * self.states[1] + (1 - p) * self.states[0]
+        tokens = p * self.states[1] + (1 - p) * self.states[0]
+        return tokens if words is None else tokens + p * words.to(tokens.dtype)
+
+    def prompt_tokens(self, probabilities: torch.Tensor, words: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The decoder's prompt ``[B, L, n_embd]``: a sided observation's own token stands for
+        "present, no side named" (its probability times that of no side), so where a side is
+        known only the side label's token says the finding is there: the decoder learns what
+        to write and on which side from the same token."""
+        p = probabilities.clone()
+        for label, sides in self._side_groups.items():
+            p[:, label] = probabilities[:, label] * (1 - probabilities[:, sides]).prod(-1)
+        return self.tokens(p, words)
+
+    @property
+    def _side_groups(self) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for index, label in enumerate(self.labels):
+            if ", " in label:
+                groups.setdefault(self.labels.index(label.split(", ")[0]), []).append(index)
+        return groups
+
+
+@torch.no_grad()
+def head_probabilities(model, data, device: torch.device | str = "cpu", batch_size: int = 32) -> torch.Tensor:
+    """The observation head's probabilities for every study of ``data`` ``[N, labels]``, in order."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from medexgen_lib.dataset import collate
+
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False,
+                        collate_fn=partial(collate, pad_token_id=model.config.pad_token_id))
+    out = [model.encoder_states(b["images"].to(device), b["view_mask"].to(device))[2].sigmoid().cpu()
+           for b in loader]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.1 .. 0.9
+
+
+def choose_thresholds(probabilities: torch.Tensor, targets: torch.Tensor, labels: Sequence[str]
+                      ) -> list[float]:
+    """Per observation label, the threshold of ``THRESHOLD_GRID`` with the best F1 on these
+    (validation) studies, F1 averaged with the two neighbouring thresholds so that one lucky
+    study does not decide; ties, and labels with no positive study, keep the one nearest 0.5.
+    Side labels keep 0.5: their sides are decided given the finding (``hard_labels``)."""
+    def f1(column: int, threshold: float) -> float:
+        predicted, truth = probabilities[:, column] > threshold, targets[:, column].bool()
+        return 2 * int((predicted & truth).sum()) / max(1, int(predicted.sum()) + int(truth.sum()))
+
+    chosen = []
+    for column, label in enumerate(labels):
+        if ", " in label or not targets[:, column].any():
+            chosen.append(0.5)
+            continue
+        smoothed = {t: (f1(column, t - 0.05) + f1(column, t) + f1(column, t + 0.05)) / 3 for t in THRESHOLD_GRID}
+        chosen.append(max(THRESHOLD_GRID, key=lambda t: (round(smoothed[t], 9), -abs(t - 0.5))))
+    return chosen
+
+
+def hard_labels(probabilities: torch.Tensor, thresholds: Sequence[float], labels: Sequence[str]
+                ) -> torch.Tensor:
+    """0/1 labels from the head's probabilities: an observation at its threshold; a side of a
+    present finding where that side is more likely than not given the finding (side
+    probability / finding probability > 0.5), so a finding whose side is uncertain is still
+    reported, with the likelier side where the training reports name one."""
+    hard = (probabilities > torch.tensor(thresholds, device=probabilities.device)).to(probabilities.dtype)
+    for index, label in enumerate(labels):
+        if ", " in label:
+            parent = labels.index(label.split(", ")[0])
+            given = probabilities[:, index] / probabilities[:, parent].clamp_min(1e-6)
+            hard[:, index] = hard[:, parent] * (given > 0.5).to(hard.dtype)
+    return hard
 
 
 def observation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -133,7 +221,7 @@ class LossHook:
 
     def __init__(self, cfg, train_data, labels: Sequence[str]):
         self.weight = cfg.guidance.loss_weight
-        self.teacher = ((cfg.guidance.decoder or cfg.guidance.embedding)
+        self.teacher = ((cfg.guidance.decoder or cfg.guidance.embedding or cfg.guidance.prompt)
                         and cfg.guidance.decoder_input == "true")
         self.lookup = TargetLookup(train_data.examples, labels) if labels else None
 

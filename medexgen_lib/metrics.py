@@ -102,6 +102,15 @@ def _wordless_as_empty(prediction: str) -> str:
     return prediction if re.search(r"[a-z0-9]", prediction) else ""
 
 
+def corpus_bleu4(references: Sequence[str], predictions: Sequence[str]) -> float:
+    """Corpus BLEU-4 on normalised text, as ``text_metrics`` computes it (nothing else)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    gts = {i: [normalise(r)] for i, r in enumerate(references)}
+    res = {i: [_wordless_as_empty(normalise(p))] for i, p in enumerate(predictions)}
+    return float(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+
+
 def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: bool = False,
                  normalised: bool = False) -> dict:
     """Corpus BLEU-1..4, ROUGE-L (beta 1.2), CIDEr [, METEOR] on normalised text

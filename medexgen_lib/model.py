@@ -29,6 +29,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from medexgen_lib import guidance
 from medexgen_lib.config import MAX_IMAGE_SIZE
 from medexgen_lib.files import recover_dir, replace_dir
 from medexgen_lib.guidance import ObservationGuidance, observation_loss
@@ -74,6 +75,9 @@ class ReportGeneratorConfig:
     guidance_pool: int = 2  # the head's pooled grid per view (2: left/right halves kept apart)
     guidance_embedding: bool = False  # predicted labels also added to every input token embedding
     guidance_hard: bool = False  # feed thresholded (0/1) predictions, as a decoder trained on true labels saw
+    guidance_prompt: bool = False  # label tokens prepended to the decoder's input (self-attention)
+    guidance_thresholds: list[float] = field(default_factory=list)  # per label, chosen on val; empty: 0.5
+    guidance_word_ids: list[list[int]] = field(default_factory=list)  # per label, its words' token ids (prompt)
 
     @property
     def grid_size(self) -> int:
@@ -122,6 +126,11 @@ class ReportGeneratorConfig:
         if config.n_embd % config.n_head:
             raise ValueError(f"{source}: model config field 'n_embd' ({config.n_embd}) must be a "
                              f"multiple of 'n_head' ({config.n_head})")
+        thresholds = config.guidance_thresholds
+        if thresholds and (len(thresholds) != len(config.guidance_labels) or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1 for t in thresholds)):
+            raise ValueError(f"{source}: model config field 'guidance_thresholds' must hold one number "
+                             f"in (0, 1) per guidance label ({len(config.guidance_labels)}), got {thresholds!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "pretrained_vocab_size"):
             limit = config.vocab_size if name == "pretrained_vocab_size" else config.vocab_size - 1
             if getattr(config, name) > limit:
@@ -146,9 +155,11 @@ class ReportGenerator(nn.Module):
         self.decoder = GPT2LMHeadModel(_gpt2_config(config))
         self.guidance = (ObservationGuidance(config.guidance_labels, self.encoder_dim, config.n_views,
                                              config.n_embd, config.guidance_pool,
-                                             config.guidance_tokens or config.guidance_embedding)
+                                             config.guidance_tokens or config.guidance_embedding
+                                             or config.guidance_prompt)
                          if config.guidance_labels else None)
         self._condition = None  # [B, n_embd] added to token embeddings during a forward/generate
+        self._prompt = None  # [B, labels, n_embd] prepended to the decoder's input (guidance_prompt)
         if config.guidance_embedding and config.guidance_labels:
             self.decoder.get_input_embeddings().register_forward_hook(self._add_condition)
         self.tokenizer = None  # attached by from_pretrained when the folder has one
@@ -157,11 +168,21 @@ class ReportGenerator(nn.Module):
 
     @classmethod
     def build(cls, model_cfg, tokenizer, image_size: int, max_length: int,
-              guidance_labels: list[str] | None = None, guidance_tokens: bool = False,
-              guidance_pool: int = 2, guidance_embedding: bool = False,
-              guidance_hard: bool = False) -> ReportGenerator:
+              guidance_labels: list[str] | None = None, guidance_cfg=None) -> ReportGenerator:
         """A new model per the run's ``ModelConfig``; pretrained parts loaded when asked for;
-        an observation head for ``guidance_labels`` (see ``medexgen_lib.guidance``)."""
+        an observation head for ``guidance_labels`` wired to the decoder as ``guidance_cfg``
+        (a ``GuidanceConfig``) says (see ``medexgen_lib.guidance``)."""
+        labels = list(guidance_labels or [])
+        wiring = {}
+        if labels and guidance_cfg is not None:
+            wiring = {"guidance_tokens": guidance_cfg.decoder, "guidance_pool": guidance_cfg.pool,
+                      "guidance_embedding": guidance_cfg.embedding, "guidance_prompt": guidance_cfg.prompt,
+                      "guidance_hard": guidance_cfg.decoder_input == "true"}
+        prompt = len(labels) if wiring.get("guidance_prompt") else 0
+        if prompt:  # the prompt's tokens carry each present label's words (PromptMRG-style)
+            wiring["guidance_word_ids"] = [tokenizer(" " + guidance.label_words(label),
+                                                     add_special_tokens=False)["input_ids"]
+                                           for label in labels]
         decoder = None
         if model_cfg.decoder_pretrained:
             decoder = _load_pretrained_gpt2(model_cfg.decoder_source)
@@ -169,15 +190,12 @@ class ReportGenerator(nn.Module):
                      "n_embd": decoder.config.n_embd, "n_positions": decoder.config.n_positions}
         else:
             sizes = {"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head,
-                     "n_embd": model_cfg.n_embd, "n_positions": max(max_length, 64)}
+                     "n_embd": model_cfg.n_embd, "n_positions": max(max_length + prompt, 64)}
         config = ReportGeneratorConfig(
             vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             encoder=model_cfg.encoder, image_size=image_size, dropout=model_cfg.dropout,
-            encoder_init="random", decoder_init="random", guidance_labels=list(guidance_labels or []),
-            guidance_tokens=guidance_tokens and bool(guidance_labels), guidance_pool=guidance_pool,
-            guidance_embedding=guidance_embedding and bool(guidance_labels), guidance_hard=guidance_hard,
-            **sizes)
+            encoder_init="random", decoder_init="random", guidance_labels=labels, **wiring, **sizes)
         model = cls(config)
         if model_cfg.encoder_pretrained:
             source = _load_pretrained_resnet(model.encoder, model_cfg.encoder, model_cfg.encoder_weights)
@@ -208,15 +226,17 @@ class ReportGenerator(nn.Module):
         return tokens, mask
 
     def encoder_states(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
-                       teacher_labels: torch.Tensor | None = None
+                       teacher_labels: torch.Tensor | None = None, features: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """What the decoder cross-attends to: visual tokens plus, with guidance tokens, one token
         per observation label (from ``teacher_labels`` when given, else the head's detached
-        probabilities, thresholded at 0.5 with ``guidance_hard``); their mask; and the head's logits (None without a head). With the
-        guidance embedding, also sets the label tokens' mean, which the decoder's token
-        embedding hook adds to every input token (used by the next forward or generate)."""
-        tokens, mask, features = self._encode(images, view_mask)
-        self._condition = None
+        probabilities, thresholded with ``guidance_hard``); their mask; and the head's logits
+        (None without a head). With the guidance embedding, also sets the label tokens' mean,
+        which the decoder's token embedding hook adds to every input token, and with the guidance
+        prompt the label tokens the decoder's input starts with (used by the next forward or
+        generate)."""
+        tokens, mask, features = self._encode(images, view_mask, features)
+        self._condition = self._prompt = None
         if self.guidance is None:
             return tokens, mask, None
         if view_mask is None:
@@ -226,12 +246,14 @@ class ReportGenerator(nn.Module):
             if teacher_labels is not None:
                 probabilities = teacher_labels
             elif self.config.guidance_hard:
-                probabilities = (logits.detach() > 0).to(logits.dtype)
+                probabilities = self.predicted_labels(logits.detach())
             else:
                 probabilities = logits.detach().sigmoid()
             extra = self.guidance.tokens(probabilities).to(tokens.dtype)
             if self.config.guidance_embedding:
                 self._condition = extra.mean(dim=1)
+            if self.config.guidance_prompt:
+                self._prompt = self.guidance.prompt_tokens(probabilities, self._label_words()).to(tokens.dtype)
             if self.config.guidance_tokens:
                 tokens = torch.cat([tokens, extra], dim=1)
                 mask = torch.cat([mask, torch.ones(extra.shape[:2], dtype=mask.dtype,
@@ -247,19 +269,58 @@ class ReportGenerator(nn.Module):
             condition = condition.repeat_interleave(embeddings.shape[0] // condition.shape[0], dim=0)
         return embeddings + condition.unsqueeze(1).to(embeddings.dtype)
 
-    def _encode(self, images: torch.Tensor, view_mask: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def predicted_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's logits -> 0/1 labels (``guidance.hard_labels``) at each observation's
+        threshold (``guidance_thresholds``, chosen on val by training; 0.5 where none is set)."""
+        labels = self.config.guidance_labels
+        return guidance.hard_labels(logits.sigmoid(), self.config.guidance_thresholds or [0.5] * len(labels),
+                                    labels)
+
+    def _label_words(self) -> torch.Tensor | None:
+        """Each label's words as the mean of their rows of the decoder's token embedding ``[L, D]``."""
+        if not self.config.guidance_word_ids:
+            return None
+        table = self.decoder.get_input_embeddings().weight
+        return torch.stack([table[ids].mean(0) for ids in self.config.guidance_word_ids])
+
+    @property
+    def prompt_length(self) -> int:
+        """Positions the guidance prompt takes before the report's tokens (0 without one)."""
+        return len(self.config.guidance_labels) if self.config.guidance_prompt else 0
+
+    def _with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+        """Decoder inputs with the guidance prompt in front: token embeddings (the guidance
+        embedding hook fires on them) after the prompt, the mask extended to cover it."""
+        embeds = self.decoder.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompt = self._prompt.to(embeds.dtype)
+        ones = attention_mask.new_ones(prompt.shape[:2])
+        return {"inputs_embeds": torch.cat([prompt, embeds], 1),
+                "attention_mask": torch.cat([ones, attention_mask], 1)}
+
+    def image_features(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's feature maps ``[B*V, C, h, w]`` of the views ``view_mask`` marks present
+        (zeros for the others)."""
         batch, views = images.shape[:2]
         if view_mask is None:
             view_mask = torch.ones(batch, views, dtype=torch.bool, device=images.device)
         present = view_mask.flatten().bool()
         flat = images.flatten(0, 1)
         if present.all():
-            features = self.encoder(flat)  # [B*V, C, h, w]
-        else:
-            seen = self.encoder(flat[present])
-            features = seen.new_zeros((batch * views, *seen.shape[1:]))
-            features[present] = seen
+            return self.encoder(flat)
+        seen = self.encoder(flat[present])
+        features = seen.new_zeros((batch * views, *seen.shape[1:]))
+        features[present] = seen
+        return features
+
+    def _encode(self, images: torch.Tensor, view_mask: torch.Tensor | None,
+                features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, views = images.shape[:2]
+        if view_mask is None:
+            view_mask = torch.ones(batch, views, dtype=torch.bool, device=images.device)
+        if features is None:
+            features = self.image_features(images, view_mask)
         tokens = self.projection(features.flatten(2).transpose(1, 2))  # [B*V, G, D]
         if tokens.shape[1] != self.grid_embedding.shape[0]:
             raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} px give "
@@ -274,18 +335,28 @@ class ReportGenerator(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 view_mask: torch.Tensor | None = None, observation_targets: torch.Tensor | None = None,
-                teacher_labels: torch.Tensor | None = None, **decoder_kwargs):
+                teacher_labels: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                **decoder_kwargs):
         """Teacher-forced decoding; returns transformers' output (``loss`` when labels given).
         With an observation head and ``observation_targets``, ``observation_loss`` (the head's
         BCE) is set on the output too; ``teacher_labels`` replace the head's predictions as
-        the decoder's guidance (see ``medexgen_lib.guidance``)."""
-        visual, visual_mask, logits = self.encoder_states(images, view_mask, teacher_labels)
+        the decoder's guidance (see ``medexgen_lib.guidance``); ``features`` (``image_features``
+        of these images, computed before) spare the encoder."""
+        visual, visual_mask, logits = self.encoder_states(images, view_mask, teacher_labels, features)
         try:
-            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                               encoder_hidden_states=visual, encoder_attention_mask=visual_mask,
-                               **decoder_kwargs)
+            if self._prompt is None:
+                inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            else:
+                inputs = self._with_prompt(input_ids, attention_mask)
+                if labels is not None:  # nothing is predicted for the prompt, nor the bos after it
+                    skip = labels.new_full((labels.shape[0], self.prompt_length + 1), -100)
+                    labels = torch.cat([skip, labels[:, 1:]], 1)
+            out = self.decoder(**inputs, labels=labels, encoder_hidden_states=visual,
+                               encoder_attention_mask=visual_mask, **decoder_kwargs)
         finally:
-            self._condition = None
+            self._condition = self._prompt = None
+        if self.prompt_length:  # logits of the report's own positions only (attentions keep all)
+            out.logits = out.logits[:, self.prompt_length:]
         out.observation_logits = logits
         if logits is not None and observation_targets is not None:
             out.observation_loss = observation_loss(logits, observation_targets)
@@ -301,18 +372,21 @@ class ReportGenerator(nn.Module):
         settings = {"max_new_tokens": 60, "do_sample": False, "num_beams": 1,
                     "eos_token_id": self.config.eos_token_id,
                     "pad_token_id": self.config.pad_token_id, **generate_kwargs}
-        room = self.config.n_positions - start.shape[1]
+        room = self.config.n_positions - start.shape[1] - self.prompt_length
         if settings["max_new_tokens"] > room:
             log.warning("max_new_tokens %d exceeds what the decoder's %d positions allow; using %d",
                         settings["max_new_tokens"], self.config.n_positions, room)
             settings["max_new_tokens"] = room
         try:
-            out = self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
-                                        encoder_hidden_states=visual,
+            if self._prompt is None:
+                inputs = {"input_ids": start, "attention_mask": torch.ones_like(start)}
+            else:  # transformers returns only the new tokens when given embeddings alone
+                inputs = self._with_prompt(start, None)
+            out = self.decoder.generate(**inputs, encoder_hidden_states=visual,
                                         encoder_attention_mask=visual_mask, **settings)
         finally:
-            self._condition = None
-        return out[:, 1:]
+            self._condition = self._prompt = None
+        return out if self.prompt_length else out[:, 1:]
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         """Token ids -> report strings (special tokens dropped)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 from torch import nn
@@ -157,6 +157,38 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: floa
     return loss, (labels != -100).sum()
 
 
+def freeze_image_side(model: ReportGenerator, frozen: bool) -> None:
+    """``train.encoder_epochs``: after them the encoder and the observation head stop training
+    (no gradients, BatchNorm on its running statistics); the projection, the guidance
+    embeddings and the decoder go on, at a fraction of an epoch's cost."""
+    parts = [model.encoder, *([model.guidance.head] if model.guidance is not None else [])]
+    for part in parts:
+        for parameter in part.parameters():
+            parameter.requires_grad_(not frozen)
+    if frozen:
+        model.encoder.eval()
+
+
+class FrozenFeatures:
+    """The frozen encoder's feature maps of every training study, computed once when the
+    encoder stops training (``train.encoder_epochs``) and looked up by uid after that: the
+    same numbers the encoder would give each epoch, since it no longer changes and
+    images are not augmented."""
+
+    def __init__(self, model: ReportGenerator, data, collate_fn, device, batch_size: int = 32):
+        self.features: dict[str, torch.Tensor] = {}
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        with torch.no_grad():
+            for batch in loader:
+                maps = model.image_features(batch["images"].to(device), batch["view_mask"].to(device))
+                for uid, study in zip(batch["uids"], maps.unflatten(0, (len(batch["uids"]), -1))):
+                    self.features[uid] = study
+
+    def __call__(self, uids: list[str]) -> torch.Tensor:
+        """``[B*V, C, h, w]`` for these studies, as ``ReportGenerator.image_features`` returns."""
+        return torch.stack([self.features[u] for u in uids]).flatten(0, 1)
+
+
 def freeze_batchnorm(model: ReportGenerator) -> None:
     """Put the encoder's BatchNorm layers in eval mode (running statistics, no updates) while the
     rest trains: ``train.freeze_batchnorm``, for small batches or a pretrained encoder."""
@@ -276,8 +308,10 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     tracking = accelerator_tracking_args(cfg)
     # cpu=True without CUDA: under a launcher (accelerate launch / torchrun) that is multi-CPU on gloo.
     # Gradient accumulation is done by _train_epoch (loss normalised over the whole window).
+    # A frozen encoder (train.encoder_epochs) leaves parameters without gradients: DDP must know.
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if tcfg.encoder_epochs else []
     accelerator = Accelerator(mixed_precision=choose_precision(tcfg.precision),
-                              cpu=not torch.cuda.is_available(), **tracking)
+                              cpu=not torch.cuda.is_available(), kwargs_handlers=ddp, **tracking)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -295,11 +329,10 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     labels = guidance.choose_labels([e.text for e in train_data.examples],
                                     cfg.guidance.min_count) if cfg.guidance.head else []
     model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length,
-                                  labels, cfg.guidance.decoder, cfg.guidance.pool, cfg.guidance.embedding,
-                                  cfg.guidance.decoder_input == "true")
+                                  labels, cfg.guidance)
     loss_hook = guidance.LossHook(cfg, train_data, labels)
     new_token_rows = NewTokenRows(model, tcfg)
-    optimizer = torch.optim.AdamW(parameter_groups(model, tcfg))
+    optimizer = torch.optim.AdamW(parameter_groups(model, tcfg), fused=True)  # one kernel: 6x faster on CPU
     model, optimizer = accelerator.prepare(model, optimizer)
     collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
 
@@ -344,15 +377,20 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         stopped, last_epoch = _early_stopping(tcfg.patience), state["epoch"]
         log.info("the run stopped early after epoch %d (%s); nothing left to train",
                  state["epoch"], stopped)
+    frozen = None
     for epoch in range(state["epoch"] + 1, last_epoch + 1):
         began = time.perf_counter()
+        if tcfg.encoder_epochs and epoch > tcfg.encoder_epochs and frozen is None:
+            freeze_image_side(accelerator.unwrap_model(model), True)
+            frozen = (True if cfg.images.augment else
+                      FrozenFeatures(accelerator.unwrap_model(model), train_data, collate_fn, accelerator.device))
         train_loss, samples, state["step"] = _train_epoch(
             accelerator, model, optimizer, scheduler, epoch_loader(epoch), new_token_rows, tcfg,
-            epoch, state["step"], progress, loss_hook, tracker)
+            epoch, state["step"], progress, loss_hook, tracker, frozen)
         seconds_train = time.perf_counter() - began
         _sync_buffers(accelerator, model)
         metrics, val_loss, val_rows = _validate(accelerator, model, val_data, collate_fn, cfg, progress)
-        value = float(metrics[tcfg.selection_metric])
+        value = selection_value(metrics, tcfg.selection_metric)
         if tcfg.scheduler == "plateau":
             scheduler.step(value)
         fingerprint_ok = fingerprint == state["fingerprint"]
@@ -396,6 +434,12 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         raise RuntimeError("no epoch had the run's evaluation fingerprint; nothing to export")
     if accelerator.is_main_process:
         best_model = ReportGenerator.from_pretrained(best_dir)
+        if best_model.config.guidance_hard:  # the head's thresholds, chosen on val for this checkpoint
+            targets = torch.tensor([guidance.report_targets(e.text, labels) for e in val_data.examples])
+            best_model.config.guidance_thresholds = guidance.choose_thresholds(
+                guidance.head_probabilities(best_model, val_data), targets, labels)
+            log.info("observation thresholds chosen on val: %s",
+                     dict(zip(labels, best_model.config.guidance_thresholds)))
         best_record = [h for h in _history_records(history_path) if h["epoch"] == state["best_epoch"]][-1]
         best_model.save_pretrained(final, extra_files={
             "run_config.json": json.dumps(cfg.to_dict(), indent=2),
@@ -408,16 +452,31 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
                        history_path)
 
 
+def selection_value(metrics: dict, selection_metric: str) -> float:
+    """``train.selection_metric`` of the val metrics: one metric's name, or several joined by
+    " + " (their sum, e.g. "clinical macro_F1 + BLEU-4" for reports both right and well worded)."""
+    names = [name.strip() for name in selection_metric.split(" + ")]
+    unknown = [name for name in names if name not in metrics]
+    if unknown:
+        raise KeyError(f"train.selection_metric names {unknown}, not a validation metric; "
+                       f"known: {sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))}")
+    return float(sum(metrics[name] for name in names))
+
+
 def _early_stopping(patience: int) -> str:
     return f"early stopping: no improvement for {patience} epochs"
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_rows, tcfg, epoch,
-                 step, progress, loss_hook, tracker: RunTracker) -> tuple[float, int, int]:
+                 step, progress, loss_hook, tracker: RunTracker, frozen=None) -> tuple[float, int, int]:
     """One epoch; every ``grad_accum`` micro-batches (the epoch's last window may be shorter)
     make one optimizer step whose loss is the token mean over the whole window, plus
-    ``guidance.loss_weight`` x the observation head's BCE averaged over the window's studies."""
+    ``guidance.loss_weight`` x the observation head's BCE averaged over the window's studies.
+    ``frozen``: the encoder no longer trains; a ``FrozenFeatures`` (or True where images are
+    augmented and features differ every epoch)."""
     model.train()
+    if tcfg.encoder_epochs:
+        freeze_image_side(accelerator.unwrap_model(model), frozen is not None)
     if tcfg.freeze_batchnorm:
         freeze_batchnorm(accelerator.unwrap_model(model))
     total, count, samples = 0.0, 0, 0
@@ -434,8 +493,10 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
         for index, batch in enumerate(window):
             last = index == len(window) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                cached = {"features": frozen(batch["uids"])} if isinstance(frozen, FrozenFeatures) else {}
                 out = model(batch["images"], batch["input_ids"], batch["attention_mask"],
-                            view_mask=batch["view_mask"], **loss_hook.inputs(batch, accelerator.device))
+                            view_mask=batch["view_mask"], **loss_hook.inputs(batch, accelerator.device),
+                            **cached)
                 loss_sum, scored = token_loss(out.logits, batch["labels"], tcfg.label_smoothing)
                 objective = loss_sum * token_scale
                 if getattr(out, "observation_loss", None) is not None:

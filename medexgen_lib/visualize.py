@@ -183,7 +183,8 @@ def cross_attention_maps(model, pixels: torch.Tensor, view_mask: torch.Tensor, t
         out = model(pixels.unsqueeze(0), ids, view_mask=view_mask.unsqueeze(0), output_attentions=True)
     finally:
         model.decoder.set_attn_implementation(previous)
-    attentions = out.cross_attentions  # per layer: [1, heads, T+1, S]
+    # per layer: [1, heads, prompt + T+1, S]; the guidance prompt's rows come first
+    attentions = [a[:, :, model.prompt_length:] for a in out.cross_attentions]
     chosen = {"all": range(len(attentions)), "last": [len(attentions) - 1]}.get(layers, layers)
     stacked = torch.stack([attentions[i][0] for i in chosen])  # [L, heads, T+1, S]
     per_head = stacked.mean(0)

@@ -18,12 +18,85 @@ from medexgen_lib.seeds import (bleu4_from_sums, macro_f1_from_sums, paired_boot
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Pleural Effusion, left", "Pleural Effusion, right"]
 
 
-def _model(tokens: bool = True, labels=LABELS, embedding: bool = False) -> ReportGenerator:
+def _model(tokens: bool = True, labels=LABELS, embedding: bool = False, **more) -> ReportGenerator:
     config = ReportGeneratorConfig(vocab_size=50, bos_token_id=0, eos_token_id=1, pad_token_id=2,
                                    encoder="resnet18", image_size=64, n_layer=1, n_head=2, n_embd=16,
                                    n_positions=32, guidance_labels=list(labels), guidance_tokens=tokens,
-                                   guidance_embedding=embedding)
+                                   guidance_embedding=embedding, **more)
     return ReportGenerator(config)
+
+
+def _prompted(**more) -> ReportGenerator:
+    """A model whose decoder input starts with the guidance prompt (words: token ids 10..13)."""
+    torch.manual_seed(0)
+    return _model(tokens=False, embedding=True, guidance_prompt=True, guidance_hard=True,
+                  guidance_word_ids=[[10], [11, 12], [13], [12]], **more).eval()
+
+
+def test_the_prompt_comes_before_the_report_and_generate_continues_teacher_forcing():
+    model = _prompted()
+    assert model.prompt_length == len(LABELS)
+    images, ids = torch.randn(2, 2, 3, 64, 64), torch.tensor([[0, 5, 6, 7], [0, 8, 9, 1]])
+    with torch.no_grad():
+        logits = model(images, ids, labels=ids).logits
+    assert logits.shape == (2, 4, 50)  # the report's positions only
+    greedy = model.generate(images, max_new_tokens=5)
+    with torch.no_grad():
+        forced = model(images, torch.cat([torch.zeros(2, 1, dtype=torch.long), greedy], 1)).logits
+    assert torch.equal(forced.argmax(-1)[:, :-1], greedy)  # same prompt in generate and forward
+    beams = model.generate(images, max_new_tokens=5, num_beams=3)
+    assert beams.shape[0] == 2 and model._prompt is None and model._condition is None
+
+
+def test_a_side_label_carries_its_findings_presence_in_the_prompt():
+    model = _prompted()
+    words = model._label_words()
+    left = model.guidance.prompt_tokens(torch.tensor([[0., 1, 1, 0]]), words)[0]
+    unsided = model.guidance.prompt_tokens(torch.tensor([[0., 1, 0, 0]]), words)[0]
+    states = model.guidance.states
+    # effusion with a side: its own token says "absent", the side's says "present" + its words
+    assert torch.allclose(left[1], states[0, 1]) and torch.allclose(left[2], states[1, 2] + words[2])
+    assert torch.allclose(unsided[1], states[1, 1] + words[1]) and torch.allclose(unsided[2], states[0, 2])
+
+
+def test_label_words_name_the_side_and_the_finding():
+    assert guidance.label_words("Pleural Effusion, left") == "left pleural effusion"
+    assert guidance.label_words("Cardiomegaly") == "cardiomegaly"
+
+
+def test_thresholds_chosen_on_val_smoothed_and_only_for_observations():
+    labels = ["A", "B", "C", "B, left"]
+    probabilities = torch.tensor([[0.9, 0.30, 0.2, 0.9], [0.8, 0.25, 0.1, 0.9],
+                                  [0.1, 0.05, 0.3, 0.1], [0.2, 0.1, 0.4, 0.1]])
+    targets = torch.tensor([[1., 1, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    # A: perfect from 0.2 to 0.75, 0.5 nearest; B: perfect for [0.1, 0.25), but 0.1's lower
+    # neighbour (0.05) is not and 0.2's upper one (0.25) is not: 0.15 is the smoothed best;
+    # C: no positive study; "B, left": a side label, decided given the finding.
+    assert guidance.choose_thresholds(probabilities, targets, labels) == [0.5, 0.15, 0.5, 0.5]
+
+
+def test_hard_labels_give_a_present_finding_its_likelier_side():
+    labels = ["A", "B", "C", "B, left"]
+    probabilities = torch.tensor([[0.6, 0.3, 0.4, 0.25], [0.6, 0.3, 0.4, 0.1], [0.1, 0.1, 0.9, 0.9]])
+    hard = guidance.hard_labels(probabilities, [0.5, 0.2, 0.5, 0.5], labels)
+    # row 0: B at its threshold 0.2, left given B = 0.83; row 1: left given B = 0.33;
+    # row 2: no B, so no side of it, however likely the side label alone
+    assert hard.tolist() == [[1, 1, 0, 1], [1, 1, 0, 0], [0, 0, 1, 0]]
+    model = _prompted(guidance_thresholds=[0.5, 0.2, 0.5, 0.5])
+    logits = torch.logit(torch.tensor([[0.6, 0.3, 0.25, 0.05]]))
+    assert model.predicted_labels(logits).tolist() == [[1.0, 1.0, 1.0, 0.0]]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("thresholds", [[0.5], [0.5, 0.5, 1.5, 0.5], [0.5, 0.5, float("nan"), 0.5]])
+def test_thresholds_that_do_not_fit_the_labels_are_refused(thresholds, tmp_path):
+    model = _prompted(guidance_thresholds=[0.5] * 4)
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "guidance_thresholds": thresholds}))
+    with pytest.raises(ValueError, match="guidance_thresholds"):
+        ReportGenerator.from_pretrained(tmp_path / "m")
+
 
 
 def test_report_targets_read_observations_and_sides_from_the_text():

@@ -359,7 +359,7 @@ def test_a_blank_view_does_not_enter_batchnorm_statistics_in_training():
 def test_a_resumed_run_that_stopped_early_trains_no_further_epoch(tiny_cfg, monkeypatch):
     import medexgen_lib.train as train_module
 
-    flat = {"clinical macro_F1": 0.5, "distinct_predictions": 1}  # epoch 1 best, then no improvement
+    flat = {"clinical macro_F1": 0.5, "BLEU-4": 0.2, "distinct_predictions": 1}  # epoch 1 best, then none better
     monkeypatch.setattr(train_module, "_validate", lambda *args, **kwargs: (dict(flat), 1.0, []))
     cfg = tiny_cfg(train__epochs=4, train__patience=1)
     first = train(cfg, progress=False)
@@ -436,3 +436,55 @@ def test_new_token_rows_train_at_lr_new_end_to_end_with_decay_and_tied_weights(
     assert not torch.allclose(rows(unequal)[:first_new], rows(all_new)[:first_new], rtol=1e-5, atol=1e-7)
     # After save/load the output layer is still the embedding matrix itself, not a copy.
     assert unequal.decoder.get_output_embeddings().weight is unequal.decoder.get_input_embeddings().weight
+
+
+def test_after_encoder_epochs_only_the_decoder_side_trains(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(train__epochs=3, train__encoder_epochs=1, images__augment=False)
+    train(cfg, stop_after_epoch=1, progress=False)
+    after_one = _weights(cfg.paths.checkpoints / "last")
+    train(cfg, resume=True, progress=False)
+    after_three = _weights(cfg.paths.checkpoints / "last")
+    frozen = [n for n in after_one if n.startswith(("encoder.", "guidance.head."))]
+    trained = [n for n in after_one if n.startswith(("decoder.", "projection.", "guidance.states"))]
+    assert frozen and trained
+    assert all(torch.equal(after_one[n], after_three[n]) for n in frozen)  # BatchNorm buffers too
+    moved = {n for n in trained if not torch.equal(after_one[n], after_three[n])}
+    assert {"projection.weight", "guidance.states", "decoder.transformer.h.0.mlp.c_fc.weight"} <= moved
+    # the cached features are the frozen encoder's: an uninterrupted run ends the same
+    whole = tiny_cfg(train__epochs=3, train__encoder_epochs=1, images__augment=False,
+                     paths__output_dir=str(tmp_path / "whole"))
+    train(whole, progress=False)
+    assert _weights_digest(whole.paths.checkpoints / "last") == _weights_digest(cfg.paths.checkpoints / "last")
+
+
+def test_frozen_features_are_what_the_encoder_computes(tiny_cfg):
+    from functools import partial
+
+    from medexgen_lib.dataset import collate
+    from medexgen_lib.preprocess import load_split
+    from medexgen_lib.tokenizer import load_tokenizer
+    from medexgen_lib.train import FrozenFeatures
+
+    cfg = tiny_cfg()
+    model = ReportGenerator.build(cfg.model, load_tokenizer(cfg.paths.processed / "tokenizer"), 32, 48).eval()
+    data = load_split(cfg, "train")
+    collate_fn = partial(collate, pad_token_id=0)
+    cache = FrozenFeatures(model, data, collate_fn, "cpu", batch_size=3)
+    batch = collate_fn([data[i] for i in (4, 0, 2)])
+    with torch.no_grad():
+        expected = model.image_features(batch["images"], batch["view_mask"])
+        assert torch.allclose(cache(batch["uids"]), expected, atol=1e-6)
+        images, ids = batch["images"], batch["input_ids"]
+        live = model(images, ids, view_mask=batch["view_mask"]).logits
+        cached = model(images, ids, view_mask=batch["view_mask"], features=cache(batch["uids"])).logits
+    assert torch.allclose(live, cached, atol=1e-5)
+
+
+def test_the_selection_metric_may_sum_validation_metrics():
+    from medexgen_lib.train import selection_value
+
+    metrics = {"clinical macro_F1": 0.75, "BLEU-4": 0.25, "distinct_predictions": 0.5}
+    assert selection_value(metrics, "clinical macro_F1 + BLEU-4") == 1.0
+    assert selection_value(metrics, "BLEU-4") == 0.25
+    with pytest.raises(KeyError, match="BLEU-5"):
+        selection_value(metrics, "clinical macro_F1 + BLEU-5")
