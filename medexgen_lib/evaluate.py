@@ -27,8 +27,9 @@ def decode_settings(decode: EvalConfig) -> dict:
 
 @torch.no_grad()
 def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: torch.device | str = "cpu",
-                     progress: bool = True) -> list[dict]:
-    """Reports for every study of ``data``, in order: uid, image ids, reference, prediction."""
+                     progress: bool = True, features=None) -> list[dict]:
+    """Reports for every study of ``data``, in order: uid, image ids, reference, prediction.
+    ``features``: uids -> the encoder's feature maps, computed before (training's frozen encoder)."""
     was_training = model.training
     model.eval()
     loader = DataLoader(data, batch_size=decode.batch_size, shuffle=False,
@@ -36,7 +37,8 @@ def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: tor
     settings = decode_settings(decode)
     out = []
     for batch in ProgressBar(loader, desc="generating", unit="batch", disable=not progress, leave=False):
-        ids = model.generate(batch["images"].to(device), batch["view_mask"].to(device), **settings)
+        known = {"features": features(batch["uids"])} if features is not None else {}
+        ids = model.generate(batch["images"].to(device), batch["view_mask"].to(device), **known, **settings)
         for uid, prediction in zip(batch["uids"], model.decode(ids.cpu())):
             out.append({"uid": uid, "prediction": prediction.strip()})
     expected = [e.uid for e in data.examples]

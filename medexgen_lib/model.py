@@ -364,9 +364,10 @@ class ReportGenerator(nn.Module):
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
-                 **generate_kwargs) -> torch.Tensor:
-        """Report token ids (bos removed) via transformers' ``generate`` with the KV cache."""
-        visual, visual_mask, _ = self.encoder_states(images, view_mask)
+                 features: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+        """Report token ids (bos removed) via transformers' ``generate`` with the KV cache
+        (``features``: ``image_features`` of these images, computed before)."""
+        visual, visual_mask, _ = self.encoder_states(images, view_mask, features=features)
         start = torch.full((images.shape[0], 1), self.config.bos_token_id, dtype=torch.long,
                            device=images.device)
         settings = {"max_new_tokens": 60, "do_sample": False, "num_beams": 1,

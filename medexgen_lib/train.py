@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -177,7 +178,9 @@ class FrozenFeatures:
 
     def __init__(self, model: ReportGenerator, data, collate_fn, device, batch_size: int = 32):
         self.features: dict[str, torch.Tensor] = {}
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        # its own generator: building the cache leaves the run's random stream untouched
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                            generator=torch.Generator())
         with torch.no_grad():
             for batch in loader:
                 maps = model.image_features(batch["images"].to(device), batch["view_mask"].to(device))
@@ -261,6 +264,28 @@ def save_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer,
         if accelerator.is_main_process:  # gone after the swap; half-written after a failure
             shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def copy_checkpoint(source: Path, directory: Path, accelerator: Accelerator) -> None:
+    """``directory`` becomes a copy of the checkpoint in ``source``, atomically; files are
+    hard-linked where the file system allows (checkpoint files are never modified in place)."""
+    if accelerator.is_main_process:
+        staging = directory.with_name(f".{directory.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            with write_errors_named(directory):
+                shutil.copytree(source, staging, copy_function=_link_or_copy)
+            replace_dir(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def load_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict:
@@ -377,19 +402,21 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         stopped, last_epoch = _early_stopping(tcfg.patience), state["epoch"]
         log.info("the run stopped early after epoch %d (%s); nothing left to train",
                  state["epoch"], stopped)
-    frozen = None
+    frozen = frozen_val = None
     for epoch in range(state["epoch"] + 1, last_epoch + 1):
         began = time.perf_counter()
         if tcfg.encoder_epochs and epoch > tcfg.encoder_epochs and frozen is None:
             freeze_image_side(accelerator.unwrap_model(model), True)
             frozen = (True if cfg.images.augment else
                       FrozenFeatures(accelerator.unwrap_model(model), train_data, collate_fn, accelerator.device))
+            frozen_val = FrozenFeatures(accelerator.unwrap_model(model), val_data, collate_fn, accelerator.device)
         train_loss, samples, state["step"] = _train_epoch(
             accelerator, model, optimizer, scheduler, epoch_loader(epoch), new_token_rows, tcfg,
             epoch, state["step"], progress, loss_hook, tracker, frozen)
         seconds_train = time.perf_counter() - began
         _sync_buffers(accelerator, model)
-        metrics, val_loss, val_rows = _validate(accelerator, model, val_data, collate_fn, cfg, progress)
+        metrics, val_loss, val_rows = _validate(accelerator, model, val_data, collate_fn, cfg, progress,
+                                                frozen_val)
         value = selection_value(metrics, tcfg.selection_metric)
         if tcfg.scheduler == "plateau":
             scheduler.step(value)
@@ -416,9 +443,11 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         if accelerator.is_main_process:  # before the checkpoint: a resume drops lines past it
             with history_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-        if improved:
+        if improved:  # best first (a crash in between re-trains this epoch), then last as its copy
             save_checkpoint(best_dir, accelerator, model, optimizer, scheduler, state)
-        save_checkpoint(last_dir, accelerator, model, optimizer, scheduler, state)
+            copy_checkpoint(best_dir, last_dir, accelerator)
+        else:
+            save_checkpoint(last_dir, accelerator, model, optimizer, scheduler, state)
         progress_log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val %s %.4f%s", epoch, tcfg.epochs,
                           train_loss, val_loss, tcfg.selection_metric, value, " (best)" if improved else "")
         if state["bad_epochs"] >= tcfg.patience:
@@ -552,9 +581,10 @@ def _sync_buffers(accelerator, model) -> None:
 
 
 @torch.no_grad()
-def _validate(accelerator, model, val_data, collate_fn, cfg, progress) -> tuple[dict, float, list[dict]]:
+def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=None
+              ) -> tuple[dict, float, list[dict]]:
     """Val loss, scored generations and the generated rows. Every process computes the same
-    numbers (no test split)."""
+    numbers (no test split). ``features``: the frozen encoder's ``FrozenFeatures`` of val."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     loader = DataLoader(val_data, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collate_fn)
@@ -564,11 +594,12 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress) -> tuple[
             out = unwrapped(batch["images"].to(accelerator.device), batch["input_ids"].to(accelerator.device),
                             batch["attention_mask"].to(accelerator.device),
                             labels=batch["labels"].to(accelerator.device),
-                            view_mask=batch["view_mask"].to(accelerator.device))
+                            view_mask=batch["view_mask"].to(accelerator.device),
+                            features=features(batch["uids"]) if features is not None else None)
             losses.append(out.loss.item())
             weights.append(int((batch["labels"][:, 1:] != -100).sum()))
         rows = generate_reports(unwrapped, val_data, cfg.eval, accelerator.device,
-                                progress=progress and accelerator.is_local_main_process)
+                                progress=progress and accelerator.is_local_main_process, features=features)
     metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=False,
                     uncertain_as_positive=cfg.eval.uncertain_as_positive)
     metrics["distinct_predictions"] = diversity([r["prediction"] for r in rows])["distinct_predictions"]

@@ -45,25 +45,40 @@ if mode == "kill-at-step":
     ReportGenerator.forward = counting_forward
 
 elif mode in ("kill-in-save", "kill-between-renames"):
-    save = train_module.save_checkpoint
+    # checkpoints/last is written by save_checkpoint, or, after an epoch that improved, as a
+    # (hard-linked) copy of checkpoints/best by copy_checkpoint: both are armed.
+    save, copy = train_module.save_checkpoint, train_module.copy_checkpoint
+
+    def arm() -> None:
+        if mode == "kill-in-save":
+            def half_write(self, folder):
+                (folder / "model.safetensors").write_bytes(b"half a file")
+                die()
+
+            def half_copy(source, target):
+                Path(target).write_bytes(b"half a file")
+                die()
+            ReportGenerator.write_files = half_write
+            train_module._link_or_copy = half_copy
+        else:
+            replace = os.replace
+
+            def dying_replace(src, dst):
+                replace(src, dst)
+                if Path(dst).name == ".last.old":
+                    die()
+            model_module.os.replace = dying_replace
 
     def dying_save(directory, accelerator, model, optimizer, scheduler, state):
         if directory.name == "last" and state["epoch"] == int(arg):
-            if mode == "kill-in-save":
-                def half_write(self, folder):
-                    (folder / "model.safetensors").write_bytes(b"half a file")
-                    die()
-                ReportGenerator.write_files = half_write
-            else:
-                replace = os.replace
-
-                def dying_replace(src, dst):
-                    replace(src, dst)
-                    if Path(dst).name == ".last.old":
-                        die()
-                model_module.os.replace = dying_replace
+            arm()
         return save(directory, accelerator, model, optimizer, scheduler, state)
-    train_module.save_checkpoint = dying_save
+
+    def dying_copy(source, directory, accelerator):
+        if directory.name == "last" and json.loads((source / "trainer.json").read_text())["epoch"] == int(arg):
+            arm()
+        return copy(source, directory, accelerator)
+    train_module.save_checkpoint, train_module.copy_checkpoint = dying_save, dying_copy
 
 if mode == "export":
     model = ReportGenerator.from_pretrained(cfg.paths.checkpoints / "best")
