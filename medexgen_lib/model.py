@@ -101,7 +101,7 @@ class ReportGeneratorConfig:
         kinds = {"int": int, "float": float, "str": str}
         for name, fld in fields.items():
             if name not in values:
-                if fld.default is dataclasses.MISSING:
+                if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
                     raise ValueError(f"{source}: model config field {name!r} is missing")
                 continue
             value, kind = values[name], kinds.get(str(fld.type))
@@ -126,11 +126,7 @@ class ReportGeneratorConfig:
         if config.n_embd % config.n_head:
             raise ValueError(f"{source}: model config field 'n_embd' ({config.n_embd}) must be a "
                              f"multiple of 'n_head' ({config.n_head})")
-        thresholds = config.guidance_thresholds
-        if thresholds and (len(thresholds) != len(config.guidance_labels) or not all(
-                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1 for t in thresholds)):
-            raise ValueError(f"{source}: model config field 'guidance_thresholds' must hold one number "
-                             f"in (0, 1) per guidance label ({len(config.guidance_labels)}), got {thresholds!r}")
+        _check_guidance_fields(config, source)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "pretrained_vocab_size"):
             limit = config.vocab_size if name == "pretrained_vocab_size" else config.vocab_size - 1
             if getattr(config, name) > limit:
@@ -191,6 +187,10 @@ class ReportGenerator(nn.Module):
         else:
             sizes = {"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head,
                      "n_embd": model_cfg.n_embd, "n_positions": max(max_length + prompt, 64)}
+        if max_length + prompt > sizes["n_positions"]:
+            raise ValueError(f"text.max_length ({max_length}) + the guidance prompt ({prompt} labels) "
+                             f"exceed the decoder's {sizes['n_positions']} positions "
+                             f"({model_cfg.decoder_source if decoder is not None else 'model.*'})")
         config = ReportGeneratorConfig(
             vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -271,10 +271,12 @@ class ReportGenerator(nn.Module):
 
     def predicted_labels(self, logits: torch.Tensor) -> torch.Tensor:
         """The head's logits -> 0/1 labels (``guidance.hard_labels``) at each observation's
-        threshold (``guidance_thresholds``, chosen on val by training; 0.5 where none is set)."""
+        threshold (``guidance_thresholds``, chosen on val by training); a model saved without
+        thresholds keeps the rule it was trained for (each label at 0.5)."""
         labels = self.config.guidance_labels
-        return guidance.hard_labels(logits.sigmoid(), self.config.guidance_thresholds or [0.5] * len(labels),
-                                    labels)
+        if not self.config.guidance_thresholds:  # saved before thresholds existed: its own rule
+            return (logits > 0).to(logits.dtype)
+        return guidance.hard_labels(logits.sigmoid(), self.config.guidance_thresholds, labels)
 
     def _label_words(self) -> torch.Tensor | None:
         """Each label's words as the mean of their rows of the decoder's token embedding ``[L, D]``."""
@@ -471,6 +473,35 @@ class ReportGenerator(nn.Module):
             from medexgen_lib.tokenizer import load_tokenizer
             model.tokenizer = load_tokenizer(directory)
         return model.to(device).eval()  # as transformers' from_pretrained: inference mode
+
+
+def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
+    """The guidance lists of a config.json: labels are strings, a side label's finding is a
+    label too; thresholds one number in (0, 1) per label; word ids one non-empty list of
+    token ids inside the vocabulary per label. ``ValueError`` naming ``source`` otherwise."""
+    labels, count = config.guidance_labels, len(config.guidance_labels)
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"{source}: model config field 'guidance_labels' must be a list of names, got {labels!r}")
+    orphans = [label for label in labels if ", " in label and label.split(", ")[0] not in labels]
+    if orphans:
+        raise ValueError(f"{source}: model config field 'guidance_labels' has side labels {orphans} "
+                         "without their finding's label")
+    number = lambda t: isinstance(t, (int, float)) and not isinstance(t, bool)  # noqa: E731
+    thresholds = config.guidance_thresholds
+    if thresholds and (not isinstance(thresholds, list) or len(thresholds) != count
+                       or not all(number(t) and 0 < t < 1 for t in thresholds)):
+        raise ValueError(f"{source}: model config field 'guidance_thresholds' must hold one number "
+                         f"in (0, 1) per guidance label ({count}), got {thresholds!r}")
+    words = config.guidance_word_ids
+    fits = lambda ids: (isinstance(ids, list) and ids and all(  # noqa: E731
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size for i in ids))
+    if words and (not isinstance(words, list) or len(words) != count or not all(fits(ids) for ids in words)):
+        raise ValueError(f"{source}: model config field 'guidance_word_ids' must hold one non-empty list "
+                         f"of token ids below vocab_size ({config.vocab_size}) per guidance label "
+                         f"({count}), got {words!r}")
+    if config.guidance_prompt and count + 2 > config.n_positions:
+        raise ValueError(f"{source}: the guidance prompt ({count} labels) leaves no room in the "
+                         f"decoder's {config.n_positions} positions")
 
 
 def _gpt2_config(config: ReportGeneratorConfig) -> GPT2Config:

@@ -43,7 +43,20 @@ def test_the_prompt_comes_before_the_report_and_generate_continues_teacher_forci
     greedy = model.generate(images, max_new_tokens=5)
     with torch.no_grad():
         forced = model(images, torch.cat([torch.zeros(2, 1, dtype=torch.long), greedy], 1)).logits
-    assert torch.equal(forced.argmax(-1)[:, :-1], greedy)  # same prompt in generate and forward
+    assert torch.equal(forced.argmax(-1)[:, :-1], greedy)
+    # generate must build the prompt as forward does: its first step's logits are forward's
+    # for whatever labels the head predicts, and those logits change with the labels
+    bos, image = torch.zeros(1, 1, dtype=torch.long), images[:1]
+    seen = []
+    for labels in (torch.tensor([[1., 1, 1, 0]]), torch.tensor([[0., 1, 0, 0]])):
+        model.predicted_labels = lambda logits, labels=labels: labels  # what the head "predicts"
+        out = model.generate(image, max_new_tokens=1, output_scores=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            expected = model(image, bos, teacher_labels=labels).logits[0, -1]
+        assert torch.allclose(out.scores[0][0], expected, atol=1e-5)
+        seen.append(expected)
+    assert not torch.allclose(seen[0], seen[1], atol=1e-4)
+    del model.predicted_labels
     beams = model.generate(images, max_new_tokens=5, num_beams=3)
     assert beams.shape[0] == 2 and model._prompt is None and model._condition is None
 
@@ -88,14 +101,35 @@ def test_hard_labels_give_a_present_finding_its_likelier_side():
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("thresholds", [[0.5], [0.5, 0.5, 1.5, 0.5], [0.5, 0.5, float("nan"), 0.5]])
-def test_thresholds_that_do_not_fit_the_labels_are_refused(thresholds, tmp_path):
+@pytest.mark.parametrize("field, value", [
+    ("guidance_thresholds", [0.5]), ("guidance_thresholds", [0.5, 0.5, 1.5, 0.5]),
+    ("guidance_thresholds", [0.5, 0.5, float("nan"), 0.5]),
+    ("guidance_word_ids", [[10], [11], [13], [999]]), ("guidance_word_ids", [[10], [11], [13], [-5]]),
+    ("guidance_word_ids", [[10], [], [13], [12]]), ("guidance_word_ids", [[10]]),
+    ("guidance_word_ids", [10, 11, 13, 12]), ("guidance_word_ids", [["a"], [11], [13], [12]]),
+    ("guidance_labels", ["Cardiomegaly", "Pleural Effusion, left", "Pleural Effusion, right", "X"])])
+def test_guidance_fields_that_do_not_fit_are_refused_on_load(field, value, tmp_path):
     model = _prompted(guidance_thresholds=[0.5] * 4)
     model.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "guidance_thresholds": thresholds}))
-    with pytest.raises(ValueError, match="guidance_thresholds"):
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=field):
         ReportGenerator.from_pretrained(tmp_path / "m")
+
+
+def test_a_model_saved_before_the_prompt_and_thresholds_loads_and_keeps_its_rule(tmp_path):
+    model = _model(tokens=False, embedding=True, guidance_hard=True).eval()
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    for key in ("guidance_prompt", "guidance_thresholds", "guidance_word_ids"):
+        del config[key]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    loaded = ReportGenerator.from_pretrained(tmp_path / "m")
+    images = torch.randn(2, 2, 3, 64, 64)
+    assert torch.equal(loaded.generate(images, max_new_tokens=4), model.generate(images, max_new_tokens=4))
+    # its rule: every label at 0.5, a side without its finding included
+    logits = torch.logit(torch.tensor([[0.6, 0.4, 0.6, 0.1]]))
+    assert loaded.predicted_labels(logits).tolist() == [[1.0, 0.0, 1.0, 0.0]]
 
 
 
@@ -306,3 +340,23 @@ def test_seeds_cli_writes_the_aggregate_file(tmp_path):
     assert aggregate["n_seeds"] == 2 and aggregate["seeds"] == [0, 1]
     assert (tmp_path / "o" / "seeds" / "seed_1" / "logs" / "metrics_test.json").exists()
     assert "model - retrieval (nearest image)" in aggregate["bootstrap"]
+
+
+def test_the_full_profiles_prompt_reads_a_pretrained_gpt2s_own_word_embeddings(tiny_gpt2_dir, tmp_path):
+    from medexgen_lib.tokenizer import load_gpt2_tokenizer
+
+    cfg = load_config("full", {"model.decoder_source": str(tiny_gpt2_dir), "model.encoder": "resnet18",
+                               "model.encoder_pretrained": False})
+    tokenizer = load_gpt2_tokenizer(str(tiny_gpt2_dir))
+    model = ReportGenerator.build(cfg.model, tokenizer, 64, 48, LABELS, cfg.guidance).eval()
+    assert model.config.guidance_prompt and not model.config.guidance_embedding
+    assert model.config.guidance_word_ids[2] == tokenizer(" left pleural effusion",
+                                                          add_special_tokens=False)["input_ids"]
+    table = model.decoder.get_input_embeddings().weight
+    assert torch.equal(model._label_words()[1], table[model.config.guidance_word_ids[1]].mean(0))
+    images = torch.randn(2, 2, 3, 64, 64)
+    out = model.generate(images, max_new_tokens=6, num_beams=2)
+    assert out.shape[0] == 2 and out.shape[1] <= 6
+    model.save_pretrained(tmp_path / "m")
+    loaded = ReportGenerator.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.generate(images, max_new_tokens=6), model.generate(images, max_new_tokens=6))
