@@ -117,6 +117,10 @@ class ObservationGuidance(nn.Module):
         self.head = nn.Linear(n_views * pool * pool * encoder_dim, len(self.labels))
         self.states = (nn.Parameter(torch.randn(2, len(self.labels), n_embd) * 0.02)
                        if feed_decoder else None)
+        self.side_groups: dict[int, list[int]] = {}  # a sided observation's index -> its side labels'
+        for index, label in enumerate(self.labels):
+            if ", " in label:
+                self.side_groups.setdefault(self.labels.index(label.split(", ")[0]), []).append(index)
 
     def logits(self, features: torch.Tensor, batch: int, view_mask: torch.Tensor) -> torch.Tensor:
         """Encoder maps ``[B*V, C, h, w]`` -> label logits ``[B, L]`` (blank views zeroed)."""
@@ -139,17 +143,9 @@ class ObservationGuidance(nn.Module):
         known only the side label's token says the finding is there: the decoder learns what
         to write and on which side from the same token."""
         p = probabilities.clone()
-        for label, sides in self._side_groups.items():
+        for label, sides in self.side_groups.items():
             p[:, label] = probabilities[:, label] * (1 - probabilities[:, sides]).prod(-1)
         return self.tokens(p, words)
-
-    @property
-    def _side_groups(self) -> dict[int, list[int]]:
-        groups: dict[int, list[int]] = {}
-        for index, label in enumerate(self.labels):
-            if ", " in label:
-                groups.setdefault(self.labels.index(label.split(", ")[0]), []).append(index)
-        return groups
 
 
 @torch.no_grad()

@@ -249,7 +249,8 @@ class ReportGenerator(nn.Module):
                 probabilities = self.predicted_labels(logits.detach())
             else:
                 probabilities = logits.detach().sigmoid()
-            extra = self.guidance.tokens(probabilities).to(tokens.dtype)
+            if self.config.guidance_embedding or self.config.guidance_tokens:
+                extra = self.guidance.tokens(probabilities).to(tokens.dtype)
             if self.config.guidance_embedding:
                 self._condition = extra.mean(dim=1)
             if self.config.guidance_prompt:

@@ -404,21 +404,23 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         stopped, last_epoch = _early_stopping(tcfg.patience), state["epoch"]
         log.info("the run stopped early after epoch %d (%s); nothing left to train",
                  state["epoch"], stopped)
-    frozen = frozen_val = None
+    train_features = val_features = None  # the frozen encoder's, once it is frozen
     for epoch in range(state["epoch"] + 1, last_epoch + 1):
         began = time.perf_counter()
-        if tcfg.encoder_epochs and epoch > tcfg.encoder_epochs and frozen is None:
-            freeze_image_side(accelerator.unwrap_model(model), True)
-            frozen = (True if cfg.images.augment else
-                      FrozenFeatures(accelerator.unwrap_model(model), train_data, collate_fn, accelerator.device))
-            frozen_val = FrozenFeatures(accelerator.unwrap_model(model), val_data, collate_fn, accelerator.device)
+        frozen = bool(tcfg.encoder_epochs) and epoch > tcfg.encoder_epochs
+        if frozen and val_features is None:
+            unwrapped = accelerator.unwrap_model(model)
+            freeze_image_side(unwrapped, True)
+            if not cfg.images.augment:  # augmented images give other features every epoch
+                train_features = FrozenFeatures(unwrapped, train_data, collate_fn, accelerator.device)
+            val_features = FrozenFeatures(unwrapped, val_data, collate_fn, accelerator.device)
         train_loss, samples, state["step"] = _train_epoch(
             accelerator, model, optimizer, scheduler, epoch_loader(epoch), new_token_rows, tcfg,
-            epoch, state["step"], progress, loss_hook, tracker, frozen)
+            epoch, state["step"], progress, loss_hook, tracker, frozen, train_features)
         seconds_train = time.perf_counter() - began
         _sync_buffers(accelerator, model)
         metrics, val_loss, val_rows = _validate(accelerator, model, val_data, collate_fn, cfg, progress,
-                                                frozen_val)
+                                                val_features)
         value = selection_value(metrics, tcfg.selection_metric)
         if tcfg.scheduler == "plateau":
             scheduler.step(value)
@@ -499,15 +501,16 @@ def _early_stopping(patience: int) -> str:
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_rows, tcfg, epoch,
-                 step, progress, loss_hook, tracker: RunTracker, frozen=None) -> tuple[float, int, int]:
+                 step, progress, loss_hook, tracker: RunTracker, frozen: bool = False,
+                 features: FrozenFeatures | None = None) -> tuple[float, int, int]:
     """One epoch; every ``grad_accum`` micro-batches (the epoch's last window may be shorter)
     make one optimizer step whose loss is the token mean over the whole window, plus
     ``guidance.loss_weight`` x the observation head's BCE averaged over the window's studies.
-    ``frozen``: the encoder no longer trains; a ``FrozenFeatures`` (or True where images are
-    augmented and features differ every epoch)."""
+    ``frozen``: the encoder and head no longer train; ``features``: their cached outputs
+    (none where images are augmented)."""
     model.train()
     if tcfg.encoder_epochs:
-        freeze_image_side(accelerator.unwrap_model(model), frozen is not None)
+        freeze_image_side(accelerator.unwrap_model(model), frozen)
     if tcfg.freeze_batchnorm:
         freeze_batchnorm(accelerator.unwrap_model(model))
     total, count, samples = 0.0, 0, 0
@@ -524,7 +527,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
         for index, batch in enumerate(window):
             last = index == len(window) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                cached = {"features": frozen(batch["uids"])} if isinstance(frozen, FrozenFeatures) else {}
+                cached = {"features": features(batch["uids"])} if features is not None else {}
                 out = model(batch["images"], batch["input_ids"], batch["attention_mask"],
                             view_mask=batch["view_mask"], **loss_hook.inputs(batch, accelerator.device),
                             **cached)
