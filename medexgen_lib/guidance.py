@@ -161,8 +161,11 @@ def head_probabilities(model, data, device: torch.device | str = "cpu", batch_si
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False,
                         collate_fn=partial(collate, pad_token_id=model.config.pad_token_id))
-    out = [model.encoder_states(b["images"].to(device), b["view_mask"].to(device))[2].sigmoid().cpu()
-           for b in loader]
+    out = []
+    for batch in loader:  # the head alone: no decoder inputs are built
+        images, view_mask = batch["images"].to(device), batch["view_mask"].to(device)
+        logits = model.guidance.logits(model.image_features(images, view_mask), images.shape[0], view_mask)
+        out.append(logits.sigmoid().cpu())
     model.train(was_training)
     return torch.cat(out)
 

@@ -102,13 +102,20 @@ def _wordless_as_empty(prediction: str) -> str:
     return prediction if re.search(r"[a-z0-9]", prediction) else ""
 
 
+def _scorer_inputs(references: Sequence[str], predictions: Sequence[str], normalised: bool = False
+                   ) -> tuple[dict, dict]:
+    """pycocoevalcap's ``gts`` and ``res`` of normalised (or, ``normalised=True``, final) texts."""
+    prepare = (lambda t: t) if normalised else normalise
+    gts = {i: [prepare(r)] for i, r in enumerate(references)}
+    res = {i: [_wordless_as_empty(prepare(p))] for i, p in enumerate(predictions)}
+    return gts, res
+
+
 def corpus_bleu4(references: Sequence[str], predictions: Sequence[str]) -> float:
     """Corpus BLEU-4 on normalised text, as ``text_metrics`` computes it (nothing else)."""
     from pycocoevalcap.bleu.bleu import Bleu
 
-    gts = {i: [normalise(r)] for i, r in enumerate(references)}
-    res = {i: [_wordless_as_empty(normalise(p))] for i, p in enumerate(predictions)}
-    return float(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    return float(Bleu(4).compute_score(*_scorer_inputs(references, predictions), verbose=0)[0][3])
 
 
 def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: bool = False,
@@ -119,9 +126,7 @@ def text_metrics(references: Sequence[str], predictions: Sequence[str], meteor: 
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    prepare = (lambda t: t) if normalised else normalise
-    gts = {i: [prepare(r)] for i, r in enumerate(references)}
-    res = {i: [_wordless_as_empty(prepare(p))] for i, p in enumerate(predictions)}
+    gts, res = _scorer_inputs(references, predictions, normalised)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge_l, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)

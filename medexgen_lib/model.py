@@ -480,9 +480,10 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
     """The guidance lists of a config.json: labels are strings, a side label's finding is a
     label too; thresholds one number in (0, 1) per label; word ids one non-empty list of
     token ids inside the vocabulary per label. ``ValueError`` naming ``source`` otherwise."""
-    labels, count = config.guidance_labels, len(config.guidance_labels)
+    labels = config.guidance_labels
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise ValueError(f"{source}: model config field 'guidance_labels' must be a list of names, got {labels!r}")
+    count = len(labels)
     orphans = [label for label in labels if ", " in label and label.split(", ")[0] not in labels]
     if orphans:
         raise ValueError(f"{source}: model config field 'guidance_labels' has side labels {orphans} "

@@ -107,7 +107,8 @@ def test_hard_labels_give_a_present_finding_its_likelier_side():
     ("guidance_word_ids", [[10], [11], [13], [999]]), ("guidance_word_ids", [[10], [11], [13], [-5]]),
     ("guidance_word_ids", [[10], [], [13], [12]]), ("guidance_word_ids", [[10]]),
     ("guidance_word_ids", [10, 11, 13, 12]), ("guidance_word_ids", [["a"], [11], [13], [12]]),
-    ("guidance_labels", ["Cardiomegaly", "Pleural Effusion, left", "Pleural Effusion, right", "X"])])
+    ("guidance_labels", ["Cardiomegaly", "Pleural Effusion, left", "Pleural Effusion, right", "X"]),
+    ("guidance_labels", 5)])
 def test_guidance_fields_that_do_not_fit_are_refused_on_load(field, value, tmp_path):
     model = _prompted(guidance_thresholds=[0.5] * 4)
     model.save_pretrained(tmp_path / "m")

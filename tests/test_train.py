@@ -488,3 +488,16 @@ def test_the_selection_metric_may_sum_validation_metrics():
     assert selection_value(metrics, "BLEU-4") == 0.25
     with pytest.raises(KeyError, match="BLEU-5"):
         selection_value(metrics, "clinical macro_F1 + BLEU-5")
+
+
+def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg):
+    from medexgen_lib import guidance
+
+    cfg = tiny_cfg()
+    assert cfg.guidance.decoder_input == "true"  # the demo's hard guidance
+    train(cfg, progress=False)
+    config = json.loads((cfg.paths.models / "final" / "config.json").read_text())
+    labels, thresholds = config["guidance_labels"], config["guidance_thresholds"]
+    assert labels and len(thresholds) == len(labels)
+    assert all(t in guidance.THRESHOLD_GRID for t in thresholds)
+    assert all(t == 0.5 for label, t in zip(labels, thresholds) if ", " in label)  # sides: given the finding
