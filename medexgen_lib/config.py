@@ -253,11 +253,16 @@ class GuidanceConfig:
     loss_weight: float = 1.0
     min_count: int = 5  # observations positive in fewer training reports get no label
     pool: int = 2  # pooled grid per view the head sees (2: left/right halves apart)
+    # the side word of each generated sentence with one sided finding set to the head's side
+    # (guidance.align_sides; needs head): where the decoder does not follow the prompt's side
+    align_sides: bool = False
 
     def __post_init__(self) -> None:
         if self.decoder_input not in ("predicted", "true"):
             raise ConfigError("guidance.decoder_input must be 'predicted' or 'true', "
                               f"got {self.decoder_input!r}")
+        if self.align_sides and not self.head:
+            raise ConfigError("guidance.align_sides needs guidance.head (its sides are the head's)")
         if (self.decoder or self.embedding or self.prompt) and not self.head:
             raise ConfigError("guidance.decoder, guidance.embedding and guidance.prompt need guidance.head "
                               "(the decoder is fed its predictions)")
@@ -347,7 +352,7 @@ PROFILES: dict[str, dict[str, Any]] = {
              "train.encoder_epochs": 6, "train.selection_metric": "clinical macro_F1 + BLEU-4",
              "train.lr_encoder": 1e-3, "train.lr_decoder": 1e-3, "train.lr_new": 1e-3,
              "train.patience": 8, "guidance.head": True, "guidance.embedding": True,
-             "guidance.prompt": True, "guidance.decoder_input": "true",
+             "guidance.prompt": True, "guidance.decoder_input": "true", "guidance.align_sides": True,
              "eval.num_beams": 1, "eval.max_new_tokens": 80, "eval.meteor": False},
     # Real Open-i data, ImageNet ResNet50 + GPT-2 small, 224 px, both views.
     # Target: FINDINGS, the convention of R2Gen, R2GenCMN and CvT2DistilGPT2.

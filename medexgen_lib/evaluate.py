@@ -38,9 +38,9 @@ def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: tor
     out = []
     for batch in ProgressBar(loader, desc="generating", unit="batch", disable=not progress, leave=False):
         known = {"features": features(batch["uids"])} if features is not None else {}
-        ids = model.generate(batch["images"].to(device), batch["view_mask"].to(device), **known, **settings)
-        for uid, prediction in zip(batch["uids"], model.decode(ids.cpu())):
-            out.append({"uid": uid, "prediction": prediction.strip()})
+        texts = model.write_reports(batch["images"].to(device), batch["view_mask"].to(device), **known, **settings)
+        for uid, prediction in zip(batch["uids"], texts, strict=True):
+            out.append({"uid": uid, "prediction": prediction})
     expected = [e.uid for e in data.examples]
     if [row["uid"] for row in out] != expected:
         raise RuntimeError(f"the loader returned studies in another order or number ({len(out)}) than the "

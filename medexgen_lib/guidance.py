@@ -208,6 +208,48 @@ def hard_labels(probabilities: torch.Tensor, thresholds: Sequence[float], labels
     return hard
 
 
+def likely_sides(probabilities: torch.Tensor, labels: Sequence[str]) -> list[dict[str, set[str]]]:
+    """Per study, each sided observation that has side labels -> the sides more likely than not
+    given the finding (side probability / finding probability > 0.5, ``hard_labels``' rule),
+    whether or not the finding itself is predicted present."""
+    out: list[dict[str, set[str]]] = [{} for _ in range(probabilities.shape[0])]
+    for index, label in enumerate(labels):
+        if ", " not in label:
+            continue
+        observation, side = label.split(", ")
+        given = probabilities[:, index] / probabilities[:, labels.index(observation)].clamp_min(1e-6)
+        for study in torch.nonzero(given > 0.5).flatten().tolist():
+            out[study].setdefault(observation, set()).add(side)
+    return out
+
+
+_SIDE_WORD = re.compile(r"\b(left|right|bilateral)\b", re.IGNORECASE)
+_SENTENCE_PIECES = re.compile(r"((?<!\d)[.;](?!\d)|\n)")
+
+
+def align_sides(text: str, sides: dict[str, set[str]]) -> str:
+    """``text`` with the side word of each sentence that states exactly one sided observation
+    (positive or uncertain) and names exactly one side ("left", "right" or "bilateral") set
+    to the observation's side in ``sides`` (``likely_sides``; both sides = "bilateral").
+    Sentences naming two sides, two sided findings, or a finding without a known side keep
+    their words: the decoder chooses what to say, the observation head where."""
+    pieces = _SENTENCE_PIECES.split(text)
+    for at in range(0, len(pieces), 2):  # even pieces are sentences, odd ones their ends
+        sentence = pieces[at]
+        named = _SIDE_WORD.findall(sentence)
+        if len(named) != 1:
+            continue
+        labels = label_report(sentence)
+        stated = [o for o in SIDED_OBSERVATIONS if labels.get(o) in (POSITIVE, UNCERTAIN)]
+        if len(stated) != 1 or not sides.get(stated[0]):
+            continue
+        word = "bilateral" if set(sides[stated[0]]) == set(SIDES) else next(iter(sides[stated[0]]))
+        if named[0][0].isupper():
+            word = word.capitalize()
+        pieces[at] = _SIDE_WORD.sub(word, sentence)
+    return "".join(pieces)
+
+
 def observation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Multi-label BCE of the head, averaged over labels and studies."""
     return nn.functional.binary_cross_entropy_with_logits(logits.float(), targets.float())

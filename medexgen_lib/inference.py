@@ -103,11 +103,10 @@ def generate_report(model: ReportGenerator, images: list[str | os.PathLike],
     was_training = model.training
     model.eval()
     try:
-        ids = model.generate(pixels, torch.tensor([mask], device=device),
-                             **decode_settings(decode or EvalConfig()))
+        report = model.write_reports(pixels, torch.tensor([mask], device=device),
+                                     **decode_settings(decode or EvalConfig()))[0]
     finally:
         model.train(was_training)
-    report = model.decode(ids.cpu())[0].strip()
     labels = prediction_labels(report)  # the scoring rule: a degenerate report states nothing
     return {"images": [str(p) for p in images], "report": report,
             "observations": {k: v for k, v in labels.items() if v != "absent"}}

@@ -78,6 +78,7 @@ class ReportGeneratorConfig:
     guidance_prompt: bool = False  # label tokens prepended to the decoder's input (self-attention)
     guidance_thresholds: list[float] = field(default_factory=list)  # per label, chosen on val; empty: 0.5
     guidance_word_ids: list[list[int]] = field(default_factory=list)  # per label, its words' token ids (prompt)
+    guidance_align_sides: bool = False  # reports' side words set to the head's sides (guidance.align_sides)
 
     @property
     def grid_size(self) -> int:
@@ -98,7 +99,7 @@ class ReportGeneratorConfig:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"{source}: unknown model config key(s) {unknown}")
-        kinds = {"int": int, "float": float, "str": str}
+        kinds = {"int": int, "float": float, "str": str, "bool": bool}
         for name, fld in fields.items():
             if name not in values:
                 if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
@@ -108,6 +109,11 @@ class ReportGeneratorConfig:
             if kind is None:
                 continue
             fits = isinstance(value, kind) or (kind is float and isinstance(value, int))
+            if kind is bool:
+                if not fits:
+                    raise ValueError(f"{source}: model config field {name!r} must be true or false, "
+                                     f"got {type(value).__name__} {value!r}")
+                continue
             if not fits or isinstance(value, bool):
                 raise ValueError(f"{source}: model config field {name!r} must be {kind.__name__}, "
                                  f"got {type(value).__name__} {value!r}")
@@ -172,6 +178,7 @@ class ReportGenerator(nn.Module):
         wiring = {}
         if labels and guidance_cfg is not None:
             wiring = {"guidance_tokens": guidance_cfg.decoder, "guidance_pool": guidance_cfg.pool,
+                      "guidance_align_sides": guidance_cfg.align_sides,
                       "guidance_embedding": guidance_cfg.embedding, "guidance_prompt": guidance_cfg.prompt,
                       "guidance_hard": guidance_cfg.decoder_input == "true"}
         prompt = len(labels) if wiring.get("guidance_prompt") else 0
@@ -370,7 +377,24 @@ class ReportGenerator(nn.Module):
                  features: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
         """Report token ids (bos removed) via transformers' ``generate`` with the KV cache
         (``features``: ``image_features`` of these images, computed before)."""
-        visual, visual_mask, _ = self.encoder_states(images, view_mask, features=features)
+        return self._generate(images, view_mask, features, **generate_kwargs)[0]
+
+    @torch.no_grad()
+    def write_reports(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+                      features: torch.Tensor | None = None, **generate_kwargs) -> list[str]:
+        """The reports ``generate`` writes, as text; with ``guidance_align_sides`` each sided
+        finding's side word is the observation head's (``guidance.align_sides``)."""
+        ids, logits = self._generate(images, view_mask, features, **generate_kwargs)
+        texts = [text.strip() for text in self.decode(ids.cpu())]
+        if not (self.config.guidance_align_sides and logits is not None):
+            return texts
+        sides = guidance.likely_sides(logits.float().sigmoid().cpu(), self.config.guidance_labels)
+        return [guidance.align_sides(text, known) for text, known in zip(texts, sides, strict=True)]
+
+    def _generate(self, images: torch.Tensor, view_mask: torch.Tensor | None,
+                  features: torch.Tensor | None, **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``generate``'s token ids and the observation head's logits (None without a head)."""
+        visual, visual_mask, logits = self.encoder_states(images, view_mask, features=features)
         start = torch.full((images.shape[0], 1), self.config.bos_token_id, dtype=torch.long,
                            device=images.device)
         settings = {"max_new_tokens": 60, "do_sample": False, "num_beams": 1,
@@ -390,7 +414,7 @@ class ReportGenerator(nn.Module):
                                         encoder_attention_mask=visual_mask, **settings)
         finally:
             self._condition = self._prompt = None
-        return out if self.prompt_length else out[:, 1:]
+        return (out if self.prompt_length else out[:, 1:]), logits
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         """Token ids -> report strings (special tokens dropped)."""

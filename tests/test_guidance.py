@@ -100,8 +100,60 @@ def test_hard_labels_give_a_present_finding_its_likelier_side():
     assert model.predicted_labels(logits).tolist() == [[1.0, 1.0, 1.0, 0.0]]
 
 
+def test_likely_sides_follow_the_side_given_the_finding_present_or_not():
+    labels = ["Pleural Effusion", "Pleural Effusion, left", "Pleural Effusion, right", "Cardiomegaly"]
+    probabilities = torch.tensor([[0.9, 0.8, 0.1, 0.9],   # present, left
+                                  [0.1, 0.08, 0.01, 0.1],  # absent, left given effusion 0.8
+                                  [0.9, 0.7, 0.6, 0.1],    # both
+                                  [0.9, 0.3, 0.3, 0.1]])   # no side more likely than not
+    assert guidance.likely_sides(probabilities, labels) == [
+        {"Pleural Effusion": {"left"}}, {"Pleural Effusion": {"left"}},
+        {"Pleural Effusion": {"left", "right"}}, {}]
+
+
+@pytest.mark.parametrize("text, sides, expected", [
+    ("There is a small right pleural effusion. Left pneumothorax.",
+     {"Pleural Effusion": {"left"}, "Pneumothorax": {"left"}},
+     "There is a small left pleural effusion. Left pneumothorax."),
+    ("Right pleural effusion.", {"Pleural Effusion": {"left", "right"}}, "Bilateral pleural effusion."),
+    ("Bilateral pleural effusions.", {"Pleural Effusion": {"right"}}, "Right pleural effusions."),
+    # the sentence's finding has no known side, or it names another sided finding too: kept
+    ("Right pleural effusion.", {"Pneumothorax": {"left"}}, "Right pleural effusion."),
+    ("Right pleural effusion and left pneumothorax.", {"Pleural Effusion": {"left"}},
+     "Right pleural effusion and left pneumothorax."),
+    # two side words, or a negated finding: kept
+    ("Consolidation in the right lower lobe obscures the right heart border.",
+     {"Consolidation": {"left"}}, "Consolidation in the right lower lobe obscures the right heart border."),
+    ("No right pleural effusion.", {"Pleural Effusion": {"left"}}, "No right pleural effusion."),
+    # uncertain findings follow the head too; decimals do not split sentences
+    ("A 1.5 cm right nodule; possible right pneumothorax", {"Lung Lesion": {"left"}, "Pneumothorax": {"left"}},
+     "A 1.5 cm left nodule; possible left pneumothorax"),
+    ("", {"Pleural Effusion": {"left"}}, "")])
+def test_align_sides_sets_each_sided_findings_side_word_to_the_heads(text, sides, expected):
+    assert guidance.align_sides(text, sides) == expected
+
+
+def test_write_reports_align_sides_only_when_the_model_says_so(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = _prompted(guidance_thresholds=[0.5] * 4)
+    images = torch.randn(2, 2, 3, 64, 64)
+    written = ["Small right pleural effusion. Heart normal.", "Left pleural effusion."]
+    model.tokenizer = SimpleNamespace(batch_decode=lambda ids, **_: list(written))
+    # the head: effusion present in both studies, left given effusion in the first only
+    monkeypatch.setattr(model.guidance, "logits", lambda features, batch, mask: torch.logit(
+        torch.tensor([[0.1, 0.9, 0.8, 0.1], [0.1, 0.9, 0.1, 0.8]])))
+    assert model.write_reports(images, max_new_tokens=2) == written
+    model.config.guidance_align_sides = True
+    assert model.write_reports(images, max_new_tokens=2) == [
+        "Small left pleural effusion. Heart normal.", "Right pleural effusion."]
+    model.tokenizer = None
+    model.save_pretrained(tmp_path / "m")
+    assert ReportGenerator.from_pretrained(tmp_path / "m").config.guidance_align_sides is True
+
+
 @pytest.mark.reliability
 @pytest.mark.parametrize("field, value", [
+    ("guidance_align_sides", "yes"), ("guidance_align_sides", 1),
     ("guidance_thresholds", [0.5]), ("guidance_thresholds", [0.5, 0.5, 1.5, 0.5]),
     ("guidance_thresholds", [0.5, 0.5, float("nan"), 0.5]),
     ("guidance_word_ids", [[10], [11], [13], [999]]), ("guidance_word_ids", [[10], [11], [13], [-5]]),
