@@ -148,28 +148,6 @@ class ObservationGuidance(nn.Module):
         return self.tokens(p, words)
 
 
-@torch.no_grad()
-def head_probabilities(model, data, device: torch.device | str = "cpu", batch_size: int = 32) -> torch.Tensor:
-    """The observation head's probabilities for every study of ``data`` ``[N, labels]``, in order."""
-    from functools import partial
-
-    from torch.utils.data import DataLoader
-
-    from medexgen_lib.dataset import collate
-
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False,
-                        collate_fn=partial(collate, pad_token_id=model.config.pad_token_id))
-    out = []
-    for batch in loader:  # the head alone: no decoder inputs are built
-        images, view_mask = batch["images"].to(device), batch["view_mask"].to(device)
-        logits = model.guidance.logits(model.image_features(images, view_mask), images.shape[0], view_mask)
-        out.append(logits.sigmoid().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.1 .. 0.9
 
 

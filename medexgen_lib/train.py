@@ -356,6 +356,9 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length,
                                   labels, cfg.guidance)
     loss_hook = guidance.LossHook(cfg, train_data, labels)
+    # a model fed 0/1 labels gets its thresholds chosen on val at every validation, so the
+    # score that picks the checkpoint is the exported model's
+    val_targets = guidance.TargetLookup(val_data.examples, labels) if model.config.guidance_hard else None
     new_token_rows = NewTokenRows(model, tcfg)
     # One kernel per step: 6x faster on CPU. Not under fp16, where a fused step skips an
     # overflowed update inside the kernel and Accelerate could not tell the step was skipped.
@@ -420,7 +423,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         seconds_train = time.perf_counter() - began
         _sync_buffers(accelerator, model)
         metrics, val_loss, val_rows = _validate(accelerator, model, val_data, collate_fn, cfg, progress,
-                                                val_features)
+                                                val_features, val_targets)
         value = selection_value(metrics, tcfg.selection_metric)
         if tcfg.scheduler == "plateau":
             scheduler.step(value)
@@ -466,11 +469,8 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     if state["best_epoch"] == 0:  # the same on every process: all raise, none waits below
         raise RuntimeError("no epoch had the run's evaluation fingerprint; nothing to export")
     if accelerator.is_main_process:
-        best_model = ReportGenerator.from_pretrained(best_dir)
-        if best_model.config.guidance_hard:  # the head's thresholds, chosen on val for this checkpoint
-            targets = torch.tensor([guidance.report_targets(e.text, labels) for e in val_data.examples])
-            best_model.config.guidance_thresholds = guidance.choose_thresholds(
-                guidance.head_probabilities(best_model, val_data), targets, labels)
+        best_model = ReportGenerator.from_pretrained(best_dir)  # with the thresholds its val score used
+        if best_model.config.guidance_thresholds:
             log.info("observation thresholds chosen on val: %s",
                      dict(zip(labels, best_model.config.guidance_thresholds)))
         best_record = [h for h in _history_records(history_path) if h["epoch"] == state["best_epoch"]][-1]
@@ -586,14 +586,16 @@ def _sync_buffers(accelerator, model) -> None:
 
 
 @torch.no_grad()
-def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=None
+def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=None, targets=None
               ) -> tuple[dict, float, list[dict]]:
     """Val loss, scored generations and the generated rows. Every process computes the same
-    numbers (no test split). ``features``: the frozen encoder's ``FrozenFeatures`` of val."""
+    numbers (no test split). ``features``: the frozen encoder's ``FrozenFeatures`` of val;
+    ``targets`` (a ``guidance.TargetLookup`` of val): the head's thresholds are chosen on val
+    (``guidance.choose_thresholds``) before the reports are generated with them."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     loader = DataLoader(val_data, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collate_fn)
-    losses, weights = [], []
+    losses, weights, head, truth = [], [], [], []
     with accelerator.autocast():
         for batch in loader:
             out = unwrapped(batch["images"].to(accelerator.device), batch["input_ids"].to(accelerator.device),
@@ -603,6 +605,12 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
                             features=features(batch["uids"]) if features is not None else None)
             losses.append(out.loss.item())
             weights.append(int((batch["labels"][:, 1:] != -100).sum()))
+            if targets is not None:
+                head.append(out.observation_logits.float().sigmoid().cpu())
+                truth.append(targets(batch["uids"], "cpu"))
+        if targets is not None:
+            unwrapped.config.guidance_thresholds = guidance.choose_thresholds(
+                torch.cat(head), torch.cat(truth), unwrapped.config.guidance_labels)
         rows = generate_reports(unwrapped, val_data, cfg.eval, accelerator.device,
                                 progress=progress and accelerator.is_local_main_process, features=features)
     metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=False,

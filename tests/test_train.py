@@ -501,3 +501,17 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg):
     assert labels and len(thresholds) == len(labels)
     assert all(t in guidance.THRESHOLD_GRID for t in thresholds)
     assert all(t == 0.5 for label, t in zip(labels, thresholds) if ", " in label)  # sides: given the finding
+    # the val score that picked the checkpoint is the exported model's, thresholds included:
+    # they were chosen at that validation and saved with the checkpoint
+    best_config = json.loads((cfg.paths.checkpoints / "best" / "config.json").read_text())
+    assert best_config["guidance_thresholds"] == thresholds
+    from medexgen_lib.evaluate import generate_reports
+    from medexgen_lib.metrics import score
+    from medexgen_lib.preprocess import load_split
+    from medexgen_lib.train import load_history, selection_value
+
+    best = [h for h in load_history(cfg.paths.logs / "history.jsonl") if h.get("best")][-1]
+    rows = generate_reports(ReportGenerator.from_pretrained(cfg.paths.models / "final"),
+                            load_split(cfg, "val"), cfg.eval, progress=False)
+    metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=False)
+    assert selection_value(metrics, cfg.train.selection_metric) == pytest.approx(best["selection_value"], abs=1e-9)
