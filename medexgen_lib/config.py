@@ -342,7 +342,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # per label carrying the label's words, and are added to every input embedding (true
     # labels at train time); 64 px, batch 8, no augmentation; 16 epochs of which the first 6
     # train the encoder and head, the other 10 the rest on cached image features; checkpoint
-    # by clinical macro-F1 + BLEU-4 on val.
+    # by clinical macro-F1 + BLEU-4 on val; each generated sided finding gets the head's side.
     "demo": {"data.source": "phantom", "data.n_phantom_studies": 500,
              "tokenizer.kind": "trained", "text.max_length": 96, "images.size": 64,
              "images.augment": False,
@@ -365,8 +365,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     # ResNet50's 7x7 map keeps left and right apart; the head's BCE at weight 1 (the LM loss
     # of a pretrained GPT-2 starts near 2-3 nats). The ImageNet encoder fine-tunes in every
     # epoch (train.encoder_epochs 0; with augmentation its features change every epoch
-    # anyway); checkpoint by clinical macro-F1 + BLEU-4 as in the demo. None of this is
-    # measured on real data yet (no GPU here).
+    # anyway); checkpoint by clinical macro-F1 + BLEU-4 as in the demo. Side words are left
+    # to the decoder (guidance.align_sides off): real reports name sides of anatomy too
+    # ("right heart border") and the head's sides on real data are unmeasured; switch it on
+    # where val shows the head's sides beat the decoder's. None of this is measured on real
+    # data yet (no GPU here).
     "full": {"data.source": "openi", "tokenizer.kind": "gpt2", "split.require_findings": True,
              "text.target": "findings", "guidance.head": True, "guidance.prompt": True,
              "guidance.decoder_input": "true", "guidance.min_count": 20,

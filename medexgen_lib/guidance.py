@@ -26,7 +26,14 @@ observation at its threshold, chosen on val for the exported checkpoint
 ``predicted``: the head's detached probabilities at training and test time (no train/test
 mismatch, but early in training the guidance is noise and the decoder learns to rely on its
 language prior). The head learns only from its BCE (the decoder's loss does not reach it
-through the guidance). Measured lever by lever in ``medexgen_lib.ablation`` (README).
+through the guidance).
+
+``guidance.align_sides`` (the demo's choice): the decoder follows the prompt's findings but
+not reliably their sides (it writes a finding twice with both sides, or the side it saw
+with similar training images), while the head's side labels are mostly right. So in each
+generated sentence that states one sided finding and names one side, the side word
+becomes the head's (``align_sides``): the decoder chooses what to say, the head where.
+Measured lever by lever in ``medexgen_lib.ablation`` (README).
 """
 
 from __future__ import annotations
