@@ -41,7 +41,7 @@ ROWS: dict[str, dict] = {
     "+ observation head": HEAD,
     "+ guidance embedding (true labels at training)": EMBEDDING,
     "+ guidance prompt (label words, thresholds on val)": PROMPT,
-    "+ encoder frozen after 6 of 16 epochs, checkpoint by macro-F1 + BLEU-4": {"guidance.align_sides": False},
+    "+ encoder frozen after 5 of 15 epochs, checkpoint by macro-F1 + BLEU-4": {"guidance.align_sides": False},
     "best combination (demo default: + side words from the head)": {},
 }
 ROW_FILE = "row.json"

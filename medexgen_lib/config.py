@@ -340,7 +340,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Guided (issue 14's ablation, README): an observation head on the image features; its
     # predictions (thresholds chosen on val) start the decoder's input as a prompt, one token
     # per label carrying the label's words, and are added to every input embedding (true
-    # labels at train time); 64 px, batch 8, no augmentation; 16 epochs of which the first 6
+    # labels at train time); 64 px, batch 8, no augmentation; 15 epochs of which the first 5
     # train the encoder and head, the other 10 the rest on cached image features; checkpoint
     # by clinical macro-F1 + BLEU-4 on val; each generated sided finding gets the head's side.
     "demo": {"data.source": "phantom", "data.n_phantom_studies": 500,
@@ -348,8 +348,8 @@ PROFILES: dict[str, dict[str, Any]] = {
              "images.augment": False,
              "model.encoder": "resnet18", "model.encoder_pretrained": False,
              "model.decoder_pretrained": False, "model.n_layer": 2, "model.n_head": 4,
-             "model.n_embd": 128, "model.dropout": 0.1, "train.epochs": 16, "train.batch_size": 8,
-             "train.encoder_epochs": 6, "train.selection_metric": "clinical macro_F1 + BLEU-4",
+             "model.n_embd": 128, "model.dropout": 0.1, "train.epochs": 15, "train.batch_size": 8,
+             "train.encoder_epochs": 5, "train.selection_metric": "clinical macro_F1 + BLEU-4",
              "train.lr_encoder": 1e-3, "train.lr_decoder": 1e-3, "train.lr_new": 1e-3,
              "train.patience": 8, "guidance.head": True, "guidance.embedding": True,
              "guidance.prompt": True, "guidance.decoder_input": "true", "guidance.align_sides": True,
