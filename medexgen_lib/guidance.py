@@ -196,15 +196,20 @@ def hard_labels(probabilities: torch.Tensor, thresholds: Sequence[float], labels
 def likely_sides(probabilities: torch.Tensor, labels: Sequence[str]) -> list[dict[str, set[str]]]:
     """Per study, each sided observation that has side labels -> the sides more likely than not
     given the finding (side probability / finding probability > 0.5, ``hard_labels``' rule),
-    whether or not the finding itself is predicted present."""
-    out: list[dict[str, set[str]]] = [{} for _ in range(probabilities.shape[0])]
+    or the likelier side where neither is, whether or not the finding itself is predicted
+    present: a report that states the finding names its side (the phantom's convention)."""
+    groups: dict[str, list[tuple[str, int]]] = {}
     for index, label in enumerate(labels):
-        if ", " not in label:
-            continue
-        observation, side = label.split(", ")
-        given = probabilities[:, index] / probabilities[:, labels.index(observation)].clamp_min(1e-6)
-        for study in torch.nonzero(given > 0.5).flatten().tolist():
-            out[study].setdefault(observation, set()).add(side)
+        if ", " in label:
+            observation, side = label.split(", ")
+            groups.setdefault(observation, []).append((side, index))
+    out: list[dict[str, set[str]]] = [{} for _ in range(probabilities.shape[0])]
+    for observation, sides in groups.items():
+        finding = probabilities[:, labels.index(observation)].clamp_min(1e-6)
+        given = torch.stack([probabilities[:, index] / finding for _, index in sides], 1)
+        for study, row in enumerate(given.tolist()):
+            named = {side for (side, _), p in zip(sides, row) if p > 0.5}
+            out[study][observation] = named or {sides[row.index(max(row))][0]}
     return out
 
 

@@ -105,10 +105,11 @@ def test_likely_sides_follow_the_side_given_the_finding_present_or_not():
     probabilities = torch.tensor([[0.9, 0.8, 0.1, 0.9],   # present, left
                                   [0.1, 0.08, 0.01, 0.1],  # absent, left given effusion 0.8
                                   [0.9, 0.7, 0.6, 0.1],    # both
-                                  [0.9, 0.3, 0.3, 0.1]])   # no side more likely than not
+                                  [0.9, 0.2, 0.3, 0.1]])   # neither more likely than not: the likelier
     assert guidance.likely_sides(probabilities, labels) == [
         {"Pleural Effusion": {"left"}}, {"Pleural Effusion": {"left"}},
-        {"Pleural Effusion": {"left", "right"}}, {}]
+        {"Pleural Effusion": {"left", "right"}}, {"Pleural Effusion": {"right"}}]
+    assert guidance.likely_sides(probabilities[:, [0, 3]], ["Pleural Effusion", "Cardiomegaly"]) == [{}] * 4
 
 
 @pytest.mark.parametrize("text, sides, expected", [
