@@ -343,6 +343,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     # labels at train time); 64 px, batch 8, no augmentation; 15 epochs of which the first 5
     # train the encoder and head, the other 10 the rest on cached image features; checkpoint
     # by clinical macro-F1 + BLEU-4 on val; each generated sided finding gets the head's side.
+    # The head pools each view's 2x2 feature map to 3x3 (overlapping windows: the halves, the
+    # middle and the whole as well as the quadrants; val, 3 seeds: macro-F1 .903 vs .884,
+    # BLEU-4 .464 vs .439 for 2x2).
     "demo": {"data.source": "phantom", "data.n_phantom_studies": 500,
              "tokenizer.kind": "trained", "text.max_length": 96, "images.size": 64,
              "images.augment": False,
@@ -353,6 +356,7 @@ PROFILES: dict[str, dict[str, Any]] = {
              "train.lr_encoder": 1e-3, "train.lr_decoder": 1e-3, "train.lr_new": 1e-3,
              "train.patience": 8, "guidance.head": True, "guidance.embedding": True,
              "guidance.prompt": True, "guidance.decoder_input": "true", "guidance.align_sides": True,
+             "guidance.pool": 3,
              "eval.num_beams": 1, "eval.max_new_tokens": 80, "eval.meteor": False},
     # Real Open-i data, ImageNet ResNet50 + GPT-2 small, 224 px, both views.
     # Target: FINDINGS, the convention of R2Gen, R2GenCMN and CvT2DistilGPT2.

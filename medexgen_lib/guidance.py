@@ -50,7 +50,8 @@ from medexgen_lib.labeler import OBSERVATIONS, POSITIVE, UNCERTAIN, label_report
 
 SIDED_OBSERVATIONS = ("Pleural Effusion", "Pneumothorax", "Lung Lesion", "Consolidation")
 SIDES = ("left", "right")
-_SENTENCE_SPLIT = re.compile(r"(?<!\d)[.;](?!\d)|\n")
+_SENTENCE_SPLIT = re.compile(r"(?<!\d)[.;!?](?!\d)|\n")
+_SENTENCE_SPLIT_KEEP = re.compile(r"((?<!\d)[.;!?](?!\d)|\n)")  # the same, ends kept
 _SIDE_WORDS = {"left": re.compile(r"\bleft\b"), "right": re.compile(r"\bright\b"),
                "bilateral": re.compile(r"\bbilateral(ly)?\b|\bboth\b")}
 
@@ -193,11 +194,13 @@ def hard_labels(probabilities: torch.Tensor, thresholds: Sequence[float], labels
     return hard
 
 
-def likely_sides(probabilities: torch.Tensor, labels: Sequence[str]) -> list[dict[str, set[str]]]:
-    """Per study, each sided observation that has side labels -> the sides more likely than not
-    given the finding (side probability / finding probability > 0.5, ``hard_labels``' rule),
-    or the likelier side where neither is, whether or not the finding itself is predicted
-    present: a report that states the finding names its side (the phantom's convention)."""
+def likely_sides(probabilities: torch.Tensor, labels: Sequence[str], present: torch.Tensor
+                 ) -> list[dict[str, set[str]]]:
+    """Per study, each sided observation the head predicts ``present`` (``hard_labels``) -> the
+    sides more likely than not given the finding (side probability / finding probability > 0.5,
+    ``hard_labels``' rule), or where neither is and the observation has both side labels, the
+    likelier one: a report that states the finding names its side (the phantom's convention).
+    An absent finding, or one whose probabilities are not numbers, gets no side."""
     groups: dict[str, list[tuple[str, int]]] = {}
     for index, label in enumerate(labels):
         if ", " in label:
@@ -205,38 +208,68 @@ def likely_sides(probabilities: torch.Tensor, labels: Sequence[str]) -> list[dic
             groups.setdefault(observation, []).append((side, index))
     out: list[dict[str, set[str]]] = [{} for _ in range(probabilities.shape[0])]
     for observation, sides in groups.items():
-        finding = probabilities[:, labels.index(observation)].clamp_min(1e-6)
-        given = torch.stack([probabilities[:, index] / finding for _, index in sides], 1)
+        column = labels.index(observation)
+        given = torch.stack([probabilities[:, index] / probabilities[:, column].clamp_min(1e-6)
+                             for _, index in sides], 1)
         for study, row in enumerate(given.tolist()):
+            if not present[study, column] or any(p != p for p in row):  # absent, or NaN
+                continue
             named = {side for (side, _), p in zip(sides, row) if p > 0.5}
-            out[study][observation] = named or {sides[row.index(max(row))][0]}
+            if not named and {side for side, _ in sides} == set(SIDES):
+                named = {sides[row.index(max(row))][0]}
+            if named:
+                out[study][observation] = named
     return out
 
 
-_SIDE_WORD = re.compile(r"\b(left|right|bilateral)\b", re.IGNORECASE)
-_SENTENCE_PIECES = re.compile(r"((?<!\d)[.;](?!\d)|\n)")
+# Side words; "bilaterally" and "both" count as naming a side but are never written.
+_SIDE_WORD = re.compile(r"\b(left|right|bilateral|bilaterally|both)\b", re.IGNORECASE)
+# Clause ends inside a sentence: commas, "and", "but", "with" (not "consistent with"), ...
+_CLAUSE_END = re.compile(r",|\b(?:and|but|however|although|while|whereas|which)\b|(?<!consistent )\bwith\b",
+                         re.IGNORECASE)
+
+
+def _clause_around(sentence: str, start: int) -> str:
+    """The clause of ``sentence`` that holds the character at ``start``."""
+    ends = [m for m in _CLAUSE_END.finditer(sentence)]
+    begin = max([m.end() for m in ends if m.end() <= start], default=0)
+    stop = min([m.start() for m in ends if m.start() >= start], default=len(sentence))
+    return sentence[begin:stop]
+
+
+def _in_case_of(word: str, like: str) -> str:
+    """``word`` in the letter case of ``like`` (LEFT, Left or left)."""
+    if like.isupper() and len(like) > 1:
+        return word.upper()
+    return word.capitalize() if like[0].isupper() else word
 
 
 def align_sides(text: str, sides: dict[str, set[str]]) -> str:
     """``text`` with the side word of each sentence that states exactly one sided observation
-    (positive or uncertain) and names exactly one side ("left", "right" or "bilateral") set
-    to the observation's side in ``sides`` (``likely_sides``; both sides = "bilateral").
-    Sentences naming two sides, two sided findings, or a finding without a known side keep
-    their words: the decoder chooses what to say, the observation head where."""
-    pieces = _SENTENCE_PIECES.split(text)
+    (positive or uncertain) set to that observation's side in ``sides`` (``likely_sides``).
+    Only where the sentence names exactly one side ("left", "right" or "bilateral") and that
+    word's clause states the observation itself ("small right pleural effusion", "consolidation
+    in the right lower lobe", not "no pneumothorax on the right" nor "right base atelectasis
+    with pleural effusion"); "bilateral" is written only in front of a finding, not after
+    "the". Everything else is kept byte for byte: the decoder chooses what to say, the head where."""
+    pieces = _SENTENCE_SPLIT_KEEP.split(text)
     for at in range(0, len(pieces), 2):  # even pieces are sentences, odd ones their ends
         sentence = pieces[at]
-        named = _SIDE_WORD.findall(sentence)
-        if len(named) != 1:
+        named = list(_SIDE_WORD.finditer(sentence))
+        if len(named) != 1 or named[0].group(1).lower() not in ("left", "right", "bilateral"):
             continue
         labels = label_report(sentence)
         stated = [o for o in SIDED_OBSERVATIONS if labels.get(o) in (POSITIVE, UNCERTAIN)]
         if len(stated) != 1 or not sides.get(stated[0]):
             continue
+        clause = label_report(_clause_around(sentence, named[0].start()))
+        if clause.get(stated[0]) not in (POSITIVE, UNCERTAIN):
+            continue
         word = "bilateral" if set(sides[stated[0]]) == set(SIDES) else next(iter(sides[stated[0]]))
-        if named[0][0].isupper():
-            word = word.capitalize()
-        pieces[at] = _SIDE_WORD.sub(word, sentence)
+        if word == "bilateral" and re.search(r"\bthe\s+$", sentence[:named[0].start()], re.IGNORECASE):
+            continue  # "in the left lower lobe" cannot become "in the bilateral lower lobe"
+        word = _in_case_of(word, named[0].group(1))
+        pieces[at] = sentence[:named[0].start()] + word + sentence[named[0].end():]
     return "".join(pieces)
 
 

@@ -388,7 +388,8 @@ class ReportGenerator(nn.Module):
         texts = [text.strip() for text in self.decode(ids.cpu())]
         if not (self.config.guidance_align_sides and logits is not None):
             return texts
-        sides = guidance.likely_sides(logits.float().sigmoid().cpu(), self.config.guidance_labels)
+        sides = guidance.likely_sides(logits.float().sigmoid().cpu(), self.config.guidance_labels,
+                                      self.predicted_labels(logits.float()).cpu())
         return [guidance.align_sides(text, known) for text, known in zip(texts, sides, strict=True)]
 
     def _generate(self, images: torch.Tensor, view_mask: torch.Tensor | None,

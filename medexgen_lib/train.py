@@ -595,8 +595,10 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     loader = DataLoader(val_data, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collate_fn)
-    losses, weights, head, truth = [], [], [], []
+    losses, weights = [], []
     with accelerator.autocast():
+        if targets is not None:  # first, so that the val loss is the exported model's too
+            _choose_thresholds(unwrapped, loader, targets, accelerator.device, features)
         for batch in loader:
             out = unwrapped(batch["images"].to(accelerator.device), batch["input_ids"].to(accelerator.device),
                             batch["attention_mask"].to(accelerator.device),
@@ -605,12 +607,6 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
                             features=features(batch["uids"]) if features is not None else None)
             losses.append(out.loss.item())
             weights.append(int((batch["labels"][:, 1:] != -100).sum()))
-            if targets is not None:
-                head.append(out.observation_logits.float().sigmoid().cpu())
-                truth.append(targets(batch["uids"], "cpu"))
-        if targets is not None:
-            unwrapped.config.guidance_thresholds = guidance.choose_thresholds(
-                torch.cat(head), torch.cat(truth), unwrapped.config.guidance_labels)
         rows = generate_reports(unwrapped, val_data, cfg.eval, accelerator.device,
                                 progress=progress and accelerator.is_local_main_process, features=features)
     metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=False,
@@ -618,6 +614,19 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
     metrics["distinct_predictions"] = diversity([r["prediction"] for r in rows])["distinct_predictions"]
     unwrapped.train()
     return metrics, float(np.average(losses, weights=weights)), rows
+
+
+def _choose_thresholds(model, loader, targets, device, features=None) -> None:
+    """Set ``model``'s observation thresholds to those ``guidance.choose_thresholds`` picks on
+    the head's probabilities for ``loader``'s (val) studies (``features``: cached encoder maps)."""
+    probabilities, truth = [], []
+    for batch in loader:  # the head alone: no decoder inputs are built
+        images, view_mask = batch["images"].to(device), batch["view_mask"].to(device)
+        maps = features(batch["uids"]) if features is not None else model.image_features(images, view_mask)
+        probabilities.append(model.guidance.logits(maps, images.shape[0], view_mask).float().sigmoid().cpu())
+        truth.append(targets(batch["uids"], "cpu"))
+    model.config.guidance_thresholds = guidance.choose_thresholds(
+        torch.cat(probabilities), torch.cat(truth), model.config.guidance_labels)
 
 
 def _truncate_history(path: Path, last_epoch: int) -> None:

@@ -100,36 +100,70 @@ def test_hard_labels_give_a_present_finding_its_likelier_side():
     assert model.predicted_labels(logits).tolist() == [[1.0, 1.0, 1.0, 0.0]]
 
 
-def test_likely_sides_follow_the_side_given_the_finding_present_or_not():
+def test_likely_sides_of_present_findings_follow_the_side_given_the_finding():
     labels = ["Pleural Effusion", "Pleural Effusion, left", "Pleural Effusion, right", "Cardiomegaly"]
-    probabilities = torch.tensor([[0.9, 0.8, 0.1, 0.9],   # present, left
-                                  [0.1, 0.08, 0.01, 0.1],  # absent, left given effusion 0.8
-                                  [0.9, 0.7, 0.6, 0.1],    # both
-                                  [0.9, 0.2, 0.3, 0.1]])   # neither more likely than not: the likelier
-    assert guidance.likely_sides(probabilities, labels) == [
-        {"Pleural Effusion": {"left"}}, {"Pleural Effusion": {"left"}},
-        {"Pleural Effusion": {"left", "right"}}, {"Pleural Effusion": {"right"}}]
-    assert guidance.likely_sides(probabilities[:, [0, 3]], ["Pleural Effusion", "Cardiomegaly"]) == [{}] * 4
+    probabilities = torch.tensor([[0.9, 0.8, 0.1, 0.9],     # left
+                                  [0.9, 0.7, 0.6, 0.1],     # both
+                                  [0.9, 0.2, 0.3, 0.1],     # neither more likely than not: the likelier
+                                  [0.02, 0.015, 0.012, 0.1],  # absent: no side, however the ratios fall
+                                  [0.9, float("nan"), 0.2, 0.1]])  # not a number: no side
+    present = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
+    assert guidance.likely_sides(probabilities, labels, present) == [
+        {"Pleural Effusion": {"left"}}, {"Pleural Effusion": {"left", "right"}},
+        {"Pleural Effusion": {"right"}}, {}, {}]
+    columns = [0, 3]  # no side labels: no sides
+    assert guidance.likely_sides(probabilities[:, columns], ["Pleural Effusion", "Cardiomegaly"],
+                                 present[:, columns]) == [{}] * 5
+    # one side label only: that side where it is likely given the finding, never by default
+    one = guidance.likely_sides(probabilities[:, [0, 2]], ["Pleural Effusion", "Pleural Effusion, right"],
+                                present[:, [0, 2]])
+    assert one == [{}, {"Pleural Effusion": {"right"}}, {}, {}, {}]
+
+
+LEFT = {"Pleural Effusion": {"left"}, "Pneumothorax": {"left"}, "Consolidation": {"left"},
+        "Lung Lesion": {"left"}}
 
 
 @pytest.mark.parametrize("text, sides, expected", [
-    ("There is a small right pleural effusion. Left pneumothorax.",
-     {"Pleural Effusion": {"left"}, "Pneumothorax": {"left"}},
+    ("There is a small right pleural effusion. Left pneumothorax.", LEFT,
      "There is a small left pleural effusion. Left pneumothorax."),
     ("Right pleural effusion.", {"Pleural Effusion": {"left", "right"}}, "Bilateral pleural effusion."),
     ("Bilateral pleural effusions.", {"Pleural Effusion": {"right"}}, "Right pleural effusions."),
+    ("LEFT PLEURAL EFFUSION.", {"Pleural Effusion": {"right"}}, "RIGHT PLEURAL EFFUSION."),
+    # the phantom's phrasings: the side before, inside or after the finding's words
+    ("Airspace opacity in the right lung base consistent with consolidation.", LEFT,
+     "Airspace opacity in the left lung base consistent with consolidation."),
+    ("Right lower lobe consolidation, may represent pneumonia.", LEFT,
+     "Left lower lobe consolidation, may represent pneumonia."),
+    ("Blunting of the right costophrenic angle consistent with pleural effusion.", LEFT,
+     "Blunting of the left costophrenic angle consistent with pleural effusion."),
+    ("There is a 8 mm nodule in the right lower lung", LEFT, "There is a 8 mm nodule in the left lower lung"),
     # the sentence's finding has no known side, or it names another sided finding too: kept
     ("Right pleural effusion.", {"Pneumothorax": {"left"}}, "Right pleural effusion."),
-    ("Right pleural effusion and left pneumothorax.", {"Pleural Effusion": {"left"}},
-     "Right pleural effusion and left pneumothorax."),
-    # two side words, or a negated finding: kept
-    ("Consolidation in the right lower lobe obscures the right heart border.",
-     {"Consolidation": {"left"}}, "Consolidation in the right lower lobe obscures the right heart border."),
-    ("No right pleural effusion.", {"Pleural Effusion": {"left"}}, "No right pleural effusion."),
-    # uncertain findings follow the head too; decimals do not split sentences
-    ("A 1.5 cm right nodule; possible right pneumothorax", {"Lung Lesion": {"left"}, "Pneumothorax": {"left"}},
-     "A 1.5 cm left nodule; possible left pneumothorax"),
-    ("", {"Pleural Effusion": {"left"}}, "")])
+    ("Right pleural effusion and left pneumothorax.", LEFT, "Right pleural effusion and left pneumothorax."),
+    # the side word belongs to something else: a negated finding, other anatomy, another clause
+    ("Small pleural effusion, no pneumothorax on the right.", LEFT,
+     "Small pleural effusion, no pneumothorax on the right."),
+    ("Previously seen right pleural effusion has resolved, new pneumothorax.", LEFT,
+     "Previously seen right pleural effusion has resolved, new pneumothorax."),
+    ("No right pneumothorax! Pleural effusion.", LEFT, "No right pneumothorax! Pleural effusion."),
+    ("Atelectasis at the right base with small pleural effusion.", LEFT,
+     "Atelectasis at the right base with small pleural effusion."),
+    ("Small pleural effusion and elevated right hemidiaphragm.", LEFT,
+     "Small pleural effusion and elevated right hemidiaphragm."),
+    ("Bilaterally, pleural effusions are seen, larger on the right.", LEFT,
+     "Bilaterally, pleural effusions are seen, larger on the right."),
+    ("Consolidation in the right lower lobe obscures the right heart border.", LEFT,
+     "Consolidation in the right lower lobe obscures the right heart border."),
+    ("No right pleural effusion.", LEFT, "No right pleural effusion."),
+    # "bilateral" only in front of a finding, not after "the"
+    ("Focal consolidation in the right lower lobe.", {"Consolidation": {"left", "right"}},
+     "Focal consolidation in the right lower lobe."),
+    # uncertain findings follow the head too; decimals do not split sentences; ends kept
+    ("A 1.5 cm right nodule; possible right pneumothorax\nok", LEFT,
+     "A 1.5 cm left nodule; possible left pneumothorax\nok"),
+    ("leftover righteous effusion.", LEFT, "leftover righteous effusion."),
+    ("", LEFT, "")])
 def test_align_sides_sets_each_sided_findings_side_word_to_the_heads(text, sides, expected):
     assert guidance.align_sides(text, sides) == expected
 
