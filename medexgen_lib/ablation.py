@@ -28,7 +28,7 @@ SEED_DESIGN = {"images.size": 96, "images.augment": True, "train.epochs": 16,
                "train.batch_size": 16, "train.patience": 6, "train.encoder_epochs": 0,
                "train.selection_metric": "clinical macro_F1", "guidance.head": False,
                "guidance.embedding": False, "guidance.prompt": False, "guidance.decoder": False,
-               "guidance.decoder_input": "predicted", "guidance.align_sides": False}
+               "guidance.decoder_input": "predicted", "guidance.align_sides": False, "guidance.pool": 2}
 CHEAP = {**SEED_DESIGN, "images.size": 64, "images.augment": False, "train.epochs": 12,
          "train.batch_size": 8}
 HEAD = {**CHEAP, "guidance.head": True}
@@ -41,7 +41,9 @@ ROWS: dict[str, dict] = {
     "+ observation head": HEAD,
     "+ guidance embedding (true labels at training)": EMBEDDING,
     "+ guidance prompt (label words, thresholds on val)": PROMPT,
-    "+ encoder frozen after 5 of 15 epochs, checkpoint by macro-F1 + BLEU-4": {"guidance.align_sides": False},
+    "+ encoder frozen after 5 of 15 epochs, checkpoint by macro-F1 + BLEU-4": {"guidance.align_sides": False,
+                                                                              "guidance.pool": 2},
+    "+ head pools each view 3x3": {"guidance.align_sides": False},
     "best combination (demo default: + side words from the head)": {},
 }
 ROW_FILE = "row.json"

@@ -448,3 +448,11 @@ def test_the_full_profiles_prompt_reads_a_pretrained_gpt2s_own_word_embeddings(t
     model.save_pretrained(tmp_path / "m")
     loaded = ReportGenerator.from_pretrained(tmp_path / "m")
     assert torch.equal(loaded.generate(images, max_new_tokens=6), model.generate(images, max_new_tokens=6))
+
+
+def test_ablation_rows_add_one_lever_at_a_time_and_end_at_the_demo_default():
+    from medexgen_lib.ablation import ROWS
+
+    configs = [load_config("demo", overrides).to_dict() for overrides in ROWS.values()]
+    assert configs[-1] == load_config("demo").to_dict()
+    assert all(before != after for before, after in zip(configs, configs[1:]))
