@@ -231,7 +231,7 @@ _CLAUSE_END = re.compile(r",|\b(?:and|but|however|although|while|whereas|which)\
 
 def _clause_around(sentence: str, start: int) -> str:
     """The clause of ``sentence`` that holds the character at ``start``."""
-    ends = [m for m in _CLAUSE_END.finditer(sentence)]
+    ends = list(_CLAUSE_END.finditer(sentence))
     begin = max([m.end() for m in ends if m.end() <= start], default=0)
     stop = min([m.start() for m in ends if m.start() >= start], default=len(sentence))
     return sentence[begin:stop]
