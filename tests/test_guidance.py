@@ -141,6 +141,7 @@ LEFT = {"Pleural Effusion": {"left"}, "Pneumothorax": {"left"}, "Consolidation":
     # the sentence's finding has no known side, or it names another sided finding too: kept
     ("Right pleural effusion.", {"Pneumothorax": {"left"}}, "Right pleural effusion."),
     ("Right pleural effusion and left pneumothorax.", LEFT, "Right pleural effusion and left pneumothorax."),
+    ("Right pleural effusion and pneumothorax.", LEFT, "Right pleural effusion and pneumothorax."),
     # the side word belongs to something else: a negated finding, other anatomy, another clause
     ("Small pleural effusion, no pneumothorax on the right.", LEFT,
      "Small pleural effusion, no pneumothorax on the right."),
@@ -450,7 +451,7 @@ def test_the_full_profiles_prompt_reads_a_pretrained_gpt2s_own_word_embeddings(t
     assert torch.equal(loaded.generate(images, max_new_tokens=6), model.generate(images, max_new_tokens=6))
 
 
-def test_ablation_rows_add_one_lever_at_a_time_and_end_at_the_demo_default():
+def test_ablation_rows_load_differ_from_the_row_before_and_end_at_the_demo_default():
     from medexgen_lib.ablation import ROWS
 
     configs = [load_config("demo", overrides).to_dict() for overrides in ROWS.values()]

@@ -498,6 +498,8 @@ def test_the_selection_metric_may_sum_validation_metrics():
 
 def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg):
     from medexgen_lib import guidance
+    from medexgen_lib.dataset import collate
+    from medexgen_lib.preprocess import load_split
 
     cfg = tiny_cfg()
     assert cfg.guidance.decoder_input == "true"  # the demo's hard guidance
@@ -507,13 +509,22 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg):
     assert labels and len(thresholds) == len(labels)
     assert all(t in guidance.THRESHOLD_GRID for t in thresholds)
     assert all(t == 0.5 for label, t in zip(labels, thresholds) if ", " in label)  # sides: given the finding
+    # chosen on val: the exported head's val probabilities give the same choice
+    model = ReportGenerator.from_pretrained(cfg.paths.models / "final").eval()
+    val = load_split(cfg, "val")
+    batch = collate([val[i] for i in range(len(val))], pad_token_id=model.config.pad_token_id)
+    with torch.no_grad():
+        features = model.image_features(batch["images"], batch["view_mask"])
+        probabilities = model.guidance.logits(features, len(val), batch["view_mask"]).sigmoid()
+    truth = torch.tensor([guidance.report_targets(e.text, labels) for e in val.examples])
+    assert guidance.choose_thresholds(probabilities, truth, labels) == thresholds
+    assert thresholds != [0.5] * len(labels)  # this run's val moves some of them
     # the val score that picked the checkpoint is the exported model's, thresholds included:
     # they were chosen at that validation and saved with the checkpoint
     best_config = json.loads((cfg.paths.checkpoints / "best" / "config.json").read_text())
     assert best_config["guidance_thresholds"] == thresholds
     from medexgen_lib.evaluate import generate_reports
     from medexgen_lib.metrics import score
-    from medexgen_lib.preprocess import load_split
     from medexgen_lib.train import load_history, selection_value
 
     best = [h for h in load_history(cfg.paths.logs / "history.jsonl") if h.get("best")][-1]
