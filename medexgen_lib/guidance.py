@@ -50,10 +50,10 @@ from medexgen_lib.labeler import OBSERVATIONS, POSITIVE, UNCERTAIN, label_report
 
 SIDED_OBSERVATIONS = ("Pleural Effusion", "Pneumothorax", "Lung Lesion", "Consolidation")
 SIDES = ("left", "right")
-_SENTENCE_SPLIT = re.compile(r"(?<!\d)[.;!?](?!\d)|\n")
-_SENTENCE_SPLIT_KEEP = re.compile(r"((?<!\d)[.;!?](?!\d)|\n)")  # the same, ends kept
-_SIDE_WORDS = {"left": re.compile(r"\bleft\b"), "right": re.compile(r"\bright\b"),
-               "bilateral": re.compile(r"\bbilateral(ly)?\b|\bboth\b")}
+# Sentence ends (kept by split: even pieces are sentences, odd ones their ends) and side words
+# ("bilateral", "bilaterally" and "both" name both sides).
+_SENTENCE_PIECES = re.compile(r"((?<!\d)[.;!?](?!\d)|\n)")
+_SIDE_WORD = re.compile(r"\b(left|right|bilateral|bilaterally|both)\b", re.IGNORECASE)
 
 
 def label_words(label: str) -> str:
@@ -72,13 +72,12 @@ def report_sides(text: str) -> dict[str, set[str]]:
     """Sided observations the report states (positive or uncertain) -> the sides named in the
     same sentence ({"left"}, {"right"}, both for "bilateral"; empty when no side is named)."""
     sides: dict[str, set[str]] = {}
-    for sentence in _SENTENCE_SPLIT.split(text or ""):
+    for sentence in _SENTENCE_PIECES.split(text or "")[::2]:
         if not sentence.strip():
             continue
         labels = label_report(sentence)
-        named = {s for s in SIDES if _SIDE_WORDS[s].search(sentence.lower())}
-        if _SIDE_WORDS["bilateral"].search(sentence.lower()):
-            named |= set(SIDES)
+        words = {word.lower() for word in _SIDE_WORD.findall(sentence)}
+        named = set(SIDES) if words - set(SIDES) else words
         for observation in SIDED_OBSERVATIONS:
             if labels.get(observation) in (POSITIVE, UNCERTAIN):
                 sides.setdefault(observation, set()).update(named)
@@ -194,13 +193,12 @@ def hard_labels(probabilities: torch.Tensor, thresholds: Sequence[float], labels
     return hard
 
 
-def likely_sides(probabilities: torch.Tensor, labels: Sequence[str], present: torch.Tensor
+def likely_sides(probabilities: torch.Tensor, labels: Sequence[str], hard: torch.Tensor
                  ) -> list[dict[str, set[str]]]:
-    """Per study, each sided observation the head predicts ``present`` (``hard_labels``) -> the
-    sides more likely than not given the finding (side probability / finding probability > 0.5,
-    ``hard_labels``' rule), or where neither is and the observation has both side labels, the
-    likelier one: a report that states the finding names its side (the phantom's convention).
-    An absent finding, or one whose probabilities are not numbers, gets no side."""
+    """Per study, each sided observation present in ``hard`` (``hard_labels``' 0/1 labels) -> its
+    sides there, or where none is and the observation has both side labels, the likelier one
+    by ``probabilities``: a report that states the finding names its side (the phantom's
+    convention). An absent finding, or one whose side probabilities are not numbers, gets none."""
     groups: dict[str, list[tuple[str, int]]] = {}
     for index, label in enumerate(labels):
         if ", " in label:
@@ -209,12 +207,11 @@ def likely_sides(probabilities: torch.Tensor, labels: Sequence[str], present: to
     out: list[dict[str, set[str]]] = [{} for _ in range(probabilities.shape[0])]
     for observation, sides in groups.items():
         column = labels.index(observation)
-        given = torch.stack([probabilities[:, index] / probabilities[:, column].clamp_min(1e-6)
-                             for _, index in sides], 1)
-        for study, row in enumerate(given.tolist()):
-            if not present[study, column] or any(p != p for p in row):  # absent, or NaN
+        for study in range(probabilities.shape[0]):
+            row = [float(probabilities[study, index]) for _, index in sides]
+            if not hard[study, column] or any(p != p for p in row):  # absent, or NaN
                 continue
-            named = {side for (side, _), p in zip(sides, row) if p > 0.5}
+            named = {side for side, index in sides if hard[study, index]}
             if not named and {side for side, _ in sides} == set(SIDES):
                 named = {sides[row.index(max(row))][0]}
             if named:
@@ -222,8 +219,6 @@ def likely_sides(probabilities: torch.Tensor, labels: Sequence[str], present: to
     return out
 
 
-# Side words; "bilaterally" and "both" count as naming a side but are never written.
-_SIDE_WORD = re.compile(r"\b(left|right|bilateral|bilaterally|both)\b", re.IGNORECASE)
 # Clause ends inside a sentence: commas, "and", "but", "with" (not "consistent with"), ...
 _CLAUSE_END = re.compile(r",|\b(?:and|but|however|although|while|whereas|which)\b|(?<!consistent )\bwith\b",
                          re.IGNORECASE)
@@ -252,7 +247,7 @@ def align_sides(text: str, sides: dict[str, set[str]]) -> str:
     in the right lower lobe", not "no pneumothorax on the right" nor "right base atelectasis
     with pleural effusion"); "bilateral" is written only in front of a finding, not after
     "the". Everything else is kept byte for byte: the decoder chooses what to say, the head where."""
-    pieces = _SENTENCE_SPLIT_KEEP.split(text)
+    pieces = _SENTENCE_PIECES.split(text)
     for at in range(0, len(pieces), 2):  # even pieces are sentences, odd ones their ends
         sentence = pieces[at]
         named = list(_SIDE_WORD.finditer(sentence))

@@ -171,10 +171,9 @@ def freeze_image_side(model: ReportGenerator, frozen: bool) -> None:
 
 
 class FrozenFeatures:
-    """The frozen encoder's feature maps of every study of a split (train, val), computed
-    once when the encoder stops training (``train.encoder_epochs``) and looked up by uid
-    after that: the same numbers the encoder would give each epoch, since it no longer
-    changes and images are not augmented."""
+    """The encoder's feature maps of every study of a split, computed once and looked up by
+    uid while the encoder does not change: after ``train.encoder_epochs`` (train and val;
+    images are not augmented) and within one validation (its three passes over val)."""
 
     def __init__(self, model: ReportGenerator, data, collate_fn, device, batch_size: int = 32):
         self.features: dict[str, torch.Tensor] = {}
@@ -589,14 +588,16 @@ def _sync_buffers(accelerator, model) -> None:
 def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=None, targets=None
               ) -> tuple[dict, float, list[dict]]:
     """Val loss, scored generations and the generated rows. Every process computes the same
-    numbers (no test split). ``features``: the frozen encoder's ``FrozenFeatures`` of val;
-    ``targets`` (a ``guidance.TargetLookup`` of val): the head's thresholds are chosen on val
-    (``guidance.choose_thresholds``) before the reports are generated with them."""
+    numbers (no test split). ``features``: the frozen encoder's ``FrozenFeatures`` of val (else
+    computed here); ``targets`` (a ``guidance.TargetLookup`` of val): the head's thresholds are
+    chosen on val (``guidance.choose_thresholds``) before the val loss and the reports."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     loader = DataLoader(val_data, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collate_fn)
     losses, weights = [], []
     with accelerator.autocast():
+        if features is None:  # the encoder once for the thresholds, the val loss and the reports
+            features = FrozenFeatures(unwrapped, val_data, collate_fn, accelerator.device, cfg.eval.batch_size)
         if targets is not None:  # first, so that the val loss is the exported model's too
             _choose_thresholds(unwrapped, loader, targets, accelerator.device, features)
         for batch in loader:
@@ -604,7 +605,7 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
                             batch["attention_mask"].to(accelerator.device),
                             labels=batch["labels"].to(accelerator.device),
                             view_mask=batch["view_mask"].to(accelerator.device),
-                            features=features(batch["uids"]) if features is not None else None)
+                            features=features(batch["uids"]))
             losses.append(out.loss.item())
             weights.append(int((batch["labels"][:, 1:] != -100).sum()))
         rows = generate_reports(unwrapped, val_data, cfg.eval, accelerator.device,
@@ -616,14 +617,14 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
     return metrics, float(np.average(losses, weights=weights)), rows
 
 
-def _choose_thresholds(model, loader, targets, device, features=None) -> None:
+def _choose_thresholds(model, loader, targets, device, features) -> None:
     """Set ``model``'s observation thresholds to those ``guidance.choose_thresholds`` picks on
-    the head's probabilities for ``loader``'s (val) studies (``features``: cached encoder maps)."""
+    the head's probabilities for ``loader``'s (val) studies (``features``: their encoder maps)."""
     probabilities, truth = [], []
     for batch in loader:  # the head alone: no decoder inputs are built
-        images, view_mask = batch["images"].to(device), batch["view_mask"].to(device)
-        maps = features(batch["uids"]) if features is not None else model.image_features(images, view_mask)
-        probabilities.append(model.guidance.logits(maps, images.shape[0], view_mask).float().sigmoid().cpu())
+        view_mask = batch["view_mask"].to(device)
+        logits = model.guidance.logits(features(batch["uids"]), view_mask.shape[0], view_mask)
+        probabilities.append(logits.float().sigmoid().cpu())
         truth.append(targets(batch["uids"], "cpu"))
     model.config.guidance_thresholds = guidance.choose_thresholds(
         torch.cat(probabilities), torch.cat(truth), model.config.guidance_labels)
