@@ -53,7 +53,8 @@ SIDES = ("left", "right")
 # Sentence ends (kept by split: even pieces are sentences, odd ones their ends) and side words
 # ("bilateral", "bilaterally" and "both" name both sides).
 _SENTENCE_PIECES = re.compile(r"((?<!\d)[.;!?](?!\d)|\n)")
-_SIDE_WORD = re.compile(r"\b(left|right|bilateral|bilaterally|both)\b", re.IGNORECASE)
+_SIDE_WORD = re.compile(r"\b(left|right|bilateral|bilaterally|both)\b")  # in lowercased text
+_SIDE_WORD_ANY_CASE = re.compile(_SIDE_WORD.pattern, re.IGNORECASE)  # where the text keeps its case
 
 
 def label_words(label: str) -> str:
@@ -76,7 +77,7 @@ def report_sides(text: str) -> dict[str, set[str]]:
         if not sentence.strip():
             continue
         labels = label_report(sentence)
-        words = {word.lower() for word in _SIDE_WORD.findall(sentence)}
+        words = set(_SIDE_WORD.findall(sentence.lower()))
         named = set(SIDES) if words - set(SIDES) else words
         for observation in SIDED_OBSERVATIONS:
             if labels.get(observation) in (POSITIVE, UNCERTAIN):
@@ -250,7 +251,7 @@ def align_sides(text: str, sides: dict[str, set[str]]) -> str:
     pieces = _SENTENCE_PIECES.split(text)
     for at in range(0, len(pieces), 2):  # even pieces are sentences, odd ones their ends
         sentence = pieces[at]
-        named = list(_SIDE_WORD.finditer(sentence))
+        named = list(_SIDE_WORD_ANY_CASE.finditer(sentence))
         if len(named) != 1 or named[0].group(1).lower() not in ("left", "right", "bilateral"):
             continue
         labels = label_report(sentence)

@@ -388,8 +388,10 @@ class ReportGenerator(nn.Module):
         texts = [text.strip() for text in self.decode(ids.cpu())]
         if not (self.config.guidance_align_sides and logits is not None):
             return texts
-        sides = guidance.likely_sides(logits.float().sigmoid().cpu(), self.config.guidance_labels,
-                                      self.predicted_labels(logits.float()).cpu())
+        labels, probabilities = self.config.guidance_labels, logits.float().sigmoid().cpu()
+        # sides by hard_labels' rule (given the finding) even where the prompt used each label at 0.5
+        hard = guidance.hard_labels(probabilities, self.config.guidance_thresholds or [0.5] * len(labels), labels)
+        sides = guidance.likely_sides(probabilities, labels, hard)
         return [guidance.align_sides(text, known) for text, known in zip(texts, sides, strict=True)]
 
     def _generate(self, images: torch.Tensor, view_mask: torch.Tensor | None,

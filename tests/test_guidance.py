@@ -457,3 +457,12 @@ def test_ablation_rows_load_differ_from_the_row_before_and_end_at_the_demo_defau
     configs = [load_config("demo", overrides).to_dict() for overrides in ROWS.values()]
     assert configs[-1] == load_config("demo").to_dict()
     assert all(before != after for before, after in zip(configs, configs[1:]))
+
+
+def test_write_reports_name_sides_given_the_finding_for_a_model_without_thresholds(monkeypatch):
+    model = _prompted(guidance_align_sides=True)  # saved before thresholds: each label at 0.5
+    model.tokenizer = SimpleNamespace(batch_decode=lambda ids, **_: ["Right pleural effusion."])
+    # effusion present; neither side above 0.5 alone, both above 0.5 given the finding
+    monkeypatch.setattr(model.guidance, "logits", lambda features, batch, mask: torch.logit(
+        torch.tensor([[0.1, 0.55, 0.30, 0.29]])))
+    assert model.write_reports(torch.randn(1, 2, 3, 64, 64), max_new_tokens=2) == ["Bilateral pleural effusion."]
