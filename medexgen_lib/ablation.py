@@ -41,9 +41,10 @@ ROWS: dict[str, dict] = {
     "+ observation head": HEAD,
     "+ guidance embedding (true labels at training)": EMBEDDING,
     "+ guidance prompt (label words, thresholds on val)": PROMPT,
-    "+ encoder frozen after 5 of 15 epochs, checkpoint by macro-F1 + BLEU-4": {"guidance.align_sides": False,
-                                                                              "guidance.pool": 2},
-    "+ head pools each view 3x3": {"guidance.align_sides": False},
+    "+ encoder and head frozen after 5 of 15 epochs, checkpoint by macro-F1 + BLEU-4": {
+        "guidance.align_sides": False, "guidance.pool": 2, "train.freeze_head": True},
+    "+ head pools each view 3x3": {"guidance.align_sides": False, "train.freeze_head": True},
+    "+ head goes on training on the cached features": {"guidance.align_sides": False},
     "best combination (demo default: + side words from the head)": {},
 }
 ROW_FILE = "row.json"

@@ -158,11 +158,11 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: floa
     return loss, (labels != -100).sum()
 
 
-def freeze_image_side(model: ReportGenerator, frozen: bool) -> None:
-    """``train.encoder_epochs``: after them the encoder and the observation head stop training
-    (no gradients, BatchNorm on its running statistics); the projection, the guidance
-    embeddings and the decoder go on, at a fraction of an epoch's cost."""
-    parts = [model.encoder, *([model.guidance.head] if model.guidance is not None else [])]
+def freeze_image_side(model: ReportGenerator, frozen: bool, head: bool = False) -> None:
+    """``train.encoder_epochs``: after them the encoder stops training (no gradients, BatchNorm
+    on its running statistics), and with ``head`` (``train.freeze_head``) the observation head
+    too; the rest goes on from the cached features, at a fraction of an epoch's cost."""
+    parts = [model.encoder, *([model.guidance.head] if head and model.guidance is not None else [])]
     for part in parts:
         for parameter in part.parameters():
             parameter.requires_grad_(not frozen)
@@ -412,7 +412,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         frozen = bool(tcfg.encoder_epochs) and epoch > tcfg.encoder_epochs
         if frozen and val_features is None:
             unwrapped = accelerator.unwrap_model(model)
-            freeze_image_side(unwrapped, True)
+            freeze_image_side(unwrapped, True, tcfg.freeze_head)
             if not cfg.images.augment:  # augmented images give other features every epoch
                 train_features = FrozenFeatures(unwrapped, train_data, collate_fn, accelerator.device)
             val_features = FrozenFeatures(unwrapped, val_data, collate_fn, accelerator.device)
@@ -505,11 +505,12 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, new_token_row
     """One epoch; every ``grad_accum`` micro-batches (the epoch's last window may be shorter)
     make one optimizer step whose loss is the token mean over the whole window, plus
     ``guidance.loss_weight`` x the observation head's BCE averaged over the window's studies.
-    ``frozen``: the encoder and head no longer train; ``features``: their cached outputs
+    ``frozen``: the encoder (and with ``train.freeze_head`` the head) no longer trains;
+    ``features``: the encoder's cached outputs
     (none where images are augmented)."""
     model.train()
     if tcfg.encoder_epochs:
-        freeze_image_side(accelerator.unwrap_model(model), frozen)
+        freeze_image_side(accelerator.unwrap_model(model), frozen, tcfg.freeze_head)
     if tcfg.freeze_batchnorm:
         freeze_batchnorm(accelerator.unwrap_model(model))
     total, count, samples = 0.0, 0, 0

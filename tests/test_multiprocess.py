@@ -26,6 +26,7 @@ def data(tmp_path_factory) -> Path:
     cfg = load_config("demo", {"paths.data_dir": str(data),
                                "paths.output_dir": str(tmp_path_factory.mktemp("unused")),
                                "data.n_phantom_studies": 24, "data.phantom_image_size": 48,
+                               "split.val_fraction": 0.1, "split.test_fraction": 0.2,
                                "images.size": 32, "tokenizer.vocab_size": 400, "text.max_length": 48})
     build_studies_table(cfg, acquire(cfg))
     run_preprocessing(cfg)

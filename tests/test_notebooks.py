@@ -20,9 +20,11 @@ pytestmark = pytest.mark.notebook
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     # The demo as shipped, shortened to what these assertions need (5 epochs, the last one on
-    # the frozen encoder's cached features); the slow learning proof runs it in full.
+    # the frozen encoder's cached features; 500 studies, 100 of them test); the slow learning
+    # proof runs it in full.
     overrides = {"paths.data_dir": str(root / "data"), "paths.output_dir": str(root / "out"),
-                 "train.epochs": 5, "train.encoder_epochs": 4}
+                 "train.epochs": 5, "train.encoder_epochs": 4, "data.n_phantom_studies": 500,
+                 "split.val_fraction": 0.1, "split.test_fraction": 0.2}
     return root, overrides, run_pipeline("demo", overrides)
 
 

@@ -444,21 +444,26 @@ def test_new_token_rows_train_at_lr_new_end_to_end_with_decay_and_tied_weights(
     assert unequal.decoder.get_output_embeddings().weight is unequal.decoder.get_input_embeddings().weight
 
 
-def test_after_encoder_epochs_only_the_decoder_side_trains(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(train__epochs=3, train__encoder_epochs=1, images__augment=False)
+@pytest.mark.parametrize("freeze_head", [False, True])
+def test_after_encoder_epochs_only_the_decoder_side_and_head_train(tiny_cfg, tmp_path, freeze_head):
+    settings = {"train__epochs": 3, "train__encoder_epochs": 1, "images__augment": False,
+                "train__freeze_head": freeze_head}
+    cfg = tiny_cfg(**settings)
     train(cfg, stop_after_epoch=1, progress=False)
     after_one = _weights(cfg.paths.checkpoints / "last")
     train(cfg, resume=True, progress=False)
     after_three = _weights(cfg.paths.checkpoints / "last")
-    frozen = [n for n in after_one if n.startswith(("encoder.", "guidance.head."))]
+    head = [n for n in after_one if n.startswith("guidance.head.")]
+    frozen = [n for n in after_one if n.startswith("encoder.")] + (head if freeze_head else [])
     trained = [n for n in after_one if n.startswith(("decoder.", "projection.", "guidance.states"))]
-    assert frozen and trained
+    assert frozen and trained and head
     assert all(torch.equal(after_one[n], after_three[n]) for n in frozen)  # BatchNorm buffers too
-    moved = {n for n in trained if not torch.equal(after_one[n], after_three[n])}
+    moved = {n for n in trained + head if not torch.equal(after_one[n], after_three[n])}
     assert {"projection.weight", "guidance.states", "decoder.transformer.h.0.mlp.c_fc.weight"} <= moved
+    # the head goes on learning from the cached features unless train.freeze_head
+    assert bool(set(head) & moved) is not freeze_head
     # the cached features are the frozen encoder's: an uninterrupted run ends the same
-    whole = tiny_cfg(train__epochs=3, train__encoder_epochs=1, images__augment=False,
-                     paths__output_dir=str(tmp_path / "whole"))
+    whole = tiny_cfg(**settings, paths__output_dir=str(tmp_path / "whole"))
     train(whole, progress=False)
     assert _weights_digest(whole.paths.checkpoints / "last") == _weights_digest(cfg.paths.checkpoints / "last")
 
