@@ -409,10 +409,22 @@ def _prepare(text: str) -> str:
 
 
 def label_report(text: str) -> dict[str, str]:
-    """``{observation: positive | negative | uncertain | absent}`` for one report (see the module docstring)."""
+    """``{observation: positive | negative | uncertain | absent}`` for one report (see the module
+    docstring); a text that is not a string reads as empty. Memoised: scoring labels the same
+    references and training reports again for every system and epoch."""
+    return dict(_label_text(text if isinstance(text, str) else ""))
+
+
+def label_report_afresh(text: str) -> dict[str, str]:
+    """``label_report`` without its memo: what labelling a report not seen before costs."""
+    return dict(_label_text.__wrapped__(text if isinstance(text, str) else ""))
+
+
+@lru_cache(maxsize=1 << 16)
+def _label_text(text: str) -> tuple[tuple[str, str], ...]:
     c = _compiled()
     labels = {obs: ABSENT for obs in OBSERVATIONS}
-    lowered = _prepare(text if isinstance(text, str) else "")
+    lowered = _prepare(text)
     for sentence in _SENTENCE_SPLIT.split(lowered):
         if not sentence.strip():
             continue
@@ -438,7 +450,7 @@ def label_report(text: str) -> dict[str, str]:
         labels[NO_FINDING] = NEGATIVE
     elif any(labels[o] != ABSENT for o in MENTIONS) or _CHEST_WORDS.search(lowered):
         labels[NO_FINDING] = POSITIVE
-    return labels
+    return tuple(labels.items())
 
 
 def positive_set(labels: dict[str, str], uncertain_as_positive: bool = False,

@@ -283,8 +283,12 @@ def test_held_out_macro_f1_meets_the_target(iuxray_sample):
     assert table.iloc[-1]["f1"] >= 0.90, table
 
 
-def test_labeling_speed_is_measured():
+def test_labeling_speed_is_measured_without_the_memo():
+    from medexgen_lib.labeler import _label_text
+    before = _label_text.cache_info()
     assert labeling_seconds_per_100(["No acute disease."], n_reports=10) > 0
+    after = _label_text.cache_info()  # every report labelled afresh: no memo hit nor entry
+    assert (after.hits, after.misses) == (before.hits, before.misses)
     with pytest.raises(ValueError, match="no texts"):
         labeling_seconds_per_100([])
 
@@ -299,3 +303,12 @@ def test_labeler_version_reaches_metrics_and_fingerprint(monkeypatch):
     assert payload["labeler_version"] == LABELER_VERSION
     monkeypatch.setattr(train, "LABELER_VERSION", LABELER_VERSION + "-changed")
     assert train.evaluation_fingerprint(Config(), ["CXR1"])[0] != digest
+
+
+def test_memoised_labels_are_a_fresh_dict_each_call():
+    first = label_report("Small left pleural effusion.")
+    first["Pleural Effusion"] = "negative"
+    first.clear()
+    again = label_report("Small left pleural effusion.")
+    assert again["Pleural Effusion"] == "positive" and len(again) == len(OBSERVATIONS)
+    assert label_report(None) == label_report("")  # not a string: read as empty, as before
