@@ -114,11 +114,13 @@ def _run_stage(stage: str, notebook: Path, profile: str, overrides: dict, cfg, o
     log.info("stage %s: %s", stage, notebook.name)
     began = time.perf_counter()
     progress = StageProgress(stage, log)  # progress lines and warnings to the terminal, not all output
+    # "immediate": once the last cell is done the kernel is stopped without its ~1.5 s graceful
+    # shutdown (a kernel that imported torch is slow to exit); every output is written by then.
     try:
         _execute_interruptibly(received, input_path=str(notebook), output_path=str(executed),
                                parameters={"profile": profile, "overrides": overrides},
                                cwd=str(notebook.parent), kernel_name="python3", progress_bar=False,
-                               stderr_file=progress)
+                               stderr_file=progress, shutdown_kernel="immediate")
     except _UserInterrupt as exc:
         return StageResult(stage, notebook.name, "interrupted", time.perf_counter() - began,
                            str(executed), error=(
