@@ -67,6 +67,7 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
         raise ValueError(f"unknown ablation row(s) {unknown}; known: {list(ROWS)}")
     base = load_config(profile, overrides)
     out_root = Path(base.paths.output_dir) / "ablation"
+    prepared: set[str] = set()
     for name in names:
         per_seed = []
         for seed in range(base.seed, base.seed + n_seeds):
@@ -76,10 +77,12 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
             if size != base.images.size:  # the image cache is made at one size: a data folder per size
                 settings["paths.data_dir"] = f"{base.paths.data_dir}_{size}px"
             cfg = load_config(profile, settings)
-            if not (cfg.paths.processed / "splits.json").exists():  # stages 01-03 once per size
+            if cfg.paths.data_dir not in prepared:  # stages 01-03 once per size and invocation:
+                # a folder left by a run with other data settings is brought up to these
                 prep = load_config(profile, {**settings, "seed": base.seed})  # one split for all
                 build_studies_table(prep, acquire(prep))
                 run_preprocessing(prep)
+                prepared.add(cfg.paths.data_dir)
             began = time.perf_counter()
             train(cfg, progress=False)
             seconds = time.perf_counter() - began

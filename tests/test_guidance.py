@@ -466,3 +466,24 @@ def test_write_reports_name_sides_given_the_finding_for_a_model_without_threshol
     monkeypatch.setattr(model.guidance, "logits", lambda features, batch, mask: torch.logit(
         torch.tensor([[0.1, 0.55, 0.30, 0.29]])))
     assert model.write_reports(torch.randn(1, 2, 3, 64, 64), max_new_tokens=2) == ["Bilateral pleural effusion."]
+
+
+def test_ablation_prepares_its_data_again_where_an_earlier_run_left_other_settings(tmp_path):
+    from medexgen_lib.ablation import run_ablation
+    from conftest import TINY
+    from medexgen_lib.acquisition import acquire, build_studies_table
+    from medexgen_lib.preprocess import run_preprocessing
+    from medexgen_lib.splits import load_splits
+
+    settings = {**TINY, "paths.data_dir": str(tmp_path / "data"), "paths.output_dir": str(tmp_path / "out"),
+                "train.epochs": 1, "train.log_with": "none"}
+    earlier = load_config("demo", {**settings, "data.n_phantom_studies": 20})
+    build_studies_table(earlier, acquire(earlier))
+    run_preprocessing(earlier)
+    row = "best combination (demo default: + side words from the head)"
+    result = run_ablation("demo", settings, n_seeds=1, rows=[row])
+    splits = load_splits(tmp_path / "data" / "processed" / "splits.json")
+    assert sum(len(uids) for uids in splits.values()) == TINY["data.n_phantom_studies"] != 20
+    scored = json.loads((tmp_path / "out" / "ablation" / "best_combination__demo_default____side_words_from_the_head"
+                         / "seed_0" / "logs" / "metrics_test.json").read_text())
+    assert scored["n"] == len(splits["test"]) and row in result["rows"]
