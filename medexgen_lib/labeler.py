@@ -420,7 +420,7 @@ def label_report_afresh(text: str) -> dict[str, str]:
     return dict(_label_text.__wrapped__(text if isinstance(text, str) else ""))
 
 
-@lru_cache(maxsize=1 << 16)
+@lru_cache(maxsize=1 << 14)  # about 20 MB at most
 def _label_text(text: str) -> tuple[tuple[str, str], ...]:
     c = _compiled()
     labels = {obs: ABSENT for obs in OBSERVATIONS}

@@ -39,28 +39,33 @@ def full_disk():
     return limited_to
 
 
+# Tests with a few dozen studies keep a 10% / 20% val / test split: the demo's 6% / 50% (800
+# studies) would leave them one or two val studies, or none.
+SMALL_DATA_SPLIT = {"split.val_fraction": 0.1, "split.test_fraction": 0.2}
+
+
 @pytest.fixture
 def tmp_config(tmp_path):
     """A config whose data and output folders live in the test's temporary folder."""
     def make(profile="demo", **overrides):
         settings = {"paths.data_dir": str(tmp_path / "data"),
-                    "paths.output_dir": str(tmp_path / "output")}
+                    "paths.output_dir": str(tmp_path / "output"),
+                    **SMALL_DATA_SPLIT}
         settings.update({k.replace("__", "."): v for k, v in overrides.items()})
         return load_config(profile, settings)
     return make
 
 
 # A 30-study run of a 1-layer model: the training-loop tests' shared settings.
-# Tiny data keeps the old 10% / 20% val / test split: the demo's 6% val would leave 2 val studies.
 TINY = {"data.n_phantom_studies": 30, "data.phantom_image_size": 48, "images.size": 32,
-        "split.val_fraction": 0.1, "split.test_fraction": 0.2,
+        **SMALL_DATA_SPLIT,
         "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
         "train.batch_size": 8, "train.patience": 5, "eval.max_new_tokens": 8,
         "tokenizer.vocab_size": 400, "text.max_length": 48}
 
 
 TINY_TRAINED = {"data.n_phantom_studies": 40, "data.phantom_image_size": 48, "images.size": 64,
-                "split.val_fraction": 0.1, "split.test_fraction": 0.2,
+                **SMALL_DATA_SPLIT,
                 "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
                 "train.batch_size": 8, "eval.max_new_tokens": 20, "tokenizer.vocab_size": 400,
                 "text.max_length": 64, "eval.meteor": False}

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.notebook
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    # The demo as shipped, shortened to what these assertions need (5 epochs, the last one on
-    # the frozen encoder's cached features; 500 studies, 100 of them test); the slow learning
-    # proof runs it in full.
+    # The demo's settings, shortened to what these assertions need: 5 epochs (the last one on
+    # the frozen encoder's cached features) and 500 studies (350 / 50 / 100) instead of 800
+    # (350 / 50 / 400). The slow learning proof runs the demo as shipped, in full; the README's
+    # demo command is timed on it.
     overrides = {"paths.data_dir": str(root / "data"), "paths.output_dir": str(root / "out"),
                  "train.epochs": 5, "train.encoder_epochs": 4, "data.n_phantom_studies": 500,
                  "split.val_fraction": 0.1, "split.test_fraction": 0.2}

@@ -9,10 +9,9 @@ from medexgen_lib import progress
 from medexgen_lib.pipeline import run_pipeline
 from medexgen_lib.progress import ProgressBar, StageProgress
 
-TINY = {"data.n_phantom_studies": 30, "data.phantom_image_size": 48, "images.size": 32,
-        "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2,
-        "train.batch_size": 8, "eval.max_new_tokens": 8, "tokenizer.vocab_size": 400,
-        "text.max_length": 48, "train.log_with": "none"}
+from conftest import TINY as TRAINING_TINY
+
+TINY = {**TRAINING_TINY, "train.log_with": "none"}
 
 
 def _messages(caplog, level=logging.INFO):
