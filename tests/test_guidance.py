@@ -15,6 +15,8 @@ from medexgen_lib.model import ReportGenerator, ReportGeneratorConfig
 from medexgen_lib.seeds import (bleu4_from_sums, macro_f1_from_sums, paired_bootstrap,
                                 study_statistics)
 
+from conftest import SMALL_DATA_SPLIT
+
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Pleural Effusion, left", "Pleural Effusion, right"]
 
 
@@ -417,7 +419,7 @@ def test_aggregate_seeds_mean_std_and_bootstrap(tmp_path):
 @pytest.mark.slow
 def test_seeds_cli_writes_the_aggregate_file(tmp_path):
     settings = {"data.n_phantom_studies": 40, "data.phantom_image_size": 48, "images.size": 64,
-                "split.val_fraction": 0.1, "split.test_fraction": 0.2, "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 1,
+                **SMALL_DATA_SPLIT, "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "train.epochs": 1,
                 "train.batch_size": 8, "eval.max_new_tokens": 10, "tokenizer.vocab_size": 400,
                 "text.max_length": 64, "paths.data_dir": str(tmp_path / "d"),
                 "paths.output_dir": str(tmp_path / "o")}

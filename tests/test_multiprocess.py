@@ -14,6 +14,8 @@ from medexgen_lib.acquisition import acquire, build_studies_table
 from medexgen_lib.config import load_config
 from medexgen_lib.preprocess import run_preprocessing
 
+from conftest import SMALL_DATA_SPLIT
+
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 # --multi_gpu selects the torchrun launcher; without CUDA, Accelerate runs MULTI_CPU on gloo.
 LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -26,7 +28,7 @@ def data(tmp_path_factory) -> Path:
     cfg = load_config("demo", {"paths.data_dir": str(data),
                                "paths.output_dir": str(tmp_path_factory.mktemp("unused")),
                                "data.n_phantom_studies": 24, "data.phantom_image_size": 48,
-                               "split.val_fraction": 0.1, "split.test_fraction": 0.2,
+                               **SMALL_DATA_SPLIT,
                                "images.size": 32, "tokenizer.vocab_size": 400, "text.max_length": 48})
     build_studies_table(cfg, acquire(cfg))
     run_preprocessing(cfg)

@@ -13,6 +13,8 @@ import pytest
 from medexgen_lib.__main__ import main
 from medexgen_lib.pipeline import StageFailed, list_stages, run_pipeline
 
+from conftest import SMALL_DATA_SPLIT
+
 pytestmark = pytest.mark.notebook
 
 
@@ -25,7 +27,7 @@ def demo_run(tmp_path_factory):
     # demo command is timed on it.
     overrides = {"paths.data_dir": str(root / "data"), "paths.output_dir": str(root / "out"),
                  "train.epochs": 5, "train.encoder_epochs": 4, "data.n_phantom_studies": 500,
-                 "split.val_fraction": 0.1, "split.test_fraction": 0.2}
+                 **SMALL_DATA_SPLIT}
     return root, overrides, run_pipeline("demo", overrides)
 
 

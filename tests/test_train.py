@@ -445,7 +445,7 @@ def test_new_token_rows_train_at_lr_new_end_to_end_with_decay_and_tied_weights(
 
 
 @pytest.mark.parametrize("freeze_head", [False, True])
-def test_after_encoder_epochs_only_the_decoder_side_and_head_train(tiny_cfg, tmp_path, freeze_head):
+def test_after_encoder_epochs_the_encoder_freezes_and_the_head_only_with_freeze_head(tiny_cfg, tmp_path, freeze_head):
     settings = {"train__epochs": 3, "train__encoder_epochs": 1, "images__augment": False,
                 "train__freeze_head": freeze_head}
     cfg = tiny_cfg(**settings)
