@@ -259,6 +259,9 @@ class GuidanceConfig:
     # the side word of each generated sentence with one sided finding set to the head's side
     # (guidance.align_sides; needs head): where the decoder does not follow the prompt's side
     align_sides: bool = False
+    # each finding the head predicts and the report does not state gets the training reports'
+    # most frequent sentence stating it on the head's side (guidance.state_findings; needs head)
+    state_findings: bool = False
 
     def __post_init__(self) -> None:
         if self.decoder_input not in ("predicted", "true"):
@@ -266,6 +269,8 @@ class GuidanceConfig:
                               f"got {self.decoder_input!r}")
         if self.align_sides and not self.head:
             raise ConfigError("guidance.align_sides needs guidance.head (its sides are the head's)")
+        if self.state_findings and not self.head:
+            raise ConfigError("guidance.state_findings needs guidance.head (its findings are the head's)")
         if (self.decoder or self.embedding or self.prompt) and not self.head:
             raise ConfigError("guidance.decoder, guidance.embedding and guidance.prompt need guidance.head "
                               "(the decoder is fed its predictions)")
@@ -364,7 +369,7 @@ PROFILES: dict[str, dict[str, Any]] = {
              "train.lr_encoder": 1e-3, "train.lr_decoder": 1e-3, "train.lr_new": 1e-3,
              "train.patience": 8, "guidance.head": True, "guidance.embedding": True,
              "guidance.prompt": True, "guidance.decoder_input": "true", "guidance.align_sides": True,
-             "guidance.pool": 3,
+             "guidance.pool": 3, "guidance.state_findings": True,
              "eval.num_beams": 1, "eval.max_new_tokens": 80, "eval.meteor": False},
     # Real Open-i data, ImageNet ResNet50 + GPT-2 small, 224 px, both views.
     # Target: FINDINGS, the convention of R2Gen, R2GenCMN and CvT2DistilGPT2.

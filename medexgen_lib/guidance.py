@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medexgen_lib.labeler import OBSERVATIONS, POSITIVE, UNCERTAIN, label_report
+from medexgen_lib.labeler import ABSENT, NEGATIVE, OBSERVATIONS, POSITIVE, UNCERTAIN, label_report
 
 SIDED_OBSERVATIONS = ("Pleural Effusion", "Pneumothorax", "Lung Lesion", "Consolidation")
 SIDES = ("left", "right")
@@ -267,6 +267,79 @@ def align_sides(text: str, sides: dict[str, set[str]]) -> str:
         word = _in_case_of(word, named[0].group(1))
         pieces[at] = sentence[:named[0].start()] + word + sentence[named[0].end():]
     return "".join(pieces)
+
+
+def _sentences(text: str) -> list[str]:
+    """``text``'s sentences, each with its end (``_SENTENCE_PIECES``: not "1." nor "2.5")."""
+    pieces = _SENTENCE_PIECES.split(text or "") + [""]
+    return [(pieces[at] + pieces[at + 1]).strip() for at in range(0, len(pieces) - 1, 2)
+            if pieces[at].strip()]
+
+
+def _stated(labels: dict[str, str]) -> set[str]:
+    """The observations ``label_report``'s ``labels`` state (positive or uncertain), "No Finding" aside."""
+    return {o for o, v in labels.items() if v in (POSITIVE, UNCERTAIN) and o != "No Finding"}
+
+
+def bank_key(observation: str, sides: set[str] | frozenset[str] = frozenset()) -> str:
+    """``sentence_bank``'s key for ``observation`` stated on ``sides``: its head labels joined by
+    " + " ("Pleural Effusion + Pleural Effusion, left"; the finding alone where no side is named)."""
+    return " + ".join([observation] + [side_label(observation, s) for s in SIDES if s in sides])
+
+
+def bank_keys(labels: Sequence[str]) -> set[str]:
+    """Every ``bank_key`` that ``labels`` (a model's guidance labels) can express."""
+    keys = set()
+    for observation in labels:
+        if ", " not in observation:
+            named = [s for s in SIDES if side_label(observation, s) in labels]
+            keys |= {bank_key(observation, set(sides)) for sides in ([], *([s] for s in named), named)}
+    return keys
+
+
+def sentence_bank(texts: Sequence[str], labels: Sequence[str]) -> dict[str, str]:
+    """Per finding of ``labels`` and the sides named with it (``bank_key``), the sentence of
+    ``texts`` (the training reports) that states it most often: sentences that state one
+    observation, positive, and mention no other (so an added sentence negates nothing).
+    Ties go to the sentence seen first."""
+    counts: Counter = Counter()
+    for text in texts:
+        for sentence in _sentences(text):
+            found = label_report(sentence)
+            mentioned = [o for o, v in found.items() if v != ABSENT and o != "No Finding"]
+            if len(mentioned) != 1 or found[mentioned[0]] != POSITIVE or mentioned[0] not in labels:
+                continue
+            observation = mentioned[0]
+            sides = report_sides(sentence).get(observation, set())
+            counts[(bank_key(observation, sides), sentence)] += 1
+    bank: dict[str, str] = {}
+    for (key, sentence), _ in counts.most_common():  # most_common keeps first-seen order on ties
+        bank.setdefault(key, sentence)
+    return bank
+
+
+def state_findings(text: str, present: Sequence[str], sides: dict[str, set[str]],
+                   bank: dict[str, str]) -> str:
+    """``text`` where each observation in ``present`` (the head's findings) that it does not state
+    is stated: ``bank``'s sentence for the finding on its ``sides`` (``likely_sides``; the finding
+    alone where the bank has no sentence for those sides) goes in after the last sentence that
+    states a finding, and sentences that negate an added finding are dropped. Text with nothing
+    to add is returned as it was; a finding the bank lacks is left out."""
+    stated = _stated(label_report(text))
+    added = {}
+    for observation in present:
+        if ", " in observation or observation == "No Finding" or observation in stated:
+            continue
+        for key in (bank_key(observation, sides.get(observation, set())), bank_key(observation)):
+            if key in bank:
+                added[observation] = bank[key]
+                break
+    if not added:
+        return text
+    kept = [s for s in _sentences(text)
+            if not any(label_report(s).get(o) == NEGATIVE for o in added)]
+    at = max([i + 1 for i, s in enumerate(kept) if _stated(label_report(s))], default=0)
+    return " ".join(kept[:at] + list(added.values()) + kept[at:])
 
 
 def observation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,9 @@ class ReportGeneratorConfig:
     guidance_thresholds: list[float] = field(default_factory=list)  # per label, chosen on val; empty: 0.5
     guidance_word_ids: list[list[int]] = field(default_factory=list)  # per label, its words' token ids (prompt)
     guidance_align_sides: bool = False  # reports' side words set to the head's sides (guidance.align_sides)
+    # bank_key -> the training reports' sentence stating that finding (guidance.sentence_bank);
+    # non-empty: each finding the head predicts is stated in the report (guidance.state_findings)
+    guidance_sentences: dict[str, str] = field(default_factory=dict)
 
     @property
     def grid_size(self) -> int:
@@ -170,10 +174,12 @@ class ReportGenerator(nn.Module):
 
     @classmethod
     def build(cls, model_cfg, tokenizer, image_size: int, max_length: int,
-              guidance_labels: list[str] | None = None, guidance_cfg=None) -> ReportGenerator:
+              guidance_labels: list[str] | None = None, guidance_cfg=None,
+              train_texts: Sequence[str] = ()) -> ReportGenerator:
         """A new model per the run's ``ModelConfig``; pretrained parts loaded when asked for;
         an observation head for ``guidance_labels`` wired to the decoder as ``guidance_cfg``
-        (a ``GuidanceConfig``) says (see ``medexgen_lib.guidance``)."""
+        (a ``GuidanceConfig``) says (see ``medexgen_lib.guidance``), with the sentence bank of
+        ``train_texts`` (the training reports) where ``guidance_cfg.state_findings``."""
         labels = list(guidance_labels or [])
         wiring = {}
         if labels and guidance_cfg is not None:
@@ -181,6 +187,8 @@ class ReportGenerator(nn.Module):
                       "guidance_align_sides": guidance_cfg.align_sides,
                       "guidance_embedding": guidance_cfg.embedding, "guidance_prompt": guidance_cfg.prompt,
                       "guidance_hard": guidance_cfg.decoder_input == "true"}
+            if guidance_cfg.state_findings:
+                wiring["guidance_sentences"] = guidance.sentence_bank(train_texts, labels)
         prompt = len(labels) if wiring.get("guidance_prompt") else 0
         if prompt:  # the prompt's tokens carry each present label's words (PromptMRG-style)
             wiring["guidance_word_ids"] = [tokenizer(" " + guidance.label_words(label),
@@ -383,16 +391,24 @@ class ReportGenerator(nn.Module):
     def write_reports(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
                       features: torch.Tensor | None = None, **generate_kwargs) -> list[str]:
         """The reports ``generate`` writes, as text; with ``guidance_align_sides`` each sided
-        finding's side word is the observation head's (``guidance.align_sides``)."""
+        finding's side word is the observation head's (``guidance.align_sides``); with
+        ``guidance_sentences`` each finding the head predicts is stated (``guidance.state_findings``)."""
         ids, logits = self._generate(images, view_mask, features, **generate_kwargs)
         texts = [text.strip() for text in self.decode(ids.cpu())]
-        if not (self.config.guidance_align_sides and logits is not None):
+        bank = self.config.guidance_sentences
+        if not ((self.config.guidance_align_sides or bank) and logits is not None):
             return texts
         labels, probabilities = self.config.guidance_labels, logits.float().sigmoid().cpu()
         # sides by hard_labels' rule (given the finding) even where the prompt used each label at 0.5
         hard = guidance.hard_labels(probabilities, self.config.guidance_thresholds or [0.5] * len(labels), labels)
         sides = guidance.likely_sides(probabilities, labels, hard)
-        return [guidance.align_sides(text, known) for text, known in zip(texts, sides, strict=True)]
+        if self.config.guidance_align_sides:
+            texts = [guidance.align_sides(text, known) for text, known in zip(texts, sides, strict=True)]
+        if bank:
+            texts = [guidance.state_findings(text, [label for label, on in zip(labels, row) if on],
+                                             known, bank)
+                     for text, row, known in zip(texts, hard.tolist(), sides, strict=True)]
+        return texts
 
     def _generate(self, images: torch.Tensor, view_mask: torch.Tensor | None,
                   features: torch.Tensor | None, **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -528,6 +544,13 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
         raise ValueError(f"{source}: model config field 'guidance_word_ids' must hold one non-empty list "
                          f"of token ids below vocab_size ({config.vocab_size}) per guidance label "
                          f"({count}), got {words!r}")
+    sentences = config.guidance_sentences
+    if not isinstance(sentences, dict) or not all(
+            key in guidance.bank_keys(labels) and isinstance(text, str) and text.strip()
+            for key, text in sentences.items()):
+        raise ValueError(f"{source}: model config field 'guidance_sentences' must map guidance labels "
+                         "joined by ' + ' (a finding, then its side labels) to a non-empty sentence, "
+                         f"got {sentences!r}"[:400])
     if config.guidance_prompt and count + 2 > config.n_positions:
         raise ValueError(f"{source}: the guidance prompt ({count} labels) leaves no room in the "
                          f"decoder's {config.n_positions} positions")

@@ -350,10 +350,10 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         raise ValueError(f"empty split: {len(train_data)} train / {len(val_data)} val studies; "
                          "check notebook 03's split counts")
     tokenizer = load_tokenizer(cfg.paths.processed / "tokenizer")
-    labels = guidance.choose_labels([e.text for e in train_data.examples],
-                                    cfg.guidance.min_count) if cfg.guidance.head else []
+    train_texts = [e.text for e in train_data.examples]
+    labels = guidance.choose_labels(train_texts, cfg.guidance.min_count) if cfg.guidance.head else []
     model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length,
-                                  labels, cfg.guidance)
+                                  labels, cfg.guidance, train_texts)
     loss_hook = guidance.LossHook(cfg, train_data, labels)
     # a model fed 0/1 labels gets its thresholds chosen on val at every validation, so the
     # score that picks the checkpoint is the exported model's

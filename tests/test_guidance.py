@@ -189,6 +189,76 @@ def test_write_reports_align_sides_only_when_the_model_says_so(tmp_path, monkeyp
     assert ReportGenerator.from_pretrained(tmp_path / "m").config.guidance_align_sides is True
 
 
+def test_the_sentence_bank_keeps_each_findings_most_frequent_sentence_that_states_it_alone():
+    texts = ["Heart size is normal. Left pleural effusion. No pneumothorax.",
+             "The heart is enlarged. Left pleural effusion.",
+             "Cardiomegaly. There is a small left pleural effusion.",
+             # more often than "Cardiomegaly." but each mentions a second observation, or hedges
+             "Cardiomegaly, no pleural effusion. Cardiomegaly, no pleural effusion.",
+             "Possible cardiomegaly. Possible cardiomegaly. Possible cardiomegaly.",
+             "Right pleural effusion and cardiomegaly. Small pneumothorax. Small pneumothorax.",
+             "Bilateral pleural effusions. Pleural effusion."]
+    assert guidance.sentence_bank(texts, LABELS) == {
+        "Cardiomegaly": "The heart is enlarged.",  # seen once, as "Cardiomegaly.": tie, first seen
+        "Pleural Effusion + Pleural Effusion, left": "Left pleural effusion.",
+        "Pleural Effusion + Pleural Effusion, left + Pleural Effusion, right": "Bilateral pleural effusions.",
+        "Pleural Effusion": "Pleural effusion."}  # Pneumothorax has no label: no sentence
+
+
+BANK = {"Cardiomegaly": "Cardiomegaly.", "Pleural Effusion": "Pleural effusion.",
+        "Pleural Effusion + Pleural Effusion, left": "Left pleural effusion."}
+
+
+@pytest.mark.parametrize("text, present, sides, expected", [
+    # added after the last sentence stating a finding; the sentence negating it goes
+    ("The heart is enlarged. No pleural effusion or pneumothorax. Bones intact. 1. Cardiomegaly.",
+     ["Cardiomegaly", "Pleural Effusion", "Pleural Effusion, left"], {"Pleural Effusion": {"left"}},
+     "The heart is enlarged. Bones intact. 1. Cardiomegaly. Left pleural effusion."),
+    # nothing stated yet: first; no side label, or a side the bank lacks: the finding alone
+    ("Heart size is normal. No pneumothorax.", ["Pleural Effusion"], {},
+     "Pleural effusion. Heart size is normal. No pneumothorax."),
+    ("No pneumothorax.", ["Pleural Effusion", "Pleural Effusion, right"], {"Pleural Effusion": {"right"}},
+     "Pleural effusion. No pneumothorax."),
+    # stated already (positive or uncertain, any side): the text as it was, spaces included
+    ("Heart  normal. Right pleural effusion.", ["Pleural Effusion", "Pleural Effusion, left"],
+     {"Pleural Effusion": {"left"}}, "Heart  normal. Right pleural effusion."),
+    ("Possible  cardiomegaly.", ["Cardiomegaly"], {}, "Possible  cardiomegaly."),
+    # side labels, "No Finding" and findings without a sentence add nothing
+    ("The lungs are clear.", ["No Finding", "Pleural Effusion, left", "Edema"], {}, "The lungs are clear."),
+])
+def test_state_findings_adds_a_sentence_for_each_predicted_finding_the_text_omits(text, present, sides, expected):
+    assert guidance.state_findings(text, present, sides, BANK) == expected
+
+
+def test_write_reports_state_the_heads_findings_only_with_a_bank(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = _prompted(guidance_thresholds=[0.5] * 4)
+    images = torch.randn(2, 2, 3, 64, 64)
+    written = ["Heart normal. No pleural effusion.", "Left pleural effusion."]
+    model.tokenizer = SimpleNamespace(batch_decode=lambda ids, **_: list(written))
+    # the head: effusion in both studies, left given effusion in the first, right in the second
+    monkeypatch.setattr(model.guidance, "logits", lambda features, batch, mask: torch.logit(
+        torch.tensor([[0.1, 0.9, 0.8, 0.1], [0.1, 0.9, 0.1, 0.8]])))
+    assert model.write_reports(images, max_new_tokens=2) == written
+    model.config.guidance_sentences = BANK
+    assert model.write_reports(images, max_new_tokens=2) == ["Left pleural effusion. Heart normal.",
+                                                             "Left pleural effusion."]  # stated: kept
+    model.config.guidance_align_sides = True  # sides first, then the bank
+    assert model.write_reports(images, max_new_tokens=2)[1] == "Right pleural effusion."
+    model.tokenizer = None
+    model.save_pretrained(tmp_path / "m")
+    assert ReportGenerator.from_pretrained(tmp_path / "m").config.guidance_sentences == BANK
+
+
+@pytest.mark.parametrize("setting", ["guidance.align_sides", "guidance.state_findings"])
+def test_settings_that_read_the_head_need_it(setting):
+    from medexgen_lib.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{setting} needs guidance.head"):
+        load_config("demo", {"guidance.head": False, "guidance.embedding": False, "guidance.prompt": False,
+                             "guidance.align_sides": False, "guidance.state_findings": False, setting: True})
+
+
 @pytest.mark.reliability
 @pytest.mark.parametrize("field, value", [
     ("guidance_align_sides", "yes"), ("guidance_align_sides", 1),
@@ -198,7 +268,11 @@ def test_write_reports_align_sides_only_when_the_model_says_so(tmp_path, monkeyp
     ("guidance_word_ids", [[10], [], [13], [12]]), ("guidance_word_ids", [[10]]),
     ("guidance_word_ids", [10, 11, 13, 12]), ("guidance_word_ids", [["a"], [11], [13], [12]]),
     ("guidance_labels", ["Cardiomegaly", "Pleural Effusion, left", "Pleural Effusion, right", "X"]),
-    ("guidance_labels", 5)])
+    ("guidance_labels", 5), ("guidance_sentences", ["Cardiomegaly."]),
+    ("guidance_sentences", {"Cardiomegaly": ""}), ("guidance_sentences", {"Cardiomegaly": 5}),
+    ("guidance_sentences", {"Pleural Effusion, left": "Left pleural effusion."}),
+    ("guidance_sentences", {"Pleural Effusion + Pleural Effusion, right + Pleural Effusion, left": "x."}),
+    ("guidance_sentences", {"Pneumothorax": "Pneumothorax."})])
 def test_guidance_fields_that_do_not_fit_are_refused_on_load(field, value, tmp_path):
     model = _prompted(guidance_thresholds=[0.5] * 4)
     model.save_pretrained(tmp_path / "m")

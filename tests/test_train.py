@@ -546,6 +546,9 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg):
     truth = torch.tensor([guidance.report_targets(e.text, labels) for e in val.examples])
     assert guidance.choose_thresholds(probabilities, truth, labels) == thresholds
     assert thresholds != [0.5] * len(labels)  # this run's val moves some of them
+    # the demo's sentence bank comes from the training reports alone
+    train_texts = [e.text for e in load_split(cfg, "train").examples]
+    assert config["guidance_sentences"] and config["guidance_sentences"] == guidance.sentence_bank(train_texts, labels)
     # the val score that picked the checkpoint is the exported model's, thresholds included:
     # they were chosen at that validation and saved with the checkpoint
     best_config = json.loads((cfg.paths.checkpoints / "best" / "config.json").read_text())
