@@ -28,7 +28,8 @@ SEED_DESIGN = {"images.size": 96, "images.augment": True, "train.epochs": 16,
                "train.batch_size": 16, "train.patience": 6, "train.encoder_epochs": 0,
                "train.selection_metric": "clinical macro_F1", "guidance.head": False,
                "guidance.embedding": False, "guidance.prompt": False, "guidance.decoder": False,
-               "guidance.decoder_input": "predicted", "guidance.align_sides": False, "guidance.pool": 2}
+               "guidance.decoder_input": "predicted", "guidance.align_sides": False, "guidance.pool": 2,
+               "guidance.state_findings": False}
 CHEAP = {**SEED_DESIGN, "images.size": 64, "images.augment": False, "train.epochs": 12,
          "train.batch_size": 8}
 HEAD = {**CHEAP, "guidance.head": True}
@@ -42,10 +43,14 @@ ROWS: dict[str, dict] = {
     "+ guidance embedding (true labels at training)": EMBEDDING,
     "+ guidance prompt (label words, thresholds on val)": PROMPT,
     "+ encoder and head frozen after 5 of 15 epochs, checkpoint by macro-F1 + BLEU-4": {
-        "guidance.align_sides": False, "guidance.pool": 2, "train.freeze_head": True},
-    "+ head pools each view 3x3": {"guidance.align_sides": False, "train.freeze_head": True},
-    "+ head goes on training on the cached features": {"guidance.align_sides": False},
-    "best combination (demo default: + side words from the head)": {},
+        "guidance.align_sides": False, "guidance.pool": 2, "train.freeze_head": True,
+        "guidance.state_findings": False},
+    "+ head pools each view 3x3": {"guidance.align_sides": False, "train.freeze_head": True,
+                                   "guidance.state_findings": False},
+    "+ head goes on training on the cached features": {"guidance.align_sides": False,
+                                                       "guidance.state_findings": False},
+    "+ side words from the head": {"guidance.state_findings": False},
+    "best combination (demo default: + findings the text omits stated from a sentence bank)": {},
 }
 ROW_FILE = "row.json"
 COLUMNS = ("BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1", "clinical micro_F1", "laterality",
@@ -91,7 +96,7 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
                              "retrieval": summary["baselines"][RETRIEVAL]})
             log.info("ablation %s seed %d: macro-F1 %.3f BLEU-4 %.3f (%.0f s)", name, seed,
                      summary["model"]["clinical macro_F1"], summary["model"]["BLEU-4"], seconds)
-        row = {"overrides": ROWS[name], "seeds": [s["seed"] for s in per_seed],
+        row = {"overrides": ROWS[name], "data": _data_settings(base), "seeds": [s["seed"] for s in per_seed],
                **{c: mean_std([s.get(c) for s in per_seed]) for c in COLUMNS},
                "retrieval": {c: mean_std([s["retrieval"].get(c) for s in per_seed])
                              for c in COLUMNS[:-1]}}
@@ -101,7 +106,9 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
 
 def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
     """Collect every finished row of ``<output_dir>/ablation/`` (rows may be run by separate,
-    even concurrent, invocations) into ``logs/ablation.json`` and ``logs/ablation.md``."""
+    even concurrent, invocations) into ``logs/ablation.json`` and ``logs/ablation.md``: rows of
+    these seeds on these data and split settings (a row that records none, written before rows
+    recorded them, is tabled with a warning)."""
     out_root = Path(base.paths.output_dir) / "ablation"
     seeds = list(range(base.seed, base.seed + n_seeds))
     rows = {}
@@ -109,8 +116,14 @@ def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
         path = out_root / _slug(name) / ROW_FILE
         if path.exists():
             row = read_json(path)
-            if row.get("seeds") == seeds:
-                rows[name] = row
+            if row.get("seeds") != seeds:
+                continue
+            if "data" not in row:
+                log.warning("ablation row %r records no data settings; tabled as it is", name)
+            elif row["data"] != _data_settings(base):
+                log.warning("ablation row %r was run on other data settings; left out", name)
+                continue
+            rows[name] = row
     result = {"profile": profile, "overrides": overrides, "n_seeds": n_seeds, "seeds": seeds,
               "rows": rows}
     write_json(base.paths.logs / "ablation.json", result)
@@ -137,6 +150,12 @@ def _cell(value: dict, column: str) -> str:
         return "n/a"
     digits = 0 if column == "train_seconds" else 3
     return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+
+
+def _data_settings(cfg) -> dict:
+    """The settings that decide a row's studies and split (``data.*``, ``split.*``)."""
+    values = cfg.to_dict()
+    return {"data": values["data"], "split": values["split"]}
 
 
 def _slug(name: str) -> str:

@@ -556,10 +556,16 @@ def test_ablation_prepares_its_data_again_where_an_earlier_run_left_other_settin
     earlier = load_config("demo", {**settings, "data.n_phantom_studies": 20})
     build_studies_table(earlier, acquire(earlier))
     run_preprocessing(earlier)
-    row = "best combination (demo default: + side words from the head)"
+    row = "+ side words from the head"
     result = run_ablation("demo", settings, n_seeds=1, rows=[row])
     splits = load_splits(tmp_path / "data" / "processed" / "splits.json")
     assert sum(len(uids) for uids in splits.values()) == TINY["data.n_phantom_studies"] != 20
-    scored = json.loads((tmp_path / "out" / "ablation" / "best_combination__demo_default____side_words_from_the_head"
+    scored = json.loads((tmp_path / "out" / "ablation" / "side_words_from_the_head"
                          / "seed_0" / "logs" / "metrics_test.json").read_text())
     assert scored["n"] == len(splits["test"]) and row in result["rows"]
+    # a row run on other data settings is not tabled beside these
+    from medexgen_lib.ablation import write_table
+
+    assert row not in write_table(load_config("demo", {**settings, "data.phantom_seed": 7}),
+                                  "demo", settings, 1)["rows"]
+    assert row in write_table(load_config("demo", settings), "demo", settings, 1)["rows"]
