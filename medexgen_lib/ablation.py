@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from medexgen_lib.config import load_config
+from medexgen_lib.config import Config, load_config
 from medexgen_lib.files import read_json, write_json, write_text_atomic
 from medexgen_lib.seeds import RETRIEVAL, mean_std
 
@@ -96,7 +96,7 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
                              "retrieval": summary["baselines"][RETRIEVAL]})
             log.info("ablation %s seed %d: macro-F1 %.3f BLEU-4 %.3f (%.0f s)", name, seed,
                      summary["model"]["clinical macro_F1"], summary["model"]["BLEU-4"], seconds)
-        row = {"overrides": ROWS[name], "data": _data_settings(base), "seeds": [s["seed"] for s in per_seed],
+        row = {"overrides": ROWS[name], "seeds": [s["seed"] for s in per_seed],
                **{c: mean_std([s.get(c) for s in per_seed]) for c in COLUMNS},
                "retrieval": {c: mean_std([s["retrieval"].get(c) for s in per_seed])
                              for c in COLUMNS[:-1]}}
@@ -107,8 +107,8 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
 def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
     """Collect every finished row of ``<output_dir>/ablation/`` (rows may be run by separate,
     even concurrent, invocations) into ``logs/ablation.json`` and ``logs/ablation.md``: rows of
-    these seeds on these data and split settings (a row that records none, written before rows
-    recorded them, is tabled with a warning)."""
+    these seeds whose every seed trained with the settings this invocation gives the row
+    (``_trained_as``); a row left by a run with other settings is left out, with a warning."""
     out_root = Path(base.paths.output_dir) / "ablation"
     seeds = list(range(base.seed, base.seed + n_seeds))
     rows = {}
@@ -118,10 +118,11 @@ def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
             row = read_json(path)
             if row.get("seeds") != seeds:
                 continue
-            if "data" not in row:
-                log.warning("ablation row %r records no data settings; tabled as it is", name)
-            elif row["data"] != _data_settings(base):
-                log.warning("ablation row %r was run on other data settings; left out", name)
+            differ = [key for seed in seeds for key in _trained_as(
+                path.parent / f"seed_{seed}", load_config(profile, {**overrides, **ROWS[name], "seed": seed}))]
+            if differ:
+                log.warning("ablation row %r was trained with other settings (%s); left out",
+                            name, ", ".join(sorted(set(differ))[:5]))
                 continue
             rows[name] = row
     result = {"profile": profile, "overrides": overrides, "n_seeds": n_seeds, "seeds": seeds,
@@ -152,10 +153,27 @@ def _cell(value: dict, column: str) -> str:
     return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
 
 
-def _data_settings(cfg) -> dict:
-    """The settings that decide a row's studies and split (``data.*``, ``split.*``)."""
-    values = cfg.to_dict()
-    return {"data": values["data"], "split": values["split"]}
+def _trained_as(folder: Path, expected) -> list[str]:
+    """The settings (dotted keys, ``paths.*`` aside) in which the training run in ``folder``
+    (its ``logs/config_04_training.json``) differs from the config ``expected``; a setting the
+    saved config lacks (added since) counts as its default. Missing or unreadable: "config"."""
+    try:
+        saved = _dotted(read_json(folder / "logs" / "config_04_training.json"))
+    except (OSError, ValueError):
+        return ["config"]
+    defaults = _dotted(Config().to_dict())
+    return [key for key, value in _dotted(expected.to_dict()).items()
+            if not key.startswith("paths.") and saved.get(key, defaults.get(key)) != value]
+
+
+def _dotted(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _slug(name: str) -> str:

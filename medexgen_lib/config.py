@@ -385,8 +385,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     # anyway); checkpoint by clinical macro-F1 + BLEU-4 as in the demo. Side words are left
     # to the decoder (guidance.align_sides off): real reports name sides of anatomy too
     # ("right heart border") and the head's sides on real data are unmeasured; switch it on
-    # where val shows the head's sides beat the decoder's. None of this is measured on real
-    # data yet (no GPU here).
+    # where val shows the head's sides beat the decoder's. Likewise no sentence bank
+    # (guidance.state_findings off): it helps where the head finds what the text omits, which
+    # on real data is unmeasured. None of this is measured on real data yet (no GPU here).
     "full": {"data.source": "openi", "tokenizer.kind": "gpt2", "split.require_findings": True,
              "text.target": "findings", "guidance.head": True, "guidance.prompt": True,
              "guidance.decoder_input": "true", "guidance.min_count": 20,

@@ -297,34 +297,63 @@ def bank_keys(labels: Sequence[str]) -> set[str]:
     return keys
 
 
+def bank_sentence_key(sentence: str, labels: Sequence[str]) -> str | None:
+    """The ``bank_key`` under which ``sentence`` may stand in a sentence bank for ``labels``: one
+    sentence, with its end, that states one observation of ``labels``, positive, and mentions no other
+    (so it negates nothing); its key names the sides it names that ``labels`` has. None otherwise."""
+    if not sentence.strip() or _sentences(sentence) != [sentence.strip()] or sentence.strip()[-1] not in ".;!?":
+        return None
+    found = label_report(sentence)
+    mentioned = [o for o, v in found.items() if v != ABSENT and o != "No Finding"]
+    if len(mentioned) != 1 or found[mentioned[0]] != POSITIVE or mentioned[0] not in labels:
+        return None
+    observation = mentioned[0]
+    sides = {s for s in report_sides(sentence).get(observation, set()) if side_label(observation, s) in labels}
+    return bank_key(observation, sides)
+
+
 def sentence_bank(texts: Sequence[str], labels: Sequence[str]) -> dict[str, str]:
     """Per finding of ``labels`` and the sides named with it (``bank_key``), the sentence of
-    ``texts`` (the training reports) that states it most often: sentences that state one
-    observation, positive, and mention no other (so an added sentence negates nothing).
+    ``texts`` (the training reports) that states it most often (``bank_sentence_key``).
     Ties go to the sentence seen first."""
     counts: Counter = Counter()
     for text in texts:
         for sentence in _sentences(text):
-            found = label_report(sentence)
-            mentioned = [o for o, v in found.items() if v != ABSENT and o != "No Finding"]
-            if len(mentioned) != 1 or found[mentioned[0]] != POSITIVE or mentioned[0] not in labels:
-                continue
-            observation = mentioned[0]
-            sides = report_sides(sentence).get(observation, set())
-            counts[(bank_key(observation, sides), sentence)] += 1
+            key = bank_sentence_key(sentence, labels)
+            if key is not None:
+                counts[(key, sentence)] += 1
     bank: dict[str, str] = {}
     for (key, sentence), _ in counts.most_common():  # most_common keeps first-seen order on ties
         bank.setdefault(key, sentence)
     return bank
 
 
+def normal_sentences(texts: Sequence[str], min_count: int = 2) -> list[str]:
+    """Sentences of ``texts`` (the training reports) that only reports stating no finding
+    contain, in at least ``min_count`` of them, and that mention no observation themselves
+    ("The lungs are clear.", "Normal chest."): a report that states a finding drops them
+    (``state_findings``). Most frequent first."""
+    normal: Counter = Counter()
+    with_finding: set[str] = set()
+    for text in texts:
+        sentences = set(_sentences(text))
+        if _stated(label_report(text)):
+            with_finding |= sentences
+        else:
+            normal.update(s for s in sentences
+                          if all(v == ABSENT for o, v in label_report(s).items() if o != "No Finding"))
+    return [s for s, n in normal.most_common() if n >= min_count and s not in with_finding]
+
+
 def state_findings(text: str, present: Sequence[str], sides: dict[str, set[str]],
-                   bank: dict[str, str]) -> str:
+                   bank: dict[str, str], normal: Sequence[str] = ()) -> str:
     """``text`` where each observation in ``present`` (the head's findings) that it does not state
     is stated: ``bank``'s sentence for the finding on its ``sides`` (``likely_sides``; the finding
     alone where the bank has no sentence for those sides) goes in after the last sentence that
-    states a finding, and sentences that negate an added finding are dropped. Text with nothing
-    to add is returned as it was; a finding the bank lacks is left out."""
+    states a finding. Sentences that would contradict it go: those that negate an added finding
+    and state none, and ``normal`` ones (``normal_sentences``). A kept sentence without an end
+    gets a period. Text with nothing to add is returned as it was; a finding the bank lacks
+    is left out."""
     stated = _stated(label_report(text))
     added = {}
     for observation in present:
@@ -336,8 +365,13 @@ def state_findings(text: str, present: Sequence[str], sides: dict[str, set[str]]
                 break
     if not added:
         return text
-    kept = [s for s in _sentences(text)
-            if not any(label_report(s).get(o) == NEGATIVE for o in added)]
+
+    def contradicts(sentence: str) -> bool:
+        labels = label_report(sentence)
+        negates = any(labels.get(o) == NEGATIVE for o in added) and not _stated(labels)
+        return negates or sentence in normal
+
+    kept = [s if s[-1] in ".;!?" else s + "." for s in _sentences(text) if not contradicts(s)]
     at = max([i + 1 for i, s in enumerate(kept) if _stated(label_report(s))], default=0)
     return " ".join(kept[:at] + list(added.values()) + kept[at:])
 

@@ -83,6 +83,8 @@ class ReportGeneratorConfig:
     # bank_key -> the training reports' sentence stating that finding (guidance.sentence_bank);
     # non-empty: each finding the head predicts is stated in the report (guidance.state_findings)
     guidance_sentences: dict[str, str] = field(default_factory=dict)
+    # sentences only training reports without a finding contain: dropped where one is stated
+    guidance_normal_sentences: list[str] = field(default_factory=list)
 
     @property
     def grid_size(self) -> int:
@@ -189,6 +191,7 @@ class ReportGenerator(nn.Module):
                       "guidance_hard": guidance_cfg.decoder_input == "true"}
             if guidance_cfg.state_findings:
                 wiring["guidance_sentences"] = guidance.sentence_bank(train_texts, labels)
+                wiring["guidance_normal_sentences"] = guidance.normal_sentences(train_texts)
         prompt = len(labels) if wiring.get("guidance_prompt") else 0
         if prompt:  # the prompt's tokens carry each present label's words (PromptMRG-style)
             wiring["guidance_word_ids"] = [tokenizer(" " + guidance.label_words(label),
@@ -405,8 +408,9 @@ class ReportGenerator(nn.Module):
         if self.config.guidance_align_sides:
             texts = [guidance.align_sides(text, known) for text, known in zip(texts, sides, strict=True)]
         if bank:
+            normal = set(self.config.guidance_normal_sentences)
             texts = [guidance.state_findings(text, [label for label, on in zip(labels, row) if on],
-                                             known, bank)
+                                             known, bank, normal)
                      for text, row, known in zip(texts, hard.tolist(), sides, strict=True)]
         return texts
 
@@ -545,12 +549,20 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
                          f"of token ids below vocab_size ({config.vocab_size}) per guidance label "
                          f"({count}), got {words!r}")
     sentences = config.guidance_sentences
-    if not isinstance(sentences, dict) or not all(
-            key in guidance.bank_keys(labels) and isinstance(text, str) and text.strip()
-            for key, text in sentences.items()):
+    if not isinstance(sentences, dict):
         raise ValueError(f"{source}: model config field 'guidance_sentences' must map guidance labels "
-                         "joined by ' + ' (a finding, then its side labels) to a non-empty sentence, "
-                         f"got {sentences!r}"[:400])
+                         f"joined by ' + ' to a sentence, got {type(sentences).__name__}")
+    for key, text in sentences.items():
+        if key not in guidance.bank_keys(labels) or not isinstance(text, str) \
+                or guidance.bank_sentence_key(text, labels) != key:
+            raise ValueError(f"{source}: model config field 'guidance_sentences' maps {key!r} to "
+                             f"{text!r}: a key must be a finding of 'guidance_labels' then its side "
+                             "labels, joined by ' + ', and its value one sentence stating that "
+                             "finding on those sides alone")
+    normal = config.guidance_normal_sentences
+    if not isinstance(normal, list) or not all(isinstance(s, str) and s.strip() for s in normal):
+        raise ValueError(f"{source}: model config field 'guidance_normal_sentences' must be a list of "
+                         f"non-empty sentences, got {normal!r}"[:300])
     if config.guidance_prompt and count + 2 > config.n_positions:
         raise ValueError(f"{source}: the guidance prompt ({count} labels) leaves no room in the "
                          f"decoder's {config.n_positions} positions")

@@ -206,7 +206,8 @@ def evaluation_fingerprint(cfg: Config, val_uids: list[str]) -> tuple[str, dict]
                "val_uids": sorted(val_uids), "metrics_version": METRICS_VERSION,
                "labeler_version": LABELER_VERSION,
                "selection_metric": cfg.train.selection_metric,
-               "uncertain_as_positive": cfg.eval.uncertain_as_positive}
+               "uncertain_as_positive": cfg.eval.uncertain_as_positive,
+               "align_sides": cfg.guidance.align_sides, "state_findings": cfg.guidance.state_findings}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return digest, payload
 

@@ -197,57 +197,92 @@ def test_the_sentence_bank_keeps_each_findings_most_frequent_sentence_that_state
              "Cardiomegaly, no pleural effusion. Cardiomegaly, no pleural effusion.",
              "Possible cardiomegaly. Possible cardiomegaly. Possible cardiomegaly.",
              "Right pleural effusion and cardiomegaly. Small pneumothorax. Small pneumothorax.",
-             "Bilateral pleural effusions. Pleural effusion."]
+             "Bilateral pleural effusions. Pleural effusion. Pleural effusion"]  # no end: not a bank sentence
     assert guidance.sentence_bank(texts, LABELS) == {
         "Cardiomegaly": "The heart is enlarged.",  # seen once, as "Cardiomegaly.": tie, first seen
         "Pleural Effusion + Pleural Effusion, left": "Left pleural effusion.",
         "Pleural Effusion + Pleural Effusion, left + Pleural Effusion, right": "Bilateral pleural effusions.",
         "Pleural Effusion": "Pleural effusion."}  # Pneumothorax has no label: no sentence
+    # labels without side labels: sides are not part of the key (a key the model accepts on load)
+    assert guidance.sentence_bank(texts, ["Cardiomegaly", "Pleural Effusion"])["Pleural Effusion"] \
+        == "Left pleural effusion."
+
+
+def test_normal_sentences_are_those_only_reports_without_a_finding_contain():
+    texts = ["Heart size is normal. The lungs are clear. Normal chest.",
+             "Heart size is normal. The lungs are clear. Normal chest. No acute bony abnormality.",
+             "The heart is enlarged. No acute bony abnormality. No acute bony abnormality.",
+             "Heart size is normal. Lungs are clear bilaterally. No pneumothorax. No pneumothorax."]
+    # "Heart size is normal." and "No pneumothorax." mention an observation; the bony one is
+    # in a report with a finding; "Lungs are clear bilaterally." is in one report only
+    assert guidance.normal_sentences(texts) == ["The lungs are clear.", "Normal chest."]
 
 
 BANK = {"Cardiomegaly": "Cardiomegaly.", "Pleural Effusion": "Pleural effusion.",
         "Pleural Effusion + Pleural Effusion, left": "Left pleural effusion."}
+NORMAL = {"The lungs are clear.", "Normal chest."}
 
 
 @pytest.mark.parametrize("text, present, sides, expected", [
-    # added after the last sentence stating a finding; the sentence negating it goes
-    ("The heart is enlarged. No pleural effusion or pneumothorax. Bones intact. 1. Cardiomegaly.",
-     ["Cardiomegaly", "Pleural Effusion", "Pleural Effusion, left"], {"Pleural Effusion": {"left"}},
-     "The heart is enlarged. Bones intact. 1. Cardiomegaly. Left pleural effusion."),
+    # added after the last sentence stating a finding; the sentence negating it (stating
+    # nothing) goes, and so do sentences only normal reports contain
+    ("The heart is enlarged. The lungs are clear. No pleural effusion or pneumothorax. Bones intact. "
+     "1. Cardiomegaly.", ["Cardiomegaly", "Pleural Effusion", "Pleural Effusion, left"],
+     {"Pleural Effusion": {"left"}}, "The heart is enlarged. Bones intact. 1. Cardiomegaly. Left pleural effusion."),
+    # a sentence that also states a finding stays (the labeler reads the added finding positive)
+    ("The heart is enlarged, no pleural effusion.", ["Cardiomegaly", "Pleural Effusion"], {},
+     "The heart is enlarged, no pleural effusion. Pleural effusion."),
+    # two findings added: a sentence negating either goes
+    ("No pneumothorax. No pleural effusion. Heart size is normal.", ["Cardiomegaly", "Pleural Effusion"], {},
+     "Cardiomegaly. Pleural effusion. No pneumothorax."),
     # nothing stated yet: first; no side label, or a side the bank lacks: the finding alone
     ("Heart size is normal. No pneumothorax.", ["Pleural Effusion"], {},
      "Pleural effusion. Heart size is normal. No pneumothorax."),
     ("No pneumothorax.", ["Pleural Effusion", "Pleural Effusion, right"], {"Pleural Effusion": {"right"}},
      "Pleural effusion. No pneumothorax."),
+    # sentences without an end (cut off, or ended by a line break) get one
+    ("Cardiomegaly\nNo pneumothorax", ["Cardiomegaly", "Pleural Effusion"], {},
+     "Cardiomegaly. Pleural effusion. No pneumothorax."),
     # stated already (positive or uncertain, any side): the text as it was, spaces included
-    ("Heart  normal. Right pleural effusion.", ["Pleural Effusion", "Pleural Effusion, left"],
-     {"Pleural Effusion": {"left"}}, "Heart  normal. Right pleural effusion."),
+    ("Heart normal.  Right pleural effusion.\nThe lungs are clear.", ["Pleural Effusion", "Pleural Effusion, left"],
+     {"Pleural Effusion": {"left"}}, "Heart normal.  Right pleural effusion.\nThe lungs are clear."),
     ("Possible  cardiomegaly.", ["Cardiomegaly"], {}, "Possible  cardiomegaly."),
     # side labels, "No Finding" and findings without a sentence add nothing
     ("The lungs are clear.", ["No Finding", "Pleural Effusion, left", "Edema"], {}, "The lungs are clear."),
 ])
 def test_state_findings_adds_a_sentence_for_each_predicted_finding_the_text_omits(text, present, sides, expected):
-    assert guidance.state_findings(text, present, sides, BANK) == expected
+    assert guidance.state_findings(text, present, sides, {"No Finding": "Normal chest.", **BANK}, NORMAL) == expected
 
 
 def test_write_reports_state_the_heads_findings_only_with_a_bank(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    model = _prompted(guidance_thresholds=[0.5] * 4)
+    model = _prompted(guidance_thresholds=[0.8, 0.5, 0.5, 0.5])
     images = torch.randn(2, 2, 3, 64, 64)
-    written = ["Heart normal. No pleural effusion.", "Left pleural effusion."]
+    written = ["Heart normal. No pleural effusion.", "Left pleural effusion. The lungs are clear."]
     model.tokenizer = SimpleNamespace(batch_decode=lambda ids, **_: list(written))
-    # the head: effusion in both studies, left given effusion in the first, right in the second
+    # the head: effusion in both studies, left given effusion in the first, right in the second;
+    # cardiomegaly .7 in the first, under its threshold
     monkeypatch.setattr(model.guidance, "logits", lambda features, batch, mask: torch.logit(
-        torch.tensor([[0.1, 0.9, 0.8, 0.1], [0.1, 0.9, 0.1, 0.8]])))
+        torch.tensor([[0.7, 0.9, 0.8, 0.1], [0.1, 0.9, 0.1, 0.8]])))
     assert model.write_reports(images, max_new_tokens=2) == written
     model.config.guidance_sentences = BANK
+    model.config.guidance_normal_sentences = sorted(NORMAL)
     assert model.write_reports(images, max_new_tokens=2) == ["Left pleural effusion. Heart normal.",
-                                                             "Left pleural effusion."]  # stated: kept
+                                                             written[1]]  # stated: kept as written
     model.config.guidance_align_sides = True  # sides first, then the bank
-    assert model.write_reports(images, max_new_tokens=2)[1] == "Right pleural effusion."
+    assert model.write_reports(images, max_new_tokens=2)[1] == "Right pleural effusion. The lungs are clear."
     model.tokenizer = None
     model.save_pretrained(tmp_path / "m")
-    assert ReportGenerator.from_pretrained(tmp_path / "m").config.guidance_sentences == BANK
+    loaded = ReportGenerator.from_pretrained(tmp_path / "m").config
+    assert (loaded.guidance_sentences, loaded.guidance_normal_sentences) == (BANK, sorted(NORMAL))
+
+
+@pytest.mark.parametrize("setting", ["guidance.align_sides", "guidance.state_findings"])
+def test_settings_that_rewrite_reports_change_the_evaluation_fingerprint(setting):
+    from medexgen_lib.train import evaluation_fingerprint
+
+    on, off = (evaluation_fingerprint(load_config("demo", {setting: value}), ["CXR1"])[0] for value in (True, False))
+    assert on != off  # epochs validated with and without it do not compete for best on resume
 
 
 @pytest.mark.parametrize("setting", ["guidance.align_sides", "guidance.state_findings"])
@@ -272,7 +307,12 @@ def test_settings_that_read_the_head_need_it(setting):
     ("guidance_sentences", {"Cardiomegaly": ""}), ("guidance_sentences", {"Cardiomegaly": 5}),
     ("guidance_sentences", {"Pleural Effusion, left": "Left pleural effusion."}),
     ("guidance_sentences", {"Pleural Effusion + Pleural Effusion, right + Pleural Effusion, left": "x."}),
-    ("guidance_sentences", {"Pneumothorax": "Pneumothorax."})])
+    ("guidance_sentences", {"Pneumothorax": "Pneumothorax."}),
+    ("guidance_sentences", {"Cardiomegaly": "No cardiomegaly."}),
+    ("guidance_sentences", {"Pleural Effusion + Pleural Effusion, left": "Right pleural effusion."}),
+    ("guidance_sentences", {"Cardiomegaly": "Left pleural effusion. Cardiomegaly."}),
+    ("guidance_sentences", {"Cardiomegaly": "Cardiomegaly"}),
+    ("guidance_normal_sentences", ["The lungs are clear.", ""]), ("guidance_normal_sentences", "Normal.")])
 def test_guidance_fields_that_do_not_fit_are_refused_on_load(field, value, tmp_path):
     model = _prompted(guidance_thresholds=[0.5] * 4)
     model.save_pretrained(tmp_path / "m")
@@ -563,9 +603,9 @@ def test_ablation_prepares_its_data_again_where_an_earlier_run_left_other_settin
     scored = json.loads((tmp_path / "out" / "ablation" / "side_words_from_the_head"
                          / "seed_0" / "logs" / "metrics_test.json").read_text())
     assert scored["n"] == len(splits["test"]) and row in result["rows"]
-    # a row run on other data settings is not tabled beside these
+    # a row trained with other data or training settings is not tabled beside these
     from medexgen_lib.ablation import write_table
 
-    assert row not in write_table(load_config("demo", {**settings, "data.phantom_seed": 7}),
-                                  "demo", settings, 1)["rows"]
+    for other in ({"data.phantom_seed": 7}, {"train.epochs": 2}):
+        assert row not in write_table(load_config("demo", settings), "demo", {**settings, **other}, 1)["rows"]
     assert row in write_table(load_config("demo", settings), "demo", settings, 1)["rows"]

@@ -523,13 +523,17 @@ def test_the_selection_metric_may_sum_validation_metrics():
         selection_value(metrics, "clinical macro_F1 + BLEU-5")
 
 
-def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg):
+def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypatch):
     from medexgen_lib import guidance
     from medexgen_lib.dataset import collate
     from medexgen_lib.preprocess import load_split
 
     cfg = tiny_cfg()
     assert cfg.guidance.decoder_input == "true"  # the demo's hard guidance
+    banked = []  # the texts the sentence bank and the normal sentences are made of
+    for name in ("sentence_bank", "normal_sentences"):
+        monkeypatch.setattr(guidance, name, lambda texts, *rest, f=getattr(guidance, name): (
+            banked.append(list(texts)), f(texts, *rest))[1])
     train(cfg, progress=False)
     config = json.loads((cfg.paths.models / "final" / "config.json").read_text())
     labels, thresholds = config["guidance_labels"], config["guidance_thresholds"]
@@ -546,9 +550,11 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg):
     truth = torch.tensor([guidance.report_targets(e.text, labels) for e in val.examples])
     assert guidance.choose_thresholds(probabilities, truth, labels) == thresholds
     assert thresholds != [0.5] * len(labels)  # this run's val moves some of them
-    # the demo's sentence bank comes from the training reports alone
+    # the demo's sentence bank and normal sentences come from the training reports alone
     train_texts = [e.text for e in load_split(cfg, "train").examples]
+    assert banked == [train_texts, train_texts]
     assert config["guidance_sentences"] and config["guidance_sentences"] == guidance.sentence_bank(train_texts, labels)
+    assert config["guidance_normal_sentences"] == guidance.normal_sentences(train_texts)
     # the val score that picked the checkpoint is the exported model's, thresholds included:
     # they were chosen at that validation and saved with the checkpoint
     best_config = json.loads((cfg.paths.checkpoints / "best" / "config.json").read_text())
