@@ -225,6 +225,9 @@ class TrainConfig:
     # After encoder_epochs the observation head goes on learning from the cached features
     # (False) or freezes with the encoder (True, the first frozen design; kept for the ablation).
     freeze_head: bool = False
+    # Exported to models/final: "best", the epoch with the best selection_metric on val, or
+    # "last", the last epoch trained (its thresholds still chosen on val at that epoch).
+    export: str = "best"
     # "new": cross-attention layers train at lr_new (they are new even in a pretrained GPT-2);
     # "decoder": the seed design's grouping, kept to reproduce the ablation's reference row.
     cross_attention_lr: str = "new"
@@ -234,6 +237,8 @@ class TrainConfig:
     log_with: str = "tensorboard"
 
     def __post_init__(self) -> None:
+        if self.export not in ("best", "last"):
+            raise ConfigError(f"train.export must be 'best' or 'last', got {self.export!r}")
         if self.cross_attention_lr not in ("new", "decoder"):
             raise ConfigError("train.cross_attention_lr must be 'new' or 'decoder', "
                               f"got {self.cross_attention_lr!r}")
@@ -366,6 +371,7 @@ PROFILES: dict[str, dict[str, Any]] = {
              "model.decoder_pretrained": False, "model.n_layer": 2, "model.n_head": 4,
              "model.n_embd": 128, "model.dropout": 0.1, "train.epochs": 15, "train.batch_size": 8,
              "train.encoder_epochs": 5, "train.selection_metric": "clinical macro_F1 + BLEU-4",
+             "train.export": "last",
              "train.lr_encoder": 1e-3, "train.lr_decoder": 1e-3, "train.lr_new": 1e-3,
              "train.patience": 8, "guidance.head": True, "guidance.embedding": True,
              "guidance.prompt": True, "guidance.decoder_input": "true", "guidance.align_sides": True,

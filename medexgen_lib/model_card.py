@@ -3,7 +3,7 @@
 Training's export writes ``models/final/README.md``: YAML metadata (library,
 tags, datasets, metrics, ``model-index`` results) and sections on the
 architecture, training data and split, text target and normalisation, the
-chosen epoch's validation metrics and evaluation fingerprint, licence, intended
+exported epoch's validation metrics and evaluation fingerprint, licence, intended
 use and limitations. Evaluation (stage 05) rebuilds the card with the test
 metrics and the baselines beside them. The facts behind the card are kept in its
 metadata under ``medexgen``, so an update rebuilds the whole card from them
@@ -57,10 +57,10 @@ def _metric_type(name: str) -> str:
     return name.split("-")[0].lower()
 
 
-def export_facts(cfg: Config, model, best_record: dict, split_meta: dict) -> dict:
+def export_facts(cfg: Config, model, record: dict, split_meta: dict) -> dict:
     """What the card says about a freshly exported model (JSON-able).
 
-    ``best_record`` is the chosen epoch's line of ``history.jsonl``; ``split_meta``
+    ``record`` is the exported epoch's line of ``history.jsonl``; ``split_meta``
     the ``meta`` of ``processed/splits.json`` (split source and counts).
     """
     config = model.config
@@ -77,9 +77,10 @@ def export_facts(cfg: Config, model, best_record: dict, split_meta: dict) -> dic
         "data": data,
         "text": {"target": cfg.text.target, "lowercase": cfg.text.lowercase,
                  "max_length": cfg.text.max_length, "normalisation": NORMALISATION},
-        "validation": {"epoch": best_record["epoch"], "selection_metric": best_record["selection_metric"],
-                       "selection_value": best_record["selection_value"],
-                       "fingerprint": best_record["fingerprint"], "metrics": dict(best_record["val"])},
+        "validation": {"epoch": record["epoch"], "export": cfg.train.export,
+                       "selection_metric": record["selection_metric"],
+                       "selection_value": record["selection_value"],
+                       "fingerprint": record["fingerprint"], "metrics": dict(record["val"])},
         "results": {},
     }
 
@@ -137,8 +138,11 @@ def _body(facts: dict, kind: str, short_name: str, dataset_name: str) -> str:
         "## Text target and normalisation",
         f"Target: {t['target']} (lowercase: {t['lowercase']}, at most {t['max_length']} tokens). "
         f"Metrics are computed on normalised text: {t['normalisation']}.",
-        "## Validation metrics of the chosen epoch",
-        f"Epoch {v['epoch']}, chosen by {v['selection_metric']} = {v['selection_value']:.4f}; "
+        "## Validation metrics of the exported epoch",
+        (f"Epoch {v['epoch']}, chosen by {v['selection_metric']} = {v['selection_value']:.4f}; "
+         if v.get("export", "best") == "best" else
+         f"Epoch {v['epoch']}, the last trained (`train.export` last; its {v['selection_metric']} = "
+         f"{v['selection_value']:.4f}); ") +
         f"evaluation fingerprint `{v['fingerprint']}` (validation settings frozen for the run).\n\n"
         + _table({"val": v["metrics"]}, CARD_METRICS),
     ]
@@ -161,10 +165,10 @@ def _body(facts: dict, kind: str, short_name: str, dataset_name: str) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def export_card_text(cfg: Config, model, best_record: dict) -> str:
+def export_card_text(cfg: Config, model, record: dict) -> str:
     """The card text for ``models/final`` at export (``split_meta`` from ``processed/splits.json``)."""
     split_meta = read_json(cfg.paths.processed / "splits.json").get("meta", {})
-    return str(build_card(export_facts(cfg, model, best_record, split_meta)))
+    return str(build_card(export_facts(cfg, model, record, split_meta)))
 
 
 def _card_metrics(metrics: dict) -> dict:

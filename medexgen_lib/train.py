@@ -4,7 +4,8 @@ One epoch = shuffled training batches (order seeded by epoch, so a resumed run
 sees the same batches), then validation on the val split only: teacher-forced
 loss plus generated reports scored with ``metrics.score``. The best epoch by
 ``train.selection_metric`` among epochs with the run's evaluation fingerprint is
-kept in ``checkpoints/best`` and exported to ``models/final``.
+kept in ``checkpoints/best``, the latest epoch in ``checkpoints/last``; ``train.export``
+says which of the two goes to ``models/final``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class NonFiniteLoss(RuntimeError):
 class TrainResult:
     best_epoch: int
     best_value: float
+    exported_epoch: int
     epochs_run: int
     stopped: str
     final_model: Path
@@ -462,27 +464,48 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
             break
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             tracker.finish()
-            return TrainResult(state["best_epoch"], state["best_value"], epoch, "interrupted",
+            return TrainResult(state["best_epoch"], state["best_value"], 0, epoch, "interrupted",
                                paths.models / "final", history_path)
 
     final = paths.models / "final"
     if state["best_epoch"] == 0:  # the same on every process: all raise, none waits below
         raise RuntimeError("no epoch had the run's evaluation fingerprint; nothing to export")
+    exported = exported_epoch([*_history_records(history_path)], tcfg.export)
     if accelerator.is_main_process:
-        best_model = ReportGenerator.from_pretrained(best_dir)  # with the thresholds its val score used
-        if best_model.config.guidance_thresholds:
+        # with the thresholds its val score used
+        model_out = ReportGenerator.from_pretrained(best_dir if tcfg.export == "best" else last_dir)
+        if model_out.config.guidance_thresholds:
             log.info("observation thresholds chosen on val: %s",
-                     dict(zip(labels, best_model.config.guidance_thresholds)))
-        best_record = [h for h in _history_records(history_path) if h["epoch"] == state["best_epoch"]][-1]
-        best_model.save_pretrained(final, extra_files={
+                     dict(zip(labels, model_out.config.guidance_thresholds)))
+        record = [h for h in _history_records(history_path) if h["epoch"] == exported][-1]
+        model_out.save_pretrained(final, extra_files={
             "run_config.json": json.dumps(cfg.to_dict(), indent=2),
-            CARD_FILE: export_card_text(cfg, best_model, best_record)})
+            CARD_FILE: export_card_text(cfg, model_out, record)})
     accelerator.wait_for_everyone()
     tracker.finish()
-    log.info("best epoch %d (%s %.4f); %s; exported to %s", state["best_epoch"],
-             tcfg.selection_metric, state["best_value"], stopped, final)
-    return TrainResult(state["best_epoch"], state["best_value"], state["epoch"], stopped, final,
-                       history_path)
+    log.info("best epoch on val %d (%s %.4f); %s; epoch %d (train.export %s) exported to %s",
+             state["best_epoch"], tcfg.selection_metric, state["best_value"], stopped, exported,
+             tcfg.export, final)
+    return TrainResult(state["best_epoch"], state["best_value"], exported, state["epoch"], stopped,
+                       final, history_path)
+
+
+def mark_epochs(ax, history: list[dict], export: str) -> None:
+    """Dashed line at the best epoch on val; dotted at the exported one where that is another."""
+    best = [h["epoch"] for h in history if h["best"]]
+    if best:
+        ax.axvline(best[-1], color="black", ls="--", label=f"best on val (epoch {best[-1]})")
+        exported = exported_epoch(history, export)
+        if exported != best[-1]:
+            ax.axvline(exported, color="black", ls=":", label=f"exported (epoch {exported})")
+
+
+def exported_epoch(history: list[dict], export: str) -> int:
+    """The epoch of ``history`` (``history.jsonl``'s records) that ``train.export`` sends to
+    ``models/final``: the last one marked best ("best"), or the last one ("last")."""
+    if export == "last":
+        return history[-1]["epoch"]
+    return [h for h in history if h["best"]][-1]["epoch"]
 
 
 def selection_value(metrics: dict, selection_metric: str) -> float:
@@ -673,8 +696,9 @@ def _history_records(path: Path) -> list[dict]:
     return records
 
 
-def plot_training_curves(history: list[dict], path: Path) -> Path:
-    """Train/val loss and the selection metric per epoch; best epoch and flagged epochs marked."""
+def plot_training_curves(history: list[dict], path: Path, export: str = "best") -> Path:
+    """Train/val loss and the selection metric per epoch; the best epoch, the exported one
+    (``train.export``) and flagged epochs marked."""
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
@@ -688,9 +712,7 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
     for h in history:
         if not h["fingerprint_ok"]:
             metric_ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="red", alpha=0.15)
-    best = [h for h in history if h["best"]]
-    if best:
-        metric_ax.axvline(best[-1]["epoch"], color="black", ls="--", label=f"best (epoch {best[-1]['epoch']})")
+    mark_epochs(metric_ax, history, export)
     metric_ax.set(title="Validation (red: other evaluation fingerprint)", xlabel="epoch", ylabel=name)
     metric_ax.legend()
     fig.tight_layout()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from medexgen_lib.files import read_json, save_figure
 from medexgen_lib.labeler import NO_FINDING, OBSERVATIONS, POSITIVE
-from medexgen_lib.train import load_history
+from medexgen_lib.train import load_history, mark_epochs
 
 AGREE, MISSED, INVENTED = "#2e7d32", "#c62828", "#ef6c00"  # green, red, orange
 
@@ -25,10 +25,12 @@ def _save(fig, path: Path | None) -> Path | None:
 
 # --------------------------------------------------------------------------- training summary
 
-def visualize_training_summary(log_dir: str | os.PathLike, out_path: str | os.PathLike | None = None):
+def visualize_training_summary(log_dir: str | os.PathLike, out_path: str | os.PathLike | None = None,
+                               export: str = "best"):
     """Loss, validation metrics and learning rates per epoch from ``history.jsonl``.
 
-    The best epoch is marked with a dashed line; epochs whose evaluation
+    The best epoch is marked with a dashed line, the exported one (``train.export``)
+    dotted where it is another; epochs whose evaluation
     fingerprint differs from the run's are shaded red (never eligible as best).
     Saved as PNG when ``out_path`` is given; returns the figure (shown inline).
     """
@@ -44,14 +46,12 @@ def visualize_training_summary(log_dir: str | os.PathLike, out_path: str | os.Pa
     for group in history[0]["learning_rates"] if history else []:
         axes[2].plot(epochs, [h["learning_rates"][group] for h in history], label=group)
     axes[2].set(title="Learning rate at epoch end", xlabel="epoch", yscale="log")
-    best = [h["epoch"] for h in history if h["best"]]
     for ax in axes[:2]:
         for h in history:
             if not h["fingerprint_ok"]:
                 ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="red", alpha=0.15,
                            label="other evaluation fingerprint" if h is history[-1] else None)
-        if best:
-            ax.axvline(best[-1], color="black", ls="--", label=f"best epoch ({best[-1]})")
+        mark_epochs(ax, history, export)
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -8,6 +8,7 @@ from huggingface_hub import ModelCard
 
 from medexgen_lib.model import ReportGenerator
 from medexgen_lib.model_card import CARD_FILE, CARD_METRICS, FACTS_KEY, add_results, build_card
+from medexgen_lib.train import exported_epoch
 
 
 def _results(card, split):
@@ -19,18 +20,18 @@ def test_exported_card_matches_the_metrics_files(trained_tiny):
     card = ModelCard.load(cfg.paths.models / "final" / CARD_FILE)
     metrics = json.loads((cfg.paths.logs / "metrics_test.json").read_text())
     history = [json.loads(line) for line in (cfg.paths.logs / "history.jsonl").read_text().splitlines()]
-    best = [h for h in history if h["best"]][-1]
+    exported = [h for h in history if h["epoch"] == exported_epoch(history, cfg.train.export)][-1]
 
     assert card.data.library_name == "medexgen"
     assert card.data.datasets == ["medexgen-phantom"] and "medexgen-phantom" in card.data.tags
     assert card.data.license is None  # no patient data, no data licence to inherit
     assert {"bleu", "rouge", "cider", "f1"} <= set(card.data.metrics)
-    assert _results(card, "validation") == {k: v for k, v in best["val"].items() if k in CARD_METRICS}
+    assert _results(card, "validation") == {k: v for k, v in exported["val"].items() if k in CARD_METRICS}
     test = _results(card, "test")
     assert test == {k: metrics["model"][k] for k in CARD_METRICS if metrics["model"].get(k) is not None}
     assert set(test) >= {"BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1"}
     facts = card.data.to_dict()[FACTS_KEY]
-    assert facts["validation"]["fingerprint"] == best["fingerprint"]
+    assert facts["validation"]["fingerprint"] == exported["fingerprint"]
     assert set(facts["results"]["test"]["baselines"]) == set(metrics["baselines"])
     split_counts = json.loads((cfg.paths.processed / "splits.json").read_text())["meta"]["counts"]
     assert facts["data"]["split_counts"] == {k: v["studies"] for k, v in split_counts.items()}

@@ -136,7 +136,8 @@ def test_train_writes_history_checkpoints_and_final_model(tiny_cfg):
     assert (cfg.paths.checkpoints / "last" / "training_state.pt").exists()
     assert json.loads((cfg.paths.checkpoints / "best" / "trainer.json").read_text())["epoch"] == result.best_epoch
     model = ReportGenerator.from_pretrained(result.final_model)
-    assert _weights_digest(result.final_model) == _weights_digest(cfg.paths.checkpoints / "best")
+    assert cfg.train.export == "last"  # the demo's
+    assert _weights_digest(result.final_model) == _weights_digest(cfg.paths.checkpoints / "last")
     assert model.tokenizer is not None
 
 
@@ -362,13 +363,23 @@ def test_a_blank_view_does_not_enter_batchnorm_statistics_in_training():
 # --------------------------------------------------------------------------- resume after early stopping
 
 
-def test_a_resumed_run_that_stopped_early_trains_no_further_epoch(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("export, epoch", [("best", 1), ("last", 2)])
+def test_a_resumed_run_that_stopped_early_trains_no_further_epoch_and_exports_as_set(
+        tiny_cfg, monkeypatch, export, epoch):
     import medexgen_lib.train as train_module
+    from medexgen_lib.model_card import ModelCard
 
     flat = {"clinical macro_F1": 0.5, "BLEU-4": 0.2, "distinct_predictions": 1}  # epoch 1 best, then none better
     monkeypatch.setattr(train_module, "_validate", lambda *args, **kwargs: (dict(flat), 1.0, []))
-    cfg = tiny_cfg(train__epochs=4, train__patience=1)
+    cfg = tiny_cfg(train__epochs=4, train__patience=1, train__export=export)
     first = train(cfg, progress=False)
+    assert (first.best_epoch, first.exported_epoch) == (1, epoch)
+    assert _weights_digest(first.final_model) == _weights_digest(cfg.paths.checkpoints / ("best", "last")[epoch - 1])
+    card = ModelCard.load(first.final_model / "README.md").data.to_dict()
+    assert card["medexgen"]["validation"]["epoch"] == epoch
+    text = (first.final_model / "README.md").read_text()
+    assert (f"Epoch {epoch}, chosen by" in text) == (export == "best")
+    assert (f"Epoch {epoch}, the last trained" in text) == (export == "last")
     assert first.stopped.startswith("early stopping") and first.epochs_run == 2
     last = _weights_digest(cfg.paths.checkpoints / "last")
     shutil.rmtree(cfg.paths.models / "final")
@@ -376,7 +387,7 @@ def test_a_resumed_run_that_stopped_early_trains_no_further_epoch(tiny_cfg, monk
     assert resumed.stopped.startswith("early stopping") and resumed.epochs_run == 2
     assert [json.loads(l)["epoch"] for l in (cfg.paths.logs / "history.jsonl").read_text().splitlines()] == [1, 2]
     assert _weights_digest(cfg.paths.checkpoints / "last") == last
-    assert _weights_digest(resumed.final_model) == _weights_digest(cfg.paths.checkpoints / "best")
+    assert _weights_digest(resumed.final_model) == _weights_digest(first.final_model)
 
 
 # --------------------------------------------------------------------------- accumulation and learning rates
@@ -555,16 +566,17 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypat
     assert banked == [train_texts, train_texts]
     assert config["guidance_sentences"] and config["guidance_sentences"] == guidance.sentence_bank(train_texts, labels)
     assert config["guidance_normal_sentences"] == guidance.normal_sentences(train_texts)
-    # the val score that picked the checkpoint is the exported model's, thresholds included:
+    # the val score recorded for the exported epoch is the exported model's, thresholds included:
     # they were chosen at that validation and saved with the checkpoint
-    best_config = json.loads((cfg.paths.checkpoints / "best" / "config.json").read_text())
-    assert best_config["guidance_thresholds"] == thresholds
+    exported_config = json.loads((cfg.paths.checkpoints / cfg.train.export / "config.json").read_text())
+    assert exported_config["guidance_thresholds"] == thresholds
     from medexgen_lib.evaluate import generate_reports
     from medexgen_lib.metrics import score
-    from medexgen_lib.train import load_history, selection_value
+    from medexgen_lib.train import exported_epoch, load_history, selection_value
 
-    best = [h for h in load_history(cfg.paths.logs / "history.jsonl") if h.get("best")][-1]
+    history = load_history(cfg.paths.logs / "history.jsonl")
+    exported = [h for h in history if h["epoch"] == exported_epoch(history, cfg.train.export)][-1]
     rows = generate_reports(ReportGenerator.from_pretrained(cfg.paths.models / "final"),
                             load_split(cfg, "val"), cfg.eval, progress=False)
     metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=False)
-    assert selection_value(metrics, cfg.train.selection_metric) == best["selection_value"]  # same reports
+    assert selection_value(metrics, cfg.train.selection_metric) == exported["selection_value"]  # same reports

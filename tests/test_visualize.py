@@ -12,16 +12,21 @@ from medexgen_lib.visualize import (cross_attention_maps, label_comparison, toke
                                     visualize_training_summary)
 
 
-def test_training_summary_marks_best_and_flagged_epochs(trained_tiny, tmp_path):
+def test_training_summary_marks_best_exported_and_flagged_epochs(trained_tiny, tmp_path):
     cfg, *_ = trained_tiny
     history = [json.loads(l) for l in (cfg.paths.logs / "history.jsonl").read_text().splitlines()]
     history[1]["fingerprint_ok"] = False
+    for h in history:  # epoch 1 best on val, the last one exported with train.export "last"
+        h["best"] = h["epoch"] == 1
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    fig = visualize_training_summary(tmp_path, tmp_path / "summary.png")
-    assert (tmp_path / "summary.png").stat().st_size > 10_000
-    metric_ax = fig.axes[1]
-    assert len(metric_ax.patches) == 1  # the flagged epoch's shading
-    assert any("best epoch" in t.get_text() for t in metric_ax.get_legend().get_texts())
+    for export, marks in (("best", ["best on val (epoch 1)"]),
+                          ("last", ["best on val (epoch 1)", f"exported (epoch {len(history)})"])):
+        fig = visualize_training_summary(tmp_path, tmp_path / "summary.png", export)
+        assert (tmp_path / "summary.png").stat().st_size > 10_000
+        metric_ax = fig.axes[1]
+        assert len(metric_ax.patches) == 1  # the flagged epoch's shading
+        legend = [t.get_text() for t in metric_ax.get_legend().get_texts()]
+        assert [text for text in legend if "epoch" in text] == marks
 
 
 def test_label_comparison():
