@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from medexgen_lib.config import Config, load_config
+from medexgen_lib.config import Config, ConfigError, load_config
 from medexgen_lib.files import read_json, write_json, write_text_atomic
 from medexgen_lib.seeds import RETRIEVAL, mean_std
 
@@ -76,7 +76,8 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
     out_root = Path(base.paths.output_dir) / "ablation"
     prepared: set[str] = set()
     for name in names:
-        per_seed = []
+        per_seed = []  # the row's old result goes first: it must not be tabled beside new seeds
+        (out_root / _slug(name) / ROW_FILE).unlink(missing_ok=True)
         for seed in range(base.seed, base.seed + n_seeds):
             folder = out_root / _slug(name) / f"seed_{seed}"
             settings = {**overrides, **ROWS[name], "seed": seed, "paths.output_dir": str(folder)}
@@ -120,8 +121,12 @@ def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
             row = read_json(path)
             if row.get("seeds") != seeds:
                 continue
-            differ = [key for seed in seeds for key in _trained_as(
-                path.parent / f"seed_{seed}", load_config(profile, {**overrides, **ROWS[name], "seed": seed}))]
+            try:
+                differ = [key for seed in seeds for key in _trained_as(
+                    path.parent / f"seed_{seed}", load_config(profile, {**overrides, **ROWS[name], "seed": seed}))]
+            except ConfigError as exc:
+                log.warning("ablation row %r does not load with these settings (%s); left out", name, exc)
+                continue
             if differ:
                 log.warning("ablation row %r was trained with other settings (%s); left out",
                             name, ", ".join(sorted(set(differ))[:5]))

@@ -175,6 +175,17 @@ def _card_metrics(metrics: dict) -> dict:
     return {k: metrics[k] for k in CARD_METRICS if metrics.get(k) is not None}
 
 
+def exported_epoch(model_dir: str | os.PathLike) -> int | None:
+    """The training epoch exported to ``model_dir``, as its MedExGen card says (None: no card,
+    or one that does not say)."""
+    path = Path(model_dir) / CARD_FILE
+    try:
+        epoch = ModelCard.load(path).data.to_dict()[FACTS_KEY]["validation"]["epoch"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    return epoch if isinstance(epoch, int) else None
+
+
 def add_results(model_dir: str | os.PathLike, summary: dict) -> Path | None:
     """Rebuild ``model_dir``'s card with an evaluation's results (``metrics_<split>.json``'s
     content): model metrics and baselines. A folder without a MedExGen card is left alone."""

@@ -470,10 +470,15 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     final = paths.models / "final"
     if state["best_epoch"] == 0:  # the same on every process: all raise, none waits below
         raise RuntimeError("no epoch had the run's evaluation fingerprint; nothing to export")
-    exported = exported_epoch([*_history_records(history_path)], tcfg.export)
+    exported = state["best_epoch"]
+    if tcfg.export == "last":  # unless the last epoch was validated with other settings
+        exported = state["epoch"] if fingerprint == state["fingerprint"] else state["best_epoch"]
+        if exported != state["epoch"]:
+            log.warning("train.export last: epoch %d was validated with other settings than the run's; "
+                        "exporting the best epoch on val (%d) instead", state["epoch"], exported)
     if accelerator.is_main_process:
         # with the thresholds its val score used
-        model_out = ReportGenerator.from_pretrained(best_dir if tcfg.export == "best" else last_dir)
+        model_out = ReportGenerator.from_pretrained(last_dir if exported == state["epoch"] else best_dir)
         if model_out.config.guidance_thresholds:
             log.info("observation thresholds chosen on val: %s",
                      dict(zip(labels, model_out.config.guidance_thresholds)))
@@ -490,22 +495,18 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
                        final, history_path)
 
 
-def mark_epochs(ax, history: list[dict], export: str) -> None:
-    """Dashed line at the best epoch on val; dotted at the exported one where that is another."""
+def mark_epochs(ax, history: list[dict], model_dir: Path | None) -> None:
+    """Dashed line at the best epoch on val; dotted at the one exported to ``model_dir`` (as its
+    model card says) where that is another."""
+    from medexgen_lib.model_card import exported_epoch
+
     best = [h["epoch"] for h in history if h["best"]]
     if best:
         ax.axvline(best[-1], color="black", ls="--", label=f"best on val (epoch {best[-1]})")
-        exported = exported_epoch(history, export)
-        if exported != best[-1]:
-            ax.axvline(exported, color="black", ls=":", label=f"exported (epoch {exported})")
+    exported = exported_epoch(model_dir) if model_dir is not None else None
+    if exported is not None and exported not in best[-1:]:
+        ax.axvline(exported, color="black", ls=":", label=f"exported (epoch {exported})")
 
-
-def exported_epoch(history: list[dict], export: str) -> int:
-    """The epoch of ``history`` (``history.jsonl``'s records) that ``train.export`` sends to
-    ``models/final``: the last one marked best ("best"), or the last one ("last")."""
-    if export == "last":
-        return history[-1]["epoch"]
-    return [h for h in history if h["best"]][-1]["epoch"]
 
 
 def selection_value(metrics: dict, selection_metric: str) -> float:
@@ -696,9 +697,9 @@ def _history_records(path: Path) -> list[dict]:
     return records
 
 
-def plot_training_curves(history: list[dict], path: Path, export: str = "best") -> Path:
-    """Train/val loss and the selection metric per epoch; the best epoch, the exported one
-    (``train.export``) and flagged epochs marked."""
+def plot_training_curves(history: list[dict], path: Path, model_dir: Path | None = None) -> Path:
+    """Train/val loss and the selection metric per epoch; the best epoch, the one exported to
+    ``model_dir`` (``train.export``) and flagged epochs marked."""
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
@@ -712,7 +713,7 @@ def plot_training_curves(history: list[dict], path: Path, export: str = "best") 
     for h in history:
         if not h["fingerprint_ok"]:
             metric_ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="red", alpha=0.15)
-    mark_epochs(metric_ax, history, export)
+    mark_epochs(metric_ax, history, model_dir)
     metric_ax.set(title="Validation (red: other evaluation fingerprint)", xlabel="epoch", ylabel=name)
     metric_ax.legend()
     fig.tight_layout()

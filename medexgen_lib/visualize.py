@@ -26,11 +26,11 @@ def _save(fig, path: Path | None) -> Path | None:
 # --------------------------------------------------------------------------- training summary
 
 def visualize_training_summary(log_dir: str | os.PathLike, out_path: str | os.PathLike | None = None,
-                               export: str = "best"):
+                               model_dir: str | os.PathLike | None = None):
     """Loss, validation metrics and learning rates per epoch from ``history.jsonl``.
 
-    The best epoch is marked with a dashed line, the exported one (``train.export``)
-    dotted where it is another; epochs whose evaluation
+    The best epoch is marked with a dashed line, the one exported to ``model_dir`` (its
+    model card says which) dotted where it is another; epochs whose evaluation
     fingerprint differs from the run's are shaded red (never eligible as best).
     Saved as PNG when ``out_path`` is given; returns the figure (shown inline).
     """
@@ -51,7 +51,7 @@ def visualize_training_summary(log_dir: str | os.PathLike, out_path: str | os.Pa
             if not h["fingerprint_ok"]:
                 ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="red", alpha=0.15,
                            label="other evaluation fingerprint" if h is history[-1] else None)
-        mark_epochs(ax, history, export)
+        mark_epochs(ax, history, Path(model_dir) if model_dir is not None else None)
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()

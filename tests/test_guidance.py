@@ -606,6 +606,26 @@ def test_ablation_prepares_its_data_again_where_an_earlier_run_left_other_settin
     # a row trained with other data or training settings is not tabled beside these
     from medexgen_lib.ablation import write_table
 
-    for other in ({"data.phantom_seed": 7}, {"train.epochs": 2}):
+    for other in ({"data.phantom_seed": 7}, {"train.epochs": 2}, {"guidance.head": False}):  # the last: no config
         assert row not in write_table(load_config("demo", settings), "demo", {**settings, **other}, 1)["rows"]
     assert row in write_table(load_config("demo", settings), "demo", settings, 1)["rows"]
+
+
+def test_an_ablation_row_run_again_drops_its_old_result_before_training(tmp_path, monkeypatch):
+    import medexgen_lib.train as train_module
+    from conftest import TINY
+    from medexgen_lib.ablation import ROW_FILE, _slug, run_ablation
+
+    row = "+ side words from the head"
+    folder = tmp_path / "out" / "ablation" / _slug(row)
+    folder.mkdir(parents=True)
+    (folder / ROW_FILE).write_text(json.dumps({"seeds": [0]}))  # a finished run's result
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(train_module, "train", killed)
+    settings = {**TINY, "paths.data_dir": str(tmp_path / "data"), "paths.output_dir": str(tmp_path / "out")}
+    with pytest.raises(RuntimeError, match="killed"):
+        run_ablation("demo", settings, n_seeds=1, rows=[row])
+    assert not (folder / ROW_FILE).exists()  # not tabled beside seeds trained with other settings

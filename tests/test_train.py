@@ -166,6 +166,9 @@ def test_resume_with_changed_validation_warns_and_flags(tiny_cfg, caplog):
     assert [h["fingerprint_ok"] for h in history] == [True, False, False]
     assert not any(h["best"] for h in history[1:])
     assert json.loads((cfg.paths.checkpoints / "best" / "trainer.json").read_text())["best_epoch"] == 1
+    # the demo exports the last epoch, but not one validated with other settings: the best
+    assert changed.train.export == "last" and "exporting the best epoch on val (1)" in caplog.text
+    assert _weights_digest(cfg.paths.models / "final") == _weights_digest(cfg.paths.checkpoints / "best")
 
 
 @pytest.mark.reliability
@@ -572,10 +575,9 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypat
     assert exported_config["guidance_thresholds"] == thresholds
     from medexgen_lib.evaluate import generate_reports
     from medexgen_lib.metrics import score
-    from medexgen_lib.train import exported_epoch, load_history, selection_value
+    from medexgen_lib.train import load_history, selection_value
 
-    history = load_history(cfg.paths.logs / "history.jsonl")
-    exported = [h for h in history if h["epoch"] == exported_epoch(history, cfg.train.export)][-1]
+    exported = load_history(cfg.paths.logs / "history.jsonl")[-1]  # train.export "last"
     rows = generate_reports(ReportGenerator.from_pretrained(cfg.paths.models / "final"),
                             load_split(cfg, "val"), cfg.eval, progress=False)
     metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=False)

@@ -19,9 +19,10 @@ def test_training_summary_marks_best_exported_and_flagged_epochs(trained_tiny, t
     for h in history:  # epoch 1 best on val, the last one exported with train.export "last"
         h["best"] = h["epoch"] == 1
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    for export, marks in (("best", ["best on val (epoch 1)"]),
-                          ("last", ["best on val (epoch 1)", f"exported (epoch {len(history)})"])):
-        fig = visualize_training_summary(tmp_path, tmp_path / "summary.png", export)
+    # the exported epoch is read from the model's card (the demo's: the last one)
+    for model_dir, marks in ((None, ["best on val (epoch 1)"]), (tmp_path, ["best on val (epoch 1)"]),
+                             (cfg.paths.models / "final", ["best on val (epoch 1)", f"exported (epoch {len(history)})"])):
+        fig = visualize_training_summary(tmp_path, tmp_path / "summary.png", model_dir)
         assert (tmp_path / "summary.png").stat().st_size > 10_000
         metric_ax = fig.axes[1]
         assert len(metric_ax.patches) == 1  # the flagged epoch's shading
