@@ -332,13 +332,13 @@ def normal_sentences(texts: Sequence[str], min_count: int = 2) -> list[str]:
     """Sentences of ``texts`` (the training reports) that only reports stating no finding
     contain, in at least ``min_count`` of them, and that mention no observation themselves
     ("The lungs are clear.", "Normal chest."): a report that states a finding drops them
-    (``state_findings``). Most frequent first."""
+    (``state_findings``). Most frequent first, ties in the order first seen."""
     normal: Counter = Counter()
     with_finding: set[str] = set()
     for text in texts:
-        sentences = set(_sentences(text))
+        sentences = list(dict.fromkeys(_sentences(text)))  # once each, in order: ties keep first seen
         if _stated(label_report(text)):
-            with_finding |= sentences
+            with_finding.update(sentences)
         else:
             normal.update(s for s in sentences
                           if all(v == ABSENT for o, v in label_report(s).items() if o != "No Finding"))
