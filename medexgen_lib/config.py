@@ -394,9 +394,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     # epoch (train.encoder_epochs 0; with augmentation its features change every epoch
     # anyway); the best epoch on val by clinical macro-F1 + BLEU-4 is exported (train.export
     # "best": a pretrained GPT-2 can overfit 2.5k reports, and its val split has ~330 studies).
-    # Side words are left to the decoder (guidance.align_sides off): real reports name sides of anatomy too
-    # ("right heart border") and the head's sides on real data are unmeasured; switch it on
-    # where val shows the head's sides beat the decoder's. Likewise no sentence bank
+    # Side words are left to the decoder (guidance.align_sides off): real reports name sides
+    # of anatomy too ("right heart border") and the head's sides on real data are unmeasured;
+    # switch it on where val shows the head's sides beat the decoder's. Likewise no sentence bank
     # (guidance.state_findings off): it helps where the head finds what the text omits, which
     # on real data is unmeasured. None of this is measured on real data yet (no GPU here).
     "full": {"data.source": "openi", "tokenizer.kind": "gpt2", "split.require_findings": True,

@@ -556,7 +556,7 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
         if key not in guidance.bank_keys(labels) or not isinstance(text, str) \
                 or guidance.bank_sentence_key(text, labels) != key:
             raise ValueError(f"{source}: model config field 'guidance_sentences' maps {key!r} to "
-                             f"{text!r}: a key must be a finding of 'guidance_labels' then its side "
+                             f"{repr(text)[:200]}: a key must be a finding of 'guidance_labels' then its side "
                              "labels, joined by ' + ', and its value one sentence stating that "
                              "finding on those sides alone")
     normal = config.guidance_normal_sentences

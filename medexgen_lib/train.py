@@ -508,7 +508,6 @@ def mark_epochs(ax, history: list[dict], model_dir: Path | None) -> None:
         ax.axvline(exported, color="black", ls=":", label=f"exported (epoch {exported})")
 
 
-
 def selection_value(metrics: dict, selection_metric: str) -> float:
     """``train.selection_metric`` of the val metrics: one metric's name, or several joined by
     " + " (their sum, e.g. "clinical macro_F1 + BLEU-4" for reports both right and well worded)."""
