@@ -105,22 +105,25 @@ def comparability(cfg, split_meta: dict, evaluated: str = "test") -> tuple[dict,
 
 
 @torch.no_grad()
-def study_embeddings(model, data: ReportDataset, batch_size: int = 32, device="cpu") -> torch.Tensor:
-    """One L2-normalised vector per study: mean of its visual tokens (the model's encoder space)."""
+def study_embeddings(model, data: ReportDataset, batch_size: int = 32, device="cpu", features=None) -> torch.Tensor:
+    """One L2-normalised vector per study: mean of its visual tokens (the model's encoder space).
+    ``features``: uids -> the encoder's feature maps, computed before (see ``generate_reports``)."""
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False,
                         collate_fn=partial(collate, pad_token_id=model.config.pad_token_id))
     vectors = []
     for batch in loader:
-        tokens, mask = model.encode(batch["images"].to(device), batch["view_mask"].to(device))
+        known = features(batch["uids"]) if features is not None else None
+        tokens, mask = model.encode(batch["images"].to(device), batch["view_mask"].to(device), known)
         weights = mask.unsqueeze(-1).float()
         vectors.append(((tokens * weights).sum(1) / weights.sum(1)).cpu())
     return torch.nn.functional.normalize(torch.cat(vectors), dim=1)
 
 
 def baseline_predictions(model, train_data: ReportDataset, val_data: ReportDataset,
-                         eval_data: ReportDataset, device="cpu") -> dict[str, list[str]]:
-    """Predictions of the baselines for ``eval_data``.
+                         eval_data: ReportDataset, device="cpu", eval_features=None) -> dict[str, list[str]]:
+    """Predictions of the baselines for ``eval_data`` (``eval_features``: its feature maps by uid,
+    computed before).
 
     constant (most frequent): the most frequent training report;
     constant (best of top 50 on val): of the 50 most frequent, the best val BLEU-4;
@@ -135,7 +138,7 @@ def baseline_predictions(model, train_data: ReportDataset, val_data: ReportDatas
     val_refs = [e.text for e in val_data.examples]
     best = max(ranked, key=lambda t: corpus_bleu4(val_refs, [t] * len(val_refs)))
     train_vectors = study_embeddings(model, train_data, device=device)
-    eval_vectors = study_embeddings(model, eval_data, device=device)
+    eval_vectors = study_embeddings(model, eval_data, device=device, features=eval_features)
     nearest = (eval_vectors @ train_vectors.T).argmax(dim=1).tolist()
     n = len(eval_data)
     return {"constant (most frequent)": [ranked[0]] * n,
@@ -154,6 +157,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     from medexgen_lib.model import ReportGenerator
     from medexgen_lib.model_card import add_results
     from medexgen_lib.preprocess import load_split
+    from medexgen_lib.train import FrozenFeatures
 
     began = time.perf_counter()
     model_dir = Path(model_dir) if model_dir else cfg.paths.models / "final"
@@ -161,7 +165,10 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     model = ReportGenerator.from_pretrained(model_dir, device=device)
     data = load_split(cfg, split)
     train_data, val_data = load_split(cfg, "train"), load_split(cfg, "val")
-    rows = generate_reports(model, data, cfg.eval, device, progress)
+    # the split's images encoded once, for the model's reports and for retrieval's search
+    features = FrozenFeatures(model, data, partial(collate, pad_token_id=model.config.pad_token_id),
+                              device, cfg.eval.batch_size)
+    rows = generate_reports(model, data, cfg.eval, device, progress, features)
     references = [r["reference"] for r in rows]
     predictions = [r["prediction"] for r in rows]
     train_texts = [e.text for e in train_data.examples]
@@ -174,7 +181,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     metrics.update(diversity(predictions, train_texts))
     metrics.update(laterality(truth, uids, predictions) if truth is not None else {})
     baselines = {}
-    for name, guesses in baseline_predictions(model, train_data, val_data, data, device).items():
+    for name, guesses in baseline_predictions(model, train_data, val_data, data, device, features).items():
         baselines[name] = {**score(references, guesses, **options), **diversity(guesses, train_texts),
                            **(laterality(truth, uids, guesses) if truth is not None else {})}
         for row, guess in zip(rows, guesses):

@@ -233,14 +233,15 @@ class ReportGenerator(nn.Module):
 
     # ------------------------------------------------------------------ computing
 
-    def encode(self, images: torch.Tensor, view_mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, V, 3, H, W]`` -> visual tokens ``[B, V*G, n_embd]`` and their mask ``[B, V*G]``.
+    def encode(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+               features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, V, 3, H, W]`` -> visual tokens ``[B, V*G, n_embd]`` and their mask ``[B, V*G]``
+        (``features``: ``image_features`` of these images, computed before).
 
         The encoder sees only the views ``view_mask`` marks present: a blank stand-in for a
         missing view would otherwise enter BatchNorm's batch statistics in training. Missing
         views get zero features; their tokens are masked out of cross-attention."""
-        tokens, mask, _ = self._encode(images, view_mask)
+        tokens, mask, _ = self._encode(images, view_mask, features)
         return tokens, mask
 
     def encoder_states(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,

@@ -87,6 +87,28 @@ def test_generate_reports_refuses_a_loader_out_of_step_with_the_examples(trained
                          progress=False)
 
 
+def test_evaluation_encodes_each_study_once_and_shared_features_change_nothing(cfg, monkeypatch):
+    from functools import partial
+
+    from medexgen_lib.dataset import collate
+    from medexgen_lib.train import FrozenFeatures
+
+    model = ReportGenerator.from_pretrained(cfg.paths.models / "final")
+    train, val, test = (load_split(cfg, split) for split in ("train", "val", "test"))
+    features = FrozenFeatures(model, test, partial(collate, pad_token_id=model.config.pad_token_id), "cpu",
+                              cfg.eval.batch_size)
+    assert baseline_predictions(model, train, val, test, eval_features=features) \
+        == baseline_predictions(model, train, val, test)
+    assert generate_reports(model, test, cfg.eval, progress=False, features=features) \
+        == generate_reports(model, test, cfg.eval, progress=False)
+    encoded = []
+    original = ReportGenerator.image_features
+    monkeypatch.setattr(ReportGenerator, "image_features", lambda self, images, view_mask=None: (
+        encoded.append(images.shape[0]), original(self, images, view_mask))[1])
+    run_evaluation(cfg, progress=False)
+    assert sum(encoded) == len(train) + len(test)  # retrieval's train search, and the test split once
+
+
 def test_baselines(cfg):
     model = ReportGenerator.from_pretrained(cfg.paths.models / "final")
     train, val = load_split(cfg, "train"), load_split(cfg, "val")
