@@ -171,15 +171,22 @@ def test_align_sides_sets_each_sided_findings_side_word_to_the_heads(text, sides
     assert guidance.align_sides(text, sides) == expected
 
 
-def test_write_reports_align_sides_only_when_the_model_says_so(tmp_path, monkeypatch):
+def _writing(monkeypatch, written: list[str], probabilities: list[list[float]], thresholds: list[float]
+             ) -> ReportGenerator:
+    """A prompted model whose decoder writes ``written`` and whose head gives ``probabilities``."""
     torch.manual_seed(0)
-    model = _prompted(guidance_thresholds=[0.5] * 4)
-    images = torch.randn(2, 2, 3, 64, 64)
-    written = ["Small right pleural effusion. Heart normal.", "Left pleural effusion."]
+    model = _prompted(guidance_thresholds=thresholds)
     model.tokenizer = SimpleNamespace(batch_decode=lambda ids, **_: list(written))
-    # the head: effusion present in both studies, left given effusion in the first only
     monkeypatch.setattr(model.guidance, "logits", lambda features, batch, mask: torch.logit(
-        torch.tensor([[0.1, 0.9, 0.8, 0.1], [0.1, 0.9, 0.1, 0.8]])))
+        torch.tensor(probabilities)))
+    return model
+
+
+def test_write_reports_align_sides_only_when_the_model_says_so(tmp_path, monkeypatch):
+    written = ["Small right pleural effusion. Heart normal.", "Left pleural effusion."]
+    # the head: effusion present in both studies, left given effusion in the first only
+    model = _writing(monkeypatch, written, [[0.1, 0.9, 0.8, 0.1], [0.1, 0.9, 0.1, 0.8]], [0.5] * 4)
+    images = torch.randn(2, 2, 3, 64, 64)
     assert model.write_reports(images, max_new_tokens=2) == written
     model.config.guidance_align_sides = True
     assert model.write_reports(images, max_new_tokens=2) == [
@@ -255,15 +262,11 @@ def test_state_findings_adds_a_sentence_for_each_predicted_finding_the_text_omit
 
 
 def test_write_reports_state_the_heads_findings_only_with_a_bank(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    model = _prompted(guidance_thresholds=[0.8, 0.5, 0.5, 0.5])
-    images = torch.randn(2, 2, 3, 64, 64)
     written = ["Heart normal. No pleural effusion.", "Left pleural effusion. The lungs are clear."]
-    model.tokenizer = SimpleNamespace(batch_decode=lambda ids, **_: list(written))
     # the head: effusion in both studies, left given effusion in the first, right in the second;
     # cardiomegaly .7 in the first, under its threshold
-    monkeypatch.setattr(model.guidance, "logits", lambda features, batch, mask: torch.logit(
-        torch.tensor([[0.7, 0.9, 0.8, 0.1], [0.1, 0.9, 0.1, 0.8]])))
+    model = _writing(monkeypatch, written, [[0.7, 0.9, 0.8, 0.1], [0.1, 0.9, 0.1, 0.8]], [0.8, 0.5, 0.5, 0.5])
+    images = torch.randn(2, 2, 3, 64, 64)
     assert model.write_reports(images, max_new_tokens=2) == written
     model.config.guidance_sentences = BANK
     model.config.guidance_normal_sentences = sorted(NORMAL)
