@@ -18,6 +18,7 @@ from pathlib import Path
 from medexgen_lib.config import Config, ConfigError, load_config
 from medexgen_lib.files import read_json, write_json, write_text_atomic
 from medexgen_lib.seeds import RETRIEVAL, mean_std
+from medexgen_lib.tracking import flatten
 
 log = logging.getLogger(__name__)
 
@@ -165,22 +166,12 @@ def _trained_as(folder: Path, expected) -> list[str]:
     (its ``logs/config_04_training.json``) differs from the config ``expected``; a setting the
     saved config lacks (added since) counts as its default. Missing or unreadable: "config"."""
     try:
-        saved = _dotted(read_json(folder / "logs" / "config_04_training.json"))
+        saved = flatten(read_json(folder / "logs" / "config_04_training.json"))
     except (OSError, ValueError):
         return ["config"]
-    defaults = _dotted(Config().to_dict())
-    return [key for key, value in _dotted(expected.to_dict()).items()
+    defaults = flatten(Config().to_dict())
+    return [key for key, value in flatten(expected.to_dict()).items()
             if not key.startswith("paths.") and saved.get(key, defaults.get(key)) != value]
-
-
-def _dotted(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _slug(name: str) -> str:

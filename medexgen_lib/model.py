@@ -553,8 +553,9 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
     if not isinstance(sentences, dict):
         raise ValueError(f"{source}: model config field 'guidance_sentences' must map guidance labels "
                          f"joined by ' + ' to a sentence, got {type(sentences).__name__}")
+    keys = guidance.bank_keys(labels)
     for key, text in sentences.items():
-        if key not in guidance.bank_keys(labels) or not isinstance(text, str) \
+        if key not in keys or not isinstance(text, str) \
                 or guidance.bank_sentence_key(text, labels) != key:
             raise ValueError(f"{source}: model config field 'guidance_sentences' maps {key!r} to "
                              f"{repr(text)[:200]}: a key must be a finding of 'guidance_labels' then its side "
