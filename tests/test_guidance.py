@@ -614,6 +614,19 @@ def test_ablation_prepares_its_data_again_where_an_earlier_run_left_other_settin
     assert row in write_table(load_config("demo", settings), "demo", settings, 1)["rows"]
 
 
+def test_a_setting_an_old_ablation_run_did_not_save_counts_as_its_default(tmp_path):
+    from medexgen_lib.ablation import _trained_as
+
+    cfg = load_config("demo", {"train.export": "best", "guidance.state_findings": False})
+    saved = cfg.to_dict()
+    del saved["train"]["export"], saved["guidance"]["state_findings"]  # run before they existed
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "config_04_training.json").write_text(json.dumps(saved))
+    assert _trained_as(tmp_path, cfg) == []  # the defaults: best on val, no sentence bank
+    assert _trained_as(tmp_path, load_config("demo")) == ["train.export", "guidance.state_findings"]
+    assert _trained_as(tmp_path / "nothing", cfg) == ["config"]
+
+
 def test_an_ablation_row_run_again_drops_its_old_result_before_training(tmp_path, monkeypatch):
     import medexgen_lib.train as train_module
     from conftest import TINY
