@@ -115,7 +115,13 @@ def _finding_detail(name: str, rng: np.random.Generator) -> str:
 
 def draw_radiograph(findings: dict[str, str], view: str, size: int,
                     rng: np.random.Generator) -> np.ndarray:
-    """A grayscale uint8 radiograph (``size`` x ``size``) showing ``findings``."""
+    """A grayscale uint8 radiograph (``size`` x ``size``) showing ``findings``.
+
+    ``findings`` maps a name of ``FINDINGS`` to its detail: ``effusion``, ``pneumothorax``:
+    a side; ``consolidation``: a side, optionally ``-upper`` or ``-lower`` (default lower);
+    ``nodule``: ``side-zone-kind`` (``left-upper-mass``); a side is ``left``, ``right`` or
+    ``bilateral`` (drawn in both lungs). ``cardiomegaly`` and ``edema`` take ``""``.
+    """
     y, x = np.mgrid[0:size, 0:size] / size
     jitter = rng.normal(0, 0.015, size=2)
     x, y = x - jitter[0], y - jitter[1]
@@ -161,30 +167,35 @@ def _draw_frontal(img, x, y, findings, rng) -> np.ndarray:
         haze = _blob(x, y, 0.4, 0.5, 0.09) + _blob(x, y, 0.6, 0.5, 0.09)
         img += 0.22 * haze * (lungs["left"] | lungs["right"])
     if "consolidation" in findings:
-        side = findings["consolidation"]
-        outward = 0.05 if side == "left" else -0.05  # away from the heart
-        cx = lung_cx[side] + outward + rng.uniform(-0.02, 0.02)
-        blob = _blob(x, y, cx, rng.uniform(0.6, 0.68), 0.06)
-        img += 0.4 * blob * lungs[side]
+        where, _, zone = findings["consolidation"].partition("-")
+        for side in _sides(where):
+            outward = 0.05 if side == "left" else -0.05  # away from the heart
+            cx = lung_cx[side] + outward + rng.uniform(-0.02, 0.02)
+            cy = rng.uniform(0.3, 0.38) if zone == "upper" else rng.uniform(0.6, 0.68)
+            img += 0.4 * _blob(x, y, cx, cy, 0.06) * lungs[side]
     if "nodule" in findings:
-        side, zone, kind = findings["nodule"].split("-")
-        cy = rng.uniform(0.3, 0.4) if zone == "upper" else rng.uniform(0.55, 0.65)
-        r = 0.055 if kind == "mass" else 0.028
-        img[_ellipse(x, y, lung_cx[side] + rng.uniform(-0.05, 0.05), cy, r, r)] = 0.72
+        where, zone, kind = findings["nodule"].split("-")
+        for side in _sides(where):
+            cy = rng.uniform(0.3, 0.4) if zone == "upper" else rng.uniform(0.55, 0.65)
+            r = 0.055 if kind == "mass" else 0.028
+            img[_ellipse(x, y, lung_cx[side] + rng.uniform(-0.05, 0.05), cy, r, r)] = 0.72
     if "effusion" in findings:
-        sides = ["left", "right"] if findings["effusion"] == "bilateral" else [findings["effusion"]]
-        for side in sides:
+        for side in _sides(findings["effusion"]):
             level = rng.uniform(0.62, 0.68)
             meniscus = level - 0.05 * np.abs(x - lung_cx[side]) / 0.15
             img[lungs[side] & (y > meniscus)] = 0.58
     if "pneumothorax" in findings:
-        side = findings["pneumothorax"]
-        lateral_x = 0.17 if side == "right" else 0.83
-        air = lungs[side] & _ellipse(x, y, lateral_x, 0.25, 0.13, 0.17)
-        img[air] = 0.02
-        edge = lungs[side] & ~air & _ellipse(x, y, lateral_x, 0.25, 0.145, 0.185)
-        img[edge] = 0.3
+        for side in _sides(findings["pneumothorax"]):
+            lateral_x = 0.17 if side == "right" else 0.83
+            air = lungs[side] & _ellipse(x, y, lateral_x, 0.25, 0.13, 0.17)
+            img[air] = 0.02
+            edge = lungs[side] & ~air & _ellipse(x, y, lateral_x, 0.25, 0.145, 0.185)
+            img[edge] = 0.3
     return lungs["left"] | lungs["right"]
+
+
+def _sides(side: str) -> list[str]:
+    return ["left", "right"] if side == "bilateral" else [side]
 
 
 def _draw_lateral(img, x, y, findings, rng) -> np.ndarray:
@@ -197,7 +208,8 @@ def _draw_lateral(img, x, y, findings, rng) -> np.ndarray:
     if "edema" in findings:
         img += 0.2 * _blob(x, y, 0.52, 0.5, 0.12) * lung
     if "consolidation" in findings:
-        img += 0.35 * _blob(x, y, rng.uniform(0.55, 0.65), 0.65, 0.06) * lung
+        cy = 0.35 if findings["consolidation"].endswith("-upper") else 0.65
+        img += 0.35 * _blob(x, y, rng.uniform(0.55, 0.65), cy, 0.06) * lung
     if "nodule" in findings:
         _, zone, kind = findings["nodule"].split("-")
         cy = 0.35 if zone == "upper" else 0.6

@@ -79,6 +79,30 @@ def test_pixels_show_the_findings(seed):
     assert ptx[apex_right].mean() < normal[apex_right].mean() - 10
 
 
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bilateral_sides_and_upper_consolidation_are_drawn(seed):
+    # The real-text phantom draws what real reports state: findings in both lungs, and
+    # consolidation in an upper zone (the phantom's own studies use one side, lower zone).
+    normal = _draw({}, seed=seed)
+    lower = {"right": (slice(78, 88), slice(28, 40)), "left": (slice(78, 88), slice(88, 100))}
+    upper = {"right": (slice(40, 48), slice(28, 40)), "left": (slice(40, 48), slice(88, 100))}
+    both = _draw({"consolidation": "bilateral"}, seed=seed)
+    for side in ("left", "right"):
+        assert both[lower[side]].mean() > normal[lower[side]].mean() + 30
+    right_upper = _draw({"consolidation": "right-upper"}, seed=seed)
+    gain = {zone: right_upper[box["right"]].mean() - normal[box["right"]].mean()
+            for zone, box in (("upper", upper), ("lower", lower))}
+    assert gain["upper"] > 30 and gain["upper"] > gain["lower"] + 30
+    masses = _draw({"nodule": "bilateral-lower-mass"}, seed=seed)
+    lungs = {"right": (slice(65, 88), slice(24, 56)), "left": (slice(65, 88), slice(72, 104))}
+    for side in ("left", "right"):  # a mass is far brighter than lung (the heart differs less)
+        assert ((masses - normal)[lungs[side]] > 80).sum() > 40
+    apices = {"right": (slice(25, 40), slice(20, 35)), "left": (slice(25, 40), slice(93, 108))}
+    ptx = _draw({"pneumothorax": "bilateral"}, seed=seed)
+    for side in ("left", "right"):
+        assert ptx[apices[side]].mean() < normal[apices[side]].mean() - 10
+
 def test_lateral_views_exist_and_bad_arguments_are_refused(phantom_dir, tmp_path):
     assert len(list((phantom_dir / "images").glob("*-2001.png"))) > 30
     with pytest.raises(ValueError, match="n_studies"):
