@@ -25,7 +25,7 @@ from medexgen_lib.nltk_bleu import seed_style_bleu
 
 log = logging.getLogger(__name__)
 
-METRICS_VERSION = "2"  # bump when any metric or the normalisation changes
+METRICS_VERSION = "3"  # bump when any metric or the normalisation changes
 NORMALISATION = (
     "R2Gen clean_report_iu_xray, verbatim: '..' -> '.', list numbering '1. '..'5. ' removed, "
     "lowercase, split into sentences at '. ', characters matching [.,?;*!%^&_+():-\\[\\]{}] and "
@@ -278,7 +278,7 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
         texts = ([normalise(r) for r in references], [normalise(p) for p in predictions])
         out = text_metrics(references, predictions, meteor=meteor)
         out.update(rouge_score_f1(references, predictions))
-    out.update(seed_style_bleu([t.split() for t in texts[0]], [t.split() for t in texts[1]]))
+    out.update(seed_style_bleu([t.split() for t in texts[0]], [_wordless_as_empty(t).split() for t in texts[1]]))
     degenerate = [is_degenerate(p) for p in predictions]
     clinical = clinical_metrics([label_report(r) for r in references],
                                 [prediction_labels(p) for p in predictions],
