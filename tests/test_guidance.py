@@ -12,8 +12,8 @@ import torch
 from medexgen_lib import guidance
 from medexgen_lib.config import load_config
 from medexgen_lib.model import ReportGenerator, ReportGeneratorConfig
-from medexgen_lib.seeds import (bleu4_from_sums, macro_f1_from_sums, paired_bootstrap,
-                                study_statistics)
+from medexgen_lib.metrics import macro_f1_from_counts, study_statistics
+from medexgen_lib.seeds import bleu4_from_sums, paired_bootstrap
 
 from conftest import SMALL_DATA_SPLIT
 
@@ -486,15 +486,49 @@ PREDS = ["The heart is normal. No effusion.", "Small left pleural effusion.", "H
          "Right pneumothorax.", "Lungs are clear bilaterally."]
 
 
-def test_sums_reproduce_corpus_bleu4_and_macro_f1():
+@pytest.mark.parametrize("convention", ["full", "r2gen"])
+def test_sums_reproduce_corpus_bleu4_and_macro_f1(convention):
     from medexgen_lib.metrics import score
 
-    stats = study_statistics(REFS, PREDS)
-    expected = score(REFS, PREDS)
+    options = {"reference_convention": convention, "training_reports": REFS * 3}
+    stats = study_statistics(REFS, PREDS, **options)
+    expected = score(REFS, PREDS, **options)
     ones = np.ones((1, len(REFS)))
     assert bleu4_from_sums(ones @ stats["bleu"])[0] == pytest.approx(expected["BLEU-4"], abs=1e-9)
     sums = np.einsum("bn,nkj->bkj", ones, stats["clinical"])
-    assert macro_f1_from_sums(sums)[0] == pytest.approx(expected["clinical macro_F1"], abs=1e-9)
+    assert macro_f1_from_counts(sums)[0] == expected["clinical macro_F1"]
+
+
+# The model invents a lung lesion no reference has (in half of 40 studies) and writes the effusions
+# it should; the baseline writes "Normal." (one word: degenerate, so no clinical credit) or, in
+# the second fixture, the normal report. Macro-F1 over observations in references OR predictions
+# charges the invented lesion; the references-only average (the bootstrap's before) did not.
+INVENTED_REFS = ["Heart size normal. The lungs are clear."] * 20 + ["Small left pleural effusion."] * 20
+INVENTED_MODEL = (["Heart size normal. There is a right upper lobe nodule."] * 10
+                  + ["Heart size normal. The lungs are clear."] * 10
+                  + ["Small left pleural effusion. There is a right upper lobe nodule."] * 10
+                  + ["Small left pleural effusion."] * 10)
+
+
+@pytest.mark.parametrize("baseline", ["Normal.", "Heart size normal. The lungs are clear."])
+def test_the_bootstrap_resamples_the_tabled_macro_f1(baseline):
+    from medexgen_lib.metrics import score
+
+    guesses = [baseline] * len(INVENTED_REFS)
+    table = score(INVENTED_REFS, INVENTED_MODEL)["clinical macro_F1"] - score(INVENTED_REFS, guesses)["clinical macro_F1"]
+    result = paired_bootstrap([study_statistics(INVENTED_REFS, INVENTED_MODEL)],
+                              [study_statistics(INVENTED_REFS, guesses)], "clinical macro_F1", n_resamples=300)
+    assert result["difference"] == pytest.approx(table, abs=1e-12)
+    assert result["ci95"][0] <= result["difference"] <= result["ci95"][1]
+
+
+def test_a_degenerate_prediction_gets_no_clinical_credit_in_the_bootstrap_either():
+    from medexgen_lib.metrics import score
+
+    refs, preds = ["The lungs are clear."] * 4, ["Normal."] * 4
+    assert score(refs, preds)["clinical macro_F1"] == 0.0
+    sums = study_statistics(refs, preds)["clinical"].sum(0)
+    assert macro_f1_from_counts(sums) == 0.0  # was 1.0: "Normal." labelled No Finding positive
 
 
 def test_paired_bootstrap_known_answers():
@@ -510,27 +544,73 @@ def test_paired_bootstrap_known_answers():
     assert flip["difference"] == pytest.approx(-win["difference"])
 
 
+def _seed_logs(folder, seed: int, predictions: list[str], references: list[str], baselines: dict[str, str],
+               **options) -> None:
+    """A seed's metrics and predictions files as ``run_evaluation`` writes them (scores from ``score``)."""
+    from medexgen_lib.metrics import score
+
+    logs = folder / "logs"
+    logs.mkdir(parents=True)
+    scored = {name: score(references, [guess] * len(references), **options) for name, guess in baselines.items()}
+    (logs / "metrics_test.json").write_text(json.dumps(
+        {"seed": seed, "model": score(references, predictions, **options), "baselines": scored}))
+    rows = [{"uid": f"u{i}", "reference": r, "prediction": p, "baseline_predictions": baselines}
+            for i, (r, p) in enumerate(zip(references, predictions))]
+    (logs / "predictions_test.json").write_text(json.dumps(rows))
+
+
+BASELINES = {"retrieval (nearest image)": "Small left pleural effusion.", "constant (most frequent)": "Normal.",
+             "constant (best of top 50 on val)": "Heart size normal. The lungs are clear."}
+
+
 def test_aggregate_seeds_mean_std_and_bootstrap(tmp_path):
     from medexgen_lib.seeds import aggregate_seeds
 
-    dirs = []
-    for seed, macro in ((0, 0.5), (1, 0.7)):
-        logs = tmp_path / f"s{seed}" / "logs"
-        logs.mkdir(parents=True)
-        baselines = {name: {"clinical macro_F1": 0.1} for name in (
-            "retrieval (nearest image)", "constant (most frequent)", "constant (best of top 50 on val)")}
-        (logs / "metrics_test.json").write_text(json.dumps(
-            {"seed": seed, "model": {"clinical macro_F1": macro}, "baselines": baselines}))
-        rows = [{"uid": f"u{i}", "reference": r, "prediction": r,
-                 "baseline_predictions": {n: "Lungs are clear." for n in baselines}}
-                for i, r in enumerate(REFS * 4)]
-        (logs / "predictions_test.json").write_text(json.dumps(rows))
-        dirs.append(tmp_path / f"s{seed}")
+    dirs = [tmp_path / "s0", tmp_path / "s1"]
+    _seed_logs(dirs[0], 0, INVENTED_MODEL, INVENTED_REFS, BASELINES)
+    _seed_logs(dirs[1], 1, INVENTED_REFS, INVENTED_REFS, BASELINES)  # the perfect seed
     result = aggregate_seeds(dirs, out_path=tmp_path / "agg.json", n_resamples=200)
+    tabled = [json.loads((d / "logs" / "metrics_test.json").read_text()) for d in dirs]
     model = result["metrics"]["model"]["clinical macro_F1"]
-    assert model["mean"] == pytest.approx(0.6) and model["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    assert result["bootstrap"]["model - retrieval (nearest image)"]["BLEU-4"]["excludes_zero"]
+    values = [t["model"]["clinical macro_F1"] for t in tabled]
+    assert values[1] == 1.0 and model["mean"] == pytest.approx(np.mean(values))
+    assert model["std"] == pytest.approx(np.std(values, ddof=1))
+    for name in BASELINES:  # the interval's point is the table's difference, and it lies inside
+        for metric in ("clinical macro_F1", "BLEU-4"):
+            interval = result["bootstrap"][f"model - {name}"][metric]
+            table = np.mean([t["model"][metric] - t["baselines"][name][metric] for t in tabled])
+            assert interval["difference"] == pytest.approx(table, abs=1e-9)
+            assert interval["ci95"][0] <= interval["difference"] <= interval["ci95"][1]
+    assert result["bootstrap"]["model - constant (most frequent)"]["BLEU-4"]["excludes_zero"]
     assert json.loads((tmp_path / "agg.json").read_text())["n_seeds"] == 2
+
+
+def test_aggregate_seeds_scores_under_the_runs_reference_convention(tmp_path):
+    from medexgen_lib.seeds import aggregate_seeds
+
+    training = INVENTED_REFS[::4] * 3
+    _seed_logs(tmp_path / "s0", 0, INVENTED_MODEL, INVENTED_REFS, BASELINES, reference_convention="r2gen",
+               training_reports=training)
+    with pytest.raises(ValueError, match="r2gen"):
+        aggregate_seeds([tmp_path / "s0"], n_resamples=50)
+    result = aggregate_seeds([tmp_path / "s0"], n_resamples=50, training_reports=training)
+    tabled = json.loads((tmp_path / "s0" / "logs" / "metrics_test.json").read_text())
+    name = "constant (best of top 50 on val)"
+    assert result["bootstrap"][f"model - {name}"]["BLEU-4"]["difference"] == pytest.approx(
+        tabled["model"]["BLEU-4"] - tabled["baselines"][name]["BLEU-4"], abs=1e-9)
+
+
+@pytest.mark.reliability
+def test_aggregate_seeds_refuses_a_predictions_file_its_metrics_file_does_not_score(tmp_path):
+    from medexgen_lib.seeds import aggregate_seeds
+
+    _seed_logs(tmp_path / "s0", 0, INVENTED_MODEL, INVENTED_REFS, BASELINES)
+    path = tmp_path / "s0" / "logs" / "predictions_test.json"
+    rows = json.loads(path.read_text())
+    rows[0]["prediction"] = "Large right pneumothorax."
+    path.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match="metrics_test.json gives model clinical macro_F1"):
+        aggregate_seeds([tmp_path / "s0"], n_resamples=50)
 
 
 @pytest.mark.slow
