@@ -103,10 +103,11 @@ def generate_report(model: ReportGenerator, images: list[str | os.PathLike],
     was_training = model.training
     model.eval()
     try:
-        report = model.write_reports(pixels, torch.tensor([mask], device=device),
-                                     **decode_settings(decode or EvalConfig()))[0]
+        drafts, reports = model.draft_and_write(pixels, torch.tensor([mask], device=device),
+                                                **decode_settings(decode or EvalConfig()))
     finally:
         model.train(was_training)
-    labels = prediction_labels(report)  # the scoring rule: a degenerate report states nothing
-    return {"images": [str(p) for p in images], "report": report,
+    # the scoring rule: a degenerate report (or decoder text) states nothing
+    labels = prediction_labels(reports[0], drafts[0])
+    return {"images": [str(p) for p in images], "report": reports[0], "decoder_text": drafts[0],
             "observations": {k: v for k, v in labels.items() if v != "absent"}}

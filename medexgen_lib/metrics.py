@@ -269,16 +269,20 @@ def diversity(predictions: Sequence[str], training_reports: Sequence[str] = ()) 
 _WORDS = re.compile(r"[a-z]+")
 
 
-def is_degenerate(prediction: str) -> bool:
+def is_degenerate(prediction: str, decoder_text: str | None = None) -> bool:
     """Empty, whitespace or punctuation only, or fewer than two distinct words (one token
-    repeated, "xxxx xxxx"): text that states nothing about the chest."""
-    return len(set(_WORDS.findall((prediction or "").lower()))) < 2
+    repeated, "xxxx xxxx"): text that states nothing about the chest. With ``decoder_text`` (the
+    decoder's own text, before side words and sentence bank) either being so counts: sentences
+    the bank adds to "effusion effusion effusion" do not make the decoder's output a report."""
+    texts = [prediction] if decoder_text is None else [prediction, decoder_text]
+    return any(len(set(_WORDS.findall((text or "").lower()))) < 2 for text in texts)
 
 
-def prediction_labels(prediction: str) -> dict[str, str]:
-    """The labeler's labels of a prediction; a degenerate one (``is_degenerate``) states
-    nothing, so every observation is absent, "No Finding" included."""
-    if is_degenerate(prediction):
+def prediction_labels(prediction: str, decoder_text: str | None = None) -> dict[str, str]:
+    """The labeler's labels of a prediction; a degenerate one (``is_degenerate``, judged on the
+    decoder's own text too where given) states nothing, so every observation is absent,
+    "No Finding" included."""
+    if is_degenerate(prediction, decoder_text):
         return {obs: ABSENT for obs in OBSERVATIONS}
     return label_report(prediction)
 
@@ -306,15 +310,20 @@ def scored_texts(references: Sequence[str], predictions: Sequence[str], referenc
     return refs, [_wordless_as_empty(p) for p in preds]
 
 
-def clinical_labels(references: Sequence[str], predictions: Sequence[str]) -> tuple[list[dict], list[dict]]:
+def clinical_labels(references: Sequence[str], predictions: Sequence[str],
+                    decoder_texts: Sequence[str | None] | None = None) -> tuple[list[dict], list[dict]]:
     """The labels clinical F1 compares: ``label_report`` of each (whole) reference and
-    ``prediction_labels`` of each prediction (a degenerate one states nothing)."""
-    return [label_report(r) for r in references], [prediction_labels(p) for p in predictions]
+    ``prediction_labels`` of each prediction (a degenerate one, or one whose decoder text in
+    ``decoder_texts`` is, states nothing)."""
+    drafts = [None] * len(predictions) if decoder_texts is None else decoder_texts
+    return ([label_report(r) for r in references],
+            [prediction_labels(p, d) for p, d in zip(predictions, drafts, strict=True)])
 
 
 def study_statistics(references: Sequence[str], predictions: Sequence[str], uncertain_as_positive: bool = False,
                      reference_convention: str = "full", training_reports: Sequence[str] | None = None,
-                     observations: Sequence[str] = OBSERVATIONS) -> dict[str, np.ndarray]:
+                     observations: Sequence[str] = OBSERVATIONS,
+                     decoder_texts: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
     """Per-study sufficient statistics of ``score``'s corpus BLEU-4 (pycocoevalcap's n-gram counts of
     ``scored_texts``) and clinical macro-F1 (``clinical_counts`` of ``clinical_labels``), built by
     ``score``'s own steps, so that any resample of studies is scored by sums exactly as ``score``
@@ -326,23 +335,30 @@ def study_statistics(references: Sequence[str], predictions: Sequence[str], unce
     for i, (ref, pred) in enumerate(zip(refs, preds, strict=True)):
         comps = cook_test(pred, cook_refs([ref]))
         bleu[i] = [*comps["guess"], *comps["correct"], comps["testlen"], comps["reflen"][0]]
-    clinical = clinical_counts(*clinical_labels(references, predictions), observations, uncertain_as_positive)
+    clinical = clinical_counts(*clinical_labels(references, predictions, decoder_texts), observations,
+                               uncertain_as_positive)
     return {"bleu": bleu, "clinical": clinical}
 
 
 def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = False,
           observations: Sequence[str] = OBSERVATIONS, uncertain_as_positive: bool = False,
-          reference_convention: str = "full", training_reports: Sequence[str] | None = None) -> dict:
+          reference_convention: str = "full", training_reports: Sequence[str] | None = None,
+          decoder_texts: Sequence[str | None] | None = None) -> dict:
     """All text and clinical metrics for two equal-length lists of raw report strings.
 
     ``reference_convention`` is ``"full"`` or ``"r2gen"`` (needs ``training_reports`` for
     R2Gen's vocabulary); the result names the one used. Degenerate predictions
-    (``is_degenerate``) are counted and labelled with nothing, so they get no clinical
-    credit, "No Finding" included. Text metrics compare ``scored_texts``, clinical ones
-    ``clinical_labels`` (as ``study_statistics`` does for the seeds' bootstrap).
+    (``is_degenerate``; where ``decoder_texts`` gives the decoder's own text before side words
+    and sentence bank, judged on that too) are counted and labelled with nothing, so they get
+    no clinical credit, "No Finding" included; ``reports_changed_by_post_processing`` counts the
+    predictions that differ from their decoder text (None without ``decoder_texts``). Text
+    metrics compare ``scored_texts``, clinical ones ``clinical_labels`` (as ``study_statistics``
+    does for the seeds' bootstrap).
     """
     if len(references) != len(predictions):
         raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
+    if decoder_texts is not None and len(decoder_texts) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions but {len(decoder_texts)} decoder texts")
     if not references:
         raise ValueError("nothing to score: no references")
     texts = scored_texts(references, predictions, reference_convention, training_reports)
@@ -353,14 +369,18 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
         description = REFERENCE_DESCRIPTIONS["r2gen"].format(n_train=len(training_reports))
         shares = r2gen_unknown_shares(*texts, len(training_reports))
     out.update(seed_style_bleu([t.split() for t in texts[0]], [t.split() for t in texts[1]]))
-    degenerate = [is_degenerate(p) for p in predictions]
-    clinical = clinical_metrics(*clinical_labels(references, predictions), observations, uncertain_as_positive)
+    drafts = [None] * len(predictions) if decoder_texts is None else decoder_texts
+    degenerate = [is_degenerate(p, d) for p, d in zip(predictions, drafts)]
+    clinical = clinical_metrics(*clinical_labels(references, predictions, decoder_texts), observations,
+                                uncertain_as_positive)
     out.update({f"clinical {k}": v for k, v in clinical.items()})
     out.update(shares)
     out["n"] = len(references)
     out["empty_predictions"] = sum(not (p or "").strip() for p in predictions)
     out["degenerate_predictions"] = sum(degenerate)
     out["degenerate_predictions_share"] = sum(degenerate) / len(predictions)
+    out["reports_changed_by_post_processing"] = (None if decoder_texts is None else
+                                                 sum(d is not None and d != p for p, d in zip(predictions, drafts)))
     out["references"] = reference_convention
     out["reference_convention"] = description
     out["normalisation"] = NORMALISATION

@@ -123,7 +123,8 @@ def aggregate_seeds(output_dirs: Sequence[str | Path], split: str = "test",
     table = {name: {m: mean_std([v.get(m) for v in values]) for m in AGGREGATE_METRICS}
              for name, values in systems.items()}
     references = [r["reference"] for r in rows[0]]
-    stats = {MODEL: [study_statistics(references, [r["prediction"] for r in seed_rows], **scoring)
+    stats = {MODEL: [study_statistics(references, [r["prediction"] for r in seed_rows], **scoring,
+                                      decoder_texts=[r.get("decoder_text") for r in seed_rows])
                      for seed_rows in rows]}
     bootstrap = {}
     for baseline in (RETRIEVAL, *CONSTANTS):

@@ -280,6 +280,23 @@ def test_write_reports_state_the_heads_findings_only_with_a_bank(tmp_path, monke
     assert (loaded.guidance_sentences, loaded.guidance_normal_sentences) == (BANK, sorted(NORMAL))
 
 
+def test_degenerate_decoder_output_is_counted_though_the_bank_repairs_it(monkeypatch):
+    from medexgen_lib.metrics import score
+
+    written = ["effusion effusion effusion effusion", "Heart normal. Left pleural effusion."]
+    # the head: cardiomegaly and a left effusion in the first study, a left effusion in the second
+    model = _writing(monkeypatch, written, [[0.9, 0.9, 0.8, 0.1], [0.1, 0.9, 0.8, 0.1]], [0.5] * 4)
+    model.config.guidance_sentences = BANK
+    drafts, reports = model.draft_and_write(torch.randn(2, 2, 3, 64, 64), max_new_tokens=2)
+    assert drafts == written and reports == ["effusion effusion effusion effusion. Cardiomegaly.", written[1]]
+    refs = ["The heart is enlarged.", "Heart normal. Left pleural effusion."]
+    assert score(refs, reports)["degenerate_predictions"] == 0  # the bank's sentence hides it ...
+    result = score(refs, reports, decoder_texts=drafts)  # ... from a count of the reports alone
+    assert result["degenerate_predictions"] == 1 and result["reports_changed_by_post_processing"] == 1
+    assert result["clinical per_observation"]["Cardiomegaly"]["predicted"] == 0  # no clinical credit
+    assert score(refs, reports)["clinical per_observation"]["Cardiomegaly"]["predicted"] == 1
+
+
 @pytest.mark.parametrize("setting", ["guidance.align_sides", "guidance.state_findings"])
 def test_settings_that_rewrite_reports_change_the_evaluation_fingerprint(setting):
     from medexgen_lib.train import evaluation_fingerprint
@@ -545,17 +562,20 @@ def test_paired_bootstrap_known_answers():
 
 
 def _seed_logs(folder, seed: int, predictions: list[str], references: list[str], baselines: dict[str, str],
-               **options) -> None:
-    """A seed's metrics and predictions files as ``run_evaluation`` writes them (scores from ``score``)."""
+               drafts: list[str] | None = None, **options) -> None:
+    """A seed's metrics and predictions files as ``run_evaluation`` writes them (scores from ``score``;
+    ``drafts``: the decoder's texts, the predictions themselves by default)."""
     from medexgen_lib.metrics import score
 
     logs = folder / "logs"
     logs.mkdir(parents=True)
+    drafts = drafts or predictions
     scored = {name: score(references, [guess] * len(references), **options) for name, guess in baselines.items()}
     (logs / "metrics_test.json").write_text(json.dumps(
-        {"seed": seed, "model": score(references, predictions, **options), "baselines": scored}))
-    rows = [{"uid": f"u{i}", "reference": r, "prediction": p, "baseline_predictions": baselines}
-            for i, (r, p) in enumerate(zip(references, predictions))]
+        {"seed": seed, "model": score(references, predictions, **options, decoder_texts=drafts),
+         "baselines": scored}))
+    rows = [{"uid": f"u{i}", "reference": r, "prediction": p, "decoder_text": d, "baseline_predictions": baselines}
+            for i, (r, p, d) in enumerate(zip(references, predictions, drafts))]
     (logs / "predictions_test.json").write_text(json.dumps(rows))
 
 
@@ -568,12 +588,13 @@ def test_aggregate_seeds_mean_std_and_bootstrap(tmp_path):
 
     dirs = [tmp_path / "s0", tmp_path / "s1"]
     _seed_logs(dirs[0], 0, INVENTED_MODEL, INVENTED_REFS, BASELINES)
-    _seed_logs(dirs[1], 1, INVENTED_REFS, INVENTED_REFS, BASELINES)  # the perfect seed
+    # the perfect seed but for 5 studies whose decoder wrote "effusion effusion" (the bank stated the rest)
+    _seed_logs(dirs[1], 1, INVENTED_REFS, INVENTED_REFS, BASELINES, ["effusion effusion"] * 5 + INVENTED_REFS[5:])
     result = aggregate_seeds(dirs, out_path=tmp_path / "agg.json", n_resamples=200)
     tabled = [json.loads((d / "logs" / "metrics_test.json").read_text()) for d in dirs]
     model = result["metrics"]["model"]["clinical macro_F1"]
     values = [t["model"]["clinical macro_F1"] for t in tabled]
-    assert values[1] == 1.0 and model["mean"] == pytest.approx(np.mean(values))
+    assert values[1] < 1.0 and model["mean"] == pytest.approx(np.mean(values))
     assert model["std"] == pytest.approx(np.std(values, ddof=1))
     for name in BASELINES:  # the interval's point is the table's difference, and it lies inside
         for metric in ("clinical macro_F1", "BLEU-4"):
