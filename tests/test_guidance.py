@@ -11,6 +11,7 @@ import torch
 
 from medexgen_lib import guidance
 from medexgen_lib.config import load_config
+from medexgen_lib.labeler import label_report
 from medexgen_lib.model import ReportGenerator, ReportGeneratorConfig
 from medexgen_lib.metrics import macro_f1_from_counts, study_statistics
 from medexgen_lib.seeds import bleu4_from_sums, paired_bootstrap
@@ -231,14 +232,17 @@ NORMAL = {"The lungs are clear.", "Normal chest."}
 
 
 @pytest.mark.parametrize("text, present, sides, expected", [
-    # added after the last sentence stating a finding; the sentence negating it (stating
-    # nothing) goes, and so do sentences only normal reports contain
+    # added after the last sentence stating a finding; the statement that it is absent goes (the
+    # rest of its sentence stays), and so do sentences only normal reports contain
     ("The heart is enlarged. The lungs are clear. No pleural effusion or pneumothorax. Bones intact. "
      "1. Cardiomegaly.", ["Cardiomegaly", "Pleural Effusion", "Pleural Effusion, left"],
-     {"Pleural Effusion": {"left"}}, "The heart is enlarged. Bones intact. 1. Cardiomegaly. Left pleural effusion."),
-    # a sentence that also states a finding stays (the labeler reads the added finding positive)
+     {"Pleural Effusion": {"left"}},
+     "The heart is enlarged. No pneumothorax. Bones intact. 1. Cardiomegaly. Left pleural effusion."),
+    # a sentence that also states a finding loses only the negating clause (was kept whole: a contradiction)
     ("The heart is enlarged, no pleural effusion.", ["Cardiomegaly", "Pleural Effusion"], {},
-     "The heart is enlarged, no pleural effusion. Pleural effusion."),
+     "The heart is enlarged. Pleural effusion."),
+    # a normal sentence without its final period is one too
+    ("Heart size is normal. The lungs are clear", ["Pleural Effusion"], {}, "Pleural effusion. Heart size is normal."),
     # two findings added: a sentence negating either goes
     ("No pneumothorax. No pleural effusion. Heart size is normal.", ["Cardiomegaly", "Pleural Effusion"], {},
      "Cardiomegaly. Pleural effusion. No pneumothorax."),
@@ -259,6 +263,29 @@ NORMAL = {"The lungs are clear.", "Normal chest."}
 ])
 def test_state_findings_adds_a_sentence_for_each_predicted_finding_the_text_omits(text, present, sides, expected):
     assert guidance.state_findings(text, present, sides, {"No Finding": "Normal chest.", **BANK}, NORMAL) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Small left pleural effusion without pneumothorax.",
+     "Small left pleural effusion. There is a right apical pneumothorax."),
+    ("No pleural effusion or pneumothorax.", "There is a right apical pneumothorax. No pleural effusion."),
+    ("Heart size normal and no effusion or pneumothorax", "There is a right apical pneumothorax. "
+                                                         "Heart size normal and no effusion."),
+    ("The lungs are clear without focal consolidation, effusion, or pneumothorax.",
+     "There is a right apical pneumothorax. The lungs are clear without focal consolidation or effusion."),
+    ("No pneumothorax, small left effusion.", "Small left effusion. There is a right apical pneumothorax."),
+    ("Pneumothorax is not seen, the heart is enlarged.", "The heart is enlarged. There is a right apical pneumothorax."),
+])
+def test_state_findings_leaves_no_statement_that_the_added_finding_is_absent(text, expected):
+    bank = {**BANK, "Pneumothorax + Pneumothorax, right": "There is a right apical pneumothorax."}
+    out = guidance.state_findings(text, ["Pneumothorax"], {"Pneumothorax": {"right"}}, bank, NORMAL)
+    assert out == expected
+    # the labeler reads the added finding positive, and no sentence of the report says it is absent
+    assert label_report(out)["Pneumothorax"] == "positive"
+    assert all(label_report(s)["Pneumothorax"] != "negative" for s in guidance._sentences(out))
+    # what the rest of the text said is still said
+    for observation in ("Pleural Effusion", "Cardiomegaly", "Consolidation"):
+        assert label_report(out)[observation] == label_report(text)[observation]
 
 
 def test_write_reports_state_the_heads_findings_only_with_a_bank(tmp_path, monkeypatch):
