@@ -16,6 +16,8 @@ the interval (pooled over seeds, resampling test studies).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -89,9 +91,15 @@ def mean_std(values: Sequence[float]) -> dict:
     return {"mean": float(np.mean(finite)), "std": std, "n": len(finite)}
 
 
+def config_sha256(cfg) -> str:
+    """SHA-256 of a run's settings (``Config``), folders (``paths``) aside: what made a model and scored it."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "paths"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def aggregate_seeds(output_dirs: Sequence[str | Path], split: str = "test",
                     out_path: str | Path | None = None, n_resamples: int = 2000,
-                    training_reports: Sequence[str] | None = None) -> dict:
+                    training_reports: Sequence[str] | None = None, config_hash: str | None = None) -> dict:
     """Mean ± std over seeds of every system's metrics, and paired bootstrap intervals of
     (model - retrieval) and (model - each constant) on BLEU-4 and macro-F1.
 
@@ -100,7 +108,9 @@ def aggregate_seeds(output_dirs: Sequence[str | Path], split: str = "test",
     ``evaluate.run_evaluation``. The studies are scored under the reference convention
     and uncertainty rule those metrics files record (``training_reports``, the run's
     training texts, give R2Gen's vocabulary where it is ``r2gen``). Written to
-    ``out_path`` when given.
+    ``out_path`` when given, with ``made_from``: the first seed's model (``model_sha256`` of its
+    metrics file) and ``config_hash`` (``config_sha256`` of the run's config), which
+    ``seeds_for_run`` checks before a notebook shows the file.
     """
     summaries, rows = [], []
     for directory in output_dirs:
@@ -143,6 +153,7 @@ def aggregate_seeds(output_dirs: Sequence[str | Path], split: str = "test",
     result = {"split": split, "n_seeds": len(summaries), "n_studies": len(uids),
               "output_dirs": [str(d) for d in output_dirs],
               "seeds": [s.get("seed") for s in summaries], "metrics": table, "bootstrap": bootstrap,
+              "made_from": {"model_sha256": summaries[0].get("model_sha256"), "config_sha256": config_hash},
               "bootstrap_note": ("paired bootstrap over test studies (one draw for all seeds and "
                                  "systems), statistic = mean over seeds of (model - baseline), scored "
                                  f"as the table is (references {scoring['reference_convention']}); "
@@ -180,6 +191,23 @@ def _scoring_options(output_dirs: Sequence[str | Path], split: str, summaries: S
                          "the bootstrap needs the run's training reports (R2Gen's vocabulary)")
     return {"uncertain_as_positive": uncertain, "reference_convention": convention,
             "training_reports": training_reports if convention == "r2gen" else None}
+
+
+def seeds_for_run(cfg, summary: dict) -> tuple[dict | None, str]:
+    """The seeds file in ``cfg``'s logs if it was made from the model and config of the run that
+    wrote ``summary`` (its ``metrics_<split>.json``), else None; and a sentence saying which."""
+    path = cfg.paths.logs / SEEDS_FILE
+    if not path.exists():
+        return None, (f"no seed table for this run ({path} does not exist): run `python -m medexgen_lib run "
+                      f"--profile {cfg.profile} --seeds 3` for the table with spreads")
+    seeds = read_json(path)
+    made_from = seeds.get("made_from") or {}
+    this_run = {"model_sha256": summary.get("model_sha256"), "config_sha256": config_sha256(cfg)}
+    if seeds.get("split") != summary.get("split") or made_from != this_run:
+        differ = [k.split("_")[0] for k in this_run if made_from.get(k) != this_run[k]] or ["split"]
+        return None, (f"no seed table for this run: {path} was made from another {' and '.join(differ)} "
+                      f"(an earlier invocation); it is not shown")
+    return seeds, f"seed table of this model and config ({path})"
 
 
 def seeds_table(result: dict):
@@ -235,4 +263,5 @@ def run_seeds(profile: str, overrides: dict, n_seeds: int, start: str | None = N
     from medexgen_lib.preprocess import load_split
 
     training_reports = [e.text for e in load_split(cfg, "train").examples]  # as run_evaluation's
-    return results, aggregate_seeds(dirs, out_path=cfg.paths.logs / SEEDS_FILE, training_reports=training_reports)
+    return results, aggregate_seeds(dirs, out_path=cfg.paths.logs / SEEDS_FILE, training_reports=training_reports,
+                                    config_hash=config_sha256(cfg))

@@ -661,6 +661,31 @@ def test_aggregate_seeds_refuses_a_predictions_file_its_metrics_file_does_not_sc
         aggregate_seeds([tmp_path / "s0"], n_resamples=50)
 
 
+def test_a_seeds_file_is_shown_only_for_the_model_and_config_it_was_made_from(tmp_path):
+    from medexgen_lib.seeds import SEEDS_FILE, aggregate_seeds, config_sha256, seeds_for_run
+
+    cfg = load_config("demo", {"paths.output_dir": str(tmp_path / "out")})
+    _seed_logs(tmp_path / "s0", 0, INVENTED_MODEL, INVENTED_REFS, BASELINES)
+    metrics = tmp_path / "s0" / "logs" / "metrics_test.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "split": "test", "model_sha256": "a" * 64}))
+    this_run = {"split": "test", "model_sha256": "a" * 64}
+    assert seeds_for_run(cfg, this_run)[0] is None and "does not exist" in seeds_for_run(cfg, this_run)[1]
+    aggregate_seeds([tmp_path / "s0"], out_path=cfg.paths.logs / SEEDS_FILE, n_resamples=20,
+                    config_hash=config_sha256(cfg))
+    shown, why = seeds_for_run(cfg, this_run)
+    assert shown is not None and shown["made_from"] == {"model_sha256": "a" * 64, "config_sha256": config_sha256(cfg)}
+    # a later run with other settings, another model (the next invocation's first notebook pass), another split
+    other = load_config("demo", {"paths.output_dir": str(tmp_path / "out"), "eval.num_beams": 3})
+    assert seeds_for_run(other, this_run)[0] is None and "another config" in seeds_for_run(other, this_run)[1]
+    assert seeds_for_run(cfg, {**this_run, "model_sha256": "b" * 64})[0] is None
+    assert seeds_for_run(cfg, {**this_run, "split": "val"})[0] is None
+    # the folders are not part of the config's hash
+    assert config_sha256(load_config("demo", {"paths.output_dir": str(tmp_path / "elsewhere")})) == config_sha256(cfg)
+    # a seeds file from before the hashes were stored is not shown either
+    (cfg.paths.logs / SEEDS_FILE).write_text(json.dumps({**shown, "made_from": None}))
+    assert seeds_for_run(cfg, this_run)[0] is None
+
+
 @pytest.mark.slow
 def test_seeds_cli_writes_the_aggregate_file(tmp_path):
     settings = {"data.n_phantom_studies": 40, "data.phantom_image_size": 48, "images.size": 64,
