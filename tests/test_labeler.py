@@ -115,6 +115,14 @@ LISTS = [
     ("No effusion, pneumothorax or consolidation in the lungs.", "Consolidation", N),
     ("Neither effusion nor pneumothorax.", "Pneumothorax", N),
     ("No effusion, suspicious nodule or mass.", "Lung Lesion", N),
+    # a qualified item in a list closed by "or" without the Oxford comma (labeler 2.2; was uncertain)
+    ("No focal consolidation, large effusion or pneumothorax.", "Pleural Effusion", N),
+    ("No focal consolidation, large effusion or pneumothorax.", "Pneumothorax", N),
+    ("No focal consolidation, large effusion or pneumothorax.", "Consolidation", N),
+    ("There is no acute pulmonary consolidation, large pleural effusion or pneumothorax.", "Pneumothorax", N),
+    ("No focal consolidation, large pneumothorax or large pleural effusion.", "Pleural Effusion", N),
+    # an unqualified statement after the negation stays one of its own ("or" between findings: uncertain)
+    ("No pneumothorax, mild atelectasis or scarring at the left base.", "Atelectasis", U),
 ]
 MENTIONS = [
     ("The mediastinum is widened.", "Enlarged Cardiomediastinum", P),
