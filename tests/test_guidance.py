@@ -759,6 +759,11 @@ def test_ablation_prepares_its_data_again_where_an_earlier_run_left_other_settin
     scored = json.loads((tmp_path / "out" / "ablation" / "side_words_from_the_head"
                          / "seed_0" / "logs" / "metrics_test.json").read_text())
     assert scored["n"] == len(splits["test"]) and row in result["rows"]
+    from medexgen_lib.ablation import ROW_FILE, _slug
+
+    saved = json.loads((tmp_path / "out" / "ablation" / _slug(row) / ROW_FILE).read_text())
+    assert saved["scored_with"] == [{"seed": 0, "labeler_version": scored["model"]["labeler_version"],
+                                     "metrics_version": scored["model"]["metrics_version"]}]
     # a row trained with other data or training settings is not tabled beside these
     from medexgen_lib.ablation import write_table
 
@@ -778,6 +783,37 @@ def test_a_setting_an_old_ablation_run_did_not_save_counts_as_its_default(tmp_pa
     assert _trained_as(tmp_path, cfg) == []  # the defaults: best on val, no sentence bank
     assert _trained_as(tmp_path, load_config("demo")) == ["train.export", "guidance.state_findings"]
     assert _trained_as(tmp_path / "nothing", cfg) == ["config"]
+
+
+@pytest.mark.parametrize("scored_with, tabled", [
+    ({"labeler_version": None, "metrics_version": None}, True),  # this version (filled in below)
+    ({"labeler_version": "2.1", "metrics_version": None}, False),  # an older labeler
+    ({"labeler_version": None, "metrics_version": "2"}, False),  # older metrics
+    (None, False)])  # a row saved before the versions were recorded
+def test_ablation_tables_only_rows_scored_by_this_labeler_and_metrics_version(tmp_path, caplog, scored_with,
+                                                                              tabled):
+    import logging
+
+    from medexgen_lib.ablation import COLUMNS, ROW_FILE, ROWS, _slug, format_table, write_table
+    from medexgen_lib.labeler import LABELER_VERSION
+    from medexgen_lib.metrics import METRICS_VERSION
+
+    settings = {"paths.output_dir": str(tmp_path / "out")}
+    name = "+ side words from the head"
+    folder = tmp_path / "out" / "ablation" / _slug(name)
+    (folder / "seed_0" / "logs").mkdir(parents=True)
+    load_config("demo", {**settings, **ROWS[name], "seed": 0}).save(folder / "seed_0" / "logs" /
+                                                                   "config_04_training.json")
+    row = {"overrides": ROWS[name], "seeds": [0], **{c: {"mean": 0.5, "std": 0.0, "n": 1} for c in COLUMNS},
+           "retrieval": {c: {"mean": 0.4, "std": 0.0, "n": 1} for c in COLUMNS[:-1]}}
+    if scored_with is not None:
+        current = {"labeler_version": LABELER_VERSION, "metrics_version": METRICS_VERSION}
+        row["scored_with"] = [{"seed": 0, **{k: v or current[k] for k, v in scored_with.items()}}]
+    (folder / ROW_FILE).write_text(json.dumps(row))
+    with caplog.at_level(logging.WARNING):
+        result = write_table(load_config("demo", settings), "demo", settings, 1)
+    assert (name in result["rows"]) is tabled and (name in format_table(result)) is tabled
+    assert any("labeler or metrics version" in r.getMessage() for r in caplog.records) is not tabled
 
 
 def test_an_ablation_row_run_again_drops_its_old_result_before_training(tmp_path, monkeypatch):
