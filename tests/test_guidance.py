@@ -701,6 +701,13 @@ def test_seeds_cli_writes_the_aggregate_file(tmp_path):
     assert aggregate["n_seeds"] == 2 and aggregate["seeds"] == [0, 1]
     assert (tmp_path / "o" / "seeds" / "seed_1" / "logs" / "metrics_test.json").exists()
     assert "model - retrieval (nearest image)" in aggregate["bootstrap"]
+    # made from this model and config: notebook 05 of the same settings shows it
+    from medexgen_lib.seeds import config_sha256, seeds_for_run
+
+    cfg = load_config("demo", {k: str(v) for k, v in settings.items()})
+    metrics = json.loads((tmp_path / "o" / "logs" / "metrics_test.json").read_text())
+    assert aggregate["made_from"] == {"model_sha256": metrics["model_sha256"], "config_sha256": config_sha256(cfg)}
+    assert seeds_for_run(cfg, metrics)[0] == aggregate
 
 
 def test_the_full_profiles_prompt_reads_a_pretrained_gpt2s_own_word_embeddings(tiny_gpt2_dir, tmp_path):
