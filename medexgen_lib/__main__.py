@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--model", required=True, help="a model folder (models/final)")
     generate.add_argument("images", nargs="+", help="frontal image, then optionally the lateral one")
     generate.add_argument("--json", action="store_true", help="print JSON with the labeler's observations")
-    generate.add_argument("--beams", type=int, default=3, help="beam size (1: greedy)")
-    generate.add_argument("--max-new-tokens", type=int, default=100)
+    generate.add_argument("--beams", type=int, help="beam size (1: greedy); default: as the model was evaluated")
+    generate.add_argument("--max-new-tokens", type=int, help="default: as the model was evaluated")
+    generate.add_argument("--length-penalty", type=float, help="default: as the model was evaluated")
+    generate.add_argument("--no-repeat-ngram-size", type=int, help="default: as the model was evaluated")
     score = commands.add_parser("score", help="score a predictions file (CSV or JSON of id, prediction)")
     score.add_argument("predictions", help="CSV or JSON file with uid/id and prediction [and reference]")
     score.add_argument("--profile", default="demo", help="config preset whose studies table gives references")
@@ -79,14 +81,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args) -> None:
+    import dataclasses
     import json
 
-    from medexgen_lib.config import EvalConfig
-    from medexgen_lib.inference import generate_report
+    from medexgen_lib.inference import generate_report, saved_decode
     from medexgen_lib.model import ReportGenerator
 
     model = ReportGenerator.from_pretrained(args.model)
-    decode = EvalConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens)
+    given = {"num_beams": args.beams, "max_new_tokens": args.max_new_tokens, "length_penalty": args.length_penalty,
+             "no_repeat_ngram_size": args.no_repeat_ngram_size}
+    decode = dataclasses.replace(saved_decode(model, args.model), **{k: v for k, v in given.items() if v is not None})
     result = generate_report(model, args.images, decode)
     print(json.dumps(result, indent=2) if args.json else result["report"])
 

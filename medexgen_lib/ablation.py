@@ -17,6 +17,8 @@ from pathlib import Path
 
 from medexgen_lib.config import Config, ConfigError, load_config
 from medexgen_lib.files import read_json, write_json, write_text_atomic
+from medexgen_lib.labeler import LABELER_VERSION
+from medexgen_lib.metrics import METRICS_VERSION
 from medexgen_lib.seeds import RETRIEVAL, mean_std
 from medexgen_lib.tracking import flatten
 
@@ -56,6 +58,7 @@ ROWS: dict[str, dict] = {
     "best combination (demo default: + the last epoch exported, not the best on val)": {},
 }
 ROW_FILE = "row.json"
+VERSION_KEYS = ("labeler_version", "metrics_version")  # a row is tabled only beside rows scored alike
 COLUMNS = ("BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1", "clinical micro_F1", "laterality",
            "distinct_predictions", "train_seconds")
 
@@ -101,6 +104,7 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
             log.info("ablation %s seed %d: macro-F1 %.3f BLEU-4 %.3f (%.0f s)", name, seed,
                      summary["model"]["clinical macro_F1"], summary["model"]["BLEU-4"], seconds)
         row = {"overrides": ROWS[name], "seeds": [s["seed"] for s in per_seed],
+               "scored_with": [{"seed": s["seed"], **{k: s.get(k) for k in VERSION_KEYS}} for s in per_seed],
                **{c: mean_std([s.get(c) for s in per_seed]) for c in COLUMNS},
                "retrieval": {c: mean_std([s["retrieval"].get(c) for s in per_seed])
                              for c in COLUMNS[:-1]}}
@@ -112,7 +116,8 @@ def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
     """Collect every finished row of ``<output_dir>/ablation/`` (rows may be run by separate,
     even concurrent, invocations) into ``logs/ablation.json`` and ``logs/ablation.md``: rows of
     these seeds whose every seed trained with the settings this invocation gives the row
-    (``_trained_as``); a row left by a run with other settings is left out, with a warning."""
+    (``_trained_as``) and was scored by this labeler and metrics version (``_scored_otherwise``);
+    any other row is left out, with a warning."""
     out_root = Path(base.paths.output_dir) / "ablation"
     seeds = list(range(base.seed, base.seed + n_seeds))
     rows = {}
@@ -121,6 +126,12 @@ def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
         if path.exists():
             row = read_json(path)
             if row.get("seeds") != seeds:
+                continue
+            stale = _scored_otherwise(row)
+            if stale:
+                log.warning("ablation row %r was scored by another labeler or metrics version (%s; now "
+                            "labeler %s, metrics %s); left out: run it again", name, stale,
+                            LABELER_VERSION, METRICS_VERSION)
                 continue
             try:
                 differ = [key for seed in seeds for key in _trained_as(
@@ -159,6 +170,17 @@ def _cell(value: dict, column: str) -> str:
         return "n/a"
     digits = 0 if column == "train_seconds" else 3
     return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+
+
+def _scored_otherwise(row: dict) -> str:
+    """How ``row``'s seeds were scored where that is not by this labeler and metrics version
+    ("" where every seed was); a row saved before versions were recorded says "unrecorded"."""
+    current = {"labeler_version": LABELER_VERSION, "metrics_version": METRICS_VERSION}
+    scored = row.get("scored_with")
+    if not isinstance(scored, list) or [s.get("seed") for s in scored] != row.get("seeds"):
+        return "versions unrecorded"
+    return ", ".join(f"seed {s['seed']}: labeler {s.get('labeler_version')}, metrics {s.get('metrics_version')}"
+                     for s in scored if any(s.get(k) != v for k, v in current.items()))
 
 
 def _trained_as(folder: Path, expected) -> list[str]:

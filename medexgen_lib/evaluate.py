@@ -28,7 +28,8 @@ def decode_settings(decode: EvalConfig) -> dict:
 @torch.no_grad()
 def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: torch.device | str = "cpu",
                      progress: bool = True, features=None) -> list[dict]:
-    """Reports for every study of ``data``, in order: uid, image ids, reference, prediction.
+    """Reports for every study of ``data``, in order: uid, image ids, reference, prediction and the
+    decoder's own text before side words and sentence bank (``decoder_text``).
     ``features``: uids -> the encoder's feature maps, computed before (training's frozen encoder)."""
     was_training = model.training
     model.eval()
@@ -38,9 +39,10 @@ def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: tor
     out = []
     for batch in ProgressBar(loader, desc="generating", unit="batch", disable=not progress, leave=False):
         known = {"features": features(batch["uids"])} if features is not None else {}
-        texts = model.write_reports(batch["images"].to(device), batch["view_mask"].to(device), **known, **settings)
-        for uid, prediction in zip(batch["uids"], texts, strict=True):
-            out.append({"uid": uid, "prediction": prediction})
+        drafts, texts = model.draft_and_write(batch["images"].to(device), batch["view_mask"].to(device),
+                                              **known, **settings)
+        for uid, prediction, draft in zip(batch["uids"], texts, drafts, strict=True):
+            out.append({"uid": uid, "prediction": prediction, "decoder_text": draft})
     expected = [e.uid for e in data.examples]
     if [row["uid"] for row in out] != expected:
         raise RuntimeError(f"the loader returned studies in another order or number ({len(out)}) than the "
@@ -73,7 +75,8 @@ R2GEN_SPLIT_SIZES = {"train": 2069, "val": 296, "test": 590}
 TABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
                  "clinical macro_F1", "clinical macro_F1 (observations in references)",
                  "clinical micro_F1", "clinical example_F1", "clinical abnormal_recall",
-                 "laterality", "distinct_predictions", "degenerate_predictions")
+                 "laterality", "distinct_predictions", "degenerate_predictions",
+                 "reports_changed_by_post_processing")
 
 
 def comparability(cfg, split_meta: dict, evaluated: str = "test") -> tuple[dict, list[str]]:
@@ -177,7 +180,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
 
     truth = load_phantom_truth(cfg.paths.reports)  # None on real data
     uids = [r["uid"] for r in rows]
-    metrics = score(references, predictions, **options)
+    metrics = score(references, predictions, **options, decoder_texts=[r["decoder_text"] for r in rows])
     metrics.update(diversity(predictions, train_texts))
     metrics.update(laterality(truth, uids, predictions) if truth is not None else {})
     baselines = {}
@@ -189,7 +192,7 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     for row in rows:
         row.update(per_sample_text_scores(row["reference"], row["prediction"]))
         row["reference_labels"] = label_report(row["reference"])
-        row["prediction_labels"] = prediction_labels(row["prediction"])
+        row["prediction_labels"] = prediction_labels(row["prediction"], row["decoder_text"])
     weights = (model_dir / "model.safetensors").read_bytes()
     settings, warnings = comparability(cfg, read_json(cfg.paths.processed / "splits.json").get("meta", {}), split)
     warnings += metrics["warnings"]
@@ -204,8 +207,10 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     write_json(cfg.paths.logs / f"predictions_{split}.json", rows)
     write_json(cfg.paths.logs / f"metrics_{split}.json", summary)
     add_results(model_dir, summary)  # the model card shows test metrics beside the baselines
-    progress_log.info("%s split: %d studies scored in %.0f s: BLEU-4 %.4f, clinical macro_F1 %.4f",
-                      split, len(rows), summary["seconds"], metrics["BLEU-4"], metrics["clinical macro_F1"])
+    progress_log.info("%s split: %d studies scored in %.0f s: BLEU-4 %.4f, clinical macro_F1 %.4f; %d degenerate "
+                      "decoder texts, %d reports changed by side words / sentence bank", split, len(rows),
+                      summary["seconds"], metrics["BLEU-4"], metrics["clinical macro_F1"],
+                      metrics["degenerate_predictions"], metrics["reports_changed_by_post_processing"])
     return summary
 
 

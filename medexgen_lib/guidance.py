@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medexgen_lib.labeler import ABSENT, NEGATIVE, OBSERVATIONS, POSITIVE, UNCERTAIN, label_report
+from medexgen_lib.labeler import ABSENT, NEGATIVE, OBSERVATIONS, POSITIVE, UNCERTAIN, clauses, label_report
 
 SIDED_OBSERVATIONS = ("Pleural Effusion", "Pneumothorax", "Lung Lesion", "Consolidation")
 SIDES = ("left", "right")
@@ -345,15 +345,81 @@ def normal_sentences(texts: Sequence[str], min_count: int = 2) -> list[str]:
     return [s for s, n in normal.most_common() if n >= min_count and s not in with_finding]
 
 
+# Negation cues that open a negated list ("no effusion or pneumothorax", "without consolidation"),
+# the separators of its items, and connectors left at the edge of a sentence once a clause goes.
+_NEGATION_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absence of|nor|neither)\b",
+                           re.IGNORECASE)
+_LIST_ITEMS = re.compile(r"\s*,\s*(?:(?:and|or|nor)\s+)?|\s+(?:and|or|nor)\s+", re.IGNORECASE)
+_LIST_WORD = re.compile(r"\b(and|or|nor)\b", re.IGNORECASE)
+_LEADING_CONNECTOR = re.compile(r"^[\s,;:]*(?:(?:and|but|with|however|although|though|whereas)\b[\s,]*)?",
+                                re.IGNORECASE)
+_TRAILING_CONNECTOR = re.compile(r"(?:[\s,;:]+(?:and|but|with|or)?)+$", re.IGNORECASE)
+
+
+def _mentioned(text: str) -> set[str]:
+    """The observations ``text`` mentions in any way (positive, uncertain or negated)."""
+    return {o for o, v in label_report(text).items() if v != ABSENT and o != "No Finding"}
+
+
+def _clause_without(clause: str, negated: set[str]) -> str:
+    """``clause`` without its statement that the ``negated`` observations are absent: the items of
+    its negated list that mention them go ("no effusion or pneumothorax" -> "no effusion"); where
+    none is left, the cue goes too, and the clause with it unless what comes before the cue states
+    a finding ("small left pleural effusion without pneumothorax" -> "small left pleural effusion").
+    A negation after its mention ("pneumothorax is not seen") takes the whole clause."""
+    for cue in reversed(list(_NEGATION_CUE.finditer(clause))):
+        tail = clause[cue.end():]
+        if _mentioned(tail) & negated:
+            break
+    else:
+        return ""
+    items = [item.strip() for item in _LIST_ITEMS.split(tail.strip()) if item.strip()]
+    kept = [item for item in items if not _mentioned(item) & negated]
+    if kept:
+        word = (_LIST_WORD.findall(tail) or ["or"])[-1]
+        listed = kept[0] if len(kept) == 1 else ", ".join(kept[:-1]) + f" {word} " + kept[-1]
+        return f"{clause[:cue.end()]} {listed}"
+    head = clause[:cue.start()]
+    return head if _stated(label_report(head)) else ""
+
+
+def without_negations(sentence: str, observations: set[str]) -> str:
+    """``sentence`` (one, with its end) without what says that any of ``observations`` is absent
+    (``_clause_without`` per clause, the labeler's scopes); the rest of the sentence is kept, or
+    "" where nothing is left. A sentence that negates none of them is returned as it was."""
+    body = sentence.rstrip(".;!? ")
+    negated = {o for o in observations if label_report(body).get(o) == NEGATIVE}
+    if not negated:
+        return sentence
+    if len(body.lower()) != len(body):  # clause offsets would not fit the text: the sentence goes
+        return ""
+    pieces, at = [], 0
+    for offset, clause in clauses(body.lower()):
+        original = body[offset:offset + len(clause)]
+        pieces.append(body[at:offset])
+        negates = any(label_report(original).get(o) == NEGATIVE for o in negated)
+        pieces.append(_clause_without(original, negated) if negates else original)
+        at = offset + len(clause)
+    text = re.sub(r"\s+([,;:])", r"\1", re.sub(r"\s{2,}", " ", "".join(pieces) + body[at:]))
+    text = _TRAILING_CONNECTOR.sub("", _LEADING_CONNECTOR.sub("", text)).strip()
+    if not re.search(r"[a-z]", text, re.IGNORECASE):
+        return ""
+    if body[0].isupper():
+        text = text[0].upper() + text[1:]
+    return text + (sentence[len(body):].strip() or ".")
+
+
 def state_findings(text: str, present: Sequence[str], sides: dict[str, set[str]],
                    bank: dict[str, str], normal: Sequence[str] = ()) -> str:
     """``text`` where each observation in ``present`` (the head's findings) that it does not state
     is stated: ``bank``'s sentence for the finding on its ``sides`` (``likely_sides``; the finding
     alone where the bank has no sentence for those sides) goes in after the last sentence that
-    states a finding. Sentences that would contradict it go: those that negate an added finding
-    and state none, and ``normal`` ones (``normal_sentences``). A kept sentence without an end
-    gets a period. Text with nothing to add is returned as it was; a finding the bank lacks
-    is left out."""
+    states a finding. What would contradict it goes: the statement that an added finding is
+    absent (``without_negations``: "No pleural effusion or pneumothorax." with a pneumothorax
+    added keeps "No pleural effusion."; a sentence left with nothing goes), and ``normal``
+    sentences (``normal_sentences``, matched with or without their final period). A kept
+    sentence without an end gets a period. Text with nothing to add is returned as it was; a
+    finding the bank lacks is left out."""
     stated = _stated(label_report(text))
     added = {}
     for observation in present:
@@ -365,13 +431,12 @@ def state_findings(text: str, present: Sequence[str], sides: dict[str, set[str]]
                 break
     if not added:
         return text
-
-    def contradicts(sentence: str) -> bool:
-        labels = label_report(sentence)
-        negates = any(labels.get(o) == NEGATIVE for o in added) and not _stated(labels)
-        return negates or sentence in normal
-
-    kept = [s if s[-1] in ".;!?" else s + "." for s in _sentences(text) if not contradicts(s)]
+    normal = set(normal)
+    kept = []
+    for sentence in _sentences(text):
+        sentence = sentence if sentence[-1] in ".;!?" else sentence + "."
+        if sentence not in normal and (sentence := without_negations(sentence, set(added))):
+            kept.append(sentence)
     at = max([i + 1 for i, s in enumerate(kept) if _stated(label_report(s))], default=0)
     return " ".join(kept[:at] + list(added.values()) + kept[at:])
 

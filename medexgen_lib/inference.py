@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +18,50 @@ from medexgen_lib.images import (ImageError, check_radiograph_shape, load_image,
                                  stretch_to_uint8)
 from medexgen_lib.metrics import prediction_labels
 from medexgen_lib.model import ReportGenerator
+
+log = logging.getLogger(__name__)
+DECODE_FIELDS = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
+
+
+def _evaluated_decode(model_dir: Path) -> tuple[dict, str] | None:
+    """The decoding of the evaluation the model card records (the test split's first), or None."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from medexgen_lib.model_card import CARD_FILE, FACTS_KEY
+
+    try:
+        results = ModelCard.load(model_dir / CARD_FILE).data.to_dict()[FACTS_KEY]["results"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    for split in sorted(results, key=lambda name: name != "test"):
+        if isinstance(results[split], dict) and isinstance(results[split].get("decode"), dict):
+            return results[split]["decode"], f"{model_dir / CARD_FILE} ({split} results)"
+    return None
+
+
+def saved_decode(model: ReportGenerator, model_dir: str | os.PathLike) -> EvalConfig:
+    """The decoding ``model`` (loaded from ``model_dir``) was evaluated with, so that ``generate``
+    writes the reports that were scored: the evaluation its model card records (test split
+    first), else the ``eval`` settings of the run that trained it (``run_config.json``), else
+    ``EvalConfig``'s defaults. ``max_new_tokens`` is cut to what the decoder's positions allow,
+    as evaluation cuts it."""
+    model_dir = Path(model_dir)
+    found = _evaluated_decode(model_dir)
+    if found is None and (model_dir / "run_config.json").exists():
+        try:
+            found = json.loads((model_dir / "run_config.json").read_text())["eval"], str(model_dir / "run_config.json")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot read the evaluation settings in {model_dir / 'run_config.json'}: {exc}") from None
+    if found is None:
+        log.info("%s records no evaluation settings; decoding with the defaults", model_dir)
+        decode = EvalConfig()
+    else:
+        settings, source = found
+        decode = dataclasses.replace(EvalConfig(), **{k: settings[k] for k in DECODE_FIELDS if k in settings})
+        log.info("decoding as evaluated (%s): %s", source, {k: getattr(decode, k) for k in DECODE_FIELDS})
+    room = model.config.n_positions - 1 - model.prompt_length
+    return dataclasses.replace(decode, max_new_tokens=min(decode.max_new_tokens, room))
 
 
 def is_dicom(path: Path) -> bool:
@@ -103,10 +150,11 @@ def generate_report(model: ReportGenerator, images: list[str | os.PathLike],
     was_training = model.training
     model.eval()
     try:
-        report = model.write_reports(pixels, torch.tensor([mask], device=device),
-                                     **decode_settings(decode or EvalConfig()))[0]
+        drafts, reports = model.draft_and_write(pixels, torch.tensor([mask], device=device),
+                                                **decode_settings(decode or EvalConfig()))
     finally:
         model.train(was_training)
-    labels = prediction_labels(report)  # the scoring rule: a degenerate report states nothing
-    return {"images": [str(p) for p in images], "report": report,
+    # the scoring rule: a degenerate report (or decoder text) states nothing
+    labels = prediction_labels(reports[0], drafts[0])
+    return {"images": [str(p) for p in images], "report": reports[0], "decoder_text": drafts[0],
             "observations": {k: v for k, v in labels.items() if v != "absent"}}

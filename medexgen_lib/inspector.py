@@ -184,8 +184,10 @@ class PredictionInspector:
         decode = EvalConfig(num_beams=self.beams.value, max_new_tokens=self.max_tokens.value,
                             batch_size=1, meteor=False)
         subset = _subset(self.data, [self.index_of[row["uid"]]])
-        prediction = generate_reports(self.model, subset, decode, progress=False)[0]["prediction"]
-        row.update(prediction=prediction, prediction_labels=prediction_labels(prediction), regenerated=True,
+        written = generate_reports(self.model, subset, decode, progress=False)[0]
+        prediction = written["prediction"]
+        row.update(prediction=prediction, decoder_text=written["decoder_text"], regenerated=True,
+                   prediction_labels=prediction_labels(prediction, written["decoder_text"]),
                    **per_sample_text_scores(row["reference"], prediction))
         self._show()
         return prediction

@@ -37,7 +37,9 @@ expressions in place of its dependency parse:
    "no effusion, pneumothorax or consolidation" negates all three,
    "effusion and pneumothorax are not seen" both; a negated list that goes
    on with "or" keeps qualified items ("without consolidation, large
-   effusion, or pneumothorax"), and "no displaced, acute fracture" is one
+   effusion, or pneumothorax"; without the Oxford comma too, where the item
+   opens with a qualifier of negated findings: "no focal consolidation, large
+   effusion or pneumothorax"), and "no displaced, acute fracture" is one
    negation.
 3. Cues, applied in CheXpert's order within a mention's clause:
    (a) "cannot be excluded / ruled out", "not excluded", "no new X"
@@ -87,7 +89,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-LABELER_VERSION = "2.1"  # bump whenever a rule or phrase changes: it is part of the evaluation fingerprint
+LABELER_VERSION = "2.2"  # bump whenever a rule or phrase changes: it is part of the evaluation fingerprint
 
 POSITIVE, UNCERTAIN, NEGATIVE, ABSENT = "positive", "uncertain", "negative", "absent"
 _RANK = {ABSENT: 0, NEGATIVE: 1, UNCERTAIN: 2, POSITIVE: 3}
@@ -263,11 +265,14 @@ _STATEMENT_START = re.compile(
     r"new|old|stable|unchanged|persistent|persisting|chronic|acute|increased|increasing|decreased|"
     r"decreasing|improved|improving|worsening|worsened|resolving|healed|healing|calcified|subsegmental|residual|"
     r"patchy|diffuse|multiple|several|\d)\b")
-# A negation followed by adjectives only, before a comma: "no displaced, acute fracture".
+# Qualifiers of a negated finding ("no large effusion"), and a negation followed by them only, before a
+# comma: "no displaced, acute fracture".
+_NEGATION_QUALIFIERS = (r"acute|displaced|nondisplaced|non displaced|focal|large|significant|definite|new|obvious|"
+                        r"gross|discrete|suspicious|active|confluent|appreciable|sizable|substantial|frank|overt|"
+                        r"dense|visible|evident")
 _NEGATED_MODIFIERS = re.compile(
-    r"\b(?:no|not|without|negative for|free of|clear of)\s+(?:(?:acute|displaced|nondisplaced|non displaced|"
-    r"focal|large|significant|definite|new|obvious|gross|discrete|suspicious|active|confluent|appreciable|"
-    r"sizable|substantial|frank|overt|dense|visible|evident)\s*)+$")
+    rf"\b(?:no|not|without|negative for|free of|clear of)\s+(?:(?:{_NEGATION_QUALIFIERS})\s*)+$")
+_QUALIFIED_ITEM = re.compile(rf"^\s*(?:{_NEGATION_QUALIFIERS})\b")
 # A subject and its predicate without a verb: "heart enlarged", "heart size normal".
 _PREDICATE = re.compile(r"^\s*(?:\w+\s+){1,3}(?:enlarged|widened|normal|unremarkable|clear|intact|stable|unchanged)\b")
 _VERB = re.compile(r"\b(?:is|are|was|were|has|have|had|be|been|can|cannot|may|might|could|appears?|remains?|"
@@ -331,8 +336,10 @@ def _starts_statement(previous: str, separator: str, part: str, following: str =
     if _NEGATED_MODIFIERS.search(previous):
         return False  # "no displaced, acute fractures": the comma joins two adjectives
     goes_on = re.match(r"\s*,?\s*(?:or|nor)\b", following)
-    if _STATEMENT_START.match(text):  # "without consolidation, large effusion, or pneumothorax" is one list
-        return not (goes_on and _compiled()["neg_pre"].search(previous))
+    if _STATEMENT_START.match(text):  # "without consolidation, large effusion, or pneumothorax" is one list,
+        # and so, without the Oxford comma, is "no consolidation, large effusion or pneumothorax"
+        listed = goes_on or (_QUALIFIED_ITEM.match(text) and re.search(r"\b(?:or|nor)\b", text))
+        return not (listed and _compiled()["neg_pre"].search(previous))
     disjunction = re.search(r"\b(?:or|nor)\b", text) or goes_on
     negated_list = disjunction and _compiled()["neg_pre"].search(previous)
     if _PLACE.search(text) and not disjunction and _compiled()["neg_pre"].search(previous):

@@ -19,13 +19,15 @@ import shutil
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
+
 from medexgen_lib.labeler import (ABSENT, LABELER_VERSION, NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES,
                                   label_report, positive_set)
 from medexgen_lib.nltk_bleu import seed_style_bleu
 
 log = logging.getLogger(__name__)
 
-METRICS_VERSION = "2"  # bump when any metric or the normalisation changes
+METRICS_VERSION = "3"  # bump when any metric or the normalisation changes
 NORMALISATION = (
     "R2Gen clean_report_iu_xray, verbatim: '..' -> '.', list numbering '1. '..'5. ' removed, "
     "lowercase, split into sentences at '. ', characters matching [.,?;*!%^&_+():-\\[\\]{}] and "
@@ -169,6 +171,46 @@ def per_sample_text_scores(reference: str, prediction: str) -> dict:
     return {"BLEU-4": float(bleu[3]), "ROUGE-L": float(Rouge().compute_score(gts, res)[0])}
 
 
+def clinical_counts(reference_labels: Sequence[dict], predicted_labels: Sequence[dict],
+                    observations: Sequence[str] = OBSERVATIONS, uncertain_as_positive: bool = False
+                    ) -> np.ndarray:
+    """Per study and observation the true positive, false positive and false negative (0/1),
+    shape ``[n, 3, len(observations)]``: summed over any set of studies they give that set's
+    clinical F1 figures (``macro_f1_from_counts``)."""
+    refs = [positive_set(l, uncertain_as_positive, tuple(observations)) for l in reference_labels]
+    preds = [positive_set(l, uncertain_as_positive, tuple(observations)) for l in predicted_labels]
+    counts = np.zeros((len(refs), 3, len(observations)))
+    for i, (r, p) in enumerate(zip(refs, preds, strict=True)):
+        for j, obs in enumerate(observations):
+            counts[i, :, j] = [obs in r and obs in p, obs not in r and obs in p, obs in r and obs not in p]
+    return counts
+
+
+def _f1_from_counts(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 per observation (0 where undefined) of summed counts ``[..., 3, O]``."""
+    tp, fp, fn = sums[..., 0, :], sums[..., 1, :], sums[..., 2, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return precision, recall, f1
+
+
+def macro_f1_from_counts(sums: np.ndarray, references_only: bool = False) -> np.ndarray:
+    """Clinical macro-F1 of summed ``clinical_counts`` (``[..., 3, O]`` -> ``[...]``): the mean F1
+    over the observations positive in the references OR the predictions (``references_only``:
+    in the references). The one definition of the figure: ``clinical_metrics`` tables it and
+    the seeds' bootstrap resamples it. Summed observation by observation, in order, so it is
+    bit for bit the mean of the per-observation F1 that ``clinical_metrics`` reports."""
+    _, _, f1 = _f1_from_counts(sums)
+    tp, fp, fn = sums[..., 0, :], sums[..., 1, :], sums[..., 2, :]
+    chosen = (tp + fn > 0) if references_only else (tp + fp + fn > 0)
+    total, n = np.zeros(f1.shape[:-1]), chosen.sum(-1)
+    for j in range(f1.shape[-1]):
+        total = total + np.where(chosen[..., j], f1[..., j], 0.0)
+    return np.where(n > 0, total / np.maximum(n, 1), 0.0)
+
+
 def clinical_metrics(reference_labels: Sequence[dict], predicted_labels: Sequence[dict],
                      observations: Sequence[str] = OBSERVATIONS,
                      uncertain_as_positive: bool = False) -> dict:
@@ -177,35 +219,30 @@ def clinical_metrics(reference_labels: Sequence[dict], predicted_labels: Sequenc
     ``macro_F1`` (the primary figure, and ``train.selection_metric``'s default) averages the
     observations positive in the references OR the predictions, so writing a finding no
     reference has costs F1; ``macro_F1 (observations in references)`` averages only those
-    positive in the references (the older convention, blind to invented findings).
+    positive in the references (the older convention, blind to invented findings). Both come
+    from ``macro_f1_from_counts`` of ``clinical_counts``, as the seeds' bootstrap does.
     """
     observations = tuple(observations)
     refs = [positive_set(l, uncertain_as_positive, observations) for l in reference_labels]
     preds = [positive_set(l, uncertain_as_positive, observations) for l in predicted_labels]
-    per_observation, tp_all, fp_all, fn_all = {}, 0, 0, 0
-    for obs in observations:
-        tp = sum(obs in r and obs in p for r, p in zip(refs, preds))
-        fp = sum(obs not in r and obs in p for r, p in zip(refs, preds))
-        fn = sum(obs in r and obs not in p for r, p in zip(refs, preds))
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_observation[obs] = {"precision": precision, "recall": recall, "f1": f1,
-                                "support": tp + fn, "predicted": tp + fp}
-        tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
-    in_references = [o for o in observations if per_observation[o]["support"] > 0]
-    in_either = [o for o in observations if per_observation[o]["support"] + per_observation[o]["predicted"] > 0]
-    macro = {name: sum(per_observation[o]["f1"] for o in chosen) / len(chosen) if chosen else 0.0
-             for name, chosen in (("in_references", in_references), ("in_either", in_either))}
+    sums = clinical_counts(reference_labels, predicted_labels, observations, uncertain_as_positive).sum(0)
+    precision, recall, f1 = _f1_from_counts(sums)
+    per_observation = {}
+    for j, obs in enumerate(observations):
+        tp, fp, fn = (int(v) for v in sums[:, j])
+        per_observation[obs] = {"precision": float(precision[j]), "recall": float(recall[j]),
+                                "f1": float(f1[j]), "support": tp + fn, "predicted": tp + fp}
+    tp_all, fp_all, fn_all = (int(v) for v in sums.sum(-1))
     micro_p = tp_all / (tp_all + fp_all) if tp_all + fp_all else 0.0
     micro_r = tp_all / (tp_all + fn_all) if tp_all + fn_all else 0.0
     example_f1 = [1.0 if not r and not p else 2 * len(r & p) / (len(r) + len(p)) for r, p in zip(refs, preds)]
     findings = set(observations) - {NO_FINDING, SUPPORT_DEVICES}
     abnormal = [(r & findings, p & findings) for r, p in zip(refs, preds) if r & findings]
+    macro = float(macro_f1_from_counts(sums))
     return {
-        "macro_F1": macro["in_either"],
-        "macro_F1 (observations in references or predictions)": macro["in_either"],
-        "macro_F1 (observations in references)": macro["in_references"],
+        "macro_F1": macro,
+        "macro_F1 (observations in references or predictions)": macro,
+        "macro_F1 (observations in references)": float(macro_f1_from_counts(sums, references_only=True)),
         "micro_F1": 2 * micro_p * micro_r / (micro_p + micro_r) if micro_p + micro_r else 0.0,
         "example_F1": sum(example_f1) / len(example_f1) if example_f1 else 0.0,
         "abnormal_recall": sum(bool(p) for _, p in abnormal) / len(abnormal) if abnormal else 0.0,
@@ -232,63 +269,118 @@ def diversity(predictions: Sequence[str], training_reports: Sequence[str] = ()) 
 _WORDS = re.compile(r"[a-z]+")
 
 
-def is_degenerate(prediction: str) -> bool:
+def is_degenerate(prediction: str, decoder_text: str | None = None) -> bool:
     """Empty, whitespace or punctuation only, or fewer than two distinct words (one token
-    repeated, "xxxx xxxx"): text that states nothing about the chest."""
-    return len(set(_WORDS.findall((prediction or "").lower()))) < 2
+    repeated, "xxxx xxxx"): text that states nothing about the chest. With ``decoder_text`` (the
+    decoder's own text, before side words and sentence bank) either being so counts: sentences
+    the bank adds to "effusion effusion effusion" do not make the decoder's output a report."""
+    texts = [prediction] if decoder_text is None else [prediction, decoder_text]
+    return any(len(set(_WORDS.findall((text or "").lower()))) < 2 for text in texts)
 
 
-def prediction_labels(prediction: str) -> dict[str, str]:
-    """The labeler's labels of a prediction; a degenerate one (``is_degenerate``) states
-    nothing, so every observation is absent, "No Finding" included."""
-    if is_degenerate(prediction):
+def prediction_labels(prediction: str, decoder_text: str | None = None) -> dict[str, str]:
+    """The labeler's labels of a prediction; a degenerate one (``is_degenerate``, judged on the
+    decoder's own text too where given) states nothing, so every observation is absent,
+    "No Finding" included."""
+    if is_degenerate(prediction, decoder_text):
         return {obs: ABSENT for obs in OBSERVATIONS}
     return label_report(prediction)
 
 
+def _check_convention(reference_convention: str, training_reports: Sequence[str] | None) -> None:
+    if reference_convention not in REFERENCE_CONVENTIONS:
+        raise ValueError(f"reference convention must be one of {REFERENCE_CONVENTIONS}, "
+                         f"got {reference_convention!r}")
+    if reference_convention == "r2gen" and not training_reports:
+        raise ValueError("the r2gen reference convention needs the training reports (R2Gen's vocabulary)")
+
+
+def scored_texts(references: Sequence[str], predictions: Sequence[str], reference_convention: str = "full",
+                 training_reports: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """References and predictions as every text metric compares them: R2Gen-normalised, or with
+    ``reference_convention="r2gen"`` as R2Gen's tokenizer decodes them (``r2gen_text``, references
+    cut to 59 words); a prediction with no word becomes "" (``_wordless_as_empty``)."""
+    _check_convention(reference_convention, training_reports)
+    if reference_convention == "r2gen":
+        vocabulary = r2gen_vocabulary(training_reports)
+        refs = [r2gen_text(r, vocabulary, R2GEN_MAX_SEQ_LENGTH - 1) for r in references]
+        preds = [r2gen_text(p, vocabulary) for p in predictions]
+    else:
+        refs, preds = [normalise(r) for r in references], [normalise(p) for p in predictions]
+    return refs, [_wordless_as_empty(p) for p in preds]
+
+
+def clinical_labels(references: Sequence[str], predictions: Sequence[str],
+                    decoder_texts: Sequence[str | None] | None = None) -> tuple[list[dict], list[dict]]:
+    """The labels clinical F1 compares: ``label_report`` of each (whole) reference and
+    ``prediction_labels`` of each prediction (a degenerate one, or one whose decoder text in
+    ``decoder_texts`` is, states nothing)."""
+    drafts = [None] * len(predictions) if decoder_texts is None else decoder_texts
+    return ([label_report(r) for r in references],
+            [prediction_labels(p, d) for p, d in zip(predictions, drafts, strict=True)])
+
+
+def study_statistics(references: Sequence[str], predictions: Sequence[str], uncertain_as_positive: bool = False,
+                     reference_convention: str = "full", training_reports: Sequence[str] | None = None,
+                     observations: Sequence[str] = OBSERVATIONS,
+                     decoder_texts: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
+    """Per-study sufficient statistics of ``score``'s corpus BLEU-4 (pycocoevalcap's n-gram counts of
+    ``scored_texts``) and clinical macro-F1 (``clinical_counts`` of ``clinical_labels``), built by
+    ``score``'s own steps, so that any resample of studies is scored by sums exactly as ``score``
+    would score it: ``{"bleu": [n, 10], "clinical": [n, 3, O]}``."""
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+
+    refs, preds = scored_texts(references, predictions, reference_convention, training_reports)
+    bleu = np.zeros((len(refs), 10))  # guess x4, correct x4, testlen, reflen
+    for i, (ref, pred) in enumerate(zip(refs, preds, strict=True)):
+        comps = cook_test(pred, cook_refs([ref]))
+        bleu[i] = [*comps["guess"], *comps["correct"], comps["testlen"], comps["reflen"][0]]
+    clinical = clinical_counts(*clinical_labels(references, predictions, decoder_texts), observations,
+                               uncertain_as_positive)
+    return {"bleu": bleu, "clinical": clinical}
+
+
 def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = False,
           observations: Sequence[str] = OBSERVATIONS, uncertain_as_positive: bool = False,
-          reference_convention: str = "full", training_reports: Sequence[str] | None = None) -> dict:
+          reference_convention: str = "full", training_reports: Sequence[str] | None = None,
+          decoder_texts: Sequence[str | None] | None = None) -> dict:
     """All text and clinical metrics for two equal-length lists of raw report strings.
 
     ``reference_convention`` is ``"full"`` or ``"r2gen"`` (needs ``training_reports`` for
     R2Gen's vocabulary); the result names the one used. Degenerate predictions
-    (``is_degenerate``) are counted and labelled with nothing, so they get no clinical
-    credit, "No Finding" included.
+    (``is_degenerate``; where ``decoder_texts`` gives the decoder's own text before side words
+    and sentence bank, judged on that too) are counted and labelled with nothing, so they get
+    no clinical credit, "No Finding" included; ``reports_changed_by_post_processing`` counts the
+    predictions that differ from their decoder text (None without ``decoder_texts``). Text
+    metrics compare ``scored_texts``, clinical ones ``clinical_labels`` (as ``study_statistics``
+    does for the seeds' bootstrap).
     """
     if len(references) != len(predictions):
         raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
+    if decoder_texts is not None and len(decoder_texts) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions but {len(decoder_texts)} decoder texts")
     if not references:
         raise ValueError("nothing to score: no references")
-    if reference_convention not in REFERENCE_CONVENTIONS:
-        raise ValueError(f"reference convention must be one of {REFERENCE_CONVENTIONS}, "
-                         f"got {reference_convention!r}")
+    texts = scored_texts(references, predictions, reference_convention, training_reports)
+    out = text_metrics(*texts, meteor=meteor, normalised=True)
+    out.update(rouge_score_f1(*texts, normalised=True))
     description, shares = REFERENCE_DESCRIPTIONS["full"], {"warnings": []}
     if reference_convention == "r2gen":
-        if not training_reports:
-            raise ValueError("the r2gen reference convention needs the training reports (R2Gen's vocabulary)")
-        vocabulary = r2gen_vocabulary(training_reports)
-        texts = ([r2gen_text(r, vocabulary, R2GEN_MAX_SEQ_LENGTH - 1) for r in references],
-                 [r2gen_text(p, vocabulary) for p in predictions])
         description = REFERENCE_DESCRIPTIONS["r2gen"].format(n_train=len(training_reports))
-        out = text_metrics(*texts, meteor=meteor, normalised=True)
-        out.update(rouge_score_f1(*texts, normalised=True))
         shares = r2gen_unknown_shares(*texts, len(training_reports))
-    else:
-        texts = ([normalise(r) for r in references], [normalise(p) for p in predictions])
-        out = text_metrics(references, predictions, meteor=meteor)
-        out.update(rouge_score_f1(references, predictions))
     out.update(seed_style_bleu([t.split() for t in texts[0]], [t.split() for t in texts[1]]))
-    degenerate = [is_degenerate(p) for p in predictions]
-    clinical = clinical_metrics([label_report(r) for r in references],
-                                [prediction_labels(p) for p in predictions],
-                                observations, uncertain_as_positive)
+    drafts = [None] * len(predictions) if decoder_texts is None else decoder_texts
+    degenerate = [is_degenerate(p, d) for p, d in zip(predictions, drafts)]
+    clinical = clinical_metrics(*clinical_labels(references, predictions, decoder_texts), observations,
+                                uncertain_as_positive)
     out.update({f"clinical {k}": v for k, v in clinical.items()})
     out.update(shares)
     out["n"] = len(references)
     out["empty_predictions"] = sum(not (p or "").strip() for p in predictions)
     out["degenerate_predictions"] = sum(degenerate)
     out["degenerate_predictions_share"] = sum(degenerate) / len(predictions)
+    out["reports_changed_by_post_processing"] = (None if decoder_texts is None else
+                                                 sum(d is not None and d != p for p, d in zip(predictions, drafts)))
     out["references"] = reference_convention
     out["reference_convention"] = description
     out["normalisation"] = NORMALISATION

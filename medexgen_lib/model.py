@@ -397,8 +397,20 @@ class ReportGenerator(nn.Module):
         """The reports ``generate`` writes, as text; with ``guidance_align_sides`` each sided
         finding's side word is the observation head's (``guidance.align_sides``); with
         ``guidance_sentences`` each finding the head predicts is stated (``guidance.state_findings``)."""
+        return self.draft_and_write(images, view_mask, features, **generate_kwargs)[1]
+
+    @torch.no_grad()
+    def draft_and_write(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+                        features: torch.Tensor | None = None, **generate_kwargs) -> tuple[list[str], list[str]]:
+        """The decoder's own texts (stripped) and the reports ``write_reports`` makes of them: scoring
+        judges degenerate output on the former (``metrics.prediction_labels``), which the side words
+        and the sentence bank may hide."""
         ids, logits = self._generate(images, view_mask, features, **generate_kwargs)
-        texts = [text.strip() for text in self.decode(ids.cpu())]
+        drafts = [text.strip() for text in self.decode(ids.cpu())]
+        return drafts, self._post_process(drafts, logits)
+
+    def _post_process(self, texts: list[str], logits: torch.Tensor | None) -> list[str]:
+        """``texts`` with the head's side words and the bank's sentences (where the model uses them)."""
         bank = self.config.guidance_sentences
         if not ((self.config.guidance_align_sides or bank) and logits is not None):
             return texts

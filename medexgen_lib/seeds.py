@@ -7,12 +7,17 @@ every seed is scored on the same studies and differences between systems are pai
 Bootstrap: test studies are drawn with replacement (``n`` of ``n``); every system
 and every seed is scored on the same draw, and the statistic is the mean over seeds
 of (model - baseline) on that draw, with corpus BLEU-4 and clinical macro-F1
-recomputed exactly as ``metrics.score`` computes them. The 2.5/97.5 percentiles
-of that statistic give the interval (pooled over seeds, resampling test studies).
+recomputed from ``metrics.study_statistics``, which ``metrics.score``'s own steps build
+(same texts under the run's ``eval.references``, same prediction labels, macro-F1 by
+``metrics.macro_f1_from_counts``, the function that tables it): on all studies the
+statistic is the table's difference. The 2.5/97.5 percentiles of that statistic give
+the interval (pooled over seeds, resampling test studies).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -21,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from medexgen_lib.files import read_json, write_json
-from medexgen_lib.labeler import OBSERVATIONS, label_report, positive_set
+from medexgen_lib.metrics import macro_f1_from_counts, study_statistics
 
 log = logging.getLogger(__name__)
 
@@ -34,29 +39,7 @@ RETRIEVAL = "retrieval (nearest image)"
 CONSTANTS = ("constant (most frequent)", "constant (best of top 50 on val)")
 
 
-# --------------------------------------------------------------------------- per-study statistics
-
-def study_statistics(references: Sequence[str], predictions: Sequence[str],
-                     uncertain_as_positive: bool = False) -> dict[str, np.ndarray]:
-    """Per-study sufficient statistics of corpus BLEU-4 (pycocoevalcap's counts on the
-    normalised text) and of clinical F1 (TP/FP/FN per observation), so that any resample
-    of studies is scored by sums."""
-    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
-
-    from medexgen_lib.metrics import normalise
-
-    bleu = np.zeros((len(references), 10))  # guess x4, correct x4, testlen, reflen
-    for i, (ref, pred) in enumerate(zip(references, predictions)):
-        comps = cook_test(normalise(pred), cook_refs([normalise(ref)]))
-        bleu[i] = [*comps["guess"], *comps["correct"], comps["testlen"], comps["reflen"][0]]
-    refs = [positive_set(label_report(r), uncertain_as_positive, OBSERVATIONS) for r in references]
-    preds = [positive_set(label_report(p), uncertain_as_positive, OBSERVATIONS) for p in predictions]
-    clinical = np.zeros((len(references), 3, len(OBSERVATIONS)))  # tp, fp, fn
-    for i, (r, p) in enumerate(zip(refs, preds)):
-        for j, obs in enumerate(OBSERVATIONS):
-            clinical[i, :, j] = [obs in r and obs in p, obs not in r and obs in p, obs in r and obs not in p]
-    return {"bleu": bleu, "clinical": clinical}
-
+# --------------------------------------------------------------------------- resampled statistics
 
 def bleu4_from_sums(sums: np.ndarray) -> np.ndarray:
     """Corpus BLEU-4 (pycocoevalcap's formula) from summed counts ``[..., 10]``."""
@@ -69,21 +52,11 @@ def bleu4_from_sums(sums: np.ndarray) -> np.ndarray:
     return score * penalty
 
 
-def macro_f1_from_sums(sums: np.ndarray) -> np.ndarray:
-    """Clinical macro-F1 (observations with reference support only) from summed ``[..., 3, O]``."""
-    tp, fp, fn = sums[..., 0, :], sums[..., 1, :], sums[..., 2, :]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(tp > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
-    present = (tp + fn) > 0
-    return (f1 * present).sum(-1) / np.maximum(present.sum(-1), 1)
-
-
 def _score_from_sums(metric: str, weights: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
     if metric == "BLEU-4":
         return bleu4_from_sums(weights @ stats["bleu"])
     if metric == "clinical macro_F1":
-        sums = np.einsum("bn,nkj->bkj", weights, stats["clinical"])
-        return macro_f1_from_sums(sums)
+        return macro_f1_from_counts(np.einsum("bn,nkj->bkj", weights, stats["clinical"]))
     raise ValueError(f"no bootstrap for metric {metric!r}; known: {BOOTSTRAP_METRICS}")
 
 
@@ -118,14 +91,26 @@ def mean_std(values: Sequence[float]) -> dict:
     return {"mean": float(np.mean(finite)), "std": std, "n": len(finite)}
 
 
+def config_sha256(cfg) -> str:
+    """SHA-256 of a run's settings (``Config``), folders (``paths``) aside: what made a model and scored it."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "paths"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def aggregate_seeds(output_dirs: Sequence[str | Path], split: str = "test",
-                    out_path: str | Path | None = None, n_resamples: int = 2000) -> dict:
+                    out_path: str | Path | None = None, n_resamples: int = 2000,
+                    training_reports: Sequence[str] | None = None, config_hash: str | None = None) -> dict:
     """Mean ± std over seeds of every system's metrics, and paired bootstrap intervals of
     (model - retrieval) and (model - each constant) on BLEU-4 and macro-F1.
 
     ``output_dirs``: one run's ``paths.output_dir`` per seed, each with
     ``logs/metrics_<split>.json`` and ``logs/predictions_<split>.json`` from
-    ``evaluate.run_evaluation``. Written to ``out_path`` when given.
+    ``evaluate.run_evaluation``. The studies are scored under the reference convention
+    and uncertainty rule those metrics files record (``training_reports``, the run's
+    training texts, give R2Gen's vocabulary where it is ``r2gen``). Written to
+    ``out_path`` when given, with ``made_from``: the first seed's model (``model_sha256`` of its
+    metrics file) and ``config_hash`` (``config_sha256`` of the run's config), which
+    ``seeds_for_run`` checks before a notebook shows the file.
     """
     summaries, rows = [], []
     for directory in output_dirs:
@@ -141,14 +126,15 @@ def aggregate_seeds(output_dirs: Sequence[str | Path], split: str = "test",
         if [r["uid"] for r in seed_rows] != uids:
             raise ValueError(f"{directory}: its {split} studies differ from {output_dirs[0]}'s; "
                              "seeds must share one split (run stage 03 once)")
+    scoring = _scoring_options(output_dirs, split, summaries, training_reports)
     systems = {MODEL: [s["model"] for s in summaries]}
     for name in summaries[0]["baselines"]:
         systems[name] = [s["baselines"][name] for s in summaries]
     table = {name: {m: mean_std([v.get(m) for v in values]) for m in AGGREGATE_METRICS}
              for name, values in systems.items()}
-    uncertain = summaries[0]["model"].get("clinical uncertain_as_positive", False)
     references = [r["reference"] for r in rows[0]]
-    stats = {MODEL: [study_statistics(references, [r["prediction"] for r in seed_rows], uncertain)
+    stats = {MODEL: [study_statistics(references, [r["prediction"] for r in seed_rows], **scoring,
+                                      decoder_texts=[r.get("decoder_text") for r in seed_rows])
                      for seed_rows in rows]}
     bootstrap = {}
     for baseline in (RETRIEVAL, *CONSTANTS):
@@ -156,20 +142,72 @@ def aggregate_seeds(output_dirs: Sequence[str | Path], split: str = "test",
             raise ValueError(f"{output_dirs[0]}/logs/predictions_{split}.json has no baseline "
                              "predictions; re-run the evaluation with this version")
         stats[baseline] = [study_statistics(references, [r["baseline_predictions"][baseline]
-                                                         for r in seed_rows], uncertain)
+                                                         for r in seed_rows], **scoring)
                            for seed_rows in rows]
+    for name, per_seed in stats.items():
+        _check_tabled(name, per_seed, systems[name], output_dirs, split)
+    for baseline in (RETRIEVAL, *CONSTANTS):
         bootstrap[f"model - {baseline}"] = {
             metric: paired_bootstrap(stats[MODEL], stats[baseline], metric, n_resamples)
             for metric in BOOTSTRAP_METRICS}
     result = {"split": split, "n_seeds": len(summaries), "n_studies": len(uids),
               "output_dirs": [str(d) for d in output_dirs],
               "seeds": [s.get("seed") for s in summaries], "metrics": table, "bootstrap": bootstrap,
+              "made_from": {"model_sha256": summaries[0].get("model_sha256"), "config_sha256": config_hash},
               "bootstrap_note": ("paired bootstrap over test studies (one draw for all seeds and "
-                                 "systems), statistic = mean over seeds of (model - baseline); "
+                                 "systems), statistic = mean over seeds of (model - baseline), scored "
+                                 f"as the table is (references {scoring['reference_convention']}); "
                                  "95% percentile interval")}
     if out_path is not None:
         write_json(out_path, result)
     return result
+
+
+def _check_tabled(name: str, per_seed: Sequence[dict], tabled: Sequence[dict],
+                  output_dirs: Sequence[str | Path], split: str) -> None:
+    """The statistics resampled must give the tabled macro-F1 on all studies: a predictions file
+    and a metrics file that disagree (edited, or scored by another version) are refused."""
+    for directory, stats, metrics in zip(output_dirs, per_seed, tabled, strict=True):
+        resampled = float(_score_from_sums("clinical macro_F1", np.ones((1, len(stats["bleu"]))), stats)[0])
+        if not math.isclose(resampled, metrics.get("clinical macro_F1", math.nan), abs_tol=1e-9):
+            raise ValueError(f"{directory}/logs/metrics_{split}.json gives {name} clinical macro_F1 "
+                             f"{metrics.get('clinical macro_F1')}, its predictions_{split}.json scores "
+                             f"{resampled:.6f}; re-run that seed's evaluation (notebook 05_evaluation)")
+
+
+def _scoring_options(output_dirs: Sequence[str | Path], split: str, summaries: Sequence[dict],
+                     training_reports: Sequence[str] | None) -> dict:
+    """``study_statistics``' options as the seeds' metrics files record them (the same for all)."""
+    recorded = [(s["model"].get("references", "full"), s["model"].get("clinical uncertain_as_positive", False))
+                for s in summaries]
+    for directory, settings in zip(output_dirs, recorded):
+        if settings != recorded[0]:
+            raise ValueError(f"{directory}/logs/metrics_{split}.json was scored with references "
+                             f"{settings[0]!r}, uncertain_as_positive {settings[1]}; "
+                             f"{output_dirs[0]}'s with {recorded[0][0]!r}, {recorded[0][1]}")
+    convention, uncertain = recorded[0]
+    if convention == "r2gen" and not training_reports:
+        raise ValueError(f"{output_dirs[0]}/logs/metrics_{split}.json was scored with references r2gen: "
+                         "the bootstrap needs the run's training reports (R2Gen's vocabulary)")
+    return {"uncertain_as_positive": uncertain, "reference_convention": convention,
+            "training_reports": training_reports if convention == "r2gen" else None}
+
+
+def seeds_for_run(cfg, summary: dict) -> tuple[dict | None, str]:
+    """The seeds file in ``cfg``'s logs if it was made from the model and config of the run that
+    wrote ``summary`` (its ``metrics_<split>.json``), else None; and a sentence saying which."""
+    path = cfg.paths.logs / SEEDS_FILE
+    if not path.exists():
+        return None, (f"no seed table for this run ({path} does not exist): run `python -m medexgen_lib run "
+                      f"--profile {cfg.profile} --seeds 3` for the table with spreads")
+    seeds = read_json(path)
+    made_from = seeds.get("made_from") or {}
+    this_run = {"model_sha256": summary.get("model_sha256"), "config_sha256": config_sha256(cfg)}
+    if seeds.get("split") != summary.get("split") or made_from != this_run:
+        differ = [k.split("_")[0] for k in this_run if made_from.get(k) != this_run[k]] or ["split"]
+        return None, (f"no seed table for this run: {path} was made from another {' and '.join(differ)} "
+                      f"(an earlier invocation); it is not shown")
+    return seeds, f"seed table of this model and config ({path})"
 
 
 def seeds_table(result: dict):
@@ -222,4 +260,8 @@ def run_seeds(profile: str, overrides: dict, n_seeds: int, start: str | None = N
         results += run_pipeline(profile, {**overrides, "seed": seed, "paths.output_dir": str(out)},
                                 "04", "05")
         dirs.append(out)
-    return results, aggregate_seeds(dirs, out_path=cfg.paths.logs / SEEDS_FILE)
+    from medexgen_lib.preprocess import load_split
+
+    training_reports = [e.text for e in load_split(cfg, "train").examples]  # as run_evaluation's
+    return results, aggregate_seeds(dirs, out_path=cfg.paths.logs / SEEDS_FILE, training_reports=training_reports,
+                                    config_hash=config_sha256(cfg))

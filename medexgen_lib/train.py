@@ -636,7 +636,8 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
         rows = generate_reports(unwrapped, val_data, cfg.eval, accelerator.device,
                                 progress=progress and accelerator.is_local_main_process, features=features)
     metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=False,
-                    uncertain_as_positive=cfg.eval.uncertain_as_positive)
+                    uncertain_as_positive=cfg.eval.uncertain_as_positive,
+                    decoder_texts=[r["decoder_text"] for r in rows])
     metrics["distinct_predictions"] = diversity([r["prediction"] for r in rows])["distinct_predictions"]
     unwrapped.train()
     return metrics, float(np.average(losses, weights=weights)), rows

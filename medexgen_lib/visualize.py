@@ -114,7 +114,7 @@ def visualize_model_predictions(model_dir: str | os.PathLike, split: str = "test
         model = ReportGenerator.from_pretrained(model_dir)
         subset = _subset(data, [index[u] for u in chosen])
         rows = {r["uid"]: {**r, "reference_labels": label_report(r["reference"]),
-                           "prediction_labels": prediction_labels(r["prediction"])}
+                           "prediction_labels": prediction_labels(r["prediction"], r["decoder_text"])}
                 for r in generate_reports(model, subset, cfg.eval, progress=False)}
     fig, axes = plt.subplots(len(chosen), 3, figsize=(15, 3.2 * len(chosen)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1, 3.2]})

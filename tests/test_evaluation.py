@@ -38,7 +38,11 @@ def test_end_to_end_evaluation_writes_predictions_and_metrics(cfg):
                                        "retrieval (nearest image)"}
     assert saved["decode"]["max_new_tokens"] == cfg.eval.max_new_tokens and len(saved["model_sha256"]) == 64
     assert "R2Gen" in saved["normalisation"]
-    assert saved["model"]["degenerate_predictions"] == sum(is_degenerate(r["prediction"]) for r in rows)
+    # degenerate output is judged on the decoder's own text too; post-processing changes are counted
+    assert saved["model"]["degenerate_predictions"] == sum(is_degenerate(r["prediction"], r["decoder_text"])
+                                                           for r in rows)
+    assert saved["model"]["reports_changed_by_post_processing"] == sum(r["prediction"] != r["decoder_text"]
+                                                                       for r in rows)
     # Phantom data, findings+impression, our own split, full references: four stated mismatches.
     assert saved["references"] == "full" and saved["comparability"]["target"] == "findings+impression"
     assert len(saved["warnings"]) == 4 and "phantom" in saved["warnings"][0]

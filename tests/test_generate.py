@@ -312,3 +312,50 @@ def test_generated_observations_follow_the_scoring_rule_for_degenerate_reports(t
     result = generate_report(model, [frontal])
     assert result["report"] == text and result["observations"].get("No Finding") == no_finding
     assert bool(result["observations"]) is (no_finding is not None)
+
+
+def test_generate_decodes_as_the_model_was_evaluated_unless_flags_say_otherwise(model_dir, tmp_path, monkeypatch,
+                                                                              caplog, capsys):
+    import logging
+    import shutil
+
+    from medexgen_lib.config import load_config
+    from medexgen_lib.model_card import build_card, export_facts
+
+    frontal = tmp_path / "f.png"
+    Image.fromarray(_chest()).save(frontal)
+    calls = []
+    original = ReportGenerator.draft_and_write
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReportGenerator, "draft_and_write", spy)
+
+    def generate(folder, *flags) -> dict:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["generate", "--model", str(folder), str(frontal), *flags]) == 0
+        # no "max_new_tokens exceeds ..." on a default call
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("medexgen")]
+        capsys.readouterr()
+        return {k: calls[-1][k] for k in ("num_beams", "max_new_tokens", "length_penalty")}
+
+    # no saved settings: the defaults, max_new_tokens cut to the decoder's room without a warning
+    model = ReportGenerator.from_pretrained(model_dir)
+    assert generate(model_dir)["max_new_tokens"] == model.config.n_positions - 1 - model.prompt_length
+    saved = tmp_path / "saved"
+    shutil.copytree(model_dir, saved)
+    (saved / "run_config.json").write_text(json.dumps(
+        {"eval": {"num_beams": 2, "max_new_tokens": 7, "length_penalty": 0.5, "batch_size": 32}}))
+    assert generate(saved) == {"num_beams": 2, "max_new_tokens": 7, "length_penalty": 0.5}  # training's eval
+    assert generate(saved, "--beams", "3", "--max-new-tokens", "5") == {
+        "num_beams": 3, "max_new_tokens": 5, "length_penalty": 0.5}
+    # the evaluation its model card records (stage 05's decoding) comes first
+    facts = export_facts(load_config("demo"), model, {"epoch": 1, "selection_metric": "clinical macro_F1",
+                                                      "selection_value": 0.5, "fingerprint": "f", "val": {}}, {})
+    facts["results"]["test"] = {"n": 1, "model": {}, "baselines": {}, "decode": {
+        "num_beams": 1, "max_new_tokens": 9, "length_penalty": 1.0, "do_sample": False}}
+    (saved / "README.md").write_text(str(build_card(facts)))
+    assert generate(saved) == {"num_beams": 1, "max_new_tokens": 9, "length_penalty": 1.0}

@@ -11,9 +11,10 @@ import torch
 
 from medexgen_lib import guidance
 from medexgen_lib.config import load_config
+from medexgen_lib.labeler import label_report
 from medexgen_lib.model import ReportGenerator, ReportGeneratorConfig
-from medexgen_lib.seeds import (bleu4_from_sums, macro_f1_from_sums, paired_bootstrap,
-                                study_statistics)
+from medexgen_lib.metrics import macro_f1_from_counts, study_statistics
+from medexgen_lib.seeds import bleu4_from_sums, paired_bootstrap
 
 from conftest import SMALL_DATA_SPLIT
 
@@ -231,14 +232,17 @@ NORMAL = {"The lungs are clear.", "Normal chest."}
 
 
 @pytest.mark.parametrize("text, present, sides, expected", [
-    # added after the last sentence stating a finding; the sentence negating it (stating
-    # nothing) goes, and so do sentences only normal reports contain
+    # added after the last sentence stating a finding; the statement that it is absent goes (the
+    # rest of its sentence stays), and so do sentences only normal reports contain
     ("The heart is enlarged. The lungs are clear. No pleural effusion or pneumothorax. Bones intact. "
      "1. Cardiomegaly.", ["Cardiomegaly", "Pleural Effusion", "Pleural Effusion, left"],
-     {"Pleural Effusion": {"left"}}, "The heart is enlarged. Bones intact. 1. Cardiomegaly. Left pleural effusion."),
-    # a sentence that also states a finding stays (the labeler reads the added finding positive)
+     {"Pleural Effusion": {"left"}},
+     "The heart is enlarged. No pneumothorax. Bones intact. 1. Cardiomegaly. Left pleural effusion."),
+    # a sentence that also states a finding loses only the negating clause (was kept whole: a contradiction)
     ("The heart is enlarged, no pleural effusion.", ["Cardiomegaly", "Pleural Effusion"], {},
-     "The heart is enlarged, no pleural effusion. Pleural effusion."),
+     "The heart is enlarged. Pleural effusion."),
+    # a normal sentence without its final period is one too
+    ("Heart size is normal. The lungs are clear", ["Pleural Effusion"], {}, "Pleural effusion. Heart size is normal."),
     # two findings added: a sentence negating either goes
     ("No pneumothorax. No pleural effusion. Heart size is normal.", ["Cardiomegaly", "Pleural Effusion"], {},
      "Cardiomegaly. Pleural effusion. No pneumothorax."),
@@ -261,6 +265,29 @@ def test_state_findings_adds_a_sentence_for_each_predicted_finding_the_text_omit
     assert guidance.state_findings(text, present, sides, {"No Finding": "Normal chest.", **BANK}, NORMAL) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("Small left pleural effusion without pneumothorax.",
+     "Small left pleural effusion. There is a right apical pneumothorax."),
+    ("No pleural effusion or pneumothorax.", "There is a right apical pneumothorax. No pleural effusion."),
+    ("Heart size normal and no effusion or pneumothorax", "There is a right apical pneumothorax. "
+                                                         "Heart size normal and no effusion."),
+    ("The lungs are clear without focal consolidation, effusion, or pneumothorax.",
+     "There is a right apical pneumothorax. The lungs are clear without focal consolidation or effusion."),
+    ("No pneumothorax, small left effusion.", "Small left effusion. There is a right apical pneumothorax."),
+    ("Pneumothorax is not seen, the heart is enlarged.", "The heart is enlarged. There is a right apical pneumothorax."),
+])
+def test_state_findings_leaves_no_statement_that_the_added_finding_is_absent(text, expected):
+    bank = {**BANK, "Pneumothorax + Pneumothorax, right": "There is a right apical pneumothorax."}
+    out = guidance.state_findings(text, ["Pneumothorax"], {"Pneumothorax": {"right"}}, bank, NORMAL)
+    assert out == expected
+    # the labeler reads the added finding positive, and no sentence of the report says it is absent
+    assert label_report(out)["Pneumothorax"] == "positive"
+    assert all(label_report(s)["Pneumothorax"] != "negative" for s in guidance._sentences(out))
+    # what the rest of the text said is still said
+    for observation in ("Pleural Effusion", "Cardiomegaly", "Consolidation"):
+        assert label_report(out)[observation] == label_report(text)[observation]
+
+
 def test_write_reports_state_the_heads_findings_only_with_a_bank(tmp_path, monkeypatch):
     written = ["Heart normal. No pleural effusion.", "Left pleural effusion. The lungs are clear."]
     # the head: effusion in both studies, left given effusion in the first, right in the second;
@@ -278,6 +305,23 @@ def test_write_reports_state_the_heads_findings_only_with_a_bank(tmp_path, monke
     model.save_pretrained(tmp_path / "m")
     loaded = ReportGenerator.from_pretrained(tmp_path / "m").config
     assert (loaded.guidance_sentences, loaded.guidance_normal_sentences) == (BANK, sorted(NORMAL))
+
+
+def test_degenerate_decoder_output_is_counted_though_the_bank_repairs_it(monkeypatch):
+    from medexgen_lib.metrics import score
+
+    written = ["effusion effusion effusion effusion", "Heart normal. Left pleural effusion."]
+    # the head: cardiomegaly and a left effusion in the first study, a left effusion in the second
+    model = _writing(monkeypatch, written, [[0.9, 0.9, 0.8, 0.1], [0.1, 0.9, 0.8, 0.1]], [0.5] * 4)
+    model.config.guidance_sentences = BANK
+    drafts, reports = model.draft_and_write(torch.randn(2, 2, 3, 64, 64), max_new_tokens=2)
+    assert drafts == written and reports == ["effusion effusion effusion effusion. Cardiomegaly.", written[1]]
+    refs = ["The heart is enlarged.", "Heart normal. Left pleural effusion."]
+    assert score(refs, reports)["degenerate_predictions"] == 0  # the bank's sentence hides it ...
+    result = score(refs, reports, decoder_texts=drafts)  # ... from a count of the reports alone
+    assert result["degenerate_predictions"] == 1 and result["reports_changed_by_post_processing"] == 1
+    assert result["clinical per_observation"]["Cardiomegaly"]["predicted"] == 0  # no clinical credit
+    assert score(refs, reports)["clinical per_observation"]["Cardiomegaly"]["predicted"] == 1
 
 
 @pytest.mark.parametrize("setting", ["guidance.align_sides", "guidance.state_findings"])
@@ -486,15 +530,49 @@ PREDS = ["The heart is normal. No effusion.", "Small left pleural effusion.", "H
          "Right pneumothorax.", "Lungs are clear bilaterally."]
 
 
-def test_sums_reproduce_corpus_bleu4_and_macro_f1():
+@pytest.mark.parametrize("convention", ["full", "r2gen"])
+def test_sums_reproduce_corpus_bleu4_and_macro_f1(convention):
     from medexgen_lib.metrics import score
 
-    stats = study_statistics(REFS, PREDS)
-    expected = score(REFS, PREDS)
+    options = {"reference_convention": convention, "training_reports": REFS * 3}
+    stats = study_statistics(REFS, PREDS, **options)
+    expected = score(REFS, PREDS, **options)
     ones = np.ones((1, len(REFS)))
     assert bleu4_from_sums(ones @ stats["bleu"])[0] == pytest.approx(expected["BLEU-4"], abs=1e-9)
     sums = np.einsum("bn,nkj->bkj", ones, stats["clinical"])
-    assert macro_f1_from_sums(sums)[0] == pytest.approx(expected["clinical macro_F1"], abs=1e-9)
+    assert macro_f1_from_counts(sums)[0] == expected["clinical macro_F1"]
+
+
+# The model invents a lung lesion no reference has (in half of 40 studies) and writes the effusions
+# it should; the baseline writes "Normal." (one word: degenerate, so no clinical credit) or, in
+# the second fixture, the normal report. Macro-F1 over observations in references OR predictions
+# charges the invented lesion; the references-only average (the bootstrap's before) did not.
+INVENTED_REFS = ["Heart size normal. The lungs are clear."] * 20 + ["Small left pleural effusion."] * 20
+INVENTED_MODEL = (["Heart size normal. There is a right upper lobe nodule."] * 10
+                  + ["Heart size normal. The lungs are clear."] * 10
+                  + ["Small left pleural effusion. There is a right upper lobe nodule."] * 10
+                  + ["Small left pleural effusion."] * 10)
+
+
+@pytest.mark.parametrize("baseline", ["Normal.", "Heart size normal. The lungs are clear."])
+def test_the_bootstrap_resamples_the_tabled_macro_f1(baseline):
+    from medexgen_lib.metrics import score
+
+    guesses = [baseline] * len(INVENTED_REFS)
+    table = score(INVENTED_REFS, INVENTED_MODEL)["clinical macro_F1"] - score(INVENTED_REFS, guesses)["clinical macro_F1"]
+    result = paired_bootstrap([study_statistics(INVENTED_REFS, INVENTED_MODEL)],
+                              [study_statistics(INVENTED_REFS, guesses)], "clinical macro_F1", n_resamples=300)
+    assert result["difference"] == pytest.approx(table, abs=1e-12)
+    assert result["ci95"][0] <= result["difference"] <= result["ci95"][1]
+
+
+def test_a_degenerate_prediction_gets_no_clinical_credit_in_the_bootstrap_either():
+    from medexgen_lib.metrics import score
+
+    refs, preds = ["The lungs are clear."] * 4, ["Normal."] * 4
+    assert score(refs, preds)["clinical macro_F1"] == 0.0
+    sums = study_statistics(refs, preds)["clinical"].sum(0)
+    assert macro_f1_from_counts(sums) == 0.0  # was 1.0: "Normal." labelled No Finding positive
 
 
 def test_paired_bootstrap_known_answers():
@@ -510,27 +588,102 @@ def test_paired_bootstrap_known_answers():
     assert flip["difference"] == pytest.approx(-win["difference"])
 
 
+def _seed_logs(folder, seed: int, predictions: list[str], references: list[str], baselines: dict[str, str],
+               drafts: list[str] | None = None, **options) -> None:
+    """A seed's metrics and predictions files as ``run_evaluation`` writes them (scores from ``score``;
+    ``drafts``: the decoder's texts, the predictions themselves by default)."""
+    from medexgen_lib.metrics import score
+
+    logs = folder / "logs"
+    logs.mkdir(parents=True)
+    drafts = drafts or predictions
+    scored = {name: score(references, [guess] * len(references), **options) for name, guess in baselines.items()}
+    (logs / "metrics_test.json").write_text(json.dumps(
+        {"seed": seed, "model": score(references, predictions, **options, decoder_texts=drafts),
+         "baselines": scored}))
+    rows = [{"uid": f"u{i}", "reference": r, "prediction": p, "decoder_text": d, "baseline_predictions": baselines}
+            for i, (r, p, d) in enumerate(zip(references, predictions, drafts))]
+    (logs / "predictions_test.json").write_text(json.dumps(rows))
+
+
+BASELINES = {"retrieval (nearest image)": "Small left pleural effusion.", "constant (most frequent)": "Normal.",
+             "constant (best of top 50 on val)": "Heart size normal. The lungs are clear."}
+
+
 def test_aggregate_seeds_mean_std_and_bootstrap(tmp_path):
     from medexgen_lib.seeds import aggregate_seeds
 
-    dirs = []
-    for seed, macro in ((0, 0.5), (1, 0.7)):
-        logs = tmp_path / f"s{seed}" / "logs"
-        logs.mkdir(parents=True)
-        baselines = {name: {"clinical macro_F1": 0.1} for name in (
-            "retrieval (nearest image)", "constant (most frequent)", "constant (best of top 50 on val)")}
-        (logs / "metrics_test.json").write_text(json.dumps(
-            {"seed": seed, "model": {"clinical macro_F1": macro}, "baselines": baselines}))
-        rows = [{"uid": f"u{i}", "reference": r, "prediction": r,
-                 "baseline_predictions": {n: "Lungs are clear." for n in baselines}}
-                for i, r in enumerate(REFS * 4)]
-        (logs / "predictions_test.json").write_text(json.dumps(rows))
-        dirs.append(tmp_path / f"s{seed}")
+    dirs = [tmp_path / "s0", tmp_path / "s1"]
+    _seed_logs(dirs[0], 0, INVENTED_MODEL, INVENTED_REFS, BASELINES)
+    # the perfect seed but for 5 studies whose decoder wrote "effusion effusion" (the bank stated the rest)
+    _seed_logs(dirs[1], 1, INVENTED_REFS, INVENTED_REFS, BASELINES, ["effusion effusion"] * 5 + INVENTED_REFS[5:])
     result = aggregate_seeds(dirs, out_path=tmp_path / "agg.json", n_resamples=200)
+    tabled = [json.loads((d / "logs" / "metrics_test.json").read_text()) for d in dirs]
     model = result["metrics"]["model"]["clinical macro_F1"]
-    assert model["mean"] == pytest.approx(0.6) and model["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    assert result["bootstrap"]["model - retrieval (nearest image)"]["BLEU-4"]["excludes_zero"]
+    values = [t["model"]["clinical macro_F1"] for t in tabled]
+    assert values[1] < 1.0 and model["mean"] == pytest.approx(np.mean(values))
+    assert model["std"] == pytest.approx(np.std(values, ddof=1))
+    for name in BASELINES:  # the interval's point is the table's difference, and it lies inside
+        for metric in ("clinical macro_F1", "BLEU-4"):
+            interval = result["bootstrap"][f"model - {name}"][metric]
+            table = np.mean([t["model"][metric] - t["baselines"][name][metric] for t in tabled])
+            assert interval["difference"] == pytest.approx(table, abs=1e-9)
+            assert interval["ci95"][0] <= interval["difference"] <= interval["ci95"][1]
+    assert result["bootstrap"]["model - constant (most frequent)"]["BLEU-4"]["excludes_zero"]
     assert json.loads((tmp_path / "agg.json").read_text())["n_seeds"] == 2
+
+
+def test_aggregate_seeds_scores_under_the_runs_reference_convention(tmp_path):
+    from medexgen_lib.seeds import aggregate_seeds
+
+    training = INVENTED_REFS[::4] * 3
+    _seed_logs(tmp_path / "s0", 0, INVENTED_MODEL, INVENTED_REFS, BASELINES, reference_convention="r2gen",
+               training_reports=training)
+    with pytest.raises(ValueError, match="r2gen"):
+        aggregate_seeds([tmp_path / "s0"], n_resamples=50)
+    result = aggregate_seeds([tmp_path / "s0"], n_resamples=50, training_reports=training)
+    tabled = json.loads((tmp_path / "s0" / "logs" / "metrics_test.json").read_text())
+    name = "constant (best of top 50 on val)"
+    assert result["bootstrap"][f"model - {name}"]["BLEU-4"]["difference"] == pytest.approx(
+        tabled["model"]["BLEU-4"] - tabled["baselines"][name]["BLEU-4"], abs=1e-9)
+
+
+@pytest.mark.reliability
+def test_aggregate_seeds_refuses_a_predictions_file_its_metrics_file_does_not_score(tmp_path):
+    from medexgen_lib.seeds import aggregate_seeds
+
+    _seed_logs(tmp_path / "s0", 0, INVENTED_MODEL, INVENTED_REFS, BASELINES)
+    path = tmp_path / "s0" / "logs" / "predictions_test.json"
+    rows = json.loads(path.read_text())
+    rows[0]["prediction"] = "Large right pneumothorax."
+    path.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match="metrics_test.json gives model clinical macro_F1"):
+        aggregate_seeds([tmp_path / "s0"], n_resamples=50)
+
+
+def test_a_seeds_file_is_shown_only_for_the_model_and_config_it_was_made_from(tmp_path):
+    from medexgen_lib.seeds import SEEDS_FILE, aggregate_seeds, config_sha256, seeds_for_run
+
+    cfg = load_config("demo", {"paths.output_dir": str(tmp_path / "out")})
+    _seed_logs(tmp_path / "s0", 0, INVENTED_MODEL, INVENTED_REFS, BASELINES)
+    metrics = tmp_path / "s0" / "logs" / "metrics_test.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "split": "test", "model_sha256": "a" * 64}))
+    this_run = {"split": "test", "model_sha256": "a" * 64}
+    assert seeds_for_run(cfg, this_run)[0] is None and "does not exist" in seeds_for_run(cfg, this_run)[1]
+    aggregate_seeds([tmp_path / "s0"], out_path=cfg.paths.logs / SEEDS_FILE, n_resamples=20,
+                    config_hash=config_sha256(cfg))
+    shown, why = seeds_for_run(cfg, this_run)
+    assert shown is not None and shown["made_from"] == {"model_sha256": "a" * 64, "config_sha256": config_sha256(cfg)}
+    # a later run with other settings, another model (the next invocation's first notebook pass), another split
+    other = load_config("demo", {"paths.output_dir": str(tmp_path / "out"), "eval.num_beams": 3})
+    assert seeds_for_run(other, this_run)[0] is None and "another config" in seeds_for_run(other, this_run)[1]
+    assert seeds_for_run(cfg, {**this_run, "model_sha256": "b" * 64})[0] is None
+    assert seeds_for_run(cfg, {**this_run, "split": "val"})[0] is None
+    # the folders are not part of the config's hash
+    assert config_sha256(load_config("demo", {"paths.output_dir": str(tmp_path / "elsewhere")})) == config_sha256(cfg)
+    # a seeds file from before the hashes were stored is not shown either
+    (cfg.paths.logs / SEEDS_FILE).write_text(json.dumps({**shown, "made_from": None}))
+    assert seeds_for_run(cfg, this_run)[0] is None
 
 
 @pytest.mark.slow
@@ -548,6 +701,13 @@ def test_seeds_cli_writes_the_aggregate_file(tmp_path):
     assert aggregate["n_seeds"] == 2 and aggregate["seeds"] == [0, 1]
     assert (tmp_path / "o" / "seeds" / "seed_1" / "logs" / "metrics_test.json").exists()
     assert "model - retrieval (nearest image)" in aggregate["bootstrap"]
+    # made from this model and config: notebook 05 of the same settings shows it
+    from medexgen_lib.seeds import config_sha256, seeds_for_run
+
+    cfg = load_config("demo", {k: str(v) for k, v in settings.items()})
+    metrics = json.loads((tmp_path / "o" / "logs" / "metrics_test.json").read_text())
+    assert aggregate["made_from"] == {"model_sha256": metrics["model_sha256"], "config_sha256": config_sha256(cfg)}
+    assert seeds_for_run(cfg, metrics)[0] == aggregate
 
 
 def test_the_full_profiles_prompt_reads_a_pretrained_gpt2s_own_word_embeddings(tiny_gpt2_dir, tmp_path):
@@ -606,6 +766,11 @@ def test_ablation_prepares_its_data_again_where_an_earlier_run_left_other_settin
     scored = json.loads((tmp_path / "out" / "ablation" / "side_words_from_the_head"
                          / "seed_0" / "logs" / "metrics_test.json").read_text())
     assert scored["n"] == len(splits["test"]) and row in result["rows"]
+    from medexgen_lib.ablation import ROW_FILE, _slug
+
+    saved = json.loads((tmp_path / "out" / "ablation" / _slug(row) / ROW_FILE).read_text())
+    assert saved["scored_with"] == [{"seed": 0, "labeler_version": scored["model"]["labeler_version"],
+                                     "metrics_version": scored["model"]["metrics_version"]}]
     # a row trained with other data or training settings is not tabled beside these
     from medexgen_lib.ablation import write_table
 
@@ -625,6 +790,37 @@ def test_a_setting_an_old_ablation_run_did_not_save_counts_as_its_default(tmp_pa
     assert _trained_as(tmp_path, cfg) == []  # the defaults: best on val, no sentence bank
     assert _trained_as(tmp_path, load_config("demo")) == ["train.export", "guidance.state_findings"]
     assert _trained_as(tmp_path / "nothing", cfg) == ["config"]
+
+
+@pytest.mark.parametrize("scored_with, tabled", [
+    ({"labeler_version": None, "metrics_version": None}, True),  # this version (filled in below)
+    ({"labeler_version": "2.1", "metrics_version": None}, False),  # an older labeler
+    ({"labeler_version": None, "metrics_version": "2"}, False),  # older metrics
+    (None, False)])  # a row saved before the versions were recorded
+def test_ablation_tables_only_rows_scored_by_this_labeler_and_metrics_version(tmp_path, caplog, scored_with,
+                                                                              tabled):
+    import logging
+
+    from medexgen_lib.ablation import COLUMNS, ROW_FILE, ROWS, _slug, format_table, write_table
+    from medexgen_lib.labeler import LABELER_VERSION
+    from medexgen_lib.metrics import METRICS_VERSION
+
+    settings = {"paths.output_dir": str(tmp_path / "out")}
+    name = "+ side words from the head"
+    folder = tmp_path / "out" / "ablation" / _slug(name)
+    (folder / "seed_0" / "logs").mkdir(parents=True)
+    load_config("demo", {**settings, **ROWS[name], "seed": 0}).save(folder / "seed_0" / "logs" /
+                                                                   "config_04_training.json")
+    row = {"overrides": ROWS[name], "seeds": [0], **{c: {"mean": 0.5, "std": 0.0, "n": 1} for c in COLUMNS},
+           "retrieval": {c: {"mean": 0.4, "std": 0.0, "n": 1} for c in COLUMNS[:-1]}}
+    if scored_with is not None:
+        current = {"labeler_version": LABELER_VERSION, "metrics_version": METRICS_VERSION}
+        row["scored_with"] = [{"seed": 0, **{k: v or current[k] for k, v in scored_with.items()}}]
+    (folder / ROW_FILE).write_text(json.dumps(row))
+    with caplog.at_level(logging.WARNING):
+        result = write_table(load_config("demo", settings), "demo", settings, 1)
+    assert (name in result["rows"]) is tabled and (name in format_table(result)) is tabled
+    assert any("labeler or metrics version" in r.getMessage() for r in caplog.records) is not tabled
 
 
 def test_an_ablation_row_run_again_drops_its_old_result_before_training(tmp_path, monkeypatch):

@@ -115,6 +115,14 @@ LISTS = [
     ("No effusion, pneumothorax or consolidation in the lungs.", "Consolidation", N),
     ("Neither effusion nor pneumothorax.", "Pneumothorax", N),
     ("No effusion, suspicious nodule or mass.", "Lung Lesion", N),
+    # a qualified item in a list closed by "or" without the Oxford comma (labeler 2.2; was uncertain)
+    ("No focal consolidation, large effusion or pneumothorax.", "Pleural Effusion", N),
+    ("No focal consolidation, large effusion or pneumothorax.", "Pneumothorax", N),
+    ("No focal consolidation, large effusion or pneumothorax.", "Consolidation", N),
+    ("There is no acute pulmonary consolidation, large pleural effusion or pneumothorax.", "Pneumothorax", N),
+    ("No focal consolidation, large pneumothorax or large pleural effusion.", "Pleural Effusion", N),
+    # an unqualified statement after the negation stays one of its own ("or" between findings: uncertain)
+    ("No pneumothorax, mild atelectasis or scarring at the left base.", "Atelectasis", U),
 ]
 MENTIONS = [
     ("The mediastinum is widened.", "Enlarged Cardiomediastinum", P),
@@ -281,6 +289,51 @@ def test_held_out_macro_f1_meets_the_target(iuxray_sample):
     table = sample_agreement(iuxray_sample / "reports", subset="held_out")
     assert table.attrs["n_reports"] > 150
     assert table.iloc[-1]["f1"] >= 0.90, table
+
+
+def test_mesh_agreement_intervals_are_seeded_and_hold_the_point():
+    texts = ["Cardiomegaly.", "Cardiomegaly.", "No acute disease.", "Small left pleural effusion."] * 10
+    mesh = [["Cardiomegaly/mild"], ["normal"], ["Cardiomegaly"], ["Pleural Effusion/left"]] * 10
+    result = mesh_agreement(texts, mesh, n_resamples=200, seed=3)
+    assert result == mesh_agreement(texts, mesh, n_resamples=200, seed=3)
+    point = mesh_agreement(texts, mesh)  # the intervals leave the figures as they were
+    assert point["macro_F1"] == result["macro_F1"] == pytest.approx(0.75)
+    cardio, effusion = result["per_observation"]["Cardiomegaly"], result["per_observation"]["Pleural Effusion"]
+    assert cardio["f1"] == point["per_observation"]["Cardiomegaly"]["f1"] == pytest.approx(0.5)
+    assert cardio["f1_ci95"][0] < cardio["f1"] < cardio["f1_ci95"][1]
+    assert effusion["f1_ci95"] == [1.0, 1.0]  # every draw agrees
+    assert result["macro_F1_ci95"][0] < result["macro_F1"] < result["macro_F1_ci95"][1]
+
+
+def test_agreement_command_prints_each_observation_with_support_and_intervals(iuxray_sample, capsys):
+    from medexgen_lib.labeler_agreement import main
+
+    reports = iuxray_sample / "reports"
+    assert main(["--reports", str(reports), "--resamples", "100", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert main(["--reports", str(reports), "--resamples", "100", "--seed", "1"]) == 0
+    again = capsys.readouterr().out
+    strip = lambda out: out.split("labeling speed")[0]  # noqa: E731 (the timing varies)
+    assert strip(first) == strip(again)  # seeded
+    table = sample_agreement(reports, "all", n_resamples=100, seed=1)
+    assert "all: 389 MeSH-indexed reports" in first and "f1 low" in first and "support" in first
+    for obs in (*MESH_TERMS, "macro (observations with support)"):
+        row = table.loc[obs]
+        assert row["f1 low"] <= row["f1"] <= row["f1 high"], obs
+        assert f"{row['f1']:.3f}" in first and f"{row['f1 low']:.3f}" in first
+    assert "tuning:" in first and "held_out:" in first  # the bundled sample's halves too
+
+
+@pytest.mark.reliability
+def test_agreement_command_names_a_missing_reports_folder(tmp_path, capsys):
+    from medexgen_lib.labeler_agreement import main
+
+    assert main(["--reports", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere" in err[0]
+    (tmp_path / "empty").mkdir()
+    assert main(["--reports", str(tmp_path / "empty")]) == 1
+    assert "empty" in capsys.readouterr().err
 
 
 def test_labeling_speed_is_measured_without_the_memo():

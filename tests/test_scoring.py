@@ -97,7 +97,10 @@ def test_empty_predictions_score_zero_on_every_text_metric():
     for convention in ("full", "r2gen"):
         result = score(refs, ["", " . "], reference_convention=convention, training_reports=refs * 3)
         # before: normalisation turned "" into " .", which matched each reference's full stops
-        keys = ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "rouge-score ROUGE-1 F1", "rouge-score ROUGE-L F1")
-        assert [result[k] for k in keys] == [0.0] * 6
+        keys = [k for k in result if k.startswith(("BLEU-", "ROUGE-", "CIDEr", "rouge-score ", "nltk sentence BLEU-"))]
+        assert len(keys) == 13 and {k: result[k] for k in keys} == dict.fromkeys(keys, 0.0)
+    # the nltk sentence BLEU of the README's example (was .024: "" normalised to " ." matched a full stop)
+    nltk = score(["Heart normal.", "No effusion."], ["", ""])
+    assert [nltk[f"nltk sentence BLEU-{n}"] for n in range(1, 5)] == [0.0] * 4
     assert score(refs, ["", "Small right pleural effusion."])["ROUGE-L"] == pytest.approx(0.5)
     assert per_sample_text_scores(refs[0], "")["ROUGE-L"] == 0.0
