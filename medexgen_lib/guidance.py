@@ -312,18 +312,29 @@ def bank_sentence_key(sentence: str, labels: Sequence[str]) -> str | None:
     return bank_key(observation, sides)
 
 
+# Bank sentences stand in a report about this study alone: none that compares with a prior study,
+# measures, or hides words behind Open-i's de-identification mark.
+_NOT_FOR_BANK = re.compile(r"\d|XXXX|\b(?:unchanged|stable|again|prior|previous(?:ly)?|interval|compared|"
+                           r"comparison|increased|decreased|improved|worsened|redemonstrat\w*|persist\w*|"
+                           r"new|known|since)\b", re.IGNORECASE)
+
+
 def sentence_bank(texts: Sequence[str], labels: Sequence[str]) -> dict[str, str]:
     """Per finding of ``labels`` and the sides named with it (``bank_key``), the sentence of
-    ``texts`` (the training reports) that states it most often (``bank_sentence_key``).
-    Ties go to the sentence seen first."""
+    ``texts`` (the training reports) that states it (``bank_sentence_key``) most often;
+    ties go to the shorter sentence, then the one seen first. Sentences that compare with a prior
+    study, give a measurement or hold a de-identified word (``_NOT_FOR_BANK``) are left out."""
     counts: Counter = Counter()
     for text in texts:
         for sentence in _sentences(text):
+            if _NOT_FOR_BANK.search(sentence):
+                continue
             key = bank_sentence_key(sentence, labels)
             if key is not None:
                 counts[(key, sentence)] += 1
     bank: dict[str, str] = {}
-    for (key, sentence), _ in counts.most_common():  # most_common keeps first-seen order on ties
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], len(item[0][1].split())))  # stable: first seen
+    for (key, sentence), _ in ranked:
         bank.setdefault(key, sentence)
     return bank
 

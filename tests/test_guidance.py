@@ -206,13 +206,22 @@ def test_the_sentence_bank_keeps_each_findings_most_frequent_sentence_that_state
              "Right pleural effusion and cardiomegaly. Small pneumothorax. Small pneumothorax.",
              "Bilateral pleural effusions. Pleural effusion. Pleural effusion"]  # no end: not a bank sentence
     assert guidance.sentence_bank(texts, LABELS) == {
-        "Cardiomegaly": "The heart is enlarged.",  # seen once, as "Cardiomegaly.": tie, first seen
+        "Cardiomegaly": "Cardiomegaly.",  # seen once, as "The heart is enlarged.": tie, the shorter
         "Pleural Effusion + Pleural Effusion, left": "Left pleural effusion.",
         "Pleural Effusion + Pleural Effusion, left + Pleural Effusion, right": "Bilateral pleural effusions.",
         "Pleural Effusion": "Pleural effusion."}  # Pneumothorax has no label: no sentence
     # labels without side labels: sides are not part of the key (a key the model accepts on load)
     assert guidance.sentence_bank(texts, ["Cardiomegaly", "Pleural Effusion"])["Pleural Effusion"] \
         == "Left pleural effusion."
+
+
+def test_the_sentence_bank_leaves_out_comparisons_measurements_and_deidentified_words():
+    texts = ["Stable cardiomegaly. Stable cardiomegaly. Cardiomegaly unchanged from prior.",
+             "There is a 2 cm left pleural effusion. There is a 2 cm left pleural effusion.",
+             "XXXX cardiomegaly. XXXX cardiomegaly. The heart is enlarged. Small left pleural effusion."]
+    assert guidance.sentence_bank(texts, LABELS) == {
+        "Cardiomegaly": "The heart is enlarged.",
+        "Pleural Effusion + Pleural Effusion, left": "Small left pleural effusion."}
 
 
 def test_normal_sentences_are_those_only_reports_without_a_finding_contain():
