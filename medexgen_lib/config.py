@@ -267,6 +267,8 @@ class GuidanceConfig:
     # each finding the head predicts and the report does not state gets the training reports'
     # most frequent sentence stating it on the head's side (guidance.state_findings; needs head)
     state_findings: bool = False
+    # labels whose val AUROC is below this are never predicted (guidance.choose_thresholds)
+    min_auroc: float = 0.0
 
     def __post_init__(self) -> None:
         if self.decoder_input not in ("predicted", "true"):
@@ -344,7 +346,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "eval.num_beams": (1, None), "eval.max_new_tokens": (1, None),
     "eval.no_repeat_ngram_size": (0, None), "eval.batch_size": (1, None),
     "train.label_smoothing": (0, 1), "guidance.loss_weight": (0, None), "guidance.min_count": (1, None),
-    "guidance.pool": (1, None),
+    "guidance.pool": (1, None), "guidance.min_auroc": (0, 1),
 }
 
 

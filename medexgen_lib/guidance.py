@@ -159,12 +159,30 @@ class ObservationGuidance(nn.Module):
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.1 .. 0.9
 
 
-def choose_thresholds(probabilities: torch.Tensor, targets: torch.Tensor, labels: Sequence[str]
-                      ) -> list[float]:
+# The threshold of a label the head does not tell apart on val: never reached by a probability.
+LABEL_OFF = 1.0
+
+
+def auroc(scores: torch.Tensor, truth: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for the 0/1 ``truth`` (ties count half); NaN
+    where either class is missing."""
+    positive, negative = scores[truth.bool()], scores[~truth.bool()]
+    if not len(positive) or not len(negative):
+        return float("nan")
+    above = (positive[:, None] > negative[None, :]).double().mean()
+    tied = (positive[:, None] == negative[None, :]).double().mean()
+    return float(above + 0.5 * tied)
+
+
+def choose_thresholds(probabilities: torch.Tensor, targets: torch.Tensor, labels: Sequence[str],
+                      min_auroc: float = 0.0) -> list[float]:
     """Per observation label, the threshold of ``THRESHOLD_GRID`` with the best F1 on these
     (validation) studies, F1 averaged with the two neighbouring thresholds so that one lucky
     study does not decide; ties, and labels with no positive study, keep the one nearest 0.5.
-    Side labels keep 0.5: their sides are decided given the finding (``hard_labels``)."""
+    Side labels keep 0.5: their sides are decided given the finding (``hard_labels``).
+    A label whose val AUROC is below ``min_auroc`` is switched off (``LABEL_OFF``): where the
+    head cannot tell its studies apart, the best F1 is had by calling every study positive,
+    which states the finding in every report."""
     def f1(column: int, threshold: float) -> float:
         predicted, truth = probabilities[:, column] > threshold, targets[:, column].bool()
         return 2 * int((predicted & truth).sum()) / max(1, int(predicted.sum()) + int(truth.sum()))
@@ -173,6 +191,9 @@ def choose_thresholds(probabilities: torch.Tensor, targets: torch.Tensor, labels
     for column, label in enumerate(labels):
         if ", " in label or not targets[:, column].any():
             chosen.append(0.5)
+            continue
+        if auroc(probabilities[:, column], targets[:, column]) < min_auroc:
+            chosen.append(LABEL_OFF)
             continue
         smoothed = {t: (f1(column, t - 0.05) + f1(column, t) + f1(column, t + 0.05)) / 3 for t in THRESHOLD_GRID}
         chosen.append(max(THRESHOLD_GRID, key=lambda t: (round(smoothed[t], 9), -abs(t - 0.5))))

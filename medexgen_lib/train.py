@@ -624,7 +624,7 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
         if features is None:  # the encoder once for the thresholds, the val loss and the reports
             features = FrozenFeatures(unwrapped, val_data, collate_fn, accelerator.device, cfg.eval.batch_size)
         if targets is not None:  # first, so that the val loss is the exported model's too
-            _choose_thresholds(unwrapped, loader, targets, accelerator.device, features)
+            _choose_thresholds(unwrapped, loader, targets, accelerator.device, features, cfg.guidance.min_auroc)
         for batch in loader:
             out = unwrapped(batch["images"].to(accelerator.device), batch["input_ids"].to(accelerator.device),
                             batch["attention_mask"].to(accelerator.device),
@@ -642,9 +642,10 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
     return metrics, float(np.average(losses, weights=weights)), rows
 
 
-def _choose_thresholds(model, loader, targets, device, features) -> None:
+def _choose_thresholds(model, loader, targets, device, features, min_auroc: float = 0.0) -> None:
     """Set ``model``'s observation thresholds to those ``guidance.choose_thresholds`` picks on
-    the head's probabilities for ``loader``'s (val) studies (``features``: their encoder maps)."""
+    the head's probabilities for ``loader``'s (val) studies (``features``: their encoder maps;
+    ``min_auroc``: ``guidance.min_auroc``)."""
     probabilities, truth = [], []
     for batch in loader:  # the head alone: no decoder inputs are built
         view_mask = batch["view_mask"].to(device)
@@ -652,7 +653,7 @@ def _choose_thresholds(model, loader, targets, device, features) -> None:
         probabilities.append(logits.float().sigmoid().cpu())
         truth.append(targets(batch["uids"], "cpu"))
     model.config.guidance_thresholds = guidance.choose_thresholds(
-        torch.cat(probabilities), torch.cat(truth), model.config.guidance_labels)
+        torch.cat(probabilities), torch.cat(truth), model.config.guidance_labels, min_auroc)
 
 
 def _truncate_history(path: Path, last_epoch: int) -> None:

@@ -90,6 +90,21 @@ def test_thresholds_chosen_on_val_smoothed_and_only_for_observations():
     assert guidance.choose_thresholds(probabilities, targets, labels) == [0.5, 0.15, 0.5, 0.5]
 
 
+def test_a_label_the_head_does_not_tell_apart_on_val_is_switched_off():
+    labels = ["Seen", "Unseen", "Unseen, left"]
+    # "Unseen": a quarter of the studies positive, probabilities unrelated to it (AUROC 0.5):
+    # the best smoothed F1 calls every study positive; with min_auroc it is never predicted.
+    probabilities = torch.tensor([[0.9, 0.2, 0.5], [0.8, 0.2, 0.5], [0.1, 0.2, 0.5], [0.2, 0.2, 0.5]] * 2)
+    targets = torch.tensor([[1., 1, 1], [1, 0, 0], [0, 0, 0], [0, 0, 0]] * 2)
+    assert guidance.auroc(probabilities[:, 1], targets[:, 1]) == 0.5
+    assert guidance.auroc(probabilities[:, 0], targets[:, 0]) == 1.0
+    assert guidance.choose_thresholds(probabilities, targets, labels)[1] < 0.2
+    chosen = guidance.choose_thresholds(probabilities, targets, labels, min_auroc=0.75)
+    assert chosen == [0.5, guidance.LABEL_OFF, 0.5]
+    hard = guidance.hard_labels(probabilities, chosen, labels)
+    assert hard[:, 1].sum() == 0 and hard[:, 0].tolist() == [1, 1, 0, 0] * 2
+
+
 def test_hard_labels_give_a_present_finding_its_likelier_side():
     labels = ["A", "B", "C", "B, left"]
     probabilities = torch.tensor([[0.6, 0.3, 0.4, 0.25], [0.6, 0.3, 0.4, 0.1], [0.1, 0.1, 0.9, 0.9]])
