@@ -180,7 +180,7 @@ def choose_thresholds(probabilities: torch.Tensor, targets: torch.Tensor, labels
     (validation) studies, F1 averaged with the two neighbouring thresholds so that one lucky
     study does not decide; ties, and labels with no positive study, keep the one nearest 0.5.
     Side labels keep 0.5: their sides are decided given the finding (``hard_labels``).
-    A label whose val AUROC is below ``min_auroc`` is switched off (``LABEL_OFF``): where the
+    A finding whose val AUROC is below ``min_auroc`` is switched off (``LABEL_OFF``): where the
     head cannot tell its studies apart, the best F1 is had by calling every study positive,
     which states the finding in every report."""
     def f1(column: int, threshold: float) -> float:
@@ -192,7 +192,7 @@ def choose_thresholds(probabilities: torch.Tensor, targets: torch.Tensor, labels
         if ", " in label or not targets[:, column].any():
             chosen.append(0.5)
             continue
-        if auroc(probabilities[:, column], targets[:, column]) < min_auroc:
+        if label != "No Finding" and auroc(probabilities[:, column], targets[:, column]) < min_auroc:
             chosen.append(LABEL_OFF)
             continue
         smoothed = {t: (f1(column, t - 0.05) + f1(column, t) + f1(column, t + 0.05)) / 3 for t in THRESHOLD_GRID}

@@ -12,7 +12,8 @@ not one of them, and a decoder unsure of a finding falls back to it. The plan:
   sentence bank's (``guidance.sentence_bank``) on the head's side;
 - it goes where the normal report's sentence about the same anatomy was ("The heart is normal in
   size." makes way for a cardiomegaly sentence); a normal sentence that negates a present finding
-  goes too. Anything left over goes before the normal report's last sentence.
+  goes too, and one that calls the lungs clear stays after the finding as "otherwise clear", as
+  radiologists write it. Anything left over goes before the normal report's last sentence.
 
 A study with no finding predicted gets the normal report. Decoder sentences stating a finding
 the head does not predict are dropped: the head decides what is stated, the text how.
@@ -28,13 +29,16 @@ from medexgen_lib.guidance import _sentences, _stated, bank_key
 from medexgen_lib.labeler import NEGATIVE, label_report
 
 TOP_REPORTS = 50
+# "The lungs are clear ...": kept beside a lung finding as "The lungs are otherwise clear ...".
+_CLEAR = re.compile(r"\b(are|is|appear|remain)\s+(clear)\b", re.IGNORECASE)
 # Anatomy a normal sentence speaks of -> the findings that contradict it there.
+LUNG_FINDINGS = frozenset({"Lung Opacity", "Lung Lesion", "Consolidation", "Pneumonia", "Edema",
+                           "Atelectasis", "Emphysema"})
 ANATOMY = (
     (re.compile(r"\b(heart|cardiac|cardio\w*)\b", re.IGNORECASE),
      frozenset({"Cardiomegaly", "Enlarged Cardiomediastinum"})),
     (re.compile(r"\b(lungs?|pulmonary|airspace|parenchym\w*|consolidation|opacit\w*)\b", re.IGNORECASE),
-     frozenset({"Lung Opacity", "Lung Lesion", "Consolidation", "Pneumonia", "Edema", "Atelectasis",
-                "Emphysema"})),
+     LUNG_FINDINGS),
     (re.compile(r"\b(pleural|effusions?|pneumothora\w*|costophrenic)\b", re.IGNORECASE),
      frozenset({"Pleural Effusion", "Pneumothorax", "Pleural Other"})),
 )
@@ -95,6 +99,9 @@ def plan_report(decoded: str, present: Sequence[str], sides: dict[str, set[str]]
             continue
         for observation in [o for o, (_, stated) in stating.items() if stated & hit]:
             planned.append(stating.pop(observation)[0])
+        negated = any(label_report(sentence).get(o) == NEGATIVE for o in hit)
+        if not negated and hit <= LUNG_FINDINGS and _CLEAR.search(sentence):
+            planned.append(_ended(_CLEAR.sub(r"\1 otherwise \2", sentence, count=1)))
     at = max(0, len(planned) - 1)
     return " ".join(planned[:at] + [sentence for sentence, _ in stating.values()] + planned[at:])
 

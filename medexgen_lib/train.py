@@ -209,7 +209,10 @@ def evaluation_fingerprint(cfg: Config, val_uids: list[str]) -> tuple[str, dict]
                "labeler_version": LABELER_VERSION,
                "selection_metric": cfg.train.selection_metric,
                "uncertain_as_positive": cfg.eval.uncertain_as_positive,
-               "align_sides": cfg.guidance.align_sides, "state_findings": cfg.guidance.state_findings}
+               "align_sides": cfg.guidance.align_sides, "state_findings": cfg.guidance.state_findings,
+               # named only where set, so that runs from before these settings keep their fingerprint
+               **({"plan_reports": True} if cfg.guidance.plan_reports else {}),
+               **({"min_auroc": cfg.guidance.min_auroc} if cfg.guidance.min_auroc else {})}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return digest, payload
 
@@ -356,7 +359,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     train_texts = [e.text for e in train_data.examples]
     labels = guidance.choose_labels(train_texts, cfg.guidance.min_count) if cfg.guidance.head else []
     model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length,
-                                  labels, cfg.guidance, train_texts)
+                                  labels, cfg.guidance, train_texts, [e.text for e in val_data.examples])
     loss_hook = guidance.LossHook(cfg, train_data, labels)
     # a model fed 0/1 labels gets its thresholds chosen on val at every validation, so the
     # score that picks the checkpoint is the exported model's

@@ -54,3 +54,46 @@ def test_normal_report_is_the_frequent_training_report_val_scores_best_on():
     assert normal_report(train, [wordy, wordy]) == wordy
     assert normal_report(train, [common]) == common
     assert normal_report(train, []) == common
+
+
+def test_write_reports_plan_around_the_normal_report_and_it_survives_save_and_load(tmp_path, monkeypatch):
+    import torch
+
+    from medexgen_lib.model import ReportGenerator
+    from test_guidance import _writing
+
+    written = ["Heart normal. Right pleural effusion. Nodule.", "Cardiomegaly."]
+    # the head: effusion (left given effusion) in the first study; nothing in the second
+    model = _writing(monkeypatch, written, [[0.1, 0.9, 0.8, 0.1], [0.1, 0.1, 0.1, 0.1]], [0.5, 0.5, 0.5, 0.5])
+    model.config.guidance_align_sides = True
+    model.config.guidance_sentences = {"Pleural Effusion": "Pleural effusion."}
+    model.config.guidance_normal_report = NORMAL
+    planned = model.write_reports(torch.randn(2, 2, 3, 64, 64), max_new_tokens=2)
+    assert planned == [NORMAL.replace("No large pleural effusion or pneumothorax.", "Left pleural effusion."), NORMAL]
+    model.tokenizer = None
+    model.save_pretrained(tmp_path / "m")
+    assert ReportGenerator.from_pretrained(tmp_path / "m").config.guidance_normal_report == NORMAL
+
+
+def test_a_lung_finding_keeps_the_lungs_otherwise_clear():
+    planned = plan_report("", ["Lung Opacity"], {}, {"Lung Opacity": "Left basilar opacity."}, NORMAL)
+    assert planned == ("The heart is normal in size and contour. There is no mediastinal widening. "
+                       "Left basilar opacity. The lungs are otherwise clear bilaterally. "
+                       "No large pleural effusion or pneumothorax. The XXXX are intact.")
+
+
+def test_plan_reports_needs_the_head_excludes_the_sentence_bank_and_changes_the_fingerprint():
+    import pytest
+
+    from medexgen_lib.config import ConfigError, load_config
+    from medexgen_lib.train import evaluation_fingerprint
+
+    with pytest.raises(ConfigError, match="choose one"):
+        load_config("demo", {"guidance.plan_reports": True})
+    with pytest.raises(ConfigError, match="guidance.plan_reports needs guidance.head"):
+        load_config("full", {"guidance.head": False, "guidance.prompt": False, "guidance.align_sides": False})
+    on, off = (evaluation_fingerprint(load_config("full", {"guidance.plan_reports": value}), ["CXR1"])[0]
+               for value in (True, False))
+    assert on != off
+    demo = load_config("demo")
+    assert evaluation_fingerprint(demo, ["CXR1"])[1].keys().isdisjoint({"plan_reports", "min_auroc"})
