@@ -76,7 +76,8 @@ TABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "C
                  "clinical macro_F1", "clinical macro_F1 (observations in references)",
                  "clinical micro_F1", "clinical example_F1", "clinical abnormal_recall",
                  "laterality", "distinct_predictions", "degenerate_predictions",
-                 "reports_changed_by_post_processing")
+                 "reports_changed_by_post_processing",
+                 "drawn_recall", "drawn_precision", "drawn_missed_studies", "drawn_studies")
 
 
 def comparability(cfg, split_meta: dict, evaluated: str = "test") -> tuple[dict, list[str]]:
@@ -134,17 +135,16 @@ def baseline_predictions(model, train_data: ReportDataset, val_data: ReportDatas
     """
     from collections import Counter
 
-    from medexgen_lib.metrics import corpus_bleu4
+    from medexgen_lib.planning import normal_report
 
     train_texts = [e.text for e in train_data.examples]
-    ranked = [text for text, _ in Counter(train_texts).most_common(50)]
-    val_refs = [e.text for e in val_data.examples]
-    best = max(ranked, key=lambda t: corpus_bleu4(val_refs, [t] * len(val_refs)))
+    most_frequent = Counter(train_texts).most_common(1)[0][0]
+    best = normal_report(train_texts, [e.text for e in val_data.examples])
     train_vectors = study_embeddings(model, train_data, device=device)
     eval_vectors = study_embeddings(model, eval_data, device=device, features=eval_features)
     nearest = (eval_vectors @ train_vectors.T).argmax(dim=1).tolist()
     n = len(eval_data)
-    return {"constant (most frequent)": [ranked[0]] * n,
+    return {"constant (most frequent)": [most_frequent] * n,
             "constant (best of top 50 on val)": [best] * n,
             "retrieval (nearest image)": [train_texts[i] for i in nearest]}
 
@@ -160,6 +160,8 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     from medexgen_lib.model import ReportGenerator
     from medexgen_lib.model_card import add_results
     from medexgen_lib.preprocess import load_split
+    from medexgen_lib.realtext import TRUTH_FILE as DRAWN_TRUTH_FILE
+    from medexgen_lib.realtext import load_truth, stated_findings
     from medexgen_lib.train import FrozenFeatures
 
     began = time.perf_counter()
@@ -179,14 +181,21 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
                "reference_convention": cfg.eval.references, "training_reports": train_texts}
 
     truth = load_phantom_truth(cfg.paths.reports)  # None on real data
+    drawn = load_truth(cfg.paths.reports) if (cfg.paths.reports / DRAWN_TRUTH_FILE).exists() else None
     uids = [r["uid"] for r in rows]
+
+    def image_truth_scores(texts: list[str]) -> dict:
+        """Sides (phantom) and drawn findings stated (real-text phantom) where the data have them."""
+        return {**(laterality(truth, uids, texts) if truth is not None else {}),
+                **(stated_findings(dict(zip(uids, texts)), drawn) if drawn is not None else {})}
+
     metrics = score(references, predictions, **options, decoder_texts=[r["decoder_text"] for r in rows])
     metrics.update(diversity(predictions, train_texts))
-    metrics.update(laterality(truth, uids, predictions) if truth is not None else {})
+    metrics.update(image_truth_scores(predictions))
     baselines = {}
     for name, guesses in baseline_predictions(model, train_data, val_data, data, device, features).items():
         baselines[name] = {**score(references, guesses, **options), **diversity(guesses, train_texts),
-                           **(laterality(truth, uids, guesses) if truth is not None else {})}
+                           **image_truth_scores(guesses)}
         for row, guess in zip(rows, guesses):
             row.setdefault("baseline_predictions", {})[name] = guess
     for row in rows:

@@ -159,12 +159,30 @@ class ObservationGuidance(nn.Module):
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.1 .. 0.9
 
 
-def choose_thresholds(probabilities: torch.Tensor, targets: torch.Tensor, labels: Sequence[str]
-                      ) -> list[float]:
+# The threshold of a label the head does not tell apart on val: never reached by a probability.
+LABEL_OFF = 1.0
+
+
+def auroc(scores: torch.Tensor, truth: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for the 0/1 ``truth`` (ties count half); NaN
+    where either class is missing."""
+    positive, negative = scores[truth.bool()], scores[~truth.bool()]
+    if not len(positive) or not len(negative):
+        return float("nan")
+    above = (positive[:, None] > negative[None, :]).double().mean()
+    tied = (positive[:, None] == negative[None, :]).double().mean()
+    return float(above + 0.5 * tied)
+
+
+def choose_thresholds(probabilities: torch.Tensor, targets: torch.Tensor, labels: Sequence[str],
+                      min_auroc: float = 0.0) -> list[float]:
     """Per observation label, the threshold of ``THRESHOLD_GRID`` with the best F1 on these
     (validation) studies, F1 averaged with the two neighbouring thresholds so that one lucky
     study does not decide; ties, and labels with no positive study, keep the one nearest 0.5.
-    Side labels keep 0.5: their sides are decided given the finding (``hard_labels``)."""
+    Side labels keep 0.5: their sides are decided given the finding (``hard_labels``).
+    A finding whose val AUROC is below ``min_auroc`` is switched off (``LABEL_OFF``): where the
+    head cannot tell its studies apart, the best F1 is had by calling every study positive,
+    which states the finding in every report."""
     def f1(column: int, threshold: float) -> float:
         predicted, truth = probabilities[:, column] > threshold, targets[:, column].bool()
         return 2 * int((predicted & truth).sum()) / max(1, int(predicted.sum()) + int(truth.sum()))
@@ -173,6 +191,9 @@ def choose_thresholds(probabilities: torch.Tensor, targets: torch.Tensor, labels
     for column, label in enumerate(labels):
         if ", " in label or not targets[:, column].any():
             chosen.append(0.5)
+            continue
+        if label != "No Finding" and auroc(probabilities[:, column], targets[:, column]) < min_auroc:
+            chosen.append(LABEL_OFF)
             continue
         smoothed = {t: (f1(column, t - 0.05) + f1(column, t) + f1(column, t + 0.05)) / 3 for t in THRESHOLD_GRID}
         chosen.append(max(THRESHOLD_GRID, key=lambda t: (round(smoothed[t], 9), -abs(t - 0.5))))
@@ -312,18 +333,29 @@ def bank_sentence_key(sentence: str, labels: Sequence[str]) -> str | None:
     return bank_key(observation, sides)
 
 
+# Bank sentences stand in a report about this study alone: none that compares with a prior study,
+# measures, or hides words behind Open-i's de-identification mark.
+_NOT_FOR_BANK = re.compile(r"\d|XXXX|\b(?:unchanged|stable|again|prior|previous(?:ly)?|interval|compared|"
+                           r"comparison|increased|decreased|improved|worsened|redemonstrat\w*|persist\w*|"
+                           r"new|known|since)\b", re.IGNORECASE)
+
+
 def sentence_bank(texts: Sequence[str], labels: Sequence[str]) -> dict[str, str]:
     """Per finding of ``labels`` and the sides named with it (``bank_key``), the sentence of
-    ``texts`` (the training reports) that states it most often (``bank_sentence_key``).
-    Ties go to the sentence seen first."""
+    ``texts`` (the training reports) that states it (``bank_sentence_key``) most often;
+    ties go to the shorter sentence, then the one seen first. Sentences that compare with a prior
+    study, give a measurement or hold a de-identified word (``_NOT_FOR_BANK``) are left out."""
     counts: Counter = Counter()
     for text in texts:
         for sentence in _sentences(text):
+            if _NOT_FOR_BANK.search(sentence):
+                continue
             key = bank_sentence_key(sentence, labels)
             if key is not None:
                 counts[(key, sentence)] += 1
     bank: dict[str, str] = {}
-    for (key, sentence), _ in counts.most_common():  # most_common keeps first-seen order on ties
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], len(item[0][1].split())))  # stable: first seen
+    for (key, sentence), _ in ranked:
         bank.setdefault(key, sentence)
     return bank
 

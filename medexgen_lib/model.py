@@ -30,7 +30,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from medexgen_lib import guidance
+from medexgen_lib import guidance, planning
 from medexgen_lib.config import MAX_IMAGE_SIZE
 from medexgen_lib.files import recover_dir, replace_dir
 from medexgen_lib.guidance import ObservationGuidance, observation_loss
@@ -85,6 +85,8 @@ class ReportGeneratorConfig:
     guidance_sentences: dict[str, str] = field(default_factory=dict)
     # sentences only training reports without a finding contain: dropped where one is stated
     guidance_normal_sentences: list[str] = field(default_factory=list)
+    # non-empty: reports are planned around this normal report (planning.plan_report, with the bank)
+    guidance_normal_report: str = ""
 
     @property
     def grid_size(self) -> int:
@@ -177,11 +179,13 @@ class ReportGenerator(nn.Module):
     @classmethod
     def build(cls, model_cfg, tokenizer, image_size: int, max_length: int,
               guidance_labels: list[str] | None = None, guidance_cfg=None,
-              train_texts: Sequence[str] = ()) -> ReportGenerator:
+              train_texts: Sequence[str] = (), val_texts: Sequence[str] = ()) -> ReportGenerator:
         """A new model per the run's ``ModelConfig``; pretrained parts loaded when asked for;
         an observation head for ``guidance_labels`` wired to the decoder as ``guidance_cfg``
         (a ``GuidanceConfig``) says (see ``medexgen_lib.guidance``), with the sentence bank of
-        ``train_texts`` (the training reports) where ``guidance_cfg.state_findings``."""
+        ``train_texts`` (the training reports) where ``guidance_cfg.state_findings`` or
+        ``guidance_cfg.plan_reports``, and for the latter the normal report (``planning.normal_report``
+        of the training reports, chosen on ``val_texts``)."""
         labels = list(guidance_labels or [])
         wiring = {}
         if labels and guidance_cfg is not None:
@@ -192,6 +196,9 @@ class ReportGenerator(nn.Module):
             if guidance_cfg.state_findings:
                 wiring["guidance_sentences"] = guidance.sentence_bank(train_texts, labels)
                 wiring["guidance_normal_sentences"] = guidance.normal_sentences(train_texts)
+            if guidance_cfg.plan_reports and train_texts:  # (a model built without reports plans nothing)
+                wiring["guidance_sentences"] = guidance.sentence_bank(train_texts, labels)
+                wiring["guidance_normal_report"] = planning.normal_report(train_texts, val_texts)
         prompt = len(labels) if wiring.get("guidance_prompt") else 0
         if prompt:  # the prompt's tokens carry each present label's words (PromptMRG-style)
             wiring["guidance_word_ids"] = [tokenizer(" " + guidance.label_words(label),
@@ -396,7 +403,8 @@ class ReportGenerator(nn.Module):
                       features: torch.Tensor | None = None, **generate_kwargs) -> list[str]:
         """The reports ``generate`` writes, as text; with ``guidance_align_sides`` each sided
         finding's side word is the observation head's (``guidance.align_sides``); with
-        ``guidance_sentences`` each finding the head predicts is stated (``guidance.state_findings``)."""
+        ``guidance_sentences`` each finding the head predicts is stated (``guidance.state_findings``),
+        or with ``guidance_normal_report`` each report is planned (``planning.plan_report``)."""
         return self.draft_and_write(images, view_mask, features, **generate_kwargs)[1]
 
     @torch.no_grad()
@@ -410,9 +418,10 @@ class ReportGenerator(nn.Module):
         return drafts, self._post_process(drafts, logits)
 
     def _post_process(self, texts: list[str], logits: torch.Tensor | None) -> list[str]:
-        """``texts`` with the head's side words and the bank's sentences (where the model uses them)."""
-        bank = self.config.guidance_sentences
-        if not ((self.config.guidance_align_sides or bank) and logits is not None):
+        """``texts`` with the head's side words and the bank's sentences or the plan (where the model
+        uses them)."""
+        bank, normal = self.config.guidance_sentences, self.config.guidance_normal_report
+        if not ((self.config.guidance_align_sides or bank or normal) and logits is not None):
             return texts
         labels, probabilities = self.config.guidance_labels, logits.float().sigmoid().cpu()
         # sides by hard_labels' rule (given the finding) even where the prompt used each label at 0.5
@@ -420,11 +429,13 @@ class ReportGenerator(nn.Module):
         sides = guidance.likely_sides(probabilities, labels, hard)
         if self.config.guidance_align_sides:
             texts = [guidance.align_sides(text, known) for text, known in zip(texts, sides, strict=True)]
-        if bank:
-            normal = set(self.config.guidance_normal_sentences)
-            texts = [guidance.state_findings(text, [label for label, on in zip(labels, row) if on],
-                                             known, bank, normal)
-                     for text, row, known in zip(texts, hard.tolist(), sides, strict=True)]
+        present = [[label for label, on in zip(labels, row) if on] for row in hard.tolist()]
+        if normal:
+            texts = [planning.plan_report(text, found, known, bank, normal)
+                     for text, found, known in zip(texts, present, sides, strict=True)]
+        elif bank:
+            texts = [guidance.state_findings(text, found, known, bank, set(self.config.guidance_normal_sentences))
+                     for text, found, known in zip(texts, present, sides, strict=True)]
         return texts
 
     def _generate(self, images: torch.Tensor, view_mask: torch.Tensor | None,
@@ -551,9 +562,9 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
     number = lambda t: isinstance(t, (int, float)) and not isinstance(t, bool)  # noqa: E731
     thresholds = config.guidance_thresholds
     if thresholds and (not isinstance(thresholds, list) or len(thresholds) != count
-                       or not all(number(t) and 0 < t < 1 for t in thresholds)):
+                       or not all(number(t) and 0 < t <= guidance.LABEL_OFF for t in thresholds)):
         raise ValueError(f"{source}: model config field 'guidance_thresholds' must hold one number "
-                         f"in (0, 1) per guidance label ({count}), got {thresholds!r}")
+                         f"in (0, 1] per guidance label ({count}), got {thresholds!r}")
     words = config.guidance_word_ids
     fits = lambda ids: (isinstance(ids, list) and ids and all(  # noqa: E731
         isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size for i in ids))
@@ -577,6 +588,9 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
     if not isinstance(normal, list) or not all(isinstance(s, str) and s.strip() for s in normal):
         raise ValueError(f"{source}: model config field 'guidance_normal_sentences' must be a list of "
                          f"non-empty sentences, got {normal!r}"[:300])
+    if not isinstance(config.guidance_normal_report, str):
+        raise ValueError(f"{source}: model config field 'guidance_normal_report' must be a report (text), "
+                         f"got {type(config.guidance_normal_report).__name__}")
     if config.guidance_prompt and count + 2 > config.n_positions:
         raise ValueError(f"{source}: the guidance prompt ({count} labels) leaves no room in the "
                          f"decoder's {config.n_positions} positions")

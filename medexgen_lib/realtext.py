@@ -45,7 +45,7 @@ whole folder. ``<out>/reports/realtext_findings.json`` holds what was drawn per 
 lists no image is kept (copied, nothing drawn) and counted.
 
     python -m medexgen_lib.realtext --reports DIR --out DATA [--size 64] [--seed 0]
-        [--annotation r2gen_annotation_trainval.json --dev-split ANNOTATION_OUT]
+        [--annotation r2gen_annotation_trainval.json --dev-split ANNOTATION_OUT [--val-studies 300]]
     python -m medexgen_lib run --profile full -p data.source folder -p paths.data_dir DATA \\
         -p split.annotation_file ANNOTATION_OUT ...
 """
@@ -309,11 +309,15 @@ def load_truth(path: str | os.PathLike) -> dict[str, dict[str, str]]:
 
 # --------------------------------------------------------------------------- dev split
 
+DEV_VAL_STUDIES = 300  # studies of R2Gen's train that the development split validates on
+
+
 def write_dev_split(annotation_file: str | os.PathLike, out_file: str | os.PathLike,
-                    seed: int = 0) -> dict[str, list[str]]:
-    """An R2Gen-format split file for development: R2Gen's train as train, its val divided by
-    study (seeded) into a val half and a test half (the odd study goes to test). A ``test``
-    list in the input (R2Gen's held-out split) is left out. Returns the study uids per split."""
+                    seed: int = 0, val_studies: int = DEV_VAL_STUDIES) -> dict[str, list[str]]:
+    """An R2Gen-format split file for development: R2Gen's val (296 studies) as the test split,
+    ``val_studies`` studies of R2Gen's train (seeded) as val, the rest of its train as train. A
+    ``test`` list in the input (R2Gen's held-out split) is left out. Returns the study uids per
+    split."""
     path = Path(annotation_file)
     try:
         annotation = json.loads(path.read_text(encoding="utf-8"))
@@ -330,14 +334,16 @@ def write_dev_split(annotation_file: str | os.PathLike, out_file: str | os.PathL
             if not isinstance(entry, dict) or not str(entry.get("id", "")).strip():
                 raise ValueError(f"annotation file {path}: an entry of '{name}' has no id: {entry!r:.80}")
             by_uid[name].setdefault(str(entry["id"]).split("_")[0], []).append(entry)
-    val_uids = sorted(by_uid["val"], key=_uid_number)
-    order = np.random.default_rng(seed).permutation(len(val_uids))
-    half = len(val_uids) // 2
-    chosen = {"train": sorted(by_uid["train"], key=_uid_number),
-              "val": sorted((val_uids[i] for i in order[:half]), key=_uid_number),
-              "test": sorted((val_uids[i] for i in order[half:]), key=_uid_number)}
+    train_uids = sorted(by_uid["train"], key=_uid_number)
+    if not 0 < val_studies < len(train_uids):
+        raise ValueError(f"annotation file {path}: {len(train_uids)} training studies cannot give "
+                         f"{val_studies} to val and keep some for training")
+    order = np.random.default_rng(seed).permutation(len(train_uids))
+    chosen = {"train": sorted((train_uids[i] for i in order[val_studies:]), key=_uid_number),
+              "val": sorted((train_uids[i] for i in order[:val_studies]), key=_uid_number),
+              "test": sorted(by_uid["val"], key=_uid_number)}
     check_disjoint(chosen, f"annotation file {path}")
-    source = {"train": by_uid["train"], "val": by_uid["val"], "test": by_uid["val"]}
+    source = {"train": by_uid["train"], "val": by_uid["train"], "test": by_uid["val"]}
     written = {name: [{**entry, "split": name} for uid in chosen[name] for entry in source[name][uid]]
                for name in SPLITS}
     write_json(out_file, written)
@@ -415,7 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawing and the split")
     parser.add_argument("--projections", help="Kaggle-format projections table (default: bundled)")
     parser.add_argument("--annotation", help="R2Gen annotation file with train and val lists")
-    parser.add_argument("--dev-split", help="write the development split (R2Gen format) here")
+    parser.add_argument("--dev-split", help="write the development split (R2Gen format) here: R2Gen's "
+                        "val as test, --val-studies of its train as val, the rest as train")
+    parser.add_argument("--val-studies", type=int, default=DEV_VAL_STUDIES,
+                        help=f"studies of R2Gen's train the development split validates on "
+                             f"(default {DEV_VAL_STUDIES})")
     args = parser.parse_args(argv)
     if bool(args.annotation) != bool(args.dev_split):
         parser.error("--annotation and --dev-split go together")
@@ -425,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                                           args.projections)
         print(json.dumps(summary, indent=1))
         if args.dev_split:
-            splits = write_dev_split(args.annotation, args.dev_split, args.seed)
+            splits = write_dev_split(args.annotation, args.dev_split, args.seed, args.val_studies)
             truth = load_truth(Path(args.out) / "reports")
             for name in SPLITS:
                 present = [uid for uid in splits[name] if uid in truth]

@@ -209,7 +209,10 @@ def evaluation_fingerprint(cfg: Config, val_uids: list[str]) -> tuple[str, dict]
                "labeler_version": LABELER_VERSION,
                "selection_metric": cfg.train.selection_metric,
                "uncertain_as_positive": cfg.eval.uncertain_as_positive,
-               "align_sides": cfg.guidance.align_sides, "state_findings": cfg.guidance.state_findings}
+               "align_sides": cfg.guidance.align_sides, "state_findings": cfg.guidance.state_findings,
+               # named only where set, so that runs from before these settings keep their fingerprint
+               **({"plan_reports": True} if cfg.guidance.plan_reports else {}),
+               **({"min_auroc": cfg.guidance.min_auroc} if cfg.guidance.min_auroc else {})}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return digest, payload
 
@@ -356,7 +359,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     train_texts = [e.text for e in train_data.examples]
     labels = guidance.choose_labels(train_texts, cfg.guidance.min_count) if cfg.guidance.head else []
     model = ReportGenerator.build(cfg.model, tokenizer, cfg.images.size, cfg.text.max_length,
-                                  labels, cfg.guidance, train_texts)
+                                  labels, cfg.guidance, train_texts, [e.text for e in val_data.examples])
     loss_hook = guidance.LossHook(cfg, train_data, labels)
     # a model fed 0/1 labels gets its thresholds chosen on val at every validation, so the
     # score that picks the checkpoint is the exported model's
@@ -624,7 +627,7 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
         if features is None:  # the encoder once for the thresholds, the val loss and the reports
             features = FrozenFeatures(unwrapped, val_data, collate_fn, accelerator.device, cfg.eval.batch_size)
         if targets is not None:  # first, so that the val loss is the exported model's too
-            _choose_thresholds(unwrapped, loader, targets, accelerator.device, features)
+            _choose_thresholds(unwrapped, loader, targets, accelerator.device, features, cfg.guidance.min_auroc)
         for batch in loader:
             out = unwrapped(batch["images"].to(accelerator.device), batch["input_ids"].to(accelerator.device),
                             batch["attention_mask"].to(accelerator.device),
@@ -643,9 +646,10 @@ def _validate(accelerator, model, val_data, collate_fn, cfg, progress, features=
     return metrics, float(np.average(losses, weights=weights)), rows
 
 
-def _choose_thresholds(model, loader, targets, device, features) -> None:
+def _choose_thresholds(model, loader, targets, device, features, min_auroc: float = 0.0) -> None:
     """Set ``model``'s observation thresholds to those ``guidance.choose_thresholds`` picks on
-    the head's probabilities for ``loader``'s (val) studies (``features``: their encoder maps)."""
+    the head's probabilities for ``loader``'s (val) studies (``features``: their encoder maps;
+    ``min_auroc``: ``guidance.min_auroc``)."""
     probabilities, truth = [], []
     for batch in loader:  # the head alone: no decoder inputs are built
         view_mask = batch["view_mask"].to(device)
@@ -653,7 +657,7 @@ def _choose_thresholds(model, loader, targets, device, features) -> None:
         probabilities.append(logits.float().sigmoid().cpu())
         truth.append(targets(batch["uids"], "cpu"))
     model.config.guidance_thresholds = guidance.choose_thresholds(
-        torch.cat(probabilities), torch.cat(truth), model.config.guidance_labels)
+        torch.cat(probabilities), torch.cat(truth), model.config.guidance_labels, min_auroc)
 
 
 def _truncate_history(path: Path, last_epoch: int) -> None:

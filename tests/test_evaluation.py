@@ -198,3 +198,26 @@ def test_only_an_image_suffix_is_cut_from_a_predictions_file_id(tmp_path):
     path.write_text("id,prediction\nCXR1573_IM-0374-1001,a\nCXR12_IM-0001,b\nsite_a_17,c\nsite_a_18,d\n")
     # R2Gen's image ids name their study; a folder dataset's own uids may hold underscores
     assert [r["uid"] for r in read_predictions_file(path)] == ["CXR1573", "CXR12", "site_a_17", "site_a_18"]
+
+
+def test_drawn_findings_stated_are_scored_for_model_and_baselines_on_the_real_text_phantom(cfg, tmp_path):
+    import shutil
+
+    from medexgen_lib.realtext import TRUTH_FILE, load_truth, stated_findings
+
+    data = shutil.copytree(cfg.paths.data_dir, tmp_path / "data")
+    out = shutil.copytree(cfg.paths.output_dir, tmp_path / "out")
+    local = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, data_dir=str(data), output_dir=str(out)))
+    uids = [e.uid for e in load_split(local, "test").examples]
+    studies = [{"uid": uid, "findings": {"cardiomegaly": ""} if i % 2 else {}} for i, uid in enumerate(uids)]
+    (data / "reports" / TRUTH_FILE).write_text(json.dumps({"studies": studies}))
+    summary = run_evaluation(local, progress=False)
+    rows = json.loads((out / "logs" / "predictions_test.json").read_text())
+    truth = load_truth(data / "reports")
+    expected = stated_findings({r["uid"]: r["prediction"] for r in rows}, truth)
+    assert {k: summary["model"][k] for k in expected} == expected
+    assert summary["model"]["drawn_studies"] == len(uids) // 2
+    for name, values in summary["baselines"].items():
+        guesses = {r["uid"]: r["baseline_predictions"][name] for r in rows}
+        assert values["drawn_recall"] == stated_findings(guesses, truth)["drawn_recall"]
+    assert "drawn_recall" in comparison_table(summary).columns

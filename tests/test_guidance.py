@@ -91,6 +91,21 @@ def test_thresholds_chosen_on_val_smoothed_and_only_for_observations():
     assert guidance.choose_thresholds(probabilities, targets, labels) == [0.5, 0.15, 0.5, 0.5]
 
 
+def test_a_label_the_head_does_not_tell_apart_on_val_is_switched_off():
+    labels = ["Seen", "Unseen", "Unseen, left"]
+    # "Unseen": a quarter of the studies positive, probabilities unrelated to it (AUROC 0.5):
+    # the best smoothed F1 calls every study positive; with min_auroc it is never predicted.
+    probabilities = torch.tensor([[0.9, 0.2, 0.5], [0.8, 0.2, 0.5], [0.1, 0.2, 0.5], [0.2, 0.2, 0.5]] * 2)
+    targets = torch.tensor([[1., 1, 1], [1, 0, 0], [0, 0, 0], [0, 0, 0]] * 2)
+    assert guidance.auroc(probabilities[:, 1], targets[:, 1]) == 0.5
+    assert guidance.auroc(probabilities[:, 0], targets[:, 0]) == 1.0
+    assert guidance.choose_thresholds(probabilities, targets, labels)[1] < 0.2
+    chosen = guidance.choose_thresholds(probabilities, targets, labels, min_auroc=0.75)
+    assert chosen == [0.5, guidance.LABEL_OFF, 0.5]
+    hard = guidance.hard_labels(probabilities, chosen, labels)
+    assert hard[:, 1].sum() == 0 and hard[:, 0].tolist() == [1, 1, 0, 0] * 2
+
+
 def test_hard_labels_give_a_present_finding_its_likelier_side():
     labels = ["A", "B", "C", "B, left"]
     probabilities = torch.tensor([[0.6, 0.3, 0.4, 0.25], [0.6, 0.3, 0.4, 0.1], [0.1, 0.1, 0.9, 0.9]])
@@ -207,13 +222,22 @@ def test_the_sentence_bank_keeps_each_findings_most_frequent_sentence_that_state
              "Right pleural effusion and cardiomegaly. Small pneumothorax. Small pneumothorax.",
              "Bilateral pleural effusions. Pleural effusion. Pleural effusion"]  # no end: not a bank sentence
     assert guidance.sentence_bank(texts, LABELS) == {
-        "Cardiomegaly": "The heart is enlarged.",  # seen once, as "Cardiomegaly.": tie, first seen
+        "Cardiomegaly": "Cardiomegaly.",  # seen once, as "The heart is enlarged.": tie, the shorter
         "Pleural Effusion + Pleural Effusion, left": "Left pleural effusion.",
         "Pleural Effusion + Pleural Effusion, left + Pleural Effusion, right": "Bilateral pleural effusions.",
         "Pleural Effusion": "Pleural effusion."}  # Pneumothorax has no label: no sentence
     # labels without side labels: sides are not part of the key (a key the model accepts on load)
     assert guidance.sentence_bank(texts, ["Cardiomegaly", "Pleural Effusion"])["Pleural Effusion"] \
         == "Left pleural effusion."
+
+
+def test_the_sentence_bank_leaves_out_comparisons_measurements_and_deidentified_words():
+    texts = ["Stable cardiomegaly. Stable cardiomegaly. Cardiomegaly unchanged from prior.",
+             "There is a 2 cm left pleural effusion. There is a 2 cm left pleural effusion.",
+             "XXXX cardiomegaly. XXXX cardiomegaly. The heart is enlarged. Small left pleural effusion."]
+    assert guidance.sentence_bank(texts, LABELS) == {
+        "Cardiomegaly": "The heart is enlarged.",
+        "Pleural Effusion + Pleural Effusion, left": "Small left pleural effusion."}
 
 
 def test_normal_sentences_are_those_only_reports_without_a_finding_contain():

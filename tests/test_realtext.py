@@ -152,22 +152,25 @@ def test_dev_split_is_accepted_by_the_split_code(iuxray_sample, tmp_path, tmp_co
     trainval.write_text(json.dumps({"train": r2gen["train"], "val": r2gen["val"]}))
     val_uids = {entry["id"].split("_")[0] for entry in r2gen["val"]}
     train_uids = {entry["id"].split("_")[0] for entry in r2gen["train"]}
-    chosen = write_dev_split(trainval, tmp_path / "dev.json", seed=0)
-    assert set(chosen["train"]) == train_uids
-    assert set(chosen["val"]) | set(chosen["test"]) == val_uids
-    assert not set(chosen["val"]) & set(chosen["test"])
-    assert len(chosen["val"]) == len(val_uids) // 2
-    assert write_dev_split(trainval, tmp_path / "again.json", seed=0) == chosen
-    assert write_dev_split(trainval, tmp_path / "other.json", seed=1)["test"] != chosen["test"]
+    chosen = write_dev_split(trainval, tmp_path / "dev.json", seed=0, val_studies=10)
+    assert set(chosen["test"]) == val_uids
+    assert set(chosen["train"]) | set(chosen["val"]) == train_uids
+    assert not set(chosen["train"]) & set(chosen["val"]) and len(chosen["val"]) == 10
+    assert write_dev_split(trainval, tmp_path / "again.json", seed=0, val_studies=10) == chosen
+    assert write_dev_split(trainval, tmp_path / "other.json", seed=1, val_studies=10)["val"] != chosen["val"]
+    with pytest.raises(ValueError, match=f"{len(train_uids)} training studies cannot give"):
+        write_dev_split(trainval, tmp_path / "all.json", val_studies=len(train_uids))
     written = json.loads((tmp_path / "dev.json").read_text())
     assert all(entry["split"] == name for name in written for entry in written[name])
 
     # The CLI draws the split's studies and writes the split; the split code reads it.
+    chosen = write_dev_split(trainval, tmp_path / "dev.json", seed=0, val_studies=10)
     names = sorted(u.removeprefix("CXR") for u in chosen["train"][:12] + chosen["val"] + chosen["test"])
     source = _subset(iuxray_sample, tmp_path / "in", names)
     cfg = tmp_config("demo", data__source="folder", split__annotation_file=str(tmp_path / "cli.json"))
     assert main(["--reports", str(source), "--out", cfg.paths.data_dir, "--size", "32",
-                 "--annotation", str(trainval), "--dev-split", str(tmp_path / "cli.json")]) == 0
+                 "--annotation", str(trainval), "--dev-split", str(tmp_path / "cli.json"),
+                 "--val-studies", "10"]) == 0
     assert f"test: {len(chosen['test'])} studies in the split file" in capsys.readouterr().out
     table = build_studies_table(cfg, acquire(cfg))
     splits, missing = splits_from_annotation(cfg.split.annotation_file, table)

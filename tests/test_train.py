@@ -583,3 +583,27 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypat
     metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=False,
                     decoder_texts=[r["decoder_text"] for r in rows])  # validation's rule for degenerate output
     assert selection_value(metrics, cfg.train.selection_metric) == exported["selection_value"]  # same reports
+
+
+def test_a_planning_run_exports_its_normal_report_and_switches_off_what_val_cannot_tell(tiny_cfg):
+    from medexgen_lib import guidance
+    from medexgen_lib.dataset import collate
+    from medexgen_lib.planning import normal_report
+    from medexgen_lib.preprocess import load_split
+
+    cfg = tiny_cfg(guidance__state_findings=False, guidance__plan_reports=True, guidance__min_auroc=0.9)
+    train(cfg, progress=False)
+    config = json.loads((cfg.paths.models / "final" / "config.json").read_text())
+    train_texts = [e.text for e in load_split(cfg, "train").examples]
+    val = load_split(cfg, "val")
+    assert config["guidance_normal_report"] == normal_report(train_texts, [e.text for e in val.examples])
+    assert config["guidance_sentences"] == guidance.sentence_bank(train_texts, config["guidance_labels"])
+    model = ReportGenerator.from_pretrained(cfg.paths.models / "final").eval()
+    batch = collate([val[i] for i in range(len(val))], pad_token_id=model.config.pad_token_id)
+    with torch.no_grad():
+        features = model.image_features(batch["images"], batch["view_mask"])
+        probabilities = model.guidance.logits(features, len(val), batch["view_mask"]).sigmoid()
+    labels = config["guidance_labels"]
+    truth = torch.tensor([guidance.report_targets(e.text, labels) for e in val.examples])
+    assert guidance.choose_thresholds(probabilities, truth, labels, 0.9) == config["guidance_thresholds"]
+    assert guidance.LABEL_OFF in config["guidance_thresholds"]  # this tiny head tells some findings apart from none
