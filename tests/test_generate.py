@@ -312,3 +312,83 @@ def test_generated_observations_follow_the_scoring_rule_for_degenerate_reports(t
     result = generate_report(model, [frontal])
     assert result["report"] == text and result["observations"].get("No Finding") == no_finding
     assert bool(result["observations"]) is (no_finding is not None)
+
+
+def _deflated_dicom(path, rows, columns, pixel_chunks, declared_bytes=None):
+    """A Deflated Explicit VR Little Endian DICOM whose header declares ``rows`` x ``columns``
+    16-bit gray pixels and whose PixelData inflates to the bytes of ``pixel_chunks``; compressed
+    chunk by chunk, so a bomb of many MB of zeros is built in little memory."""
+    import io
+    import struct
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "TEST"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    written = io.BytesIO()
+    ds.save_as(written, enforce_file_format=True)  # no pixels yet: file meta + deflated header
+    raw = io.BytesIO(written.getvalue())
+    read_preamble(raw, False)
+    read_dataset(raw, False, True, stop_when=lambda tag, *_: tag.group != 2)
+    head, body = raw.getvalue()[:raw.tell()], zlib.decompress(raw.getvalue()[raw.tell():], -zlib.MAX_WBITS)
+    chunks = list(pixel_chunks) if declared_bytes is None else pixel_chunks
+    size = sum(len(c) for c in chunks) if declared_bytes is None else declared_bytes
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with open(path, "wb") as out:
+        out.write(head + deflate.compress(body + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", size)))
+        for chunk in chunks:
+            out.write(deflate.compress(chunk))
+        out.write(deflate.flush())
+    return path
+
+
+def _zeros(total, chunk=2**20):
+    block = bytes(chunk)
+    for _ in range(total // chunk):
+        yield block
+
+
+@pytest.mark.reliability
+def test_a_deflated_dicom_decodes_as_the_same_pixels_uncompressed(tmp_path):
+    pixels = _chest().astype(np.uint16) * 16
+    deflated = _deflated_dicom(tmp_path / "d.dcm", *pixels.shape, [pixels.tobytes()])
+    plain = write_dicom(tmp_path / "p.dcm", pixels)
+    assert np.array_equal(read_dicom(deflated, 64), read_dicom(plain, 64))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("rows, columns, message", [
+    # 128 kB declared, 48 MB inflated
+    (256, 256, "inflates past \\d+ bytes, more than its header and declared pixels need"),
+    (30000, 30000, "declares 30000x30000 pixels x 1 frame\\(s\\), over images.max_pixels"),
+])
+def test_a_deflated_dicom_bomb_is_refused_without_inflating_it(rows, columns, message, tmp_path,
+                                                                 model_dir, capsys):
+    """dcmread inflated the whole file before the max_pixels check: 1.5 GB of zeros in a 1.46 MB
+    file took generate to 3.8 GB of memory; 4 GB inflated ended in a MemoryError traceback."""
+    import tracemalloc
+
+    bomb = _deflated_dicom(tmp_path / "bomb.dcm", rows, columns, _zeros(48 * 2**20), 48 * 2**20)
+    assert bomb.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match=f"DICOM .*bomb.dcm.* {message}"):
+            read_radiograph(bomb, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MB allocated to refuse a 128 kB image"
+    assert main(["generate", "--model", str(model_dir), str(bomb)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "bomb.dcm" in error[0]
+
