@@ -117,12 +117,22 @@ def _read_dicom_dataset(path: Path, max_pixels: int):
     return pydicom.dcmread(path)
 
 
+def _luma(pixels: np.ndarray) -> np.ndarray:
+    """Colour pixels (RGB, last axis) to gray by PIL's ``convert("L")`` rule (ITU-R 601-2 luma,
+    L = R * 299/1000 + G * 587/1000 + B * 114/1000), as PNG and JPEG are read: 8-bit data through
+    PIL itself, deeper data (which PIL cannot convert) with the same weights."""
+    if pixels.dtype == np.uint8:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(pixels), "RGB").convert("L"))
+    return pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:
     """A DICOM radiograph as ``size``² uint8 gray, displayed as pydicom documents it: the
     modality LUT (rescale slope/intercept) first, then the VOI LUT or window, MONOCHROME1
     inverted. Rows x columns x samples x frames declared in the header are checked against
     ``max_pixels`` before any pixel is decoded (a compressed bomb is refused unread; a deflated
-    file is inflated no further than its header declares)."""
+    file is inflated no further than its header declares). Colour (RGB, and YBR as pydicom
+    converts it to RGB) becomes gray by the luma PNG and JPEG get (``_luma``)."""
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -142,7 +152,7 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
-        pixels = pixels[..., :3].mean(axis=-1)
+        pixels = _luma(pixels[..., :3])
     if pixels.ndim != 2:
         raise ImageError(f"DICOM {path} has pixels of shape {pixels.shape}; expected one 2-D image")
     check_radiograph_shape(path, pixels.shape[1], pixels.shape[0])

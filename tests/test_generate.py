@@ -392,3 +392,40 @@ def test_a_deflated_dicom_bomb_is_refused_without_inflating_it(rows, columns, me
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "bomb.dcm" in error[0]
 
+
+def write_colour_dicom(path, pixels, photometric="RGB"):
+    """An 8-bit colour DICOM (pixel-interleaved) of ``pixels`` [H, W, 3] in ``photometric``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "TEST"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.reliability
+def test_colour_dicom_becomes_gray_by_the_luma_png_gets(tmp_path):
+    """RGB DICOM was a plain channel mean and YBR_FULL not its Y (luminance), while the same
+    pixels as PNG get PIL's ITU-R 601-2 luma: one study gave three different grays."""
+    from pydicom.pixels import convert_color_space
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rgb[0, 0], rgb[0, 1] = 0, 255  # black and white present: the DICOM stretch changes nothing
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    luma = read_radiograph(tmp_path / "c.png", 64)
+    assert np.array_equal(luma, np.asarray(Image.fromarray(rgb).convert("L")))
+    assert np.array_equal(read_radiograph(write_colour_dicom(tmp_path / "rgb.dcm", rgb), 64), luma)
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    gray = read_radiograph(write_colour_dicom(tmp_path / "ybr.dcm", ybr, "YBR_FULL"), 64).astype(int)
+    assert np.abs(gray - ybr[..., 0]).max() <= 2  # Y, within the rounding of pydicom's YBR -> RGB
+
