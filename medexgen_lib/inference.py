@@ -132,7 +132,8 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
     inverted. Rows x columns x samples x frames declared in the header are checked against
     ``max_pixels`` before any pixel is decoded (a compressed bomb is refused unread; a deflated
     file is inflated no further than its header declares). Colour (RGB, and YBR as pydicom
-    converts it to RGB) becomes gray by the luma PNG and JPEG get (``_luma``)."""
+    converts it to RGB) becomes gray by the luma PNG and JPEG get (``_luma``). An image of one
+    value throughout (a constant, a rescale slope of 0) is refused: it shows nothing."""
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -163,19 +164,27 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
     if not np.isfinite(values).all():
         raise ImageError(f"DICOM {path}: its rescale slope/intercept or window give non-finite "
                          "pixel values (NaN or infinity); refused rather than shown blank")
+    if values.min() == values.max():
+        raise ImageError(f"DICOM {path} is uniform: every pixel is {values.min():g} after its rescale "
+                         "slope/intercept and window; there is no image to report on")
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         values = values.max() - values  # MONOCHROME1: bright means low values
     return np.asarray(stretch_to_uint8(values).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def read_radiograph(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:
-    """PNG, JPEG or DICOM -> ``size``² uint8 gray, with one clear error for anything else."""
+    """PNG, JPEG or DICOM -> ``size``² uint8 gray, with one clear error for anything else: a
+    missing or undecodable file, or an image of one value throughout (blank, nothing to report on)."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image {path} does not exist")
     if is_dicom(path):
         return read_dicom(path, size, max_pixels)
-    return load_image(path, size, max_pixels)
+    pixels = load_image(path, size, max_pixels)
+    if pixels.min() == pixels.max():
+        raise ImageError(f"image {path} is uniform: every pixel is {pixels.min()}; there is no "
+                         "image to report on")
+    return pixels
 
 
 @torch.no_grad()

@@ -429,3 +429,27 @@ def test_colour_dicom_becomes_gray_by_the_luma_png_gets(tmp_path):
     gray = read_radiograph(write_colour_dicom(tmp_path / "ybr.dcm", ybr, "YBR_FULL"), 64).astype(int)
     assert np.abs(gray - ybr[..., 0]).max() <= 2  # Y, within the rounding of pydicom's YBR -> RGB
 
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", ["png_constant", "png_black", "dicom_constant", "dicom_slope_zero"])
+def test_a_uniform_image_is_refused_naming_the_file(case, tmp_path, model_dir, capsys):
+    """A constant image, or a DICOM whose rescale slope is 0, became an all-zero image and
+    generate printed a confident report with exit 0."""
+    import pydicom
+
+    if case.startswith("png"):
+        path = tmp_path / "flat.png"
+        Image.new("L", (100, 120), 0 if case == "png_black" else 140).save(path)
+    else:
+        pixels = np.full((120, 100), 700) if case == "dicom_constant" else _chest().astype(np.uint16) * 16
+        path = write_dicom(tmp_path / "flat.dcm", pixels)
+        if case == "dicom_slope_zero":
+            ds = pydicom.dcmread(path)
+            ds.RescaleSlope, ds.RescaleIntercept = "0", "5"
+            ds.save_as(path)
+    with pytest.raises(ImageError, match=f"{path.name} is uniform: every pixel is"):
+        read_radiograph(path, 64)
+    assert main(["generate", "--model", str(model_dir), str(path)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{path.name} is uniform" in error[0]
+
