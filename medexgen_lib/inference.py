@@ -174,10 +174,15 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
 
 def read_radiograph(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:
     """PNG, JPEG or DICOM -> ``size``² uint8 gray, with one clear error for anything else: a
-    missing or undecodable file, or an image of one value throughout (blank, nothing to report on)."""
+    path that is missing, a folder or not a regular file (a FIFO would block), an undecodable
+    file, or an image of one value throughout (blank, nothing to report on)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ImageError(f"image {path} does not exist")
+    if path.is_dir():
+        raise ImageError(f"image {path} is a directory, not an image file")
+    if not path.is_file():
+        raise ImageError(f"image {path} is not a regular file (a FIFO, device or socket)")
     if is_dicom(path):
         return read_dicom(path, size, max_pixels)
     pixels = load_image(path, size, max_pixels)

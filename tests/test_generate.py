@@ -453,3 +453,23 @@ def test_a_uniform_image_is_refused_naming_the_file(case, tmp_path, model_dir, c
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"{path.name} is uniform" in error[0]
 
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case, message", [
+    ("directory", "is a directory, not an image file"), ("fifo", "is not a regular file"),
+    ("missing", "does not exist"),
+])
+def test_a_folder_or_fifo_is_named_as_what_it_is(case, message, tmp_path, model_dir, capsys):
+    """A folder or a FIFO given to generate was reported as "does not exist"."""
+    import os
+
+    path = tmp_path / "input.png"
+    if case == "directory":
+        path.mkdir()
+    elif case == "fifo":
+        os.mkfifo(path)
+    with pytest.raises(ImageError, match=f"image {path} {message}"):
+        read_radiograph(path, 64)
+    assert main(["generate", "--model", str(model_dir), str(path)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
