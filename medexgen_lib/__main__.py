@@ -85,6 +85,9 @@ def _generate(args) -> None:
     from medexgen_lib.inference import generate_report
     from medexgen_lib.model import ReportGenerator
 
+    for flag, value in (("--beams", args.beams), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     model = ReportGenerator.from_pretrained(args.model)
     decode = EvalConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens)
     result = generate_report(model, args.images, decode)

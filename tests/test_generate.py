@@ -473,3 +473,13 @@ def test_a_folder_or_fifo_is_named_as_what_it_is(case, message, tmp_path, model_
     assert main(["generate", "--model", str(model_dir), str(path)]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("flag, value", [("--beams", "0"), ("--beams", "-1"), ("--max-new-tokens", "0")])
+def test_a_decoding_setting_below_one_is_named(flag, value, model_dir, tmp_path, capsys):
+    """--beams 0 ended in a ZeroDivisionError traceback, --beams -1 in "negative dimension"."""
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(model_dir), str(tmp_path / "f.png"), flag, value]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: {flag} must be at least 1, got {value}"]
