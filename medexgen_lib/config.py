@@ -25,6 +25,8 @@ MAX_IMAGE_SIZE = 4096  # px per side; a saved model's image_size is held to the 
 MAX_TEXT_LENGTH = 4096
 MAX_POSITIONS = 8192
 MAX_GUIDANCE_POOL = 16
+# GPT-2 XL has 48 layers, 25 heads, width 1600 and 50,257 tokens; these leave room for larger decoders.
+MAX_LAYERS, MAX_HEADS, MAX_EMBD, MAX_VOCAB_SIZE = 128, 256, 16384, 1_000_000
 MAX_PHANTOM_IMAGE_SIZE = 2048
 
 
@@ -342,9 +344,9 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, 2**32 - 1), "data.n_phantom_studies": (1, None), "data.phantom_image_size": (32, MAX_PHANTOM_IMAGE_SIZE),
     "data.download_retries": (0, None), "data.images_size": (0, None), "data.reports_size": (0, None),
     "data.archive_max_bytes": (1, None), "data.archive_max_members": (1, None),
-    "text.max_length": (8, MAX_TEXT_LENGTH), "tokenizer.vocab_size": (256, None),
+    "text.max_length": (8, MAX_TEXT_LENGTH), "tokenizer.vocab_size": (256, MAX_VOCAB_SIZE),
     "split.val_fraction": (0, 1), "split.test_fraction": (0, 1), "images.max_pixels": (1, None),
-    "model.n_layer": (1, None), "model.n_head": (1, None), "model.n_embd": (1, None),
+    "model.n_layer": (1, MAX_LAYERS), "model.n_head": (1, MAX_HEADS), "model.n_embd": (1, MAX_EMBD),
     "model.dropout": (0, 1), "train.epochs": (1, None), "train.batch_size": (1, None),
     "train.grad_accum": (1, None), "train.lr_encoder": (0, None), "train.lr_decoder": (0, None),
     "train.lr_new": (0, None), "train.weight_decay": (0, None), "train.warmup_ratio": (0, 1),

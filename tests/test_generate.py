@@ -1,6 +1,7 @@
 """Reports for new images from PNG, JPEG and DICOM files the test writes; bad inputs."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -244,11 +245,11 @@ def test_a_dicom_with_a_hostile_rescale_or_window_gets_one_error(header, message
 @pytest.mark.parametrize("field, value, message", [
     ("dropout", float("nan"), r"'dropout' must be in \[0.0, 1.0\], got nan"),
     ("dropout", 5.0, r"'dropout' must be in \[0.0, 1.0\], got 5.0"),
-    ("n_head", 0, r"'n_head' must be in \[1, inf\], got 0"),
+    ("n_head", 0, r"'n_head' must be in \[1, 256\], got 0"),
     ("n_head", 7, r"'n_embd' \(\d+\) must be a multiple of 'n_head' \(7\)"),
     ("image_size", 16, r"'image_size' must be in \[32, 4096\], got 16"),
     ("image_size", 10**9, r"'image_size' must be in \[32, 4096\], got 1000000000"),
-    ("n_views", 1, r"'n_views' must be in \[2, inf\], got 1"),
+    ("n_views", 1, r"'n_views' must be in \[2, 8\], got 1"),
     ("eos_token_id", 10**6, r"'eos_token_id' \(1000000\) must be at most"),
 ])
 def test_a_model_config_out_of_range_names_the_field(field, value, message, model_dir, tmp_path,
@@ -483,3 +484,105 @@ def test_a_decoding_setting_below_one_is_named(flag, value, model_dir, tmp_path,
     assert main(["generate", "--model", str(model_dir), str(tmp_path / "f.png"), flag, value]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert error == [f"error: {flag} must be at least 1, got {value}"]
+
+
+@pytest.fixture
+def no_decoder_in_memory(monkeypatch):
+    """Fails the test where a GPT-2 decoder is built in real memory (not on PyTorch's meta device):
+    a tampered config.json must be refused before its layers are allocated."""
+    import medexgen_lib.model as model_module
+
+    real = model_module.GPT2LMHeadModel
+
+    def guarded(config):
+        if torch.empty(0).device.type != "meta":
+            pytest.fail(f"a decoder of {config.n_layer} layers x {config.n_embd} was built in memory "
+                        "before config.json was checked")
+        return real(config)
+    monkeypatch.setattr(model_module, "GPT2LMHeadModel", guarded)
+
+
+def _tampered(model_dir, tmp_path, **changes):
+    import shutil
+
+    hostile = tmp_path / "model"
+    shutil.copytree(model_dir, hostile)
+    config = json.loads((hostile / "config.json").read_text())
+    (hostile / "config.json").write_text(json.dumps({**config, **changes}))
+    return hostile
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("field, value, bound", [
+    ("n_layer", 100_000, "[1, 128]"), ("vocab_size", 2_000_000_000, "[1, 1000000]"),
+    ("n_positions", 10**9, "[1, 8192]"), ("n_embd", 1_048_576, "[1, 16384]"),
+    ("guidance_pool", 20_000, "[1, 16]"), ("n_views", 10**6, "[2, 8]"),
+])
+def test_a_model_config_with_huge_sizes_is_refused_before_building(field, value, bound, model_dir, tmp_path,
+                                                                  capsys, no_decoder_in_memory):
+    """n_layer 100000 used 4.9 GB in 24 s; the others failed in the allocator naming no file."""
+    hostile = _tampered(model_dir, tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=f"config.json: model config field '{field}' must be in "
+                                         f"{re.escape(bound)}, got {value}"):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "config.json" in error[0] and f"'{field}'" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("changes, message", [
+    ({"n_layer": 3}, r"tensor\(s\) the config needs are not in the weights, e.g. \['decoder.transformer.h.1"),
+    ({"vocab_size": 100_000}, r"size mismatch for decoder.(lm_head|transformer.wte).weight: \[\d+, 32\] in "
+                              r"the weights, \[100000, 32\] by the config"),
+    ({"n_embd": 16384}, "size mismatch for"), ({"n_positions": 8192}, "decoder.transformer.wpe.weight"),
+    ({"n_views": 8}, "size mismatch for view_embedding.weight"),
+])
+def test_a_model_config_that_does_not_match_the_weights_header_is_refused_unbuilt(
+        changes, message, model_dir, tmp_path, capsys, no_decoder_in_memory):
+    """Within the bounds a tampered config.json can still size layers of many GB (n_embd 16384:
+    3 GB per layer); its shapes are checked against the safetensors header before any is built."""
+    hostile = _tampered(model_dir, tmp_path, **changes)
+    with pytest.raises(ValueError, match=f"weights .*model.safetensors do not fit .*config.json: .*{message}"):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "do not fit" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", ["dev_zero", "oversized"])
+def test_a_model_config_json_that_is_a_device_or_too_large_is_refused_unread(case, model_dir, tmp_path,
+                                                                            capsys, monkeypatch):
+    """config.json as a link to /dev/zero ended in a MemoryError after 4.4 GB."""
+    import medexgen_lib.model as model_module
+
+    hostile = _tampered(model_dir, tmp_path)
+    config = hostile / "config.json"
+    if case == "dev_zero":
+        config.unlink()
+        config.symlink_to("/dev/zero")
+        message = "config.json is not a regular file"
+    else:
+        monkeypatch.setattr(model_module, "MAX_CONFIG_BYTES", config.stat().st_size + 10)
+        config.write_text(config.read_text() + " " * 20)  # valid JSON, 10 bytes over the cap
+        message = f"config.json is over {config.stat().st_size - 10} bytes"
+    with pytest.raises(ValueError, match=message):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+
+
+def test_every_model_size_the_run_config_allows_loads_back():
+    """A saved model's bounds are the run config's, so no trained model is refused at load time."""
+    from medexgen_lib.config import MAX_TEXT_LENGTH, RANGES
+    from medexgen_lib.model import _CONFIG_RANGES
+
+    for key, field in (("model.n_layer", "n_layer"), ("model.n_head", "n_head"), ("model.n_embd", "n_embd"),
+                       ("tokenizer.vocab_size", "vocab_size"), ("guidance.pool", "guidance_pool")):
+        assert RANGES[key][1] == _CONFIG_RANGES[field][1], key
+    assert MAX_TEXT_LENGTH + 100 <= _CONFIG_RANGES["n_positions"][1]  # room for a guidance prompt
