@@ -528,6 +528,7 @@ class ReportGenerator(nn.Module):
         if (directory / "tokenizer.json").exists():
             from medexgen_lib.tokenizer import load_tokenizer
             model.tokenizer = load_tokenizer(directory)
+            check_tokenizer_fits_config(model.tokenizer, config, directory / "tokenizer.json", config_path)
         return model.to(device).eval()  # as transformers' from_pretrained: inference mode
 
 
@@ -562,6 +563,19 @@ def check_weights_fit(config: ReportGeneratorConfig, config_path: Path, weights_
                         f"e.g. {unexpected[:3]}")
     if problems:
         raise ValueError(f"weights {weights_path} do not fit {config_path}: {'; '.join(problems[:2])}")
+
+
+def check_tokenizer_fits_config(tokenizer, config: ReportGeneratorConfig, tokenizer_path: Path,
+                                config_path: Path) -> None:
+    """Refuse a tokenizer that is not the model's (another model's tokenizer.json, say): its
+    size and special token ids must be those ``config.json`` was built with."""
+    found = {"vocab_size": len(tokenizer), **{f"{name}_token_id": getattr(tokenizer, f"{name}_token_id")
+                                             for name in ("bos", "eos", "pad")}}
+    wrong = [f"{key} {value} (config.json: {getattr(config, key)})" for key, value in found.items()
+             if value != getattr(config, key)]
+    if wrong:
+        raise ValueError(f"tokenizer {tokenizer_path} is not the tokenizer of {config_path}: "
+                         f"{', '.join(wrong)}")
 
 
 def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:

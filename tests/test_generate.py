@@ -577,6 +577,52 @@ def test_a_model_config_json_that_is_a_device_or_too_large_is_refused_unread(cas
     assert len(error) == 1 and message in error[0]
 
 
+def _wordpiece_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    other = Tokenizer(models.WordPiece({"[UNK]": 0, "heart": 1, "normal": 2}, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    return other.to_str()
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", b"\x00garbage{", "tokenizer.json is not valid JSON"),
+    ("tokenizer.json", b'{"a": 1}', "tokenizer.json is not a tokenizer the tokenizers library reads"),
+    ("tokenizer.json", b"[1, 2]", "tokenizer.json must hold a JSON object, got list"),
+    ("tokenizer.json", "no added_tokens", "tokenizer.json has no 'added_tokens' list"),
+    ("tokenizer.json", "wordpiece", "tokenizer.json is not the tokenizer of .*config.json: vocab_size"),
+    ("tokenizer.json", "/dev/zero", "tokenizer.json is not a regular file"),
+    ("tokenizer_config.json", b"\x00garbage{", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", b"[" * 100_000 + b"]" * 100_000, "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", b"[1, 2]", "tokenizer_config.json must hold a JSON object"),
+    ("tokenizer_config.json", b'{"bos_token": 5}', r"\(tokenizer.json, tokenizer_config.json\) hold a value "
+                                                   "transformers cannot use: TypeError"),
+])
+def test_a_damaged_or_foreign_tokenizer_file_is_named(name, content, message, model_dir, tmp_path, capsys):
+    """Another model type's tokenizer.json gave KeyError: 'added_tokens', garbage a JSON error
+    naming no file, deep nesting a RecursionError; a WordPiece tokenizer.json loaded silently."""
+    hostile = _tampered(model_dir, tmp_path)
+    target = hostile / name
+    if content == "no added_tokens":
+        values = json.loads(target.read_text())
+        del values["added_tokens"]
+        content = json.dumps(values).encode()
+    elif content == "wordpiece":
+        content = _wordpiece_tokenizer_json().encode()
+    if content == "/dev/zero":
+        target.unlink()
+        target.symlink_to("/dev/zero")
+    else:
+        target.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and (name in error[0] or "tokenizer files in" in error[0])
+
+
 def test_every_model_size_the_run_config_allows_loads_back():
     """A saved model's bounds are the run config's, so no trained model is refused at load time."""
     from medexgen_lib.config import MAX_TEXT_LENGTH, RANGES
