@@ -287,8 +287,14 @@ def read_predictions_file(path) -> list[dict]:
         if not uid or "prediction" not in record:
             raise ValueError(f"predictions file {path}, row {number}: needs an 'uid' (or 'id') "
                              "and a 'prediction'")
-        rows.append({"uid": _IMAGE_SUFFIX.sub("", str(uid)), "prediction": record["prediction"] or "",
-                     "reference": record.get("reference")})
+        uid = _IMAGE_SUFFIX.sub("", str(uid))
+        where = f"predictions file {path}, row {number} ({uid})"
+        prediction, reference = record["prediction"], record.get("reference")
+        if isinstance(reference, str) and not reference.strip():
+            raise ValueError(f"{where}: the 'reference' is empty, and an empty cell is not a "
+                             "reference; fill it in, or leave the column out to take references from "
+                             "the studies table")
+        rows.append({"uid": uid, "prediction": prediction or "", "reference": reference})
     return rows
 
 

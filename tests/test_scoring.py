@@ -101,3 +101,32 @@ def test_empty_predictions_score_zero_on_every_text_metric():
         assert [result[k] for k in keys] == [0.0] * 6
     assert score(refs, ["", "Small right pleural effusion."])["ROUGE-L"] == pytest.approx(0.5)
     assert per_sample_text_scores(refs[0], "")["ROUGE-L"] == 0.0
+
+
+def _overrides(cfg) -> list[str]:
+    return ["-p", "paths.data_dir", cfg.paths.data_dir, "-p", "paths.output_dir", cfg.paths.output_dir]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("suffix, content", [
+    (".csv", "uid,prediction,reference\nCXR1,a b,The heart is normal.\nCXR2,c d,\n"),
+    (".json", '[{"uid": "CXR1", "prediction": "a b", "reference": "The heart is normal."},'
+              ' {"uid": "CXR2", "prediction": "c d", "reference": "  "}]'),
+])
+def test_an_empty_reference_cell_is_refused_naming_the_file_and_row(suffix, content, tmp_config, tmp_path,
+                                                                     capsys):
+    """Rows whose reference cell was empty were scored against nothing (BLEU-1 .33, clinical
+    example_F1 1.0) with exit 0."""
+    from medexgen_lib.__main__ import main
+    from medexgen_lib.evaluate import score_predictions_file
+
+    cfg = tmp_config()
+    path = tmp_path / f"preds{suffix}"
+    path.write_text(content)
+    message = f"predictions file {path}, row 2 \\(CXR2\\): the 'reference' is empty"
+    with pytest.raises(ValueError, match=message):
+        score_predictions_file(path, cfg)
+    assert main(["score", str(path), *_overrides(cfg)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "row 2 (CXR2)" in error[0]
+
