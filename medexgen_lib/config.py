@@ -341,7 +341,8 @@ class Config:
 # Allowed range (inclusive; None: open) of every numeric setting, checked by load_config
 # so that a bad value is named at once rather than failing deep inside a stage.
 RANGES: dict[str, tuple[float | None, float | None]] = {
-    "seed": (0, 2**32 - 1), "data.n_phantom_studies": (1, None), "data.phantom_image_size": (32, MAX_PHANTOM_IMAGE_SIZE),
+    "seed": (0, 2**32 - 1), "data.n_phantom_studies": (1, None),
+    "data.phantom_image_size": (32, MAX_PHANTOM_IMAGE_SIZE),
     "data.download_retries": (0, None), "data.images_size": (0, None), "data.reports_size": (0, None),
     "data.archive_max_bytes": (1, None), "data.archive_max_members": (1, None),
     "text.max_length": (8, MAX_TEXT_LENGTH), "tokenizer.vocab_size": (256, MAX_VOCAB_SIZE),

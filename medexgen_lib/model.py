@@ -557,7 +557,8 @@ def check_weights_fit(config: ReportGeneratorConfig, config_path: Path, weights_
     missing = [names[0] for names in names_of.values() if not any(name in stored for name in names)]
     unexpected = [name for name in stored if name not in tensors]
     if missing:
-        problems.append(f"{len(missing)} tensor(s) the config needs are not in the weights, e.g. {missing[:3]}")
+        problems.append(f"{len(missing)} tensor(s) the config needs are not in the weights, "
+                        f"e.g. {missing[:3]}")
     if unexpected:
         problems.append(f"{len(unexpected)} tensor(s) in the weights have no place in the config, "
                         f"e.g. {unexpected[:3]}")
