@@ -87,6 +87,9 @@ def _generate(args) -> None:
     from medexgen_lib.inference import generate_report, saved_decode
     from medexgen_lib.model import ReportGenerator
 
+    for flag, value in (("--beams", args.beams), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     model = ReportGenerator.from_pretrained(args.model)
     given = {"num_beams": args.beams, "max_new_tokens": args.max_new_tokens, "length_penalty": args.length_penalty,
              "no_repeat_ngram_size": args.no_repeat_ngram_size}

@@ -13,6 +13,7 @@ import contextlib
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medexgen_lib.config import load_config
+from medexgen_lib.config import ConfigError, load_config
 from medexgen_lib.files import write_json
 from medexgen_lib.images import ImageCache, load_image, normalize
 from medexgen_lib.paths import PROJECT_ROOT
@@ -479,7 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="config override, e.g. -p paths.output_dir /tmp/out")
     args = parser.parse_args(argv)
-    cfg = load_config("demo", dict(args.p))
+    try:
+        cfg = load_config("demo", dict(args.p))
+    except ConfigError as exc:  # one sentence naming the key or value, as the main CLI prints it
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     run(args.quick, args.name or ("quick" if args.quick else "full"), cfg.paths.logs / "bench",
         cfg.train.num_workers)
     return 0

@@ -8,6 +8,7 @@ same form the notebooks' ``overrides`` parameter and the runner's ``-p`` take.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,15 @@ from medexgen_lib.paths import PROJECT_ROOT
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections"
 RESNET_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101")
 MAX_IMAGE_SIZE = 4096  # px per side; a saved model's image_size is held to the same bound
+# Upper bounds of sizes that allocate memory, shared with a saved model's config.json (model.py):
+# reports are a few hundred tokens (GPT-2 has 1024 positions); the head pools a grid of 7x7 at
+# 224 px; a phantom radiograph needs a few float arrays of its size squared.
+MAX_TEXT_LENGTH = 4096
+MAX_POSITIONS = 8192
+MAX_GUIDANCE_POOL = 16
+# GPT-2 XL has 48 layers, 25 heads, width 1600 and 50,257 tokens; these leave room for larger decoders.
+MAX_LAYERS, MAX_HEADS, MAX_EMBD, MAX_VOCAB_SIZE = 128, 256, 16384, 1_000_000
+MAX_PHANTOM_IMAGE_SIZE = 2048
 
 
 class ConfigError(ValueError):
@@ -341,12 +351,13 @@ class Config:
 # Allowed range (inclusive; None: open) of every numeric setting, checked by load_config
 # so that a bad value is named at once rather than failing deep inside a stage.
 RANGES: dict[str, tuple[float | None, float | None]] = {
-    "seed": (0, 2**32 - 1), "data.n_phantom_studies": (1, None), "data.phantom_image_size": (32, None),
+    "seed": (0, 2**32 - 1), "data.n_phantom_studies": (1, None),
+    "data.phantom_image_size": (32, MAX_PHANTOM_IMAGE_SIZE),
     "data.download_retries": (0, None), "data.images_size": (0, None), "data.reports_size": (0, None),
     "data.archive_max_bytes": (1, None), "data.archive_max_members": (1, None),
-    "text.max_length": (8, None), "tokenizer.vocab_size": (256, None),
+    "text.max_length": (8, MAX_TEXT_LENGTH), "tokenizer.vocab_size": (256, MAX_VOCAB_SIZE),
     "split.val_fraction": (0, 1), "split.test_fraction": (0, 1), "images.max_pixels": (1, None),
-    "model.n_layer": (1, None), "model.n_head": (1, None), "model.n_embd": (1, None),
+    "model.n_layer": (1, MAX_LAYERS), "model.n_head": (1, MAX_HEADS), "model.n_embd": (1, MAX_EMBD),
     "model.dropout": (0, 1), "train.epochs": (1, None), "train.batch_size": (1, None),
     "train.grad_accum": (1, None), "train.lr_encoder": (0, None), "train.lr_decoder": (0, None),
     "train.lr_new": (0, None), "train.weight_decay": (0, None), "train.warmup_ratio": (0, 1),
@@ -354,7 +365,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "eval.num_beams": (1, None), "eval.max_new_tokens": (1, None),
     "eval.no_repeat_ngram_size": (0, None), "eval.batch_size": (1, None),
     "train.label_smoothing": (0, 1), "guidance.loss_weight": (0, None), "guidance.min_count": (1, None),
-    "guidance.pool": (1, None), "guidance.min_auroc": (0, 1),
+    "guidance.pool": (1, MAX_GUIDANCE_POOL), "guidance.min_auroc": (0, 1),
 }
 
 
@@ -426,6 +437,7 @@ def load_config(profile: str = "demo", overrides: dict[str, Any] | None = None) 
     cfg = Config(profile=profile)
     for key, value in settings.items():
         _set_dotted(cfg, key, value)
+    _check_finite(cfg)
     # Re-run each section's validation now that the values are in place.
     for section in dataclasses.fields(cfg):
         value = getattr(cfg, section.name)
@@ -439,6 +451,17 @@ def load_config(profile: str = "demo", overrides: dict[str, Any] | None = None) 
             allowed = f"at least {low}" if high is None else f"between {low} and {high}"
             raise ConfigError(f"config key {key!r} must be {allowed}, got {value!r}")
     return cfg
+
+
+def _check_finite(section: Any, prefix: str = "") -> None:
+    """Refuse NaN and infinity in every float field of every section (``"1e400"`` parses to
+    infinity; NaN passes any range check, as every comparison with it is false)."""
+    for fld in dataclasses.fields(section):
+        value, key = getattr(section, fld.name), f"{prefix}{fld.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
 
 
 def _set_dotted(cfg: Config, key: str, value: Any) -> None:

@@ -285,13 +285,13 @@ def read_predictions_file(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"predictions file {path} does not exist")
-    try:
+    try:  # utf-8-sig: the byte order mark Excel writes before a CSV header is not part of 'uid'
         if path.suffix.lower() == ".json":
-            records = json.loads(path.read_text())
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
         else:
-            with path.open(newline="") as handle:
+            with path.open(newline="", encoding="utf-8-sig") as handle:
                 records = list(csv.DictReader(handle))
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError, RecursionError) as exc:  # too deep
         raise ValueError(f"cannot read predictions file {path}: {exc}") from None
     if not isinstance(records, list) or not records:
         raise ValueError(f"predictions file {path} holds no rows")
@@ -301,8 +301,17 @@ def read_predictions_file(path) -> list[dict]:
         if not uid or "prediction" not in record:
             raise ValueError(f"predictions file {path}, row {number}: needs an 'uid' (or 'id') "
                              "and a 'prediction'")
-        rows.append({"uid": _IMAGE_SUFFIX.sub("", str(uid)), "prediction": record["prediction"] or "",
-                     "reference": record.get("reference")})
+        uid = _IMAGE_SUFFIX.sub("", str(uid))
+        where = f"predictions file {path}, row {number} ({uid})"
+        prediction, reference = record["prediction"], record.get("reference")
+        for name, value in (("prediction", prediction), ("reference", reference)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{where}: {name!r} must be text, got {type(value).__name__}")
+        if reference is not None and not reference.strip():
+            raise ValueError(f"{where}: the 'reference' is empty, and an empty cell is not a "
+                             "reference; fill it in, or leave the column out to take references from "
+                             "the studies table")
+        rows.append({"uid": uid, "prediction": prediction or "", "reference": reference})
     return rows
 
 
@@ -319,9 +328,11 @@ def score_predictions_file(path, cfg, meteor: bool = False, split: str = "test")
 
     from medexgen_lib.metrics import score
     from medexgen_lib.reports import load_studies_table
-    from medexgen_lib.splits import load_splits
+    from medexgen_lib.splits import SPLITS, load_splits
     from medexgen_lib.text import target_texts
 
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     rows = read_predictions_file(path)
     repeats = {uid: n for uid, n in Counter(r["uid"] for r in rows).items() if n > 1}
     if repeats:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -45,6 +46,25 @@ def read_json(path: str | os.PathLike):
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep
         raise ValueError(f"{path} is damaged, not valid JSON ({exc}); delete it and re-run "
                          "the stage that writes it") from None
+
+
+def read_capped(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``max_bytes``: a link to
+    /dev/zero, a FIFO (which would block) or a folder is refused before it is read, and a file
+    longer than ``max_bytes`` is refused after reading no more than one byte past it.
+    ``ValueError`` naming the file; ``FileNotFoundError`` where there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not stat.S_ISREG(path.stat().st_mode):
+        kind = "a directory" if path.is_dir() else "a device, FIFO or socket"
+        raise ValueError(f"{path} is not a regular file ({kind})")
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} is over {max_bytes} bytes, more than any such file MedExGen writes; "
+                         "refused")
+    return data
 
 
 def save_figure(fig, path: str | os.PathLike, close: bool = True) -> Path:

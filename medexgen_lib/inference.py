@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,14 @@ def saved_decode(model: ReportGenerator, model_dir: str | os.PathLike) -> EvalCo
     return dataclasses.replace(decode, max_new_tokens=min(decode.max_new_tokens, room))
 
 
+# Deflated DICOM is inflated as it is read, never past what its header declares: the header
+# itself at most this many bytes, the whole data set its declared pixels plus this slack (element
+# headers, trailing elements, padding).
+DEFLATED_HEADER_BYTES = 8 * 2**20
+DEFLATED_SLACK_BYTES = 2**20
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # float, double float and integer pixel data
+
+
 def is_dicom(path: Path) -> bool:
     """DICOM files carry 'DICM' at byte 128 (a .dcm suffix alone is not trusted)."""
     with open(path, "rb") as handle:
@@ -71,38 +80,127 @@ def is_dicom(path: Path) -> bool:
         return handle.read(4) == b"DICM"
 
 
+class _BoundedInflate:
+    """The body of a Deflated Explicit VR Little Endian file as a seekable file, inflated from
+    ``handle`` as far as it is read and never past ``limit`` bytes (``ImageError`` beyond)."""
+
+    def __init__(self, handle, path: Path, limit: int):
+        self.handle, self.name, self.limit = handle, str(path), limit
+        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.data, self.position, self.pending = bytearray(), 0, b""
+
+    def _fill(self, size: int) -> None:
+        while len(self.data) < size and not self.inflater.eof:
+            if not self.pending:
+                self.pending = self.handle.read(2**16)
+                if not self.pending:
+                    return  # a truncated stream ends the data; the reader names what is missing
+            want = min(self.limit + 1, max(size, len(self.data) + 2**16)) - len(self.data)
+            try:  # no more than asked for (and a little read-ahead): zeros inflate 1000-fold
+                self.data += self.inflater.decompress(self.pending, want)
+            except zlib.error as exc:
+                raise ImageError(f"cannot inflate DICOM {self.name} (Deflated Explicit VR Little "
+                                 f"Endian): {exc}") from None
+            self.pending = self.inflater.unconsumed_tail
+            if len(self.data) > self.limit:
+                raise ImageError(f"DICOM {self.name} (Deflated Explicit VR Little Endian) inflates past "
+                                 f"{self.limit} bytes, more than its header and declared pixels need; "
+                                 "refused as a possible decompression bomb")
+
+    def read(self, size: int = -1) -> bytes:
+        self._fill(self.limit + 1 if size < 0 else self.position + size)
+        end = len(self.data) if size < 0 else self.position + size
+        chunk = bytes(self.data[self.position:end])
+        self.position += len(chunk)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            self._fill(self.limit + 1)
+        self.position = max(0, offset + (0, self.position, len(self.data))[whence])
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
+def _declared_pixel_bytes(path, header, max_pixels: int) -> int:
+    """Bytes of pixel data the header declares, after checking rows x columns x samples x frames
+    against ``max_pixels`` (before any pixel is read)."""
+    try:
+        rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        samples = int(header.get("SamplesPerPixel", 1) or 1)
+        bits = int(header.get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"DICOM {path} has an unreadable image size in its header: {exc}") from None
+    if rows * columns * frames * samples > max_pixels:
+        colour = f" x {samples} samples" if samples != 1 else ""
+        raise ImageError(f"DICOM {path} declares {rows}x{columns} pixels x {frames} frame(s){colour}, over "
+                         f"images.max_pixels ({max_pixels}); refused before decoding as a "
+                         "possible decompression bomb")
+    return rows * columns * frames * samples * -(-min(max(bits, 1), 64) // 8)
+
+
+def _read_dicom_dataset(path: Path, max_pixels: int):
+    """The data set of a DICOM file, its declared size checked against ``max_pixels`` from the
+    header before any pixel is read. A deflated file is inflated only as far as its header and
+    declared pixels go (``_BoundedInflate``), where ``dcmread`` would inflate all of it first."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    with open(path, "rb") as handle:
+        preamble = read_preamble(handle, False)
+        meta = FileMetaDataset(read_dataset(handle, False, True, stop_when=lambda tag, *_: tag.group != 2))
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            body = _BoundedInflate(handle, path, DEFLATED_HEADER_BYTES)
+            header = read_dataset(body, False, True, stop_when=lambda tag, *_: tag in _PIXEL_TAGS)
+            body.limit = body.tell() + _declared_pixel_bytes(path, header, max_pixels) + DEFLATED_SLACK_BYTES
+            body.seek(0)
+            return FileDataset(str(path), read_dataset(body, False, True), preamble, meta, False, True)
+    _declared_pixel_bytes(path, pydicom.dcmread(path, stop_before_pixels=True), max_pixels)
+    return pydicom.dcmread(path)
+
+
+def _luma(pixels: np.ndarray) -> np.ndarray:
+    """Colour pixels (RGB, last axis) to gray by PIL's ``convert("L")`` rule (ITU-R 601-2 luma,
+    L = R * 299/1000 + G * 587/1000 + B * 114/1000), as PNG and JPEG are read: 8-bit data through
+    PIL itself, deeper data (which PIL cannot convert) with the same weights."""
+    if pixels.dtype == np.uint8:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(pixels), "RGB").convert("L"))
+    return pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:
     """A DICOM radiograph as ``size``² uint8 gray, displayed as pydicom documents it: the
     modality LUT (rescale slope/intercept) first, then the VOI LUT or window, MONOCHROME1
-    inverted. Rows x columns x frames declared in the header are checked against
-    ``max_pixels`` before any pixel is decoded (a compressed bomb is refused unread)."""
-    import pydicom
+    inverted. Rows x columns x samples x frames declared in the header are checked against
+    ``max_pixels`` before any pixel is decoded (a compressed bomb is refused unread; a deflated
+    file is inflated no further than its header declares). Colour (RGB, and YBR as pydicom
+    converts it to RGB) becomes gray by the luma PNG and JPEG get (``_luma``). An image of one
+    value throughout (a constant, a rescale slope of 0) is refused: it shows nothing."""
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    path = Path(path)
     try:
-        ds = pydicom.dcmread(path)
+        ds = _read_dicom_dataset(path, max_pixels)
+    except ImageError:
+        raise
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise ImageError(f"cannot read DICOM {path}: {exc}") from None
     if "PixelData" not in ds:
         raise ImageError(f"DICOM {path} has no pixel data (PixelData element missing)")
     try:
-        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError) as exc:
-        raise ImageError(f"DICOM {path} has an unreadable image size in its header: {exc}") from None
-    if rows * columns * frames > max_pixels:
-        raise ImageError(f"DICOM {path} declares {rows}x{columns} pixels x {frames} frame(s), over "
-                         f"images.max_pixels ({max_pixels}); refused before decoding as a "
-                         "possible decompression bomb")
-    try:
         pixels = ds.pixel_array
     except Exception as exc:  # unsupported transfer syntax, truncated data, missing decoder
         raise ImageError(f"cannot decode the pixels of DICOM {path}: {exc}") from None
-    if frames > 1:
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
-        pixels = pixels[..., :3].mean(axis=-1)
+        pixels = _luma(pixels[..., :3])
     if pixels.ndim != 2:
         raise ImageError(f"DICOM {path} has pixels of shape {pixels.shape}; expected one 2-D image")
     check_radiograph_shape(path, pixels.shape[1], pixels.shape[0])
@@ -113,19 +211,32 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
     if not np.isfinite(values).all():
         raise ImageError(f"DICOM {path}: its rescale slope/intercept or window give non-finite "
                          "pixel values (NaN or infinity); refused rather than shown blank")
+    if values.min() == values.max():
+        raise ImageError(f"DICOM {path} is uniform: every pixel is {values.min():g} after its rescale "
+                         "slope/intercept and window; there is no image to report on")
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         values = values.max() - values  # MONOCHROME1: bright means low values
     return np.asarray(stretch_to_uint8(values).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def read_radiograph(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000) -> np.ndarray:
-    """PNG, JPEG or DICOM -> ``size``² uint8 gray, with one clear error for anything else."""
+    """PNG, JPEG or DICOM -> ``size``² uint8 gray, with one clear error for anything else: a
+    path that is missing, a folder or not a regular file (a FIFO would block), an undecodable
+    file, or an image of one value throughout (blank, nothing to report on)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ImageError(f"image {path} does not exist")
+    if path.is_dir():
+        raise ImageError(f"image {path} is a directory, not an image file")
+    if not path.is_file():
+        raise ImageError(f"image {path} is not a regular file (a FIFO, device or socket)")
     if is_dicom(path):
         return read_dicom(path, size, max_pixels)
-    return load_image(path, size, max_pixels)
+    pixels = load_image(path, size, max_pixels)
+    if pixels.min() == pixels.max():
+        raise ImageError(f"image {path} is uniform: every pixel is {pixels.min()}; there is no "
+                         "image to report on")
+    return pixels
 
 
 @torch.no_grad()

@@ -25,14 +25,15 @@ from pathlib import Path
 
 import torch
 import torchvision
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from medexgen_lib import guidance, planning
-from medexgen_lib.config import MAX_IMAGE_SIZE
-from medexgen_lib.files import recover_dir, replace_dir
+from medexgen_lib.config import (MAX_EMBD, MAX_GUIDANCE_POOL, MAX_HEADS, MAX_IMAGE_SIZE, MAX_LAYERS,
+                                  MAX_POSITIONS, MAX_VOCAB_SIZE)
+from medexgen_lib.files import read_capped, recover_dir, replace_dir
 from medexgen_lib.guidance import ObservationGuidance, observation_loss
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,14 @@ log = logging.getLogger(__name__)
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 ENCODER_STRIDE = 32  # a ResNet's grid is image_size / 32 per side
 # Allowed (low, high) of config.json's numbers, checked before any layer is built: a zero
-# count or an image below one encoder cell cannot run, NaN dropout passes torch's own check.
-_CONFIG_RANGES = {"vocab_size": (1, None), "n_layer": (1, None), "n_head": (1, None),
-                  "n_embd": (1, None), "n_positions": (1, None), "n_views": (2, None),
-                  "image_size": (ENCODER_STRIDE, MAX_IMAGE_SIZE), "dropout": (0.0, 1.0)}
+# count or an image below one encoder cell cannot run, NaN dropout passes torch's own check, and
+# the upper bounds (the run config's, where it has the setting) keep a tampered file from sizing
+# layers of terabytes. A study has two views (frontal, lateral); a few more are allowed.
+_CONFIG_RANGES = {"vocab_size": (1, MAX_VOCAB_SIZE), "n_layer": (1, MAX_LAYERS), "n_head": (1, MAX_HEADS),
+                  "n_embd": (1, MAX_EMBD), "n_positions": (1, MAX_POSITIONS), "n_views": (2, 8),
+                  "image_size": (ENCODER_STRIDE, MAX_IMAGE_SIZE), "dropout": (0.0, 1.0),
+                  "guidance_pool": (1, MAX_GUIDANCE_POOL)}
+MAX_CONFIG_BYTES = 16 * 2**20  # config.json is a few kB (a sentence bank adds some)
 # Parameter names of the decoder's cross-attention layers: new even in a pretrained GPT-2.
 CROSS_ATTENTION_PARTS = ("crossattention", "ln_cross_attn")
 
@@ -529,10 +534,12 @@ class ReportGenerator(nn.Module):
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: {directory} is not a saved ReportGenerator")
         try:
-            values = json.loads(config_path.read_text(encoding="utf-8"))
+            values = json.loads(read_capped(config_path, MAX_CONFIG_BYTES).decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep
             raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
-        model = cls(ReportGeneratorConfig.from_dict(values, str(config_path)))
+        config = ReportGeneratorConfig.from_dict(values, str(config_path))
+        check_weights_fit(config, config_path, weights_path)
+        model = cls(config)
         try:
             load_model(model, str(weights_path), strict=True, device=str(device))
         except SafetensorError as exc:
@@ -544,7 +551,55 @@ class ReportGenerator(nn.Module):
         if (directory / "tokenizer.json").exists():
             from medexgen_lib.tokenizer import load_tokenizer
             model.tokenizer = load_tokenizer(directory)
+            check_tokenizer_fits_config(model.tokenizer, config, directory / "tokenizer.json", config_path)
         return model.to(device).eval()  # as transformers' from_pretrained: inference mode
+
+
+def check_weights_fit(config: ReportGeneratorConfig, config_path: Path, weights_path: Path) -> None:
+    """Refuse a config.json whose layers do not match the tensors in the safetensors header,
+    before any real layer is built: the architecture is built on PyTorch's meta device (shapes,
+    no memory) and its tensors compared with the header's names and shapes (no weight is read).
+    ``ValueError`` naming both files and the first tensors that differ."""
+    if not weights_path.is_file():
+        raise ValueError(f"weights {weights_path} are not a regular file")
+    try:
+        with safe_open(str(weights_path), framework="pt") as weights:
+            stored = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"weights {weights_path} are not a readable safetensors file "
+                         f"(truncated or corrupt): {exc}") from None
+    with torch.device("meta"):
+        skeleton = ReportGenerator(config)
+    tensors = skeleton.state_dict(keep_vars=True)
+    names_of: dict[int, list[str]] = {}  # tied tensors (one object, several names) are saved once
+    for name, tensor in tensors.items():
+        names_of.setdefault(id(tensor), []).append(name)
+    problems = [f"size mismatch for {name}: {list(shape)} in the weights, {list(tensors[name].shape)} "
+                "by the config" for name, shape in stored.items()
+                if name in tensors and shape != tuple(tensors[name].shape)]
+    missing = [names[0] for names in names_of.values() if not any(name in stored for name in names)]
+    unexpected = [name for name in stored if name not in tensors]
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the config needs are not in the weights, "
+                        f"e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the weights have no place in the config, "
+                        f"e.g. {unexpected[:3]}")
+    if problems:
+        raise ValueError(f"weights {weights_path} do not fit {config_path}: {'; '.join(problems[:2])}")
+
+
+def check_tokenizer_fits_config(tokenizer, config: ReportGeneratorConfig, tokenizer_path: Path,
+                                config_path: Path) -> None:
+    """Refuse a tokenizer that is not the model's (another model's tokenizer.json, say): its
+    size and special token ids must be those ``config.json`` was built with."""
+    found = {"vocab_size": len(tokenizer), **{f"{name}_token_id": getattr(tokenizer, f"{name}_token_id")
+                                             for name in ("bos", "eos", "pad")}}
+    wrong = [f"{key} {value} (config.json: {getattr(config, key)})" for key, value in found.items()
+             if value != getattr(config, key)]
+    if wrong:
+        raise ValueError(f"tokenizer {tokenizer_path} is not the tokenizer of {config_path}: "
+                         f"{', '.join(wrong)}")
 
 
 def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:

@@ -207,4 +207,11 @@ def add_results(model_dir: str | os.PathLike, summary: dict) -> Path | None:
     facts["results"][summary["split"]] = {
         "n": summary["n"], "decode": summary["decode"], "model": _card_metrics(summary["model"]),
         "baselines": {name: _card_metrics(values) for name, values in summary["baselines"].items()}}
-    return write_text_atomic(path, str(build_card(facts)))
+    try:
+        text = str(build_card(facts))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # facts edited by hand
+        log.warning("model card %s lacks what MedExGen rebuilds it from (%s %s); left as it is: the %s "
+                    "metrics are in metrics_%s.json only", path, type(exc).__name__, exc, summary["split"],
+                    summary["split"])
+        return None
+    return write_text_atomic(path, text)

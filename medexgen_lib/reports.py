@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +39,7 @@ class MalformedReport(ValueError):
 def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike | None = None,
                  projections: str | os.PathLike | pd.DataFrame | None = None,
                  max_report_bytes: int = MAX_REPORT_BYTES) -> pd.DataFrame:
-    """The studies table for every ``*.xml`` under ``reports_dir``, one row per uid.
+    """The studies table for every ``*.xml`` (any case) under ``reports_dir``, one row per uid.
 
     ``images_dir``: where image files are looked up by id (any depth), so each
     study gets resolved paths and an ``image_missing`` flag. ``projections``: a
@@ -47,7 +48,8 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
     without one, projections are ``unknown`` (Open-i's captions describe the study,
     not the image, so they are not a reliable source). ``projection_source`` names
     the table that gave a study's projections, or ``unknown``.
-    Malformed files, and files over ``max_report_bytes``, are listed in
+    Malformed files, files over ``max_report_bytes``, and entries named ``*.xml`` that are
+    not readable files (a broken link, a link loop, a folder, a FIFO) are listed in
     ``df.attrs["malformed"]`` as (file, reason). Uids are read without surrounding
     whitespace and compared without case; a uid declared by a second file is
     kept from the first file in sorted order (numeric file names in number order),
@@ -61,7 +63,7 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
     if not reports_dir.is_dir():
         raise FileNotFoundError(f"reports folder {reports_dir} does not exist; "
                                 "run notebook 01_acquisition first")
-    files = sorted(reports_dir.rglob("*.xml"), key=_report_sort_key)
+    files = sorted((p for p in reports_dir.rglob("*") if p.suffix.lower() == ".xml"), key=_report_sort_key)
     image_index, duplicate_images = (_index_images(Path(images_dir)) if images_dir is not None
                                      else (None, []))
     projection_of = _load_projections(projections) if projections is not None else {}
@@ -100,9 +102,17 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
 
 def parse_report(path: str | os.PathLike, max_bytes: int = MAX_REPORT_BYTES) -> dict:
     """One report's sections, MeSH terms and image ids (no entity expansion); a file over
-    ``max_bytes`` is refused before it is parsed."""
+    ``max_bytes``, or anything but a readable regular file, is refused before it is parsed. A
+    section given in several elements keeps all their texts, joined in document order."""
     path = Path(path)
-    size = path.stat().st_size
+    try:
+        info = path.stat()
+    except OSError as exc:  # a broken link, a link loop, no permission
+        raise MalformedReport(f"cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise MalformedReport("a directory, not a report file" if stat.S_ISDIR(info.st_mode) else
+                              "not a regular file (a FIFO, device or socket); not opened")
+    size = info.st_size
     if size > max_bytes:
         raise MalformedReport(f"{size} bytes, over the {max_bytes}-byte limit for one report "
                               "(Open-i's are a few kB); not parsed")
@@ -115,13 +125,20 @@ def parse_report(path: str | os.PathLike, max_bytes: int = MAX_REPORT_BYTES) -> 
         raise MalformedReport(f"not well-formed XML ({exc})") from None
     except LookupError as exc:  # an encoding declaration Python does not know
         raise MalformedReport(f"wrong encoding declaration ({exc})") from None
+    except OSError as exc:  # unreadable although it is a file (permissions, I/O error)
+        raise MalformedReport(f"cannot be read ({exc.strerror or exc})") from None
     if root.tag != "eCitation":
         raise MalformedReport(f"root element is <{root.tag}>, expected <eCitation>")
-    sections = {name: "" for name in SECTIONS}
+    texts: dict[str, list[str]] = {name: [] for name in SECTIONS}
     for element in root.iter("AbstractText"):
         label = (element.get("Label") or "").lower()
-        if label in sections:
-            sections[label] = " ".join("".join(element.itertext()).split())
+        text = " ".join("".join(element.itertext()).split())
+        if label in texts and text:
+            texts[label].append(text)
+    for label, parts in texts.items():
+        if len(parts) > 1:
+            log.info("report %s has %d %s elements; their texts are joined", path, len(parts), label.upper())
+    sections = {name: " ".join(parts) for name, parts in texts.items()}
     uid_element = root.find("uId")
     uid = (uid_element.get("id") or "").strip() if uid_element is not None else ""
     uid = uid or f"CXR{path.stem}"

@@ -18,12 +18,15 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
 
-from medexgen_lib.files import recover_dir, replace_dir
+from medexgen_lib.files import read_capped, recover_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 SOURCE_FILE = "source.json"
+# The JSON files transformers reads from a tokenizer folder; each is checked before loading.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+MAX_TOKENIZER_FILE_BYTES = 64 * 2**20  # GPT-2's tokenizer.json is 2 MB; large vocabularies 10-30 MB
 
 # Whole words that should never be split: they carry the findings the labeler scores.
 MEDICAL_TOKENS = (
@@ -131,14 +134,49 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLik
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """The tokenizer saved by ``build_tokenizer`` (notebook 03)."""
+    """The tokenizer saved by ``build_tokenizer`` (notebook 03), or with a saved model.
+
+    Each JSON file transformers reads here is checked first, its size capped (a link to
+    /dev/zero is refused unread): one that is not a JSON object, is nested too deep, or (for
+    tokenizer.json) is not a tokenizer the ``tokenizers`` library reads raises ``ValueError``
+    naming the file; so does a tokenizer transformers still cannot build from them."""
     path = Path(path)
     recover_dir(path)
     if not (path / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer in {path}; run notebook 03_preprocessing first")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    present = [name for name in TOKENIZER_FILES if (path / name).exists() or (path / name).is_symlink()]
+    for name in present:
+        _check_tokenizer_file(path / name)
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    except Exception as exc:  # transformers' KeyError/TypeError/ValueError on a value it cannot use
+        raise ValueError(f"tokenizer files in {path} ({', '.join(present)}) hold a value transformers "
+                         f"cannot use: {type(exc).__name__}: {exc}") from None
     tokenizer.clean_up_tokenization_spaces = False
     return tokenizer
+
+
+def _check_tokenizer_file(path: Path) -> None:
+    """``ValueError`` naming ``path`` unless it is a JSON object (a tokenizer.json one the
+    ``tokenizers`` library reads, with the ``added_tokens`` transformers needs)."""
+    try:
+        text = read_capped(path, MAX_TOKENIZER_FILE_BYTES).decode("utf-8")
+        values = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep
+        raise ValueError(f"tokenizer file {path} is not valid JSON: {exc}") from None
+    except ValueError as exc:  # not a regular file, or too large
+        raise ValueError(f"tokenizer file {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"tokenizer file {path} must hold a JSON object, got {type(values).__name__}")
+    if path.name == "tokenizer.json":
+        try:
+            Tokenizer.from_str(text)
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise ValueError(f"tokenizer file {path} is not a tokenizer the tokenizers library "
+                             f"reads: {exc}") from None
+        if not isinstance(values.get("added_tokens"), list):
+            raise ValueError(f"tokenizer file {path} has no 'added_tokens' list; it was not saved "
+                             "by transformers")
 
 
 def encode_for_training(tokenizer: PreTrainedTokenizerFast, text: str, max_length: int) -> list[int]:

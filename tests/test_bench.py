@@ -56,3 +56,19 @@ def test_accelerated_training_code_path_runs_on_cpu():
         assert result[mode]["flops_per_step"] > 1e8 and result[mode]["mfu"] is None  # no peak for a CPU
     assert result["tf32_speedup_over_fp32"] == pytest.approx(
         result["tf32"]["samples_per_s"] / result["fp32"]["samples_per_s"])
+
+
+@pytest.mark.reliability
+def test_a_bad_override_is_one_line_naming_the_key(tmp_path, capsys):
+    """``python -m medexgen_lib.bench -p bogus.key 1`` ended in a ConfigError traceback."""
+    import subprocess
+    import sys
+
+    assert main(["-p", "bogus.key", "1", "-p", "paths.output_dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: unknown config key 'bogus.key': config has no field 'bogus' (known: data, eval, guidance, "
+        "images, model, paths, profile, seed, split, text, tokenizer, train)"]
+    run = subprocess.run([sys.executable, "-m", "medexgen_lib.bench", "-p", "bogus.key", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1 and "bogus.key" in run.stderr
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -57,3 +57,45 @@ def test_config_saved_as_json(tmp_path):
     import json
     path = load_config("demo").save(tmp_path / "config.json")
     assert json.loads(path.read_text())["data"]["source"] == "phantom"
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("key, value", [
+    ("train.lr_decoder", "nan"), ("train.lr_new", "inf"), ("train.lr_new", "1e400"),
+    ("model.dropout", "nan"), ("split.val_fraction", "nan"), ("train.clip_grad_norm", "nan"),
+    ("train.weight_decay", "inf"), ("guidance.loss_weight", float("nan")),
+    ("train.label_smoothing", "nan"), ("train.warmup_ratio", "nan"),
+    ("eval.length_penalty", "nan"), ("eval.length_penalty", "-inf"),
+])
+def test_nan_and_infinity_are_refused_in_every_float_setting(key, value):
+    """NaN passed every range check (nan < low is false) and 1e400 parses to infinity."""
+    with pytest.raises(ConfigError, match=rf"config key '{key.replace('.', '[.]')}' must be a finite "
+                                          r"number, got (nan|-?inf)$"):
+        load_config("demo", {key: value})
+
+
+@pytest.mark.reliability
+def test_every_float_setting_is_checked_for_nan():
+    """The finite check is generic: no float field of any section escapes it."""
+    import dataclasses
+
+    cfg = load_config("demo")
+    floats = [f"{section.name}.{fld.name}" for section in dataclasses.fields(cfg)
+              if dataclasses.is_dataclass(getattr(cfg, section.name))
+              for fld in dataclasses.fields(getattr(cfg, section.name))
+              if isinstance(getattr(getattr(cfg, section.name), fld.name), float)]
+    assert len(floats) >= 12
+    for key in floats:
+        with pytest.raises(ConfigError, match="finite"):
+            load_config("demo", {key: "nan"})
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("key, value", [
+    ("text.max_length", 10**7), ("guidance.pool", 20000), ("data.phantom_image_size", 50000),
+])
+def test_sizes_that_would_exhaust_memory_are_refused(key, value):
+    """phantom_image_size 50000 tried to allocate 37 GiB; guidance.pool 20000 builds a head of
+    2 x 20000² x 2048 inputs; text.max_length sizes the decoder's positions."""
+    with pytest.raises(ConfigError, match=rf"config key '{key.replace('.', '[.]')}' must be between"):
+        load_config("demo", {key: value})

@@ -1,6 +1,7 @@
 """Reports for new images from PNG, JPEG and DICOM files the test writes; bad inputs."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -244,11 +245,11 @@ def test_a_dicom_with_a_hostile_rescale_or_window_gets_one_error(header, message
 @pytest.mark.parametrize("field, value, message", [
     ("dropout", float("nan"), r"'dropout' must be in \[0.0, 1.0\], got nan"),
     ("dropout", 5.0, r"'dropout' must be in \[0.0, 1.0\], got 5.0"),
-    ("n_head", 0, r"'n_head' must be in \[1, inf\], got 0"),
+    ("n_head", 0, r"'n_head' must be in \[1, 256\], got 0"),
     ("n_head", 7, r"'n_embd' \(\d+\) must be a multiple of 'n_head' \(7\)"),
     ("image_size", 16, r"'image_size' must be in \[32, 4096\], got 16"),
     ("image_size", 10**9, r"'image_size' must be in \[32, 4096\], got 1000000000"),
-    ("n_views", 1, r"'n_views' must be in \[2, inf\], got 1"),
+    ("n_views", 1, r"'n_views' must be in \[2, 8\], got 1"),
     ("eos_token_id", 10**6, r"'eos_token_id' \(1000000\) must be at most"),
 ])
 def test_a_model_config_out_of_range_names_the_field(field, value, message, model_dir, tmp_path,
@@ -359,3 +360,322 @@ def test_generate_decodes_as_the_model_was_evaluated_unless_flags_say_otherwise(
         "num_beams": 1, "max_new_tokens": 9, "length_penalty": 1.0, "do_sample": False}}
     (saved / "README.md").write_text(str(build_card(facts)))
     assert generate(saved) == {"num_beams": 1, "max_new_tokens": 9, "length_penalty": 1.0}
+
+
+def _deflated_dicom(path, rows, columns, pixel_chunks, declared_bytes=None):
+    """A Deflated Explicit VR Little Endian DICOM whose header declares ``rows`` x ``columns``
+    16-bit gray pixels and whose PixelData inflates to the bytes of ``pixel_chunks``; compressed
+    chunk by chunk, so a bomb of many MB of zeros is built in little memory."""
+    import io
+    import struct
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "TEST"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    written = io.BytesIO()
+    ds.save_as(written, enforce_file_format=True)  # no pixels yet: file meta + deflated header
+    raw = io.BytesIO(written.getvalue())
+    read_preamble(raw, False)
+    read_dataset(raw, False, True, stop_when=lambda tag, *_: tag.group != 2)
+    head, body = raw.getvalue()[:raw.tell()], zlib.decompress(raw.getvalue()[raw.tell():], -zlib.MAX_WBITS)
+    chunks = list(pixel_chunks) if declared_bytes is None else pixel_chunks
+    size = sum(len(c) for c in chunks) if declared_bytes is None else declared_bytes
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with open(path, "wb") as out:
+        out.write(head + deflate.compress(body + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", size)))
+        for chunk in chunks:
+            out.write(deflate.compress(chunk))
+        out.write(deflate.flush())
+    return path
+
+
+def _zeros(total, chunk=2**20):
+    block = bytes(chunk)
+    for _ in range(total // chunk):
+        yield block
+
+
+@pytest.mark.reliability
+def test_a_deflated_dicom_decodes_as_the_same_pixels_uncompressed(tmp_path):
+    pixels = _chest().astype(np.uint16) * 16
+    deflated = _deflated_dicom(tmp_path / "d.dcm", *pixels.shape, [pixels.tobytes()])
+    plain = write_dicom(tmp_path / "p.dcm", pixels)
+    assert np.array_equal(read_dicom(deflated, 64), read_dicom(plain, 64))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("rows, columns, message", [
+    # 128 kB declared, 48 MB inflated
+    (256, 256, "inflates past \\d+ bytes, more than its header and declared pixels need"),
+    (30000, 30000, "declares 30000x30000 pixels x 1 frame\\(s\\), over images.max_pixels"),
+])
+def test_a_deflated_dicom_bomb_is_refused_without_inflating_it(rows, columns, message, tmp_path,
+                                                                 model_dir, capsys):
+    """dcmread inflated the whole file before the max_pixels check: 1.5 GB of zeros in a 1.46 MB
+    file took generate to 3.8 GB of memory; 4 GB inflated ended in a MemoryError traceback."""
+    import tracemalloc
+
+    bomb = _deflated_dicom(tmp_path / "bomb.dcm", rows, columns, _zeros(48 * 2**20), 48 * 2**20)
+    assert bomb.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match=f"DICOM .*bomb.dcm.* {message}"):
+            read_radiograph(bomb, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MB allocated to refuse a 128 kB image"
+    assert main(["generate", "--model", str(model_dir), str(bomb)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "bomb.dcm" in error[0]
+
+
+def write_colour_dicom(path, pixels, photometric="RGB"):
+    """An 8-bit colour DICOM (pixel-interleaved) of ``pixels`` [H, W, 3] in ``photometric``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "TEST"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.reliability
+def test_colour_dicom_becomes_gray_by_the_luma_png_gets(tmp_path):
+    """RGB DICOM was a plain channel mean and YBR_FULL not its Y (luminance), while the same
+    pixels as PNG get PIL's ITU-R 601-2 luma: one study gave three different grays."""
+    from pydicom.pixels import convert_color_space
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rgb[0, 0], rgb[0, 1] = 0, 255  # black and white present: the DICOM stretch changes nothing
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    luma = read_radiograph(tmp_path / "c.png", 64)
+    assert np.array_equal(luma, np.asarray(Image.fromarray(rgb).convert("L")))
+    assert np.array_equal(read_radiograph(write_colour_dicom(tmp_path / "rgb.dcm", rgb), 64), luma)
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    gray = read_radiograph(write_colour_dicom(tmp_path / "ybr.dcm", ybr, "YBR_FULL"), 64).astype(int)
+    assert np.abs(gray - ybr[..., 0]).max() <= 2  # Y, within the rounding of pydicom's YBR -> RGB
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", ["png_constant", "png_black", "dicom_constant", "dicom_slope_zero"])
+def test_a_uniform_image_is_refused_naming_the_file(case, tmp_path, model_dir, capsys):
+    """A constant image, or a DICOM whose rescale slope is 0, became an all-zero image and
+    generate printed a confident report with exit 0."""
+    import pydicom
+
+    if case.startswith("png"):
+        path = tmp_path / "flat.png"
+        Image.new("L", (100, 120), 0 if case == "png_black" else 140).save(path)
+    else:
+        pixels = np.full((120, 100), 700) if case == "dicom_constant" else _chest().astype(np.uint16) * 16
+        path = write_dicom(tmp_path / "flat.dcm", pixels)
+        if case == "dicom_slope_zero":
+            ds = pydicom.dcmread(path)
+            ds.RescaleSlope, ds.RescaleIntercept = "0", "5"
+            ds.save_as(path)
+    with pytest.raises(ImageError, match=f"{path.name} is uniform: every pixel is"):
+        read_radiograph(path, 64)
+    assert main(["generate", "--model", str(model_dir), str(path)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{path.name} is uniform" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case, message", [
+    ("directory", "is a directory, not an image file"), ("fifo", "is not a regular file"),
+    ("missing", "does not exist"),
+])
+def test_a_folder_or_fifo_is_named_as_what_it_is(case, message, tmp_path, model_dir, capsys):
+    """A folder or a FIFO given to generate was reported as "does not exist"."""
+    import os
+
+    path = tmp_path / "input.png"
+    if case == "directory":
+        path.mkdir()
+    elif case == "fifo":
+        os.mkfifo(path)
+    with pytest.raises(ImageError, match=f"image {path} {message}"):
+        read_radiograph(path, 64)
+    assert main(["generate", "--model", str(model_dir), str(path)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("flag, value", [("--beams", "0"), ("--beams", "-1"), ("--max-new-tokens", "0")])
+def test_a_decoding_setting_below_one_is_named(flag, value, model_dir, tmp_path, capsys):
+    """--beams 0 ended in a ZeroDivisionError traceback, --beams -1 in "negative dimension"."""
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(model_dir), str(tmp_path / "f.png"), flag, value]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: {flag} must be at least 1, got {value}"]
+
+
+@pytest.fixture
+def no_decoder_in_memory(monkeypatch):
+    """Fails the test where a GPT-2 decoder is built in real memory (not on PyTorch's meta device):
+    a tampered config.json must be refused before its layers are allocated."""
+    import medexgen_lib.model as model_module
+
+    real = model_module.GPT2LMHeadModel
+
+    def guarded(config):
+        if torch.empty(0).device.type != "meta":
+            pytest.fail(f"a decoder of {config.n_layer} layers x {config.n_embd} was built in memory "
+                        "before config.json was checked")
+        return real(config)
+    monkeypatch.setattr(model_module, "GPT2LMHeadModel", guarded)
+
+
+def _tampered(model_dir, tmp_path, **changes):
+    import shutil
+
+    hostile = tmp_path / "model"
+    shutil.copytree(model_dir, hostile)
+    config = json.loads((hostile / "config.json").read_text())
+    (hostile / "config.json").write_text(json.dumps({**config, **changes}))
+    return hostile
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("field, value, bound", [
+    ("n_layer", 100_000, "[1, 128]"), ("vocab_size", 2_000_000_000, "[1, 1000000]"),
+    ("n_positions", 10**9, "[1, 8192]"), ("n_embd", 1_048_576, "[1, 16384]"),
+    ("guidance_pool", 20_000, "[1, 16]"), ("n_views", 10**6, "[2, 8]"),
+])
+def test_a_model_config_with_huge_sizes_is_refused_before_building(field, value, bound, model_dir, tmp_path,
+                                                                  capsys, no_decoder_in_memory):
+    """n_layer 100000 used 4.9 GB in 24 s; the others failed in the allocator naming no file."""
+    hostile = _tampered(model_dir, tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=f"config.json: model config field '{field}' must be in "
+                                         f"{re.escape(bound)}, got {value}"):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "config.json" in error[0] and f"'{field}'" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("changes, message", [
+    ({"n_layer": 3}, r"tensor\(s\) the config needs are not in the weights, e.g. \['decoder.transformer.h.1"),
+    ({"vocab_size": 100_000}, r"size mismatch for decoder.(lm_head|transformer.wte).weight: \[\d+, 32\] in "
+                              r"the weights, \[100000, 32\] by the config"),
+    ({"n_embd": 16384}, "size mismatch for"), ({"n_positions": 8192}, "decoder.transformer.wpe.weight"),
+    ({"n_views": 8}, "size mismatch for view_embedding.weight"),
+])
+def test_a_model_config_that_does_not_match_the_weights_header_is_refused_unbuilt(
+        changes, message, model_dir, tmp_path, capsys, no_decoder_in_memory):
+    """Within the bounds a tampered config.json can still size layers of many GB (n_embd 16384:
+    3 GB per layer); its shapes are checked against the safetensors header before any is built."""
+    hostile = _tampered(model_dir, tmp_path, **changes)
+    with pytest.raises(ValueError, match=f"weights .*model.safetensors do not fit .*config.json: .*{message}"):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "do not fit" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", ["dev_zero", "oversized"])
+def test_a_model_config_json_that_is_a_device_or_too_large_is_refused_unread(case, model_dir, tmp_path,
+                                                                            capsys, monkeypatch):
+    """config.json as a link to /dev/zero ended in a MemoryError after 4.4 GB."""
+    import medexgen_lib.model as model_module
+
+    hostile = _tampered(model_dir, tmp_path)
+    config = hostile / "config.json"
+    if case == "dev_zero":
+        config.unlink()
+        config.symlink_to("/dev/zero")
+        message = "config.json is not a regular file"
+    else:
+        monkeypatch.setattr(model_module, "MAX_CONFIG_BYTES", config.stat().st_size + 10)
+        config.write_text(config.read_text() + " " * 20)  # valid JSON, 10 bytes over the cap
+        message = f"config.json is over {config.stat().st_size - 10} bytes"
+    with pytest.raises(ValueError, match=message):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+
+
+def _wordpiece_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    other = Tokenizer(models.WordPiece({"[UNK]": 0, "heart": 1, "normal": 2}, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    return other.to_str()
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", b"\x00garbage{", "tokenizer.json is not valid JSON"),
+    ("tokenizer.json", b'{"a": 1}', "tokenizer.json is not a tokenizer the tokenizers library reads"),
+    ("tokenizer.json", b"[1, 2]", "tokenizer.json must hold a JSON object, got list"),
+    ("tokenizer.json", "no added_tokens", "tokenizer.json has no 'added_tokens' list"),
+    ("tokenizer.json", "wordpiece", "tokenizer.json is not the tokenizer of .*config.json: vocab_size"),
+    ("tokenizer.json", "/dev/zero", "tokenizer.json is not a regular file"),
+    ("tokenizer_config.json", b"\x00garbage{", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", b"[" * 100_000 + b"]" * 100_000, "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", b"[1, 2]", "tokenizer_config.json must hold a JSON object"),
+    ("tokenizer_config.json", b'{"bos_token": 5}', r"\(tokenizer.json, tokenizer_config.json\) hold a value "
+                                                   "transformers cannot use: TypeError"),
+])
+def test_a_damaged_or_foreign_tokenizer_file_is_named(name, content, message, model_dir, tmp_path, capsys):
+    """Another model type's tokenizer.json gave KeyError: 'added_tokens', garbage a JSON error
+    naming no file, deep nesting a RecursionError; a WordPiece tokenizer.json loaded silently."""
+    hostile = _tampered(model_dir, tmp_path)
+    target = hostile / name
+    if content == "no added_tokens":
+        values = json.loads(target.read_text())
+        del values["added_tokens"]
+        content = json.dumps(values).encode()
+    elif content == "wordpiece":
+        content = _wordpiece_tokenizer_json().encode()
+    if content == "/dev/zero":
+        target.unlink()
+        target.symlink_to("/dev/zero")
+    else:
+        target.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        ReportGenerator.from_pretrained(hostile)
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(hostile), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and (name in error[0] or "tokenizer files in" in error[0])
+
+
+def test_every_model_size_the_run_config_allows_loads_back():
+    """A saved model's bounds are the run config's, so no trained model is refused at load time."""
+    from medexgen_lib.config import MAX_TEXT_LENGTH, RANGES
+    from medexgen_lib.model import _CONFIG_RANGES
+
+    for key, field in (("model.n_layer", "n_layer"), ("model.n_head", "n_head"), ("model.n_embd", "n_embd"),
+                       ("tokenizer.vocab_size", "vocab_size"), ("guidance.pool", "guidance_pool")):
+        assert RANGES[key][1] == _CONFIG_RANGES[field][1], key
+    assert MAX_TEXT_LENGTH + 100 <= _CONFIG_RANGES["n_positions"][1]  # room for a guidance prompt

@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 
+import pytest
 from huggingface_hub import ModelCard
 
 from medexgen_lib.model import ReportGenerator
@@ -70,3 +71,19 @@ def test_an_unreadable_card_is_left_as_it_is_with_a_warning_naming_it(trained_ti
     assert (folder / CARD_FILE).read_text() == broken
     assert any(str(folder / CARD_FILE) in r.getMessage() and "metrics_test.json" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.reliability
+def test_a_card_whose_medexgen_facts_lack_a_section_is_left_as_it_is(tmp_path, caplog):
+    """A hand-edited card without ``medexgen.data`` crashed stage 05 (KeyError: 'data') after
+    the metrics were written; it is left as it is, with a warning naming it."""
+    edited = ("---\nlibrary_name: medexgen\nmedexgen:\n  results: {}\n  model: {encoder: resnet18}\n"
+              "---\n# notes\n")
+    (tmp_path / CARD_FILE).write_text(edited)
+    summary = {"split": "test", "n": 3, "decode": {"num_beams": 1}, "model": {"BLEU-4": 0.2},
+               "baselines": {"constant (most frequent)": {"BLEU-4": 0.1}}}
+    with caplog.at_level(logging.WARNING, logger="medexgen_lib.model_card"):
+        assert add_results(tmp_path, summary) is None
+    assert (tmp_path / CARD_FILE).read_text() == edited
+    assert any(str(tmp_path / CARD_FILE) in r.getMessage() and "metrics_test.json" in r.getMessage()
+               and "'data'" in r.getMessage() for r in caplog.records)

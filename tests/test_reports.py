@@ -294,3 +294,59 @@ def test_report_files_and_uids_with_non_decimal_digits_are_read_and_split(tmp_pa
     assert list(t.uid) == ["CXR1", "CXR٣", "CXR²"]
     splits = make_splits(t, seed=0, val_fraction=0.0, test_fraction=0.0)
     assert splits["train"] == ["CXR1", "CXR٣", "CXR²"]
+
+
+@pytest.mark.reliability
+def test_a_broken_link_a_link_loop_and_a_folder_named_xml_are_listed_as_malformed(tmp_path, caplog):
+    """Each stopped the whole stage (FileNotFoundError, 'Too many levels of symbolic links',
+    IsADirectoryError) instead of being listed; the good reports, the one inside the folder
+    included, are read."""
+    (tmp_path / "1.xml").write_text(_report("CXR1"))
+    (tmp_path / "gone.xml").symlink_to(tmp_path / "nowhere.xml")
+    (tmp_path / "loop_a.xml").symlink_to(tmp_path / "loop_b.xml")
+    (tmp_path / "loop_b.xml").symlink_to(tmp_path / "loop_a.xml")
+    (tmp_path / "sub.xml").mkdir()
+    (tmp_path / "sub.xml" / "2.xml").write_text(_report("CXR2"))
+    t = read_reports(tmp_path)
+    assert list(t.uid) == ["CXR1", "CXR2"]
+    reasons = {Path(p).name: reason for p, reason in t.attrs["malformed"]}
+    assert set(reasons) == {"gone.xml", "loop_a.xml", "loop_b.xml", "sub.xml"}
+    assert "No such file or directory" in reasons["gone.xml"]
+    assert "symbolic links" in reasons["loop_a.xml"] and "a directory" in reasons["sub.xml"]
+    assert "skipping malformed report" in caplog.text and "gone.xml" in caplog.text
+
+
+@pytest.mark.reliability
+def test_a_fifo_named_xml_is_listed_as_malformed_without_being_opened(tmp_path):
+    """Opening a FIFO blocks until something writes to it: the stage would hang."""
+    import os
+
+    (tmp_path / "1.xml").write_text(_report("CXR1"))
+    os.mkfifo(tmp_path / "pipe.xml")
+    t = read_reports(tmp_path)
+    assert list(t.uid) == ["CXR1"]
+    (path, reason), = t.attrs["malformed"]
+    assert path.endswith("pipe.xml") and "not a regular file" in reason
+
+
+@pytest.mark.reliability
+def test_uppercase_xml_files_are_read(tmp_path):
+    """``*.XML`` reports were ignored (the glob was case-sensitive)."""
+    (tmp_path / "1.xml").write_text(_report("CXR1"))
+    (tmp_path / "2.XML").write_text(_report("CXR2"))
+    (tmp_path / "3.Xml").write_text(_report("CXR3"))
+    assert list(read_reports(tmp_path).uid) == ["CXR1", "CXR2", "CXR3"]
+
+
+@pytest.mark.reliability
+def test_two_findings_elements_are_both_kept(tmp_path):
+    """The second FINDINGS element replaced the first, silently; an empty one after a full one
+    emptied the section."""
+    (tmp_path / "1.xml").write_text(
+        '<eCitation><uId id="CXR1"/><Abstract><AbstractText Label="FINDINGS">Heart size normal.'
+        '</AbstractText><AbstractText Label="FINDINGS">Small left  pleural effusion.</AbstractText>'
+        '<AbstractText Label="IMPRESSION">Effusion.</AbstractText><AbstractText Label="IMPRESSION"/>'
+        '</Abstract></eCitation>')
+    row = read_reports(tmp_path).iloc[0]
+    assert row.findings == "Heart size normal. Small left pleural effusion."
+    assert row.impression == "Effusion." and not row.no_impression

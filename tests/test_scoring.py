@@ -104,3 +104,96 @@ def test_empty_predictions_score_zero_on_every_text_metric():
     assert [nltk[f"nltk sentence BLEU-{n}"] for n in range(1, 5)] == [0.0] * 4
     assert score(refs, ["", "Small right pleural effusion."])["ROUGE-L"] == pytest.approx(0.5)
     assert per_sample_text_scores(refs[0], "")["ROUGE-L"] == 0.0
+
+
+def _overrides(cfg) -> list[str]:
+    return ["-p", "paths.data_dir", cfg.paths.data_dir, "-p", "paths.output_dir", cfg.paths.output_dir]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("suffix, content", [
+    (".csv", "uid,prediction,reference\nCXR1,a b,The heart is normal.\nCXR2,c d,\n"),
+    (".json", '[{"uid": "CXR1", "prediction": "a b", "reference": "The heart is normal."},'
+              ' {"uid": "CXR2", "prediction": "c d", "reference": "  "}]'),
+])
+def test_an_empty_reference_cell_is_refused_naming_the_file_and_row(suffix, content, tmp_config, tmp_path,
+                                                                     capsys):
+    """Rows whose reference cell was empty were scored against nothing (BLEU-1 .33, clinical
+    example_F1 1.0) with exit 0."""
+    from medexgen_lib.__main__ import main
+    from medexgen_lib.evaluate import score_predictions_file
+
+    cfg = tmp_config()
+    path = tmp_path / f"preds{suffix}"
+    path.write_text(content)
+    message = f"predictions file {path}, row 2 \\(CXR2\\): the 'reference' is empty"
+    with pytest.raises(ValueError, match=message):
+        score_predictions_file(path, cfg)
+    assert main(["score", str(path), *_overrides(cfg)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "row 2 (CXR2)" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("row, field, kind", [
+    ('{"uid": "CXR2", "prediction": 5, "reference": "x y"}', "prediction", "int"),
+    ('{"uid": "CXR2", "prediction": ["a", "b"], "reference": "x y"}', "prediction", "list"),
+    ('{"uid": "CXR2", "prediction": NaN, "reference": "x y"}', "prediction", "float"),
+    ('{"uid": "CXR2", "prediction": "a b", "reference": 7}', "reference", "int"),
+    ('{"uid": "CXR2", "prediction": {"text": "a"}, "reference": "x y"}', "prediction", "dict"),
+])
+def test_a_prediction_or_reference_that_is_not_text_is_named(row, field, kind, tmp_config, tmp_path, capsys):
+    """These ended in an AttributeError traceback ('int' object has no attribute 'split')."""
+    from medexgen_lib.__main__ import main
+
+    cfg = tmp_config()
+    path = tmp_path / "preds.json"
+    path.write_text(f'[{{"uid": "CXR1", "prediction": "a b", "reference": "x y"}}, {row}]')
+    assert main(["score", str(path), *_overrides(cfg)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: predictions file {path}, row 2 (CXR2): '{field}' must be text, got {kind}"]
+
+
+@pytest.mark.reliability
+def test_predictions_nested_too_deep_are_named(tmp_config, tmp_path, capsys):
+    """100k-deep JSON ended in a RecursionError naming no file."""
+    from medexgen_lib.__main__ import main
+
+    cfg = tmp_config()
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["score", str(path), *_overrides(cfg)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: cannot read predictions file {path}: ")
+
+
+@pytest.mark.reliability
+def test_an_unknown_split_is_named(tmp_config, tmp_path, capsys):
+    """score ok.csv --split bogus ended in KeyError: 'bogus'."""
+    import json
+
+    from medexgen_lib.__main__ import main
+
+    cfg = tmp_config()
+    cfg.paths.processed.mkdir(parents=True)
+    (cfg.paths.processed / "splits.json").write_text(json.dumps({"train": ["CXR9"], "val": [], "test": ["CXR1"]}))
+    path = tmp_path / "ok.csv"
+    path.write_text("uid,prediction,reference\nCXR1,a b,The heart is normal.\n")
+    assert main(["score", str(path), *_overrides(cfg), "--split", "bogus"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["error: split 'bogus' is not one of train, val, test"]
+    assert main(["score", str(path), *_overrides(cfg), "--split", "test"]) == 0
+
+
+@pytest.mark.reliability
+def test_a_csv_with_a_utf8_byte_order_mark_is_read(tmp_config, tmp_path):
+    """Excel writes a BOM before the header: the first column was read as '\\ufeffuid' and the
+    file refused as having no uid column."""
+    from medexgen_lib.evaluate import read_predictions_file
+
+    path = tmp_path / "excel.csv"
+    path.write_bytes("uid,prediction,reference\nCXR1,Heart normal.,The heart is normal.\n".encode("utf-8-sig"))
+    assert read_predictions_file(path) == [{"uid": "CXR1", "prediction": "Heart normal.",
+                                            "reference": "The heart is normal."}]
+    path.write_bytes('[{"uid": "CXR1", "prediction": "a"}]'.encode("utf-8-sig"))
+    assert read_predictions_file(path.rename(tmp_path / "excel.json"))[0]["uid"] == "CXR1"
