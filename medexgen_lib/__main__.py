@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--meteor", action="store_true", help="also METEOR (needs Java)")
     score.add_argument("--split", default="test", help="split whose coverage is checked (default test)")
     score.add_argument("--out", help="write the metrics as JSON here")
+    score.add_argument("--field", default="prediction",
+                       help="column holding the predictions (default prediction; decoder_text in stage 05's "
+                            "predictions file: the decoder's own text before side words, bank or planning)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -104,7 +107,7 @@ def _score(args) -> None:
     from medexgen_lib.files import write_json
 
     metrics = score_predictions_file(args.predictions, load_config(args.profile, dict(args.p)), args.meteor,
-                                     args.split)
+                                     args.split, args.field)
     print(f"references: {metrics['references_from']}\nconvention: {metrics['reference_convention']}")
     for key, value in metrics.items():
         if isinstance(value, float):

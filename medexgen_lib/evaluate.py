@@ -271,8 +271,10 @@ def plot_observation_f1(summary: dict, path: Path) -> Path:
 _IMAGE_SUFFIX = re.compile(r"_IM-[0-9]+(-[0-9]+)?$")  # IU X-Ray image id = study uid + this
 
 
-def read_predictions_file(path) -> list[dict]:
-    """Rows of ``{"uid", "prediction"[, "reference"]}`` from a CSV or JSON predictions file.
+def read_predictions_file(path, field: str = "prediction") -> list[dict]:
+    """Rows of ``{"uid", "prediction"[, "reference"]}`` from a CSV or JSON predictions file; the
+    prediction is read from the column ``field`` (e.g. ``decoder_text`` of stage 05's predictions:
+    the decoder's own text before post-processing).
 
     Accepted: JSON (a list of objects, as ``logs/predictions_<split>.json``) or CSV with a
     header; the id column may be called ``uid`` or ``id`` (R2Gen ids like
@@ -298,12 +300,12 @@ def read_predictions_file(path) -> list[dict]:
     rows = []
     for number, record in enumerate(records, 1):
         uid = record.get("uid") or record.get("id") if isinstance(record, dict) else None
-        if not uid or "prediction" not in record:
+        if not uid or field not in record:
             raise ValueError(f"predictions file {path}, row {number}: needs an 'uid' (or 'id') "
-                             "and a 'prediction'")
+                             f"and a {field!r}")
         uid = _IMAGE_SUFFIX.sub("", str(uid))
         where = f"predictions file {path}, row {number} ({uid})"
-        prediction, reference = record["prediction"], record.get("reference")
+        prediction, reference = record[field], record.get("reference")
         for name, value in (("prediction", prediction), ("reference", reference)):
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{where}: {name!r} must be text, got {type(value).__name__}")
@@ -315,8 +317,10 @@ def read_predictions_file(path) -> list[dict]:
     return rows
 
 
-def score_predictions_file(path, cfg, meteor: bool = False, split: str = "test") -> dict:
-    """Score any model's predictions file with the project's metrics.
+def score_predictions_file(path, cfg, meteor: bool = False, split: str = "test",
+                           field: str = "prediction") -> dict:
+    """Score any model's predictions file with the project's metrics (the predictions in the
+    column ``field``).
 
     References come from the file when it has a ``reference`` column, else from
     the studies table (cleaned target text per ``cfg.text``); the result says which
@@ -333,7 +337,7 @@ def score_predictions_file(path, cfg, meteor: bool = False, split: str = "test")
 
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    rows = read_predictions_file(path)
+    rows = read_predictions_file(path, field)
     repeats = {uid: n for uid, n in Counter(r["uid"] for r in rows).items() if n > 1}
     if repeats:
         raise ValueError(f"predictions file {path}: {len(repeats)} id(s) appear more than once "

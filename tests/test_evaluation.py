@@ -221,3 +221,17 @@ def test_drawn_findings_stated_are_scored_for_model_and_baselines_on_the_real_te
         guesses = {r["uid"]: r["baseline_predictions"][name] for r in rows}
         assert values["drawn_recall"] == stated_findings(guesses, truth)["drawn_recall"]
     assert "drawn_recall" in comparison_table(summary).columns
+
+
+def test_score_reads_the_column_it_is_told_to(cfg, tmp_path, capsys):
+    test = load_split(cfg, "test")
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps([{"uid": e.uid, "prediction": "No acute disease.", "decoder_text": e.text}
+                                for e in test.examples]))
+    assert score_predictions_file(both, cfg, field="decoder_text")["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    assert score_predictions_file(both, cfg)["BLEU-4"] < 0.5
+    overrides = ["-p", "paths.data_dir", cfg.paths.data_dir, "-p", "paths.output_dir", cfg.paths.output_dir]
+    assert main(["score", str(both), *overrides, "--field", "decoder_text"]) == 0
+    assert f"{'BLEU-4':<32}1.0000" in capsys.readouterr().out
+    assert main(["score", str(both), *overrides, "--field", "draft"]) == 1
+    assert "needs an 'uid' (or 'id') and a 'draft'" in capsys.readouterr().err
