@@ -27,7 +27,7 @@ import pandas as pd
 import pooch
 
 from medexgen_lib.config import Config, DataConfig
-from medexgen_lib.files import read_json, replace_dir, write_json
+from medexgen_lib.files import honour_umask, read_json, replace_dir, write_json
 from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset
 from medexgen_lib.reports import BUNDLED_PROJECTIONS, read_reports, write_studies_table
 
@@ -134,7 +134,8 @@ def download_archive(url: str, dest_dir: str | os.PathLike, *, sha256: str = "",
     fetcher = pooch.create(path=dest_dir, base_url="", registry={fname: known_hash},
                            urls={fname: url}, retry_if_failed=retries)
     try:
-        return Path(fetcher.fetch(fname, downloader=_SizeCheckedDownloader(size, progressbar)))
+        # pooch downloads into a NamedTemporaryFile (mode 0600) and renames it
+        return honour_umask(fetcher.fetch(fname, downloader=_SizeCheckedDownloader(size, progressbar)))
     except Exception as exc:  # requests / pooch errors -> one sentence for the user
         raise AcquisitionError(
             f"download of {url} failed after {retries + 1} attempt(s): {exc}. "

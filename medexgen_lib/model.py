@@ -32,7 +32,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from medexgen_lib import guidance
 from medexgen_lib.config import MAX_IMAGE_SIZE
-from medexgen_lib.files import recover_dir, replace_dir
+from medexgen_lib.files import honour_umask, recover_dir, replace_dir
 from medexgen_lib.guidance import ObservationGuidance, observation_loss
 
 log = logging.getLogger(__name__)
@@ -479,7 +479,7 @@ class ReportGenerator(nn.Module):
                 self.write_files(staging)
                 for name, text in (extra_files or {}).items():
                     (staging / name).write_text(text)
-            replace_dir(staging, directory)
+            replace_dir(honour_umask(staging), directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return directory

@@ -38,7 +38,7 @@ from medexgen_lib import guidance
 from medexgen_lib.config import Config, TrainConfig
 from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
-from medexgen_lib.files import read_json, save_figure, write_text_atomic
+from medexgen_lib.files import honour_umask, read_json, save_figure, write_text_atomic
 from medexgen_lib.labeler import LABELER_VERSION
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
 from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_load_error,
@@ -261,7 +261,7 @@ def save_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer,
                             "scaler": scaler.state_dict() if scaler is not None else None},
                            staging / STATE_FILE)
                 (staging / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2))
-            replace_dir(staging, directory)
+            replace_dir(honour_umask(staging), directory)
     finally:
         if accelerator.is_main_process:  # gone after the swap; half-written after a failure
             shutil.rmtree(staging, ignore_errors=True)

@@ -93,6 +93,17 @@ def test_download_complete_with_checksum_and_size(server, reports_tgz, tmp_path)
     assert out.read_bytes() == reports_tgz.read_bytes()
 
 
+@pytest.mark.reliability
+def test_a_downloaded_archive_gets_the_mode_the_umask_gives(server, reports_tgz, tmp_path):
+    server.files["r.tgz"] = reports_tgz.read_bytes()
+    previous = os.umask(0o022)
+    try:  # pooch streams into a NamedTemporaryFile (0600) and renames it
+        out = download_archive(f"{server.url}/r.tgz", tmp_path / "temp", retries=0, progressbar=False)
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
 def test_download_retries_after_a_server_error(server, reports_tgz, tmp_path):
     server.files["r.tgz"] = reports_tgz.read_bytes()
     server.fail_first.add("r.tgz")
