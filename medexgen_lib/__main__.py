@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from medexgen_lib.config import ConfigError
@@ -96,6 +97,10 @@ def _score(args) -> None:
     from medexgen_lib.evaluate import score_predictions_file
     from medexgen_lib.files import write_json
 
+    if (args.out and os.path.exists(args.out) and os.path.exists(args.predictions)
+            and os.path.samefile(args.out, args.predictions)):
+        raise ValueError(f"--out {args.out} is the predictions file {args.predictions} itself; "
+                         "the metrics would replace the predictions. Give --out another file name")
     metrics = score_predictions_file(args.predictions, load_config(args.profile, dict(args.p)), args.meteor,
                                      args.split)
     print(f"references: {metrics['references_from']}\nconvention: {metrics['reference_convention']}")
