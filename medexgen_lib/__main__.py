@@ -15,6 +15,7 @@ import sys
 
 from medexgen_lib.config import ConfigError
 from medexgen_lib.pipeline import StageFailed, StageInterrupted, format_summary, run_pipeline
+from medexgen_lib.seeds import seed_count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--to", dest="stop", help="last stage to run, e.g. 05")
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                      help="config override, e.g. -p data.n_phantom_studies 200")
-    run.add_argument("--seeds", type=int, default=1,
+    run.add_argument("--seeds", type=seed_count, default=1,
                      help="train and evaluate N seeds (seed, seed+1, ...; extra ones in "
                           "seeds/seed_<s>/) and write logs/metrics_test_seeds.json")
     train = commands.add_parser("train", help="stage 04 alone; run it under `accelerate launch` for several GPUs")

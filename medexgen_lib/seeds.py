@@ -13,6 +13,7 @@ of that statistic give the interval (pooled over seeds, resampling test studies)
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from collections.abc import Sequence
@@ -32,6 +33,18 @@ BOOTSTRAP_METRICS = ("BLEU-4", "clinical macro_F1")
 MODEL = "model"
 RETRIEVAL = "retrieval (nearest image)"
 CONSTANTS = ("constant (most frequent)", "constant (best of top 50 on val)")
+
+
+def seed_count(text: str) -> int:
+    """``--seeds`` on the command line (``argparse`` type): a whole number of at least 1, so that
+    ``--seeds 0`` stops with a usage error before anything is run or rewritten."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- per-study statistics
