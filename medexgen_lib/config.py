@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medexgen_lib.metrics import VALIDATION_METRICS
 from medexgen_lib.paths import PROJECT_ROOT
 
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections"
@@ -246,6 +247,11 @@ class TrainConfig:
             raise ConfigError(f"train.scheduler must be 'cosine', 'linear' or 'plateau', got {self.scheduler!r}")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.precision!r}")
+        unknown = [name.strip() for name in self.selection_metric.split(" + ")
+                   if name.strip() not in VALIDATION_METRICS]
+        if unknown:  # found now, not after an epoch of training
+            raise ConfigError(f"train.selection_metric {self.selection_metric!r} names {unknown}, not a "
+                              f"validation metric; known: {', '.join(VALIDATION_METRICS)} (several joined by ' + ')")
 
 
 @dataclass

@@ -113,6 +113,14 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
     _remove(old)
 
 
+def discard_dir(target: str | os.PathLike) -> None:
+    """Remove ``target`` (folder or file) and any ``.<name>.old`` an interrupted ``replace_dir``
+    left, so that ``recover_dir`` cannot bring the old one back."""
+    target = Path(target)
+    _remove(target)
+    _remove(target.with_name(f".{target.name}.old"))
+
+
 def recover_dir(target: str | os.PathLike) -> None:
     """Put ``.<name>.old`` back at ``target`` if a ``replace_dir`` swap was interrupted."""
     target = Path(target)

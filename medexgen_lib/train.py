@@ -38,7 +38,7 @@ from medexgen_lib import guidance
 from medexgen_lib.config import Config, TrainConfig
 from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
-from medexgen_lib.files import honour_umask, read_json, save_figure, write_text_atomic
+from medexgen_lib.files import discard_dir, honour_umask, read_json, save_figure, write_text_atomic
 from medexgen_lib.labeler import LABELER_VERSION
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
 from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_load_error,
@@ -397,10 +397,9 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         if accelerator.is_main_process:
             _truncate_history(history_path, state["epoch"])
         log.info("resumed from %s after epoch %d (step %d)", last_dir, state["epoch"], state["step"])
-    elif accelerator.is_main_process:
-        history_path.parent.mkdir(parents=True, exist_ok=True)
-        history_path.write_text("")
-        cfg.save(paths.logs / "config_04_training.json")
+    # A fresh run leaves a previous run's files as they are until its first epoch is done
+    # (an error or Ctrl-C before then loses nothing); then _take_over replaces them all.
+    owns_folder = resume
     tracker = RunTracker(accelerator, tracking.get("log_with"))
     tracker.start(cfg, state.setdefault("run_name", new_run_name(cfg)), fingerprint, state["step"])
 
@@ -449,9 +448,12 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        if accelerator.is_main_process:  # before the checkpoint: a resume drops lines past it
+        if accelerator.is_main_process and not owns_folder:
+            _take_over(cfg, record)
+        elif accelerator.is_main_process:  # before the checkpoint: a resume drops lines past it
             with history_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+        owns_folder = True
         if improved:  # best first (a crash in between re-trains this epoch), then last as its copy
             save_checkpoint(best_dir, accelerator, model, optimizer, scheduler, state)
             copy_checkpoint(best_dir, last_dir, accelerator)
@@ -653,6 +655,19 @@ def _choose_thresholds(model, loader, targets, device, features) -> None:
         truth.append(targets(batch["uids"], "cpu"))
     model.config.guidance_thresholds = guidance.choose_thresholds(
         torch.cat(probabilities), torch.cat(truth), model.config.guidance_labels)
+
+
+def _take_over(cfg: Config, record: dict) -> None:
+    """A fresh run's first epoch is done: its config and history replace the previous run's, and
+    the previous run's checkpoints and exported model go (they belong to that history), just
+    before this epoch's checkpoints are written. History first, as for every epoch: an
+    interruption before the checkpoints leaves a history and no checkpoint to resume, never a
+    checkpoint of one run beside the history of another."""
+    paths = cfg.paths
+    cfg.save(paths.logs / "config_04_training.json")
+    write_text_atomic(paths.logs / "history.jsonl", json.dumps(record) + "\n")
+    for folder in (paths.models / "final", paths.checkpoints / "best", paths.checkpoints / "last"):
+        discard_dir(folder)
 
 
 def _truncate_history(path: Path, last_epoch: int) -> None:
