@@ -77,8 +77,11 @@ def run_pipeline(profile: str = "demo", overrides: dict[str, Any] | None = None,
     stops the run with ``StageFailed``; Ctrl-C or SIGTERM interrupt the running stage
     (``StageInterrupted``). Earlier stages' outputs stay as they are.
     """
-    overrides = dict(overrides or {})
     cfg = load_config(profile, overrides)  # fail on bad keys before any stage runs
+    # Folders resolved once, here (against this process's folder): the stages' kernels run in
+    # notebooks/ and would resolve relative ones, or the defaults, against that.
+    overrides = {**(overrides or {}), "paths.data_dir": cfg.paths.data_dir,
+                 "paths.output_dir": cfg.paths.output_dir}
     stages = list_stages(notebooks_dir)
     if not stages:
         raise FileNotFoundError(f"no numbered notebooks in {notebooks_dir}")
