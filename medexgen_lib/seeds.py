@@ -221,18 +221,20 @@ def run_seeds(profile: str, overrides: dict, n_seeds: int, start: str | None = N
     ``n_seeds - 1`` further training seeds (seed+1, ...) into ``seeds/seed_<s>/`` of the output
     folder, sharing stage 03's split; then ``aggregate_seeds`` into ``logs/metrics_test_seeds.json``."""
     from medexgen_lib.config import load_config
+    from medexgen_lib.locks import folder_lock
     from medexgen_lib.pipeline import run_pipeline
 
     if n_seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {n_seeds}")
     cfg = load_config(profile, overrides)
-    results = run_pipeline(profile, overrides, start, stop)
-    dirs = [Path(cfg.paths.output_dir)]
-    for k in range(1, n_seeds):
-        seed = cfg.seed + k
-        out = seed_output_dir(cfg.paths.output_dir, seed)
-        log.info("seed %d of %d (seed=%d) -> %s", k + 1, n_seeds, seed, out)
-        results += run_pipeline(profile, {**overrides, "seed": seed, "paths.output_dir": str(out)},
-                                "04", "05")
-        dirs.append(out)
-    return results, aggregate_seeds(dirs, out_path=cfg.paths.logs / SEEDS_FILE)
+    with folder_lock(cfg.paths.output_dir):  # every seed's run and the aggregate: one run
+        results = run_pipeline(profile, overrides, start, stop)
+        dirs = [Path(cfg.paths.output_dir)]
+        for k in range(1, n_seeds):
+            seed = cfg.seed + k
+            out = seed_output_dir(cfg.paths.output_dir, seed)
+            log.info("seed %d of %d (seed=%d) -> %s", k + 1, n_seeds, seed, out)
+            results += run_pipeline(profile, {**overrides, "seed": seed, "paths.output_dir": str(out)},
+                                    "04", "05")
+            dirs.append(out)
+        return results, aggregate_seeds(dirs, out_path=cfg.paths.logs / SEEDS_FILE)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 from torch import nn
@@ -40,6 +41,7 @@ from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
 from medexgen_lib.files import discard_dir, honour_umask, read_json, save_figure, write_text_atomic
 from medexgen_lib.labeler import LABELER_VERSION
+from medexgen_lib.locks import FolderInUse, folder_lock
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
 from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_load_error,
                                 recover_dir, replace_dir, write_errors_named)
@@ -330,15 +332,41 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
 
     ``stop_after_epoch`` ends the session after that epoch as an interruption
     would (checkpoint written, no export), for time-boxed sessions and tests.
+    One run per output folder: ``locks.FolderInUse`` names the process of a run already in it.
     """
-    tcfg = cfg.train
     tracking = accelerator_tracking_args(cfg)
     # cpu=True without CUDA: under a launcher (accelerate launch / torchrun) that is multi-CPU on gloo.
     # Gradient accumulation is done by _train_epoch (loss normalised over the whole window).
     # A frozen encoder (train.encoder_epochs) leaves parameters without gradients: DDP must know.
-    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if tcfg.encoder_epochs else []
-    accelerator = Accelerator(mixed_precision=choose_precision(tcfg.precision),
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.train.encoder_epochs else []
+    accelerator = Accelerator(mixed_precision=choose_precision(cfg.train.precision),
                               cpu=not torch.cuda.is_available(), kwargs_handlers=ddp, **tracking)
+    with _output_folder_lock(accelerator, cfg.paths.output_dir):
+        return _train(cfg, accelerator, tracking, resume, stop_after_epoch, progress)
+
+
+@contextlib.contextmanager
+def _output_folder_lock(accelerator: Accelerator, folder: str) -> Iterator[None]:
+    """The main process holds ``folder``'s lock (``locks.folder_lock``) for the run; a refusal
+    reaches every process (the others would otherwise wait for it at the first barrier)."""
+    with contextlib.ExitStack() as held:
+        refusal = [""]
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(folder_lock(folder))
+            except FolderInUse as exc:
+                refusal = [str(exc)]
+        if accelerator.num_processes > 1:
+            refusal = broadcast_object_list(refusal)
+        if refusal[0]:
+            raise FolderInUse(refusal[0])
+        yield
+
+
+def _train(cfg: Config, accelerator: Accelerator, tracking: dict, resume: bool,
+           stop_after_epoch: int | None, progress: bool) -> TrainResult:
+    """``train``'s run, with the output folder locked."""
+    tcfg = cfg.train
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
