@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from medexgen_lib.config import ConfigError
 from medexgen_lib.pipeline import StageFailed, StageInterrupted, format_summary, run_pipeline
+from medexgen_lib.seeds import seed_count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--to", dest="stop", help="last stage to run, e.g. 05")
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                      help="config override, e.g. -p data.n_phantom_studies 200")
-    run.add_argument("--seeds", type=int, default=1,
+    run.add_argument("--seeds", type=seed_count, default=1,
                      help="train and evaluate N seeds (seed, seed+1, ...; extra ones in "
                           "seeds/seed_<s>/) and write logs/metrics_test_seeds.json")
     train = commands.add_parser("train", help="stage 04 alone; run it under `accelerate launch` for several GPUs")
@@ -106,6 +108,10 @@ def _score(args) -> None:
     from medexgen_lib.evaluate import score_predictions_file
     from medexgen_lib.files import write_json
 
+    if (args.out and os.path.exists(args.out) and os.path.exists(args.predictions)
+            and os.path.samefile(args.out, args.predictions)):
+        raise ValueError(f"--out {args.out} is the predictions file {args.predictions} itself; "
+                         "the metrics would replace the predictions. Give --out another file name")
     metrics = score_predictions_file(args.predictions, load_config(args.profile, dict(args.p)), args.meteor,
                                      args.split, args.field)
     print(f"references: {metrics['references_from']}\nconvention: {metrics['reference_convention']}")

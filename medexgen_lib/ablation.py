@@ -19,7 +19,7 @@ from medexgen_lib.config import Config, ConfigError, load_config
 from medexgen_lib.files import read_json, write_json, write_text_atomic
 from medexgen_lib.labeler import LABELER_VERSION
 from medexgen_lib.metrics import METRICS_VERSION
-from medexgen_lib.seeds import RETRIEVAL, mean_std
+from medexgen_lib.seeds import RETRIEVAL, mean_std, seed_count
 from medexgen_lib.tracking import flatten
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
     from medexgen_lib.train import train
 
     overrides = dict(overrides or {})
+    if n_seeds < 1:  # no seed would train, and every row named would be rewritten empty
+        raise ValueError(f"n_seeds must be at least 1, got {n_seeds}")
     names = rows or list(ROWS)
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -203,7 +205,7 @@ def _slug(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medexgen_lib.ablation", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="demo")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=seed_count, default=3)
     parser.add_argument("--rows", nargs="+", help=f"subset of rows; known: {list(ROWS)}")
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     args = parser.parse_args(argv)

@@ -20,6 +20,7 @@ import shutil
 import tarfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -27,14 +28,18 @@ import pandas as pd
 import pooch
 
 from medexgen_lib.config import Config, DataConfig
-from medexgen_lib.files import read_json, replace_dir, write_json
-from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset
+from medexgen_lib.files import honour_umask, read_json, replace_dir, write_json
+from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset, phantom_files
 from medexgen_lib.reports import BUNDLED_PROJECTIONS, read_reports, write_studies_table
 
 log = logging.getLogger(__name__)
 
 MARKER = ".medexgen_complete.json"
 STATE_FILE = "acquisition.json"
+# In images/ and reports/: every file or folder stage 01 wrote there, recorded before it writes
+# them. Stage 01 deletes or replaces only what this lists; anything else makes it stop.
+MANIFEST = ".medexgen_files.json"
+BOOKKEEPING = (".gitkeep", MARKER, MANIFEST)  # never a user's data: git's placeholder and ours
 
 
 class AcquisitionError(RuntimeError):
@@ -134,7 +139,8 @@ def download_archive(url: str, dest_dir: str | os.PathLike, *, sha256: str = "",
     fetcher = pooch.create(path=dest_dir, base_url="", registry={fname: known_hash},
                            urls={fname: url}, retry_if_failed=retries)
     try:
-        return Path(fetcher.fetch(fname, downloader=_SizeCheckedDownloader(size, progressbar)))
+        # pooch downloads into a NamedTemporaryFile (mode 0600) and renames it
+        return honour_umask(fetcher.fetch(fname, downloader=_SizeCheckedDownloader(size, progressbar)))
     except Exception as exc:  # requests / pooch errors -> one sentence for the user
         raise AcquisitionError(
             f"download of {url} failed after {retries + 1} attempt(s): {exc}. "
@@ -223,7 +229,8 @@ def _unsafe_reason(member: tarfile.TarInfo) -> str:
 
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
                  staging_root: str | os.PathLike, max_bytes: int = DataConfig.archive_max_bytes,
-                 max_members: int = DataConfig.archive_max_members) -> int:
+                 max_members: int = DataConfig.archive_max_members,
+                 before_swap: Callable[[list[str]], None] | None = None) -> int:
     """Extract a checked archive into ``target`` through a staging folder.
 
     The archive is checked completely first (``check_archive``), and its declared
@@ -231,7 +238,8 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
     (with tarfile's ``data`` filter as a second guard) and each top-level entry is
     swapped into ``target`` by renames (``replace_dir``): an entry already there is
     removed only after the new one took its place, and put back if the swap fails.
-    Returns the number of files extracted.
+    ``before_swap`` is called with the top-level names about to be swapped in, before the first
+    swap. Returns the number of files extracted.
     """
     archive, target, staging_root = Path(archive), Path(target), Path(staging_root)
     members = check_archive(archive, max_bytes, max_members)
@@ -247,7 +255,10 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
         with tarfile.open(archive, "r:*", tarinfo=_BoundedTarInfo) as tar:
             tar.extractall(staging, members=members, filter="data")
         target.mkdir(parents=True, exist_ok=True)
-        for entry in sorted(staging.iterdir()):
+        entries = sorted(staging.iterdir())
+        if before_swap is not None:
+            before_swap([entry.name for entry in entries])
+        for entry in entries:
             replace_dir(entry, target / entry.name)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise AcquisitionError(f"extracting {archive} into {target} failed: {exc}; what was "
@@ -282,7 +293,9 @@ def acquire(cfg: Config) -> AcquisitionResult:
     """Make ``images/`` and ``reports/`` hold the configured data set.
 
     Idempotent: a folder completed earlier (marked by ``.medexgen_complete.json``)
-    is left alone and the result says so.
+    is left alone and the result says so. Stage 01 deletes or replaces only what its manifest
+    (``.medexgen_files.json`` in ``images/`` and ``reports/``) lists: a folder holding anything
+    else stops it with ``AcquisitionError`` naming the folder and the file.
     """
     paths, data = cfg.paths, cfg.data
     paths.make_dirs()
@@ -339,11 +352,24 @@ def _acquire_phantom(cfg: Config, previous: dict | None) -> str:
     if marker.exists() and previous and all(previous["data"].get(k) == v for k, v in settings.items()):
         return (f"already in place: phantom set of {data.n_phantom_studies} studies "
                 f"(seed {data.phantom_seed}) in {paths.data_dir}; nothing to do")
-    # Different phantom settings: the old phantom files are ours to replace.
-    for folder in (paths.images, paths.reports):
-        _empty_folder(folder)
+    # Other phantom settings: an earlier phantom's files are replaced, and nothing else is touched.
+    folders = {"images": paths.images, "reports": paths.reports}
+    owned = {name: _owned_files(folder) for name, folder in folders.items()}
+    if not any(owned.values()):
+        owned = _older_phantom_files(paths, previous)
+    for name, folder in folders.items():
+        _refuse_foreign(folder, owned[name], "for data extracted there use -p data.source folder; "
+                        "for the phantom, point paths.data_dir at another folder")
+    planned = _by_folder(phantom_files(data.n_phantom_studies, data.phantom_seed))
+    marker.unlink(missing_ok=True)  # nothing is "in place" until the new set is complete
+    for name, folder in folders.items():  # listed first: an interruption leaves only listed files
+        _record_files(folder, owned[name] | planned[name])
+    for name, folder in folders.items():
+        _remove_listed(folder, owned[name])
     make_phantom_dataset(data.n_phantom_studies, data.phantom_seed, paths.data_dir,
                          image_size=data.phantom_image_size)
+    for name, folder in folders.items():
+        _record_files(folder, planned[name])
     write_json(marker, settings)
     return f"generated phantom set: {data.n_phantom_studies} studies (seed {data.phantom_seed})"
 
@@ -355,6 +381,9 @@ def _acquire_archive(url: str, local_archive: str, sha256: str, size: int,
         info = read_json(marker)
         return (f"already in place: {info['files']} files from {info['archive']} in {target}; "
                 "nothing to do")
+    owned = _owned_files(target)
+    _refuse_foreign(target, owned, "for data extracted there use -p data.source folder; else point "
+                    "paths.data_dir at another folder")
     if local_archive:
         archive = Path(local_archive)
         if not archive.exists():
@@ -370,7 +399,8 @@ def _acquire_archive(url: str, local_archive: str, sha256: str, size: int,
     try:
         verify_archive(archive, size, "" if downloaded else sha256)  # pooch checked the hash
         n_files = safe_extract(archive, target, cfg.paths.temp, cfg.data.archive_max_bytes,
-                               cfg.data.archive_max_members)
+                               cfg.data.archive_max_members,
+                               before_swap=lambda names: _record_files(target, owned | set(names)))
     except AcquisitionError:
         if downloaded:  # a bad download must not be reused by the next run
             archive.unlink(missing_ok=True)
@@ -388,8 +418,65 @@ def _check_folder(folder: Path, what: str) -> str:
     return f"already in place: {n_files} {what} files in {folder}; nothing to do"
 
 
-def _empty_folder(folder: Path) -> None:
-    for entry in folder.iterdir():
-        if entry.name == ".gitkeep":
-            continue
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+def _owned_files(folder: Path) -> set[str]:
+    """What ``folder``'s manifest lists as written by stage 01 (paths relative to ``folder``;
+    a listed folder covers everything in it)."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return set()
+    payload = read_json(manifest)
+    files = payload.get("files") if isinstance(payload, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise AcquisitionError(f"{manifest} is damaged (no list of files), so stage 01 cannot tell "
+                               f"its own files from others; empty {folder} yourself or point "
+                               "paths.data_dir at another folder")
+    return {f for f in files if not PurePosixPath(f).is_absolute() and ".." not in PurePosixPath(f).parts}
+
+
+def _record_files(folder: Path, files: set[str]) -> None:
+    write_json(folder / MANIFEST, {"written_by": "MedExGen stage 01 (acquisition); it deletes or "
+                                                 "replaces only these", "files": sorted(files)})
+
+
+def _older_phantom_files(paths, previous: dict | None) -> dict[str, set[str]]:
+    """The files a phantom run of a MedExGen that kept no manifest wrote: its completion marker
+    and the settings it recorded in ``processed/acquisition.json`` name exactly those files."""
+    data = (previous or {}).get("data") or {}
+    if not ((paths.reports / MARKER).exists() and (previous or {}).get("source") == "phantom"):
+        return _by_folder([])
+    try:
+        return _by_folder(phantom_files(int(data["n_phantom_studies"]), int(data["phantom_seed"])))
+    except (KeyError, TypeError, ValueError):
+        return _by_folder([])
+
+
+def _by_folder(files: list[str]) -> dict[str, set[str]]:
+    """``images/x.png`` -> ``{"images": {"x.png"}, ...}``."""
+    return {name: {f.split("/", 1)[1] for f in files if f.startswith(f"{name}/")}
+            for name in ("images", "reports")}
+
+
+def _listed(relative: str, owned: set[str]) -> bool:
+    return relative in owned or any(str(parent) in owned for parent in PurePosixPath(relative).parents)
+
+
+def _refuse_foreign(folder: Path, owned: set[str], advice: str) -> None:
+    """Raise ``AcquisitionError`` naming ``folder`` and the first file in it (sorted) that stage 01
+    did not write: it deletes or replaces nothing else."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        here = Path(root)
+        for name in sorted(files) + sorted(d for d in dirs if (here / d).is_symlink()):
+            relative = (here / name).relative_to(folder).as_posix()
+            if relative not in BOOKKEEPING and not _listed(relative, owned):
+                raise AcquisitionError(f"{folder} holds {relative}, which MedExGen did not write; stage 01 "
+                                       f"never deletes or replaces it: {advice}")
+
+
+def _remove_listed(folder: Path, owned: set[str]) -> None:
+    for relative in sorted(owned):
+        path = folder / relative
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

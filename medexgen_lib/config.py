@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medexgen_lib.paths import PROJECT_ROOT
+from medexgen_lib.metrics import VALIDATION_METRICS
+from medexgen_lib.paths import default_root
 
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections"
 RESNET_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -36,10 +37,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class PathsConfig:
-    """Where stage inputs and outputs live (DESIGN.md 'The shape')."""
+    """Where stage inputs and outputs live (DESIGN.md 'The shape'); relative folders are made
+    absolute against the current folder when the config is built, so every stage (a notebook
+    kernel runs in notebooks/) writes where the caller meant. Defaults: ``paths.default_root``."""
 
-    data_dir: str = str(PROJECT_ROOT / "IUXRAY_DATA_PIPELINE")
-    output_dir: str = str(PROJECT_ROOT / "IUXRAY_OUTPUT_PIPELINE")
+    data_dir: str = field(default_factory=lambda: str(default_root() / "IUXRAY_DATA_PIPELINE"))
+    output_dir: str = field(default_factory=lambda: str(default_root() / "IUXRAY_OUTPUT_PIPELINE"))
+
+    def __post_init__(self) -> None:
+        for key in ("data_dir", "output_dir"):
+            value = getattr(self, key)
+            if not value.strip():
+                raise ConfigError(f"paths.{key} must name a folder, got {value!r}")
+            setattr(self, key, os.path.abspath(value))
 
     @property
     def images(self) -> Path:
@@ -256,6 +266,11 @@ class TrainConfig:
             raise ConfigError(f"train.scheduler must be 'cosine', 'linear' or 'plateau', got {self.scheduler!r}")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.precision!r}")
+        unknown = [name.strip() for name in self.selection_metric.split(" + ")
+                   if name.strip() not in VALIDATION_METRICS]
+        if unknown:  # found now, not after an epoch of training
+            raise ConfigError(f"train.selection_metric {self.selection_metric!r} names {unknown}, not a "
+                              f"validation metric; known: {', '.join(VALIDATION_METRICS)} (several joined by ' + ')")
 
 
 @dataclass

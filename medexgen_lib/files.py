@@ -21,10 +21,45 @@ def atomic_path(path: str | os.PathLike):
     os.close(handle)
     try:
         yield Path(tmp)
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask: read from ``/proc`` where Linux shows it (setting it to read it
+    would briefly change it for every thread), else set and put back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> Path:
+    """Give ``path``, and for a folder everything in it, the modes a plain ``open`` / ``mkdir``
+    gives under the umask (0644 / 0755 under 022): ``mkstemp``, ``mkdtemp`` and safetensors
+    create 0600 / 0700, which would leave a copied model folder unreadable to colleagues."""
+    path = Path(path)
+    mask = current_umask()
+    if not path.is_dir() or path.is_symlink():
+        os.chmod(path, 0o666 & ~mask)
+        return path
+    os.chmod(path, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(path):
+        for name in dirs:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -96,6 +131,14 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
         recover_dir(target)
         raise
     _remove(old)
+
+
+def discard_dir(target: str | os.PathLike) -> None:
+    """Remove ``target`` (folder or file) and any ``.<name>.old`` an interrupted ``replace_dir``
+    left, so that ``recover_dir`` cannot bring the old one back."""
+    target = Path(target)
+    _remove(target)
+    _remove(target.with_name(f".{target.name}.old"))
 
 
 def recover_dir(target: str | os.PathLike) -> None:

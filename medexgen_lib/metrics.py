@@ -28,6 +28,15 @@ from medexgen_lib.nltk_bleu import seed_style_bleu
 log = logging.getLogger(__name__)
 
 METRICS_VERSION = "3"  # bump when any metric or the normalisation changes
+# The numbers a validation during training computes (``score`` without METEOR, plus the share of
+# distinct predictions): what ``train.selection_metric`` may name, checked by ``load_config``.
+VALIDATION_METRICS = (
+    "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr", "ROUGE-L", "clinical abnormal_recall",
+    "clinical example_F1", "clinical macro_F1", "clinical macro_F1 (observations in references or predictions)",
+    "clinical macro_F1 (observations in references)", "clinical micro_F1", "degenerate_predictions",
+    "degenerate_predictions_share", "distinct_predictions", "empty_predictions", "n",
+    "nltk sentence BLEU-1", "nltk sentence BLEU-2", "nltk sentence BLEU-3", "nltk sentence BLEU-4",
+    "rouge-score ROUGE-1 F1", "rouge-score ROUGE-2 F1", "rouge-score ROUGE-L F1")
 NORMALISATION = (
     "R2Gen clean_report_iu_xray, verbatim: '..' -> '.', list numbering '1. '..'5. ' removed, "
     "lowercase, split into sentences at '. ', characters matching [.,?;*!%^&_+():-\\[\\]{}] and "

@@ -33,7 +33,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from medexgen_lib import guidance, planning
 from medexgen_lib.config import (MAX_EMBD, MAX_GUIDANCE_POOL, MAX_HEADS, MAX_IMAGE_SIZE, MAX_LAYERS,
                                   MAX_POSITIONS, MAX_VOCAB_SIZE)
-from medexgen_lib.files import read_capped, recover_dir, replace_dir
+from medexgen_lib.files import honour_umask, read_capped, recover_dir, replace_dir
 from medexgen_lib.guidance import ObservationGuidance, observation_loss
 
 log = logging.getLogger(__name__)
@@ -507,7 +507,7 @@ class ReportGenerator(nn.Module):
                 self.write_files(staging)
                 for name, text in (extra_files or {}).items():
                     (staging / name).write_text(text)
-            replace_dir(staging, directory)
+            replace_dir(honour_umask(staging), directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return directory

@@ -71,7 +71,7 @@ def make_phantom_dataset(n_studies: int, seed: int, out_dir: str | os.PathLike,
     reports_dir.mkdir(parents=True, exist_ok=True)
     images_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    studies = [_sample_study(rng, number) for number in range(1, n_studies + 1)]
+    studies = _sample_studies(n_studies, rng)
     projection_rows = ["uid,filename,projection"]
     for study in tqdm(studies, desc="phantom studies", unit="study"):
         views = ["Frontal", "Lateral"][: len(study.image_ids)]
@@ -87,6 +87,20 @@ def make_phantom_dataset(n_studies: int, seed: int, out_dir: str | os.PathLike,
     log.info("phantom: %d studies, %d images in %s", len(studies),
              len(projection_rows) - 1, out)
     return studies
+
+
+def phantom_files(n_studies: int, seed: int) -> list[str]:
+    """The files ``make_phantom_dataset(n_studies, seed, out_dir)`` writes, relative to ``out_dir``
+    (known before it writes any: stage 01 records them as its own first)."""
+    studies = _sample_studies(n_studies, np.random.default_rng(seed))
+    return ([f"images/{image_id}.png" for study in studies for image_id in study.image_ids]
+            + [f"reports/ecgen-radiology/{study.number}.xml" for study in studies]
+            + [f"reports/{PROJECTIONS_FILE}", f"reports/{TRUTH_FILE}"])
+
+
+def _sample_studies(n_studies: int, rng: np.random.Generator) -> list[PhantomStudy]:
+    """What each study shows; drawn before any pixel, so the file names follow from the seed alone."""
+    return [_sample_study(rng, number) for number in range(1, n_studies + 1)]
 
 
 def _sample_study(rng: np.random.Generator, number: int) -> PhantomStudy:

@@ -14,6 +14,7 @@ from typing import Any
 
 from medexgen_lib.config import load_config
 from medexgen_lib.files import write_json
+from medexgen_lib.locks import folder_lock
 from medexgen_lib.paths import NOTEBOOKS_DIR
 from medexgen_lib.progress import StageProgress
 from medexgen_lib.tracking import resolve_log_with
@@ -75,10 +76,15 @@ def run_pipeline(profile: str = "demo", overrides: dict[str, Any] | None = None,
 
     Each executed copy is saved to ``logs/notebooks/``. The first failing stage
     stops the run with ``StageFailed``; Ctrl-C or SIGTERM interrupt the running stage
-    (``StageInterrupted``). Earlier stages' outputs stay as they are.
+    (``StageInterrupted``). Earlier stages' outputs stay as they are. The run holds the output
+    and data folders' locks (``locks.folder_lock``; its stages' kernels share them): a second run
+    into either stops with ``FolderInUse`` naming this one's process.
     """
-    overrides = dict(overrides or {})
     cfg = load_config(profile, overrides)  # fail on bad keys before any stage runs
+    # Folders resolved once, here (against this process's folder): the stages' kernels run in
+    # notebooks/ and would resolve relative ones, or the defaults, against that.
+    overrides = {**(overrides or {}), "paths.data_dir": cfg.paths.data_dir,
+                 "paths.output_dir": cfg.paths.output_dir}
     stages = list_stages(notebooks_dir)
     if not stages:
         raise FileNotFoundError(f"no numbered notebooks in {notebooks_dir}")
@@ -88,21 +94,22 @@ def run_pipeline(profile: str = "demo", overrides: dict[str, Any] | None = None,
     selected = [s for s in stages if (start is None or s >= start) and (stop is None or s <= stop)]
     if "04" in selected:  # a tracker typo fails now, not after acquisition and preprocessing
         resolve_log_with(cfg.train.log_with)
-    out_dir = cfg.paths.logs / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[StageResult] = []
-    summary_path = cfg.paths.logs / "run_summary.json"
-    with _recording_signals() as received:
-        for stage in selected:
-            if received:  # a signal came as the previous stage finished
-                raise StageInterrupted(f"interrupted before stage {stage}; earlier stages' outputs "
-                                       f"are kept. Rerun with --from {stage}")
-            results.append(_run_stage(stage, stages[stage], profile, overrides, cfg, out_dir, received))
-            _write_summary(summary_path, profile, results)
-            if results[-1].status != "ok":
-                exc_type = StageInterrupted if results[-1].status == "interrupted" else StageFailed
-                raise exc_type(results[-1].error)
-    return results
+    with folder_lock(cfg.paths.output_dir), folder_lock(cfg.paths.data_dir, "paths.data_dir"):
+        out_dir = cfg.paths.logs / "notebooks"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results: list[StageResult] = []
+        summary_path = cfg.paths.logs / "run_summary.json"
+        with _recording_signals() as received:
+            for stage in selected:
+                if received:  # a signal came as the previous stage finished
+                    raise StageInterrupted(f"interrupted before stage {stage}; earlier stages' outputs "
+                                           f"are kept. Rerun with --from {stage}")
+                results.append(_run_stage(stage, stages[stage], profile, overrides, cfg, out_dir, received))
+                _write_summary(summary_path, profile, results)
+                if results[-1].status != "ok":
+                    exc_type = StageInterrupted if results[-1].status == "interrupted" else StageFailed
+                    raise exc_type(results[-1].error)
+        return results
 
 
 def _run_stage(stage: str, notebook: Path, profile: str, overrides: dict, cfg, out_dir: Path,

@@ -16,6 +16,7 @@ the interval (pooled over seeds, resampling test studies).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -37,6 +38,18 @@ BOOTSTRAP_METRICS = ("BLEU-4", "clinical macro_F1")
 MODEL = "model"
 RETRIEVAL = "retrieval (nearest image)"
 CONSTANTS = ("constant (most frequent)", "constant (best of top 50 on val)")
+
+
+def seed_count(text: str) -> int:
+    """``--seeds`` on the command line (``argparse`` type): a whole number of at least 1, so that
+    ``--seeds 0`` stops with a usage error before anything is run or rewritten."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- resampled statistics
@@ -246,22 +259,24 @@ def run_seeds(profile: str, overrides: dict, n_seeds: int, start: str | None = N
     ``n_seeds - 1`` further training seeds (seed+1, ...) into ``seeds/seed_<s>/`` of the output
     folder, sharing stage 03's split; then ``aggregate_seeds`` into ``logs/metrics_test_seeds.json``."""
     from medexgen_lib.config import load_config
+    from medexgen_lib.locks import folder_lock
     from medexgen_lib.pipeline import run_pipeline
 
     if n_seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {n_seeds}")
     cfg = load_config(profile, overrides)
-    results = run_pipeline(profile, overrides, start, stop)
-    dirs = [Path(cfg.paths.output_dir)]
-    for k in range(1, n_seeds):
-        seed = cfg.seed + k
-        out = seed_output_dir(cfg.paths.output_dir, seed)
-        log.info("seed %d of %d (seed=%d) -> %s", k + 1, n_seeds, seed, out)
-        results += run_pipeline(profile, {**overrides, "seed": seed, "paths.output_dir": str(out)},
-                                "04", "05")
-        dirs.append(out)
-    from medexgen_lib.preprocess import load_split
+    with folder_lock(cfg.paths.output_dir):  # every seed's run and the aggregate: one run
+        results = run_pipeline(profile, overrides, start, stop)
+        dirs = [Path(cfg.paths.output_dir)]
+        for k in range(1, n_seeds):
+            seed = cfg.seed + k
+            out = seed_output_dir(cfg.paths.output_dir, seed)
+            log.info("seed %d of %d (seed=%d) -> %s", k + 1, n_seeds, seed, out)
+            results += run_pipeline(profile, {**overrides, "seed": seed, "paths.output_dir": str(out)},
+                                    "04", "05")
+            dirs.append(out)
+        from medexgen_lib.preprocess import load_split
 
-    training_reports = [e.text for e in load_split(cfg, "train").examples]  # as run_evaluation's
-    return results, aggregate_seeds(dirs, out_path=cfg.paths.logs / SEEDS_FILE, training_reports=training_reports,
-                                    config_hash=config_sha256(cfg))
+        training_reports = [e.text for e in load_split(cfg, "train").examples]  # as run_evaluation's
+        return results, aggregate_seeds(dirs, out_path=cfg.paths.logs / SEEDS_FILE,
+                                        training_reports=training_reports, config_hash=config_sha256(cfg))

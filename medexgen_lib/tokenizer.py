@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
 
-from medexgen_lib.files import read_capped, recover_dir, replace_dir
+from medexgen_lib.files import honour_umask, read_capped, recover_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLik
     try:
         tokenizer.save_pretrained(staging)
         (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2))
-        replace_dir(staging, out_dir)
+        replace_dir(honour_umask(staging), out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 from torch import nn
@@ -38,8 +39,9 @@ from medexgen_lib import guidance
 from medexgen_lib.config import Config, TrainConfig
 from medexgen_lib.dataset import collate
 from medexgen_lib.evaluate import decode_settings, generate_reports
-from medexgen_lib.files import read_json, save_figure, write_text_atomic
+from medexgen_lib.files import discard_dir, honour_umask, read_json, save_figure, write_text_atomic
 from medexgen_lib.labeler import LABELER_VERSION
+from medexgen_lib.locks import FolderInUse, folder_lock
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
 from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_load_error,
                                 recover_dir, replace_dir, write_errors_named)
@@ -264,7 +266,7 @@ def save_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer,
                             "scaler": scaler.state_dict() if scaler is not None else None},
                            staging / STATE_FILE)
                 (staging / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2))
-            replace_dir(staging, directory)
+            replace_dir(honour_umask(staging), directory)
     finally:
         if accelerator.is_main_process:  # gone after the swap; half-written after a failure
             shutil.rmtree(staging, ignore_errors=True)
@@ -333,15 +335,41 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
 
     ``stop_after_epoch`` ends the session after that epoch as an interruption
     would (checkpoint written, no export), for time-boxed sessions and tests.
+    One run per output folder: ``locks.FolderInUse`` names the process of a run already in it.
     """
-    tcfg = cfg.train
     tracking = accelerator_tracking_args(cfg)
     # cpu=True without CUDA: under a launcher (accelerate launch / torchrun) that is multi-CPU on gloo.
     # Gradient accumulation is done by _train_epoch (loss normalised over the whole window).
     # A frozen encoder (train.encoder_epochs) leaves parameters without gradients: DDP must know.
-    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if tcfg.encoder_epochs else []
-    accelerator = Accelerator(mixed_precision=choose_precision(tcfg.precision),
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.train.encoder_epochs else []
+    accelerator = Accelerator(mixed_precision=choose_precision(cfg.train.precision),
                               cpu=not torch.cuda.is_available(), kwargs_handlers=ddp, **tracking)
+    with _output_folder_lock(accelerator, cfg.paths.output_dir):
+        return _train(cfg, accelerator, tracking, resume, stop_after_epoch, progress)
+
+
+@contextlib.contextmanager
+def _output_folder_lock(accelerator: Accelerator, folder: str) -> Iterator[None]:
+    """The main process holds ``folder``'s lock (``locks.folder_lock``) for the run; a refusal
+    reaches every process (the others would otherwise wait for it at the first barrier)."""
+    with contextlib.ExitStack() as held:
+        refusal = [""]
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(folder_lock(folder))
+            except FolderInUse as exc:
+                refusal = [str(exc)]
+        if accelerator.num_processes > 1:
+            refusal = broadcast_object_list(refusal)
+        if refusal[0]:
+            raise FolderInUse(refusal[0])
+        yield
+
+
+def _train(cfg: Config, accelerator: Accelerator, tracking: dict, resume: bool,
+           stop_after_epoch: int | None, progress: bool) -> TrainResult:
+    """``train``'s run, with the output folder locked."""
+    tcfg = cfg.train
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -400,10 +428,9 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         if accelerator.is_main_process:
             _truncate_history(history_path, state["epoch"])
         log.info("resumed from %s after epoch %d (step %d)", last_dir, state["epoch"], state["step"])
-    elif accelerator.is_main_process:
-        history_path.parent.mkdir(parents=True, exist_ok=True)
-        history_path.write_text("")
-        cfg.save(paths.logs / "config_04_training.json")
+    # A fresh run leaves a previous run's files as they are until its first epoch is done
+    # (an error or Ctrl-C before then loses nothing); then _take_over replaces them all.
+    owns_folder = resume
     tracker = RunTracker(accelerator, tracking.get("log_with"))
     tracker.start(cfg, state.setdefault("run_name", new_run_name(cfg)), fingerprint, state["step"])
 
@@ -452,9 +479,12 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        if accelerator.is_main_process:  # before the checkpoint: a resume drops lines past it
+        if accelerator.is_main_process and not owns_folder:
+            _take_over(cfg, record)
+        elif accelerator.is_main_process:  # before the checkpoint: a resume drops lines past it
             with history_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+        owns_folder = True
         if improved:  # best first (a crash in between re-trains this epoch), then last as its copy
             save_checkpoint(best_dir, accelerator, model, optimizer, scheduler, state)
             copy_checkpoint(best_dir, last_dir, accelerator)
@@ -658,6 +688,19 @@ def _choose_thresholds(model, loader, targets, device, features, min_auroc: floa
         truth.append(targets(batch["uids"], "cpu"))
     model.config.guidance_thresholds = guidance.choose_thresholds(
         torch.cat(probabilities), torch.cat(truth), model.config.guidance_labels, min_auroc)
+
+
+def _take_over(cfg: Config, record: dict) -> None:
+    """A fresh run's first epoch is done: its config and history replace the previous run's, and
+    the previous run's checkpoints and exported model go (they belong to that history), just
+    before this epoch's checkpoints are written. History first, as for every epoch: an
+    interruption before the checkpoints leaves a history and no checkpoint to resume, never a
+    checkpoint of one run beside the history of another."""
+    paths = cfg.paths
+    cfg.save(paths.logs / "config_04_training.json")
+    write_text_atomic(paths.logs / "history.jsonl", json.dumps(record) + "\n")
+    for folder in (paths.models / "final", paths.checkpoints / "best", paths.checkpoints / "last"):
+        discard_dir(folder)
 
 
 def _truncate_history(path: Path, last_epoch: int) -> None:

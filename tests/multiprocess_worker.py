@@ -2,7 +2,8 @@
 per process, every file write and a digest of the weights after each epoch.
 
 Mode ``never-best`` (4th argument): validation never scores, so no epoch is eligible as best;
-each process records the "nothing to export" error it raised."""
+each process records the "nothing to export" error it raised. Mode ``in-use``: another process
+holds the output folder; each process records the refusal it raised."""
 
 import hashlib
 import os
@@ -61,6 +62,13 @@ if mode == "never-best":
     try:
         train_module.train(cfg, progress=False)
     except RuntimeError as exc:
+        (Path(record_dir) / f"raised_rank{rank}.txt").write_text(str(exc))
+    sys.exit(0)
+if mode == "in-use":  # another process holds the output folder's lock
+    from medexgen_lib.locks import FolderInUse
+    try:
+        train_module.train(cfg, progress=False)
+    except FolderInUse as exc:
         (Path(record_dir) / f"raised_rank{rank}.txt").write_text(str(exc))
     sys.exit(0)
 train_module.train(cfg, progress=False)

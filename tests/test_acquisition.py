@@ -93,6 +93,17 @@ def test_download_complete_with_checksum_and_size(server, reports_tgz, tmp_path)
     assert out.read_bytes() == reports_tgz.read_bytes()
 
 
+@pytest.mark.reliability
+def test_a_downloaded_archive_gets_the_mode_the_umask_gives(server, reports_tgz, tmp_path):
+    server.files["r.tgz"] = reports_tgz.read_bytes()
+    previous = os.umask(0o022)
+    try:  # pooch streams into a NamedTemporaryFile (0600) and renames it
+        out = download_archive(f"{server.url}/r.tgz", tmp_path / "temp", retries=0, progressbar=False)
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
 def test_download_retries_after_a_server_error(server, reports_tgz, tmp_path):
     server.files["r.tgz"] = reports_tgz.read_bytes()
     server.fail_first.add("r.tgz")
@@ -476,3 +487,84 @@ def test_a_sparse_member_is_refused_before_its_map_is_read(kind, tmp_path):
     with pytest.raises(AcquisitionError, match=r"sparse.tgz: member .* is a sparse file"):
         safe_extract(archive, tmp_path / "target", tmp_path / "temp")
     _nothing_written(tmp_path / "target", tmp_path / "temp")
+
+
+# --------------------------------------------------------------------------- never delete what we did not write
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("layout", ["user files", "extracted copy"])
+def test_the_phantom_refuses_a_data_folder_holding_files_it_did_not_write(layout, tmp_config, iuxray_sample):
+    cfg = tmp_config(data__n_phantom_studies=10, data__phantom_image_size=48)
+    if layout == "user files":  # the case
+        for name, text in {"images/CXR1/x.png": b"scan", "images/IMPORTANT_NOTES.txt": b"notes",
+                           "reports/1.xml": b"<report/>"}.items():
+            (cfg.paths.images.parent / name).parent.mkdir(parents=True, exist_ok=True)
+            (cfg.paths.images.parent / name).write_bytes(text)
+        named = r"images holds IMPORTANT_NOTES\.txt"
+    else:  # the README's extracted copy: PNGs in images/, XMLs in reports/ecgen-radiology/
+        shutil.copytree(iuxray_sample / "images", cfg.paths.images)
+        shutil.copytree(iuxray_sample / "reports", cfg.paths.reports)
+        named = rf"images holds {sorted(p.name for p in cfg.paths.images.glob('*.png'))[0]}"
+    before = _snapshot(cfg.paths.images.parent)
+    with pytest.raises(AcquisitionError, match=named + r", which MedExGen did not write.*data\.source folder"):
+        acquire(cfg)
+    assert _snapshot(cfg.paths.images.parent) == before  # nothing deleted, nothing added
+
+
+@pytest.mark.reliability
+def test_the_phantom_replaces_its_own_files_only(tmp_config):
+    first = tmp_config(data__n_phantom_studies=6, data__phantom_image_size=48)
+    acquire(first)
+    (first.paths.reports / "ecgen-radiology" / "my_report.xml").write_text("<mine/>")
+    before = _snapshot(first.paths.images.parent)
+    other = tmp_config(data__n_phantom_studies=9, data__phantom_image_size=48)
+    with pytest.raises(AcquisitionError, match=r"reports holds ecgen-radiology/my_report\.xml"):
+        acquire(other)
+    assert _snapshot(first.paths.images.parent) == before
+    (first.paths.reports / "ecgen-radiology" / "my_report.xml").unlink()
+    acquire(other)  # its own earlier files: replaced
+    assert len(build_studies_table(other, acquire(other))) == 9
+
+
+@pytest.mark.reliability
+def test_a_fresh_clone_an_older_phantom_and_an_interrupted_one_are_replaced(tmp_config, monkeypatch):
+    from medexgen_lib import acquisition
+    from medexgen_lib.phantom import phantom_files
+
+    cfg = tmp_config(data__n_phantom_studies=6, data__phantom_image_size=48)
+    for folder in (cfg.paths.images, cfg.paths.reports):  # a fresh clone: empty folders with .gitkeep
+        folder.mkdir(parents=True)
+        (folder / ".gitkeep").write_text("")
+    acquire(cfg)
+    data = cfg.paths.images.parent
+    written = {p.relative_to(data).as_posix() for p in data.glob("[ir]*/**/*") if p.is_file() and not p.name.startswith(".")}
+    assert written == set(phantom_files(6, 0)) and (cfg.paths.images / ".gitkeep").exists()
+    for folder in (cfg.paths.images, cfg.paths.reports):  # as a MedExGen without manifests left it
+        (folder / acquisition.MANIFEST).unlink()
+    acquire(tmp_config(data__n_phantom_studies=5, data__phantom_image_size=48))
+    assert len(list(cfg.paths.images.glob("CXR6_*.png"))) == 0  # the older set's sixth study: gone
+
+    def interrupted(n_studies, seed, out_dir, image_size):  # killed half way through writing
+        (cfg.paths.images / "CXR1_IM-0001-1001.png").write_bytes(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(acquisition, "make_phantom_dataset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        acquire(tmp_config(data__n_phantom_studies=7, data__phantom_image_size=48))
+    monkeypatch.undo()
+    seven = tmp_config(data__n_phantom_studies=7, data__phantom_image_size=48)
+    assert not acquire(seven).did_nothing  # not taken for complete, and its files are its own
+    assert len(build_studies_table(seven, acquire(seven))) == 7
+
+
+@pytest.mark.reliability
+def test_an_archive_is_not_extracted_over_files_it_did_not_write(reports_tgz, images_tgz, tmp_config):
+    cfg = tmp_config("full", data__images_archive=str(images_tgz), data__reports_archive=str(reports_tgz))
+    (cfg.paths.reports / "ecgen-radiology").mkdir(parents=True)
+    (cfg.paths.reports / "ecgen-radiology" / "1.xml").write_text("<my edited report/>")
+    with pytest.raises(AcquisitionError, match=r"reports holds ecgen-radiology/1\.xml, which MedExGen"):
+        acquire(cfg)
+    assert (cfg.paths.reports / "ecgen-radiology" / "1.xml").read_text() == "<my edited report/>"

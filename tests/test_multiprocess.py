@@ -77,3 +77,25 @@ def test_nothing_to_export_is_raised_on_every_process_none_hangs(data, tmp_path)
         assert raised.exists(), f"rank {rank} did not raise: {run.stderr[-2000:]}"
         assert "nothing to export" in raised.read_text()
     assert not (out / "models" / "final").exists()
+
+
+@pytest.mark.reliability
+def test_an_output_folder_in_use_stops_every_process_none_hangs(data, tmp_path):
+    from test_output_lock import HOLDER
+
+    out, record = tmp_path / "out", tmp_path / "record"
+    record.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        run = _launch(str(data), str(out), str(record), "in-use", timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        raised = record / f"raised_rank{rank}.txt"
+        assert raised.exists(), f"rank {rank} did not raise: {run.stderr[-2000:]}"
+        assert f"in use by another MedExGen run: pid {holder.pid}" in raised.read_text()
+    assert not (out / "logs").exists()

@@ -607,3 +607,80 @@ def test_a_planning_run_exports_its_normal_report_and_switches_off_what_val_cann
     truth = torch.tensor([guidance.report_targets(e.text, labels) for e in val.examples])
     assert guidance.choose_thresholds(probabilities, truth, labels, 0.9) == config["guidance_thresholds"]
     assert guidance.LABEL_OFF in config["guidance_thresholds"]  # this tiny head tells some findings apart from none
+
+
+# --------------------------------------------------------------------------- a fresh run replaces a previous one
+
+
+def _run_files(cfg) -> dict:
+    """Bytes of every file of a training run's output folder (history, config, checkpoints, model)."""
+    out = Path(cfg.paths.output_dir)
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.relative_to(out).parts[0] in ("logs", "checkpoints", "models")}
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("metric", ["BLEU4", "clinical macro_F1 + bleu-4", ""])
+def test_a_selection_metric_that_validation_does_not_compute_is_refused_by_load_config(metric):
+    from medexgen_lib.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.selection_metric .*not a validation metric.*BLEU-4"):
+        load_config("demo", {"train.selection_metric": metric})
+
+
+def test_every_validation_metric_is_known_to_the_config_check():
+    from medexgen_lib.metrics import VALIDATION_METRICS, score
+
+    computed = score(["Heart size is normal."], ["Small left pleural effusion."], meteor=False)
+    numeric = {k for k, v in computed.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert set(VALIDATION_METRICS) == numeric | {"distinct_predictions"}  # what _validate returns
+
+
+@pytest.mark.reliability
+def test_a_train_refused_for_its_settings_leaves_the_previous_run_as_it_was(tiny_cfg, tiny_settings, capsys):
+    from medexgen_lib.__main__ import main
+
+    previous = train(tiny_cfg(train__epochs=1), progress=False)
+    before = _run_files(tiny_cfg())
+    overrides = [arg for key, value in {**tiny_settings("out"), "train.selection_metric": "BLEU4"}.items()
+                 for arg in ("-p", key, str(value))]
+    assert main(["train", *overrides]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "train.selection_metric" in error[0] and "BLEU4" in error[0], error
+    assert _run_files(tiny_cfg()) == before and previous.history.stat().st_size > 0
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("where", ["training", "validation"])
+def test_ctrl_c_in_a_fresh_runs_first_epoch_leaves_the_previous_run_as_it_was(where, tiny_cfg, monkeypatch):
+    import medexgen_lib.train as train_module
+
+    train(tiny_cfg(train__epochs=1), progress=False)
+    before = _run_files(tiny_cfg())
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, "_train_epoch" if where == "training" else "_validate", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(train__lr_new=2e-3), progress=False)
+    after = _run_files(tiny_cfg())  # (the new run's TensorBoard folder may be there too)
+    assert {name: after.get(name) for name in before} == before
+
+
+@pytest.mark.reliability
+def test_after_its_first_epoch_a_fresh_run_owns_the_folder_with_no_file_of_the_previous_run(tiny_cfg):
+    train(tiny_cfg(train__epochs=1, train__export="best"), progress=False)
+    assert (Path(tiny_cfg().paths.models) / "final").exists()
+    cfg = tiny_cfg(train__epochs=3, train__lr_new=2e-3)
+    train(cfg, stop_after_epoch=1, progress=False)  # stopped after epoch 1 as an interruption would
+    history = [json.loads(l) for l in (cfg.paths.logs / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1]
+    saved = json.loads((cfg.paths.logs / "config_04_training.json").read_text())
+    assert saved["train"]["lr_new"] == 2e-3 and saved["train"]["epochs"] == 3
+    assert not (cfg.paths.models / "final").exists()  # the previous run's model is not this run's
+    kept = {p.name for p in cfg.paths.checkpoints.iterdir()}
+    for name in kept:  # every checkpoint left is this run's epoch 1
+        assert json.loads((cfg.paths.checkpoints / name / "trainer.json").read_text())["config"]["train"]["lr_new"] == 2e-3
+    assert "last" in kept
+    train(cfg, resume=True, progress=False)  # and the run goes on from there
+    assert [json.loads(l)["epoch"] for l in (cfg.paths.logs / "history.jsonl").read_text().splitlines()] == [1, 2, 3]
