@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 
 SEEDS_FILE = "metrics_test_seeds.json"
 AGGREGATE_METRICS = ("BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1", "clinical micro_F1",
-                     "laterality", "distinct_predictions")
+                     "laterality", "distinct_predictions",
+                     # the real-text phantom's: drawn findings stated, studies with one given none
+                     "drawn_recall", "drawn_precision", "drawn_missed_studies")
 BOOTSTRAP_METRICS = ("BLEU-4", "clinical macro_F1")
 MODEL = "model"
 RETRIEVAL = "retrieval (nearest image)"
@@ -280,3 +283,26 @@ def run_seeds(profile: str, overrides: dict, n_seeds: int, start: str | None = N
         training_reports = [e.text for e in load_split(cfg, "train").examples]  # as run_evaluation's
         return results, aggregate_seeds(dirs, out_path=cfg.paths.logs / SEEDS_FILE,
                                         training_reports=training_reports, config_hash=config_sha256(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m medexgen_lib.seeds OUTPUT_DIR``: the seed tables of a finished ``run --seeds``
+    in OUTPUT_DIR (its own run and ``seeds/seed_*``), aggregated again and printed."""
+    parser = argparse.ArgumentParser(prog="python -m medexgen_lib.seeds",
+                                     description="print the seed tables of a finished `run --seeds`")
+    parser.add_argument("output_dir", help="the run's paths.output_dir")
+    args = parser.parse_args(argv)
+    root = Path(args.output_dir)
+    dirs = [root, *sorted(root.glob("seeds/seed_*"), key=lambda d: int(d.name.removeprefix("seed_")))]
+    try:
+        result = aggregate_seeds(dirs)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(seeds_table(result).to_string())
+    print(bootstrap_table(result).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -657,6 +657,22 @@ def test_aggregate_seeds_mean_std_and_bootstrap(tmp_path):
     assert json.loads((tmp_path / "agg.json").read_text())["n_seeds"] == 2
 
 
+def test_the_seeds_command_reprints_a_finished_runs_tables_drawn_findings_included(tmp_path, capsys):
+    from medexgen_lib.seeds import main
+
+    root = tmp_path / "out"
+    for seed, folder in ((0, root), (1, root / "seeds" / "seed_1"), (2, root / "seeds" / "seed_2")):
+        _seed_logs(folder, seed, INVENTED_MODEL, INVENTED_REFS, BASELINES)
+        metrics = json.loads((folder / "logs" / "metrics_test.json").read_text())
+        metrics["model"]["drawn_recall"] = 0.5 + 0.1 * seed  # as stage 05 records on the real-text phantom
+        (folder / "logs" / "metrics_test.json").write_text(json.dumps(metrics))
+    assert main([str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "0.600 ± 0.100" in printed and "model - retrieval (nearest image)" in printed
+    assert main([str(tmp_path / "nowhere")]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
 def test_aggregate_seeds_scores_under_the_runs_reference_convention(tmp_path):
     from medexgen_lib.seeds import aggregate_seeds
 
