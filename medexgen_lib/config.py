@@ -385,24 +385,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    # Phantom data, a small randomly initialised model, small images: CPU-friendly. 800
-    # studies: 350 train, 50 val, 400 test (on a 100-study test split the paired bootstrap
-    # 95% interval of model - retrieval was about +-.04 on macro-F1, 3 seeds; generating and
-    # scoring 300 more studies costs seconds, training nothing).
-    # Guided (issue 14's ablation, README): an observation head on the image features; its
-    # predictions (thresholds chosen on val) start the decoder's input as a prompt, one token
-    # per label carrying the label's words, and are added to every input embedding (true
-    # labels at train time); 64 px, batch 8, no augmentation; 15 epochs of which the first 5
-    # train the encoder, the other 10 the rest (the head included) on cached image features; the
-    # last epoch exported (on 50 val studies the best epoch's lead is mostly noise; development
-    # phantom: BLEU-4 +.014 in 5 of 6 runs, macro-F1 equal); each generated sided finding gets
-    # the head's side; each finding the head predicts and the text omits is stated from the
-    # training reports' sentence bank (development phantom, 3 seeds: macro-F1 .868 -> .883,
-    # BLEU-4 .415 -> .428).
-    # The head pools each view's 2x2 feature map to 3x3 (overlapping windows: the halves, the
-    # middle and the whole as well as the quadrants), chosen on val of the 500-study demo (3
-    # seeds: macro-F1 .903 vs .884, BLEU-4 .464 vs .439 for 2x2); on the 400-study test split it
-    # gained macro-F1 (.816 -> .832) and lost BLEU-4 (.399 -> .386) (README ablation).
+    # phantom data, small random-init model on 64 px; rationale: docs/RESULTS.md#demo-defaults
     "demo": {"data.source": "phantom", "data.n_phantom_studies": 800,
              "split.val_fraction": 0.0625, "split.test_fraction": 0.5,
              "tokenizer.kind": "trained", "text.max_length": 96, "images.size": 64,
@@ -417,29 +400,12 @@ PROFILES: dict[str, dict[str, Any]] = {
              "guidance.prompt": True, "guidance.decoder_input": "true", "guidance.align_sides": True,
              "guidance.pool": 3, "guidance.state_findings": True,
              "eval.num_beams": 1, "eval.max_new_tokens": 80, "eval.meteor": False},
-    # Real Open-i data, ImageNet ResNet50 + GPT-2 small, 224 px, both views.
-    # Target: FINDINGS, the convention of R2Gen, R2GenCMN and CvT2DistilGPT2.
-    # Guidance as in the demo's prompt: the head's labels start GPT-2's input, each present
-    # label's token carrying its words in GPT-2's own embedding (which already means something
-    # in a pretrained GPT-2); true labels at training time, thresholds chosen on val. Not the
-    # demo's added embedding: a vector added at every position would shift the pretrained
-    # decoder's inputs everywhere. Labels kept where at least 20 of the ~2.5k training
-    # reports are positive (rarer ones are noise at this size); a 2x2 pooled grid of
-    # ResNet50's 7x7 map keeps left and right apart; the head's BCE at weight 1 (the LM loss
-    # of a pretrained GPT-2 starts near 2-3 nats). The ImageNet encoder fine-tunes in every
-    # epoch (train.encoder_epochs 0; with augmentation its features change every epoch
-    # anyway); the best epoch on val by clinical macro-F1 + BLEU-4 is exported (train.export
-    # "best": a pretrained GPT-2 can overfit 2.5k reports, and its val split has ~330 studies).
-    # Side words are left to the decoder (guidance.align_sides off): real reports name sides
-    # of anatomy too ("right heart border") and the head's sides on real data are unmeasured;
-    # switch it on where val shows the head's sides beat the decoder's. Likewise no sentence bank
-    # (guidance.state_findings off): it helps where the head finds what the text omits, which
-    # on real data is unmeasured. None of this is measured on real data yet (no GPU here).
+    # real Open-i data, pretrained ResNet50 + GPT-2 on 224 px; rationale: docs/RESULTS.md#full-defaults
     "full": {"data.source": "openi", "tokenizer.kind": "gpt2", "split.require_findings": True,
              "text.target": "findings", "guidance.head": True, "guidance.prompt": True,
              "guidance.decoder_input": "true", "guidance.min_count": 20,
              "train.selection_metric": "clinical macro_F1 + BLEU-4",
-             # real reports: findings the images do not show stay unsaid; reports planned (RESULTS.md)
+             # real reports: findings the images do not show stay unsaid; reports planned (docs/RESULTS.md)
              "guidance.min_auroc": 0.75, "guidance.plan_reports": True, "guidance.align_sides": True},
 }
 
