@@ -405,14 +405,16 @@ def _clause_without(clause: str, negated: set[str]) -> str:
             break
     else:
         return ""
-    items = [item.strip() for item in _LIST_ITEMS.split(tail.strip()) if item.strip()]
+    core = tail.rstrip(" ,;:")
+    trailing = tail[len(core):]  # the clause's separator from what follows ("..., but ...") stays
+    items = [item.strip() for item in _LIST_ITEMS.split(core.strip()) if item.strip()]
     kept = [item for item in items if not _mentioned(item) & negated]
     if kept:
-        word = (_LIST_WORD.findall(tail) or ["or"])[-1]
+        word = (_LIST_WORD.findall(core) or ["or"])[-1]
         listed = kept[0] if len(kept) == 1 else ", ".join(kept[:-1]) + f" {word} " + kept[-1]
-        return f"{clause[:cue.end()]} {listed}"
+        return f"{clause[:cue.end()]} {listed}{trailing}"
     head = clause[:cue.start()]
-    return head if _stated(label_report(head)) else ""
+    return head.rstrip() + trailing if _stated(label_report(head)) else trailing
 
 
 def without_negations(sentence: str, observations: set[str]) -> str:

@@ -881,3 +881,16 @@ def test_an_ablation_row_run_again_drops_its_old_result_before_training(tmp_path
     with pytest.raises(RuntimeError, match="killed"):
         run_ablation("demo", settings, n_seeds=1, rows=[row])
     assert not (folder / ROW_FILE).exists()  # not tabled beside seeds trained with other settings
+
+
+@pytest.mark.parametrize("sentence, expected", [
+    ("No pneumothorax or effusion, but there is cardiomegaly.", "No effusion, but there is cardiomegaly."),
+    ("No pneumothorax or effusion and there is cardiomegaly.", "No effusion and there is cardiomegaly."),
+    ("Small left pleural effusion without pneumothorax, however there is cardiomegaly.",
+     "Small left pleural effusion, however there is cardiomegaly."),
+    ("No pneumothorax, but there is cardiomegaly.", "There is cardiomegaly.")])
+def test_removing_a_negated_clause_keeps_the_clauses_after_it_apart(sentence, expected):
+    """The clause's separator from the next clause was lost: "... No effusionbut there is
+    cardiomegaly." labelled cardiomegaly negative."""
+    assert guidance.without_negations(sentence, {"Pneumothorax"}) == expected
+    assert label_report(expected)["Cardiomegaly"] == "positive"
