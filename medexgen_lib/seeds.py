@@ -113,6 +113,12 @@ def config_sha256(cfg) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def metrics_sha256(model_metrics: dict | None) -> str:
+    """SHA-256 of a metrics file's model scores: a seed table shows only beside the scores it was
+    made from (another labeler or metrics version, or another data folder, scores otherwise)."""
+    return hashlib.sha256(json.dumps(model_metrics, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def aggregate_seeds(output_dirs: Sequence[str | Path], split: str = "test",
                     out_path: str | Path | None = None, n_resamples: int = 2000,
                     training_reports: Sequence[str] | None = None, config_hash: str | None = None) -> dict:
@@ -125,7 +131,7 @@ def aggregate_seeds(output_dirs: Sequence[str | Path], split: str = "test",
     and uncertainty rule those metrics files record (``training_reports``, the run's
     training texts, give R2Gen's vocabulary where it is ``r2gen``). Written to
     ``out_path`` when given, with ``made_from``: the first seed's model (``model_sha256`` of its
-    metrics file) and ``config_hash`` (``config_sha256`` of the run's config), which
+    metrics file) and scores (``metrics_sha256``) and ``config_hash`` (``config_sha256`` of the run's config), which
     ``seeds_for_run`` checks before a notebook shows the file.
     """
     summaries, rows = [], []
@@ -169,7 +175,8 @@ def aggregate_seeds(output_dirs: Sequence[str | Path], split: str = "test",
     result = {"split": split, "n_seeds": len(summaries), "n_studies": len(uids),
               "output_dirs": [str(d) for d in output_dirs],
               "seeds": [s.get("seed") for s in summaries], "metrics": table, "bootstrap": bootstrap,
-              "made_from": {"model_sha256": summaries[0].get("model_sha256"), "config_sha256": config_hash},
+              "made_from": {"model_sha256": summaries[0].get("model_sha256"), "config_sha256": config_hash,
+                            "metrics_sha256": metrics_sha256(summaries[0].get("model"))},
               "bootstrap_note": ("paired bootstrap over test studies (one draw for all seeds and "
                                  "systems), statistic = mean over seeds of (model - baseline), scored "
                                  f"as the table is (references {scoring['reference_convention']}); "
@@ -218,7 +225,8 @@ def seeds_for_run(cfg, summary: dict) -> tuple[dict | None, str]:
                       f"--profile {cfg.profile} --seeds 3` for the table with spreads")
     seeds = read_json(path)
     made_from = seeds.get("made_from") or {}
-    this_run = {"model_sha256": summary.get("model_sha256"), "config_sha256": config_sha256(cfg)}
+    this_run = {"model_sha256": summary.get("model_sha256"), "config_sha256": config_sha256(cfg),
+                "metrics_sha256": metrics_sha256(summary.get("model"))}
     if seeds.get("split") != summary.get("split") or made_from != this_run:
         differ = [k.split("_")[0] for k in this_run if made_from.get(k) != this_run[k]] or ["split"]
         return None, (f"no seed table for this run: {path} was made from another {' and '.join(differ)} "

@@ -702,23 +702,28 @@ def test_aggregate_seeds_refuses_a_predictions_file_its_metrics_file_does_not_sc
 
 
 def test_a_seeds_file_is_shown_only_for_the_model_and_config_it_was_made_from(tmp_path):
-    from medexgen_lib.seeds import SEEDS_FILE, aggregate_seeds, config_sha256, seeds_for_run
+    from medexgen_lib.seeds import SEEDS_FILE, aggregate_seeds, config_sha256, metrics_sha256, seeds_for_run
 
     cfg = load_config("demo", {"paths.output_dir": str(tmp_path / "out")})
     _seed_logs(tmp_path / "s0", 0, INVENTED_MODEL, INVENTED_REFS, BASELINES)
     metrics = tmp_path / "s0" / "logs" / "metrics_test.json"
-    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "split": "test", "model_sha256": "a" * 64}))
-    this_run = {"split": "test", "model_sha256": "a" * 64}
+    saved = {**json.loads(metrics.read_text()), "split": "test", "model_sha256": "a" * 64}
+    metrics.write_text(json.dumps(saved))
+    this_run = {"split": "test", "model_sha256": "a" * 64, "model": saved["model"]}
     assert seeds_for_run(cfg, this_run)[0] is None and "does not exist" in seeds_for_run(cfg, this_run)[1]
     aggregate_seeds([tmp_path / "s0"], out_path=cfg.paths.logs / SEEDS_FILE, n_resamples=20,
                     config_hash=config_sha256(cfg))
     shown, why = seeds_for_run(cfg, this_run)
-    assert shown is not None and shown["made_from"] == {"model_sha256": "a" * 64, "config_sha256": config_sha256(cfg)}
+    assert shown is not None and shown["made_from"] == {"model_sha256": "a" * 64, "config_sha256": config_sha256(cfg),
+                                                        "metrics_sha256": metrics_sha256(saved["model"])}
     # a later run with other settings, another model (the next invocation's first notebook pass), another split
     other = load_config("demo", {"paths.output_dir": str(tmp_path / "out"), "eval.num_beams": 3})
     assert seeds_for_run(other, this_run)[0] is None and "another config" in seeds_for_run(other, this_run)[1]
     assert seeds_for_run(cfg, {**this_run, "model_sha256": "b" * 64})[0] is None
     assert seeds_for_run(cfg, {**this_run, "split": "val"})[0] is None
+    # the same model scored again otherwise (another labeler or metrics version, another data folder)
+    rescored = {**this_run, "model": {**saved["model"], "clinical macro_F1": 0.1}}
+    assert seeds_for_run(cfg, rescored)[0] is None and "another metrics" in seeds_for_run(cfg, rescored)[1]
     # the folders are not part of the config's hash
     assert config_sha256(load_config("demo", {"paths.output_dir": str(tmp_path / "elsewhere")})) == config_sha256(cfg)
     # a seeds file from before the hashes were stored is not shown either
@@ -742,11 +747,12 @@ def test_seeds_cli_writes_the_aggregate_file(tmp_path):
     assert (tmp_path / "o" / "seeds" / "seed_1" / "logs" / "metrics_test.json").exists()
     assert "model - retrieval (nearest image)" in aggregate["bootstrap"]
     # made from this model and config: notebook 05 of the same settings shows it
-    from medexgen_lib.seeds import config_sha256, seeds_for_run
+    from medexgen_lib.seeds import config_sha256, metrics_sha256, seeds_for_run
 
     cfg = load_config("demo", {k: str(v) for k, v in settings.items()})
     metrics = json.loads((tmp_path / "o" / "logs" / "metrics_test.json").read_text())
-    assert aggregate["made_from"] == {"model_sha256": metrics["model_sha256"], "config_sha256": config_sha256(cfg)}
+    assert aggregate["made_from"] == {"model_sha256": metrics["model_sha256"], "config_sha256": config_sha256(cfg),
+                                      "metrics_sha256": metrics_sha256(metrics["model"])}
     assert seeds_for_run(cfg, metrics)[0] == aggregate
 
 
