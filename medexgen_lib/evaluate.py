@@ -77,7 +77,8 @@ TABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "C
                  "clinical micro_F1", "clinical example_F1", "clinical abnormal_recall",
                  "laterality", "distinct_predictions", "degenerate_predictions",
                  "reports_changed_by_post_processing",
-                 "drawn_recall", "drawn_precision", "drawn_missed_studies", "drawn_studies")
+                 "drawn_recall", "drawn_precision", "drawn_finding_free_studies", "drawn_missed_studies",
+                 "drawn_studies")
 
 
 def comparability(cfg, split_meta: dict, evaluated: str = "test") -> tuple[dict, list[str]]:

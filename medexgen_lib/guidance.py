@@ -334,10 +334,11 @@ def bank_sentence_key(sentence: str, labels: Sequence[str]) -> str | None:
 
 
 # Bank sentences stand in a report about this study alone: none that compares with a prior study,
-# measures, or hides words behind Open-i's de-identification mark.
+# measures, hides words behind Open-i's de-identification mark, or also calls something clear or
+# normal (a dictation slip such as "Lungs are expanded and clear airspace disease." labels positive).
 _NOT_FOR_BANK = re.compile(r"\d|XXXX|\b(?:unchanged|stable|again|prior|previous(?:ly)?|interval|compared|"
                            r"comparison|increased|decreased|improved|worsened|redemonstrat\w*|persist\w*|"
-                           r"new|known|since)\b", re.IGNORECASE)
+                           r"new|known|since|change|clear|normal)\b", re.IGNORECASE)
 
 
 def sentence_bank(texts: Sequence[str], labels: Sequence[str]) -> dict[str, str]:

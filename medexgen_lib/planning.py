@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from medexgen_lib.guidance import _sentences, _stated, bank_key
+from medexgen_lib.guidance import _sentences, _stated, align_sides, bank_key
 from medexgen_lib.labeler import NEGATIVE, label_report
 
 TOP_REPORTS = 50
@@ -39,8 +39,9 @@ ANATOMY = (
      frozenset({"Cardiomegaly", "Enlarged Cardiomediastinum"})),
     (re.compile(r"\b(lungs?|pulmonary|airspace|parenchym\w*|consolidation|opacit\w*)\b", re.IGNORECASE),
      LUNG_FINDINGS),
-    (re.compile(r"\b(pleural|effusions?|pneumothora\w*|costophrenic)\b", re.IGNORECASE),
+    (re.compile(r"\b(pleura\w*|effusions?|pneumothora\w*|costophrenic)\b", re.IGNORECASE),
      frozenset({"Pleural Effusion", "Pneumothorax", "Pleural Other"})),
+    (re.compile(r"\b(osseous|bony|bones?|skeletal|ribs?)\b", re.IGNORECASE), frozenset({"Fracture"})),
 )
 
 
@@ -81,16 +82,17 @@ def plan_report(decoded: str, present: Sequence[str], sides: dict[str, set[str]]
         return normal
     stating: dict[str, tuple[str, set[str]]] = {}  # finding -> (sentence, the findings it states)
     for sentence in _sentences(decoded):
-        stated = _stated(label_report(sentence))
-        if stated and stated <= set(present) and not stated & _covered(stating):
+        labels = label_report(sentence)
+        stated = _stated(labels)
+        negates = any(labels.get(o) == NEGATIVE for o in present)
+        if stated and stated <= set(present) and not negates and not stated & _covered(stating):
             stating[min(stated, key=present.index)] = (_ended(sentence), stated)
     for observation in present:
-        if observation in _covered(stating):
-            continue
-        for key in (bank_key(observation, sides.get(observation, set())), bank_key(observation)):
-            if key in bank:
-                stating[observation] = (bank[key], {observation})
-                break
+        if observation not in _covered(stating):
+            sentence = _bank_sentence(observation, sides.get(observation, set()), bank)
+            if sentence:
+                stating[observation] = (sentence, {observation})
+    placed: set[str] = set()
     planned = []
     for sentence in _sentences(normal):
         hit = contradicted(sentence, present)
@@ -98,12 +100,27 @@ def plan_report(decoded: str, present: Sequence[str], sides: dict[str, set[str]]
             planned.append(_ended(sentence))
             continue
         for observation in [o for o, (_, stated) in stating.items() if stated & hit]:
-            planned.append(stating.pop(observation)[0])
+            text, stated = stating.pop(observation)
+            planned.append(text)
+            placed |= stated
         negated = any(label_report(sentence).get(o) == NEGATIVE for o in hit)
-        if not negated and hit <= LUNG_FINDINGS and _CLEAR.search(sentence):
+        if not negated and hit <= LUNG_FINDINGS and hit & placed and _CLEAR.search(sentence):
             planned.append(_ended(_CLEAR.sub(r"\1 otherwise \2", sentence, count=1)))
     at = max(0, len(planned) - 1)
     return " ".join(planned[:at] + [sentence for sentence, _ in stating.values()] + planned[at:])
+
+
+def _bank_sentence(observation: str, sides: set[str], bank: dict[str, str]) -> str:
+    """The bank's sentence for ``observation`` on ``sides``; else the finding's sentence without a
+    side; else one naming other sides, its side words set to ``sides`` (``guidance.align_sides``)
+    or left as they are where no side is known. "" where the bank has none for the finding."""
+    for key in (bank_key(observation, sides), bank_key(observation)):
+        if key in bank:
+            return bank[key]
+    for key, sentence in bank.items():
+        if key.split(" + ")[0] == observation:
+            return align_sides(sentence, {observation: sides}) if sides else sentence
+    return ""
 
 
 def _covered(stating: dict[str, tuple[str, set[str]]]) -> set[str]:

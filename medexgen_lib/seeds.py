@@ -36,7 +36,8 @@ SEEDS_FILE = "metrics_test_seeds.json"
 AGGREGATE_METRICS = ("BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1", "clinical micro_F1",
                      "laterality", "distinct_predictions",
                      # the real-text phantom's: drawn findings stated, studies with one given none
-                     "drawn_recall", "drawn_precision", "drawn_missed_studies")
+                     "drawn_recall", "drawn_precision", "drawn_finding_free_studies", "drawn_missed_studies",
+                     "drawn_studies")
 BOOTSTRAP_METRICS = ("BLEU-4", "clinical macro_F1")
 MODEL = "model"
 RETRIEVAL = "retrieval (nearest image)"

@@ -234,7 +234,10 @@ def test_the_sentence_bank_keeps_each_findings_most_frequent_sentence_that_state
 def test_the_sentence_bank_leaves_out_comparisons_measurements_and_deidentified_words():
     texts = ["Stable cardiomegaly. Stable cardiomegaly. Cardiomegaly unchanged from prior.",
              "There is a 2 cm left pleural effusion. There is a 2 cm left pleural effusion.",
-             "XXXX cardiomegaly. XXXX cardiomegaly. The heart is enlarged. Small left pleural effusion."]
+             "XXXX cardiomegaly. XXXX cardiomegaly. The heart is enlarged. Small left pleural effusion.",
+             # a dictation slip the labeler reads as a finding, and a comparison: twice each
+             "Lungs are clear and cardiomegaly. Lungs are clear and cardiomegaly.",
+             "No change in the left pleural effusion. No change in the left pleural effusion."]
     assert guidance.sentence_bank(texts, LABELS) == {
         "Cardiomegaly": "The heart is enlarged.",
         "Pleural Effusion + Pleural Effusion, left": "Small left pleural effusion."}

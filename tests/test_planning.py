@@ -97,3 +97,29 @@ def test_plan_reports_needs_the_head_excludes_the_sentence_bank_and_changes_the_
     assert on != off
     demo = load_config("demo")
     assert evaluation_fingerprint(demo, ["CXR1"])[1].keys().isdisjoint({"plan_reports", "min_auroc"})
+
+
+def test_a_finding_the_bank_has_only_on_the_other_side_is_stated_on_the_heads_side():
+    bank = {"Lung Lesion + Lung Lesion, right": "Right upper lobe nodule."}
+    planned = plan_report("", ["Lung Lesion", "Cardiomegaly"], {"Lung Lesion": {"left"}},
+                          {**BANK, **bank}, NORMAL)
+    assert "Left upper lobe nodule." in planned and "Mild cardiomegaly." in planned
+    assert label_report(planned)["Lung Lesion"] == "positive"
+    # with nothing for the finding at all, the lungs are not called "otherwise" clear
+    without = {key: text for key, text in BANK.items() if not key.startswith("Lung Lesion")}
+    lost = plan_report("", ["Lung Lesion", "Cardiomegaly"], {"Lung Lesion": {"left"}}, without, NORMAL)
+    assert "otherwise" not in lost
+
+
+def test_a_decoder_sentence_that_negates_a_predicted_finding_is_not_used():
+    planned = plan_report("Patchy bibasilar atelectasis, no pleural effusion.", ["Atelectasis", "Pleural Effusion"],
+                          {"Pleural Effusion": {"right"}}, {**BANK, "Atelectasis": "Bibasilar atelectasis."}, NORMAL)
+    assert "no pleural effusion" not in planned and "There is a small right pleural effusion." in planned
+    assert label_report(planned)["Pleural Effusion"] == "positive"
+
+
+def test_pleura_and_bones_sentences_make_way_for_their_findings():
+    normal = "Heart size normal. The lungs and pleura are normal. The skeletal structures are normal."
+    planned = plan_report("", ["Pleural Effusion", "Fracture"], {"Pleural Effusion": {"right"}},
+                          {**BANK, "Fracture": "Rib fracture."}, normal)
+    assert planned == "Heart size normal. There is a small right pleural effusion. Rib fracture."
