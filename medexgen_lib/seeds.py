@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", help="the run's paths.output_dir")
     args = parser.parse_args(argv)
     root = Path(args.output_dir)
-    dirs = [root, *sorted(root.glob("seeds/seed_*"), key=lambda d: int(d.name.removeprefix("seed_")))]
+    extra = [d for d in root.glob("seeds/seed_*") if d.name.removeprefix("seed_").isdecimal()]
+    dirs = [root, *sorted(extra, key=lambda d: int(d.name.removeprefix("seed_")))]
     try:
         result = aggregate_seeds(dirs)
     except (OSError, ValueError) as exc:

@@ -669,6 +669,7 @@ def test_the_seeds_command_reprints_a_finished_runs_tables_drawn_findings_includ
         metrics = json.loads((folder / "logs" / "metrics_test.json").read_text())
         metrics["model"]["drawn_recall"] = 0.5 + 0.1 * seed  # as stage 05 records on the real-text phantom
         (folder / "logs" / "metrics_test.json").write_text(json.dumps(metrics))
+    (root / "seeds" / "seed_old").mkdir()  # not a seed's folder: left out
     assert main([str(root)]) == 0
     printed = capsys.readouterr().out
     assert "0.600 ± 0.100" in printed and "model - retrieval (nearest image)" in printed
