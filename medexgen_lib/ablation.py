@@ -19,6 +19,7 @@ from pathlib import Path
 from medexgen_lib.config import Config, ConfigError, load_config
 from medexgen_lib.files import read_json, write_json, write_text_atomic
 from medexgen_lib.labeler import LABELER_VERSION
+from medexgen_lib.locks import folder_lock
 from medexgen_lib.metrics import METRICS_VERSION
 from medexgen_lib.seeds import RETRIEVAL, mean_std, seed_count
 from medexgen_lib.tracking import flatten
@@ -98,8 +99,9 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
             if cfg.paths.data_dir not in prepared:  # stages 01-03 once per size and invocation:
                 # a folder left by a run with other data settings is brought up to these
                 prep = load_config(profile, {**settings, "seed": base.seed})  # one split for all
-                build_studies_table(prep, acquire(prep))
-                run_preprocessing(prep)
+                with folder_lock(prep.paths.output_dir), folder_lock(prep.paths.data_dir, "paths.data_dir"):
+                    build_studies_table(prep, acquire(prep))  # the folders `run` locks for these stages
+                    run_preprocessing(prep)
                 prepared.add(cfg.paths.data_dir)
             began = time.perf_counter()
             train(cfg, progress=False)
