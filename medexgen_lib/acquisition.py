@@ -103,16 +103,19 @@ class AcquisitionResult:
 # --------------------------------------------------------------------------- download
 
 class _SizeCheckedDownloader:
-    """pooch's HTTP downloader plus a byte-count check before pooch renames the file."""
+    """pooch's HTTP downloader plus a byte-count check before pooch renames the file;
+    ``wrote`` says whether it downloaded (pooch calls it only for a missing or stale file)."""
 
     def __init__(self, expected_size: int = 0, progressbar: bool = True):
         self.expected_size = expected_size
+        self.wrote = False
         self.http = pooch.HTTPDownloader(progressbar=progressbar, timeout=60)
 
     def __call__(self, url, output_file, pooch_obj, check_only=False):
         if check_only:
             return self.http(url, output_file, pooch_obj, check_only=True)
         self.http(url, output_file, pooch_obj)
+        self.wrote = True
         size = os.path.getsize(output_file)
         if self.expected_size and size != self.expected_size:
             # ValueError makes pooch delete the temporary file and retry.
@@ -139,9 +142,12 @@ def download_archive(url: str, dest_dir: str | os.PathLike, *, sha256: str = "",
     known_hash = f"sha256:{sha256}" if sha256 else None
     fetcher = pooch.create(path=dest_dir, base_url="", registry={fname: known_hash},
                            urls={fname: url}, retry_if_failed=retries)
+    downloader = _SizeCheckedDownloader(size, progressbar)
     try:
-        # pooch downloads into a NamedTemporaryFile (mode 0600) and renames it
-        return honour_umask(fetcher.fetch(fname, downloader=_SizeCheckedDownloader(size, progressbar)))
+        path = Path(fetcher.fetch(fname, downloader=downloader))
+        # pooch downloads into a NamedTemporaryFile (mode 0600) and renames it; an archive reused
+        # from dest_dir (perhaps a link to a shared copy) keeps its mode
+        return honour_umask(path) if downloader.wrote else path
     except Exception as exc:  # requests / pooch errors -> one sentence for the user
         raise AcquisitionError(
             f"download of {url} failed after {retries + 1} attempt(s): {exc}. "

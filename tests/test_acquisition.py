@@ -15,6 +15,7 @@ import pytest
 from medexgen_lib.acquisition import (MARKER, AcquisitionError, UnsafeArchiveError, acquire,
                                       build_studies_table, check_archive, download_archive,
                                       safe_extract)
+from medexgen_lib.files import honour_umask
 
 
 def _tgz(path, members):
@@ -102,6 +103,31 @@ def test_a_downloaded_archive_gets_the_mode_the_umask_gives(server, reports_tgz,
     finally:
         os.umask(previous)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("reused", ["shared archive linked into temp", "archive already in temp"])
+def test_a_reused_archive_keeps_its_mode(reused, reports_tgz, tmp_path):
+    """The umask is for the file the downloader just wrote: an archive found in temp/ (or a link
+    there to a shared read-only copy) keeps its mode, and a link is never followed to chmod."""
+    shared = tmp_path / "shared" / "r.tgz"
+    shared.parent.mkdir()
+    shutil.copy(reports_tgz, shared)
+    (tmp_path / "temp").mkdir()
+    if reused == "archive already in temp":
+        shared = shutil.move(shared, tmp_path / "temp" / "r.tgz")
+    else:
+        (tmp_path / "temp" / "r.tgz").symlink_to(shared)
+    os.chmod(shared, 0o440)
+    previous = os.umask(0o022)
+    try:  # nothing listens there: the archive must be reused, not downloaded
+        out = download_archive("http://127.0.0.1:9/r.tgz", tmp_path / "temp", sha256=_sha(reports_tgz),
+                               retries=0, progressbar=False)
+    finally:
+        os.umask(previous)
+    assert out == tmp_path / "temp" / "r.tgz" and os.stat(shared).st_mode & 0o777 == 0o440
+    honour_umask(out)  # and never through a link
+    assert os.stat(shared).st_mode & 0o777 == 0o440 or not out.is_symlink()
 
 
 def test_download_retries_after_a_server_error(server, reports_tgz, tmp_path):
