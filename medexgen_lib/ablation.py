@@ -10,6 +10,7 @@ seeds) goes to ``<output_dir>/logs/ablation.json`` and ``ablation.md``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from medexgen_lib.config import Config, ConfigError, load_config
 from medexgen_lib.files import read_json, write_json, write_text_atomic
 from medexgen_lib.labeler import LABELER_VERSION
+from medexgen_lib.locks import folder_lock
 from medexgen_lib.metrics import METRICS_VERSION
 from medexgen_lib.seeds import RETRIEVAL, mean_std, seed_count
 from medexgen_lib.tracking import flatten
@@ -58,6 +60,9 @@ ROWS: dict[str, dict] = {
     "best combination (demo default: + the last epoch exported, not the best on val)": {},
 }
 ROW_FILE = "row.json"
+# A seed folder's files a row is made from: row.json records their sha256 ("made_from"), and the row
+# is tabled only while they are unchanged (a row run again but interrupted leaves the old row.json).
+MADE_FROM = ("logs/config_04_training.json", "logs/history.jsonl", "logs/metrics_test.json")
 VERSION_KEYS = ("labeler_version", "metrics_version")  # a row is tabled only beside rows scored alike
 COLUMNS = ("BLEU-4", "ROUGE-L", "CIDEr", "clinical macro_F1", "clinical micro_F1", "laterality",
            "distinct_predictions", "train_seconds")
@@ -82,8 +87,8 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
     out_root = Path(base.paths.output_dir) / "ablation"
     prepared: set[str] = set()
     for name in names:
-        per_seed = []  # the row's old result goes first: it must not be tabled beside new seeds
-        (out_root / _slug(name) / ROW_FILE).unlink(missing_ok=True)
+        per_seed = []  # the row's old row.json stays until this one replaces it; write_table
+        # leaves it out once a seed folder it was made from changed (made_from)
         for seed in range(base.seed, base.seed + n_seeds):
             folder = out_root / _slug(name) / f"seed_{seed}"
             settings = {**overrides, **ROWS[name], "seed": seed, "paths.output_dir": str(folder)}
@@ -94,8 +99,9 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
             if cfg.paths.data_dir not in prepared:  # stages 01-03 once per size and invocation:
                 # a folder left by a run with other data settings is brought up to these
                 prep = load_config(profile, {**settings, "seed": base.seed})  # one split for all
-                build_studies_table(prep, acquire(prep))
-                run_preprocessing(prep)
+                with folder_lock(prep.paths.output_dir), folder_lock(prep.paths.data_dir, "paths.data_dir"):
+                    build_studies_table(prep, acquire(prep))  # the folders `run` locks for these stages
+                    run_preprocessing(prep)
                 prepared.add(cfg.paths.data_dir)
             began = time.perf_counter()
             train(cfg, progress=False)
@@ -109,7 +115,8 @@ def run_ablation(profile: str = "demo", overrides: dict | None = None, n_seeds: 
                "scored_with": [{"seed": s["seed"], **{k: s.get(k) for k in VERSION_KEYS}} for s in per_seed],
                **{c: mean_std([s.get(c) for s in per_seed]) for c in COLUMNS},
                "retrieval": {c: mean_std([s["retrieval"].get(c) for s in per_seed])
-                             for c in COLUMNS[:-1]}}
+                             for c in COLUMNS[:-1]},
+               "made_from": _made_from(out_root / _slug(name), [s["seed"] for s in per_seed])}
         write_json(out_root / _slug(name) / ROW_FILE, row)
     return write_table(base, profile, overrides, n_seeds)
 
@@ -118,7 +125,8 @@ def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
     """Collect every finished row of ``<output_dir>/ablation/`` (rows may be run by separate,
     even concurrent, invocations) into ``logs/ablation.json`` and ``logs/ablation.md``: rows of
     these seeds whose every seed trained with the settings this invocation gives the row
-    (``_trained_as``) and was scored by this labeler and metrics version (``_scored_otherwise``);
+    (``_trained_as``) and was scored by this labeler and metrics version (``_scored_otherwise``),
+    and whose seed folders are still the ones the row was made from (``made_from``, where recorded);
     any other row is left out, with a warning."""
     out_root = Path(base.paths.output_dir) / "ablation"
     seeds = list(range(base.seed, base.seed + n_seeds))
@@ -134,6 +142,10 @@ def write_table(base, profile: str, overrides: dict, n_seeds: int) -> dict:
                 log.warning("ablation row %r was scored by another labeler or metrics version (%s; now "
                             "labeler %s, metrics %s); left out: run it again", name, stale,
                             LABELER_VERSION, METRICS_VERSION)
+                continue
+            if "made_from" in row and row["made_from"] != _made_from(path.parent, seeds):
+                log.warning("ablation row %r: a seed folder changed since %s was written (a run of the "
+                            "row that did not finish); left out: run it again", name, path)
                 continue
             try:
                 differ = [key for seed in seeds for key in _trained_as(
@@ -196,6 +208,17 @@ def _trained_as(folder: Path, expected) -> list[str]:
     defaults = flatten(Config().to_dict())
     return [key for key, value in flatten(expected.to_dict()).items()
             if not key.startswith("paths.") and saved.get(key, defaults.get(key)) != value]
+
+
+def _made_from(row_folder: Path, seeds: list[int]) -> dict[str, dict[str, str | None]]:
+    """The sha256 of each seed folder's ``MADE_FROM`` files (None where missing)."""
+    def digest(path: Path) -> str | None:
+        try:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+    return {str(seed): {name: digest(row_folder / f"seed_{seed}" / name) for name in MADE_FROM}
+            for seed in seeds}
 
 
 def _slug(name: str) -> str:

@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 MARKER = ".medexgen_complete.json"
 STATE_FILE = "acquisition.json"
-# In images/ and reports/: every file or folder stage 01 wrote there, recorded before it writes
-# them. Stage 01 deletes or replaces only what this lists; anything else makes it stop.
+# In images/ and reports/: every file stage 01 wrote there (each file by its own path, never a
+# folder) and which source wrote them ("phantom" or "archive"), recorded before it writes them.
+# Stage 01 deletes or replaces only what this lists for the source it runs; anything else makes it stop.
 MANIFEST = ".medexgen_files.json"
 BOOKKEEPING = (".gitkeep", MARKER, MANIFEST)  # never a user's data: git's placeholder and ours
 
@@ -102,16 +103,19 @@ class AcquisitionResult:
 # --------------------------------------------------------------------------- download
 
 class _SizeCheckedDownloader:
-    """pooch's HTTP downloader plus a byte-count check before pooch renames the file."""
+    """pooch's HTTP downloader plus a byte-count check before pooch renames the file;
+    ``wrote`` says whether it downloaded (pooch calls it only for a missing or stale file)."""
 
     def __init__(self, expected_size: int = 0, progressbar: bool = True):
         self.expected_size = expected_size
+        self.wrote = False
         self.http = pooch.HTTPDownloader(progressbar=progressbar, timeout=60)
 
     def __call__(self, url, output_file, pooch_obj, check_only=False):
         if check_only:
             return self.http(url, output_file, pooch_obj, check_only=True)
         self.http(url, output_file, pooch_obj)
+        self.wrote = True
         size = os.path.getsize(output_file)
         if self.expected_size and size != self.expected_size:
             # ValueError makes pooch delete the temporary file and retry.
@@ -138,9 +142,12 @@ def download_archive(url: str, dest_dir: str | os.PathLike, *, sha256: str = "",
     known_hash = f"sha256:{sha256}" if sha256 else None
     fetcher = pooch.create(path=dest_dir, base_url="", registry={fname: known_hash},
                            urls={fname: url}, retry_if_failed=retries)
+    downloader = _SizeCheckedDownloader(size, progressbar)
     try:
-        # pooch downloads into a NamedTemporaryFile (mode 0600) and renames it
-        return honour_umask(fetcher.fetch(fname, downloader=_SizeCheckedDownloader(size, progressbar)))
+        path = Path(fetcher.fetch(fname, downloader=downloader))
+        # pooch downloads into a NamedTemporaryFile (mode 0600) and renames it; an archive reused
+        # from dest_dir (perhaps a link to a shared copy) keeps its mode
+        return honour_umask(path) if downloader.wrote else path
     except Exception as exc:  # requests / pooch errors -> one sentence for the user
         raise AcquisitionError(
             f"download of {url} failed after {retries + 1} attempt(s): {exc}. "
@@ -238,8 +245,8 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
     (with tarfile's ``data`` filter as a second guard) and each top-level entry is
     swapped into ``target`` by renames (``replace_dir``): an entry already there is
     removed only after the new one took its place, and put back if the swap fails.
-    ``before_swap`` is called with the top-level names about to be swapped in, before the first
-    swap. Returns the number of files extracted.
+    ``before_swap`` is called with the paths (relative to ``target``) of every file about to be
+    swapped in, before the first swap. Returns the number of files extracted.
     """
     archive, target, staging_root = Path(archive), Path(target), Path(staging_root)
     members = check_archive(archive, max_bytes, max_members)
@@ -257,7 +264,8 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
         target.mkdir(parents=True, exist_ok=True)
         entries = sorted(staging.iterdir())
         if before_swap is not None:
-            before_swap([entry.name for entry in entries])
+            before_swap([path.relative_to(staging).as_posix() for path in sorted(staging.rglob("*"))
+                         if path.is_file()])
         for entry in entries:
             replace_dir(entry, target / entry.name)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
@@ -354,7 +362,7 @@ def _acquire_phantom(cfg: Config, previous: dict | None) -> str:
                 f"(seed {data.phantom_seed}) in {paths.data_dir}; nothing to do")
     # Other phantom settings: an earlier phantom's files are replaced, and nothing else is touched.
     folders = {"images": paths.images, "reports": paths.reports}
-    owned = {name: _owned_files(folder) for name, folder in folders.items()}
+    owned = {name: _owned_files(folder, "phantom") for name, folder in folders.items()}
     if not any(owned.values()):
         owned = _older_phantom_files(paths, previous)
     for name, folder in folders.items():
@@ -363,13 +371,13 @@ def _acquire_phantom(cfg: Config, previous: dict | None) -> str:
     planned = _by_folder(phantom_files(data.n_phantom_studies, data.phantom_seed))
     marker.unlink(missing_ok=True)  # nothing is "in place" until the new set is complete
     for name, folder in folders.items():  # listed first: an interruption leaves only listed files
-        _record_files(folder, owned[name] | planned[name])
+        _record_files(folder, owned[name] | planned[name], "phantom")
     for name, folder in folders.items():
         _remove_listed(folder, owned[name])
     make_phantom_dataset(data.n_phantom_studies, data.phantom_seed, paths.data_dir,
                          image_size=data.phantom_image_size)
     for name, folder in folders.items():
-        _record_files(folder, planned[name])
+        _record_files(folder, planned[name], "phantom")
     write_json(marker, settings)
     return f"generated phantom set: {data.n_phantom_studies} studies (seed {data.phantom_seed})"
 
@@ -381,7 +389,7 @@ def _acquire_archive(url: str, local_archive: str, sha256: str, size: int,
         info = read_json(marker)
         return (f"already in place: {info['files']} files from {info['archive']} in {target}; "
                 "nothing to do")
-    owned = _owned_files(target)
+    owned = _owned_files(target, "archive")
     _refuse_foreign(target, owned, "for data extracted there use -p data.source folder; else point "
                     "paths.data_dir at another folder")
     if local_archive:
@@ -400,7 +408,7 @@ def _acquire_archive(url: str, local_archive: str, sha256: str, size: int,
         verify_archive(archive, size, "" if downloaded else sha256)  # pooch checked the hash
         n_files = safe_extract(archive, target, cfg.paths.temp, cfg.data.archive_max_bytes,
                                cfg.data.archive_max_members,
-                               before_swap=lambda names: _record_files(target, owned | set(names)))
+                               before_swap=lambda names: _record_files(target, owned | set(names), "archive"))
     except AcquisitionError:
         if downloaded:  # a bad download must not be reused by the next run
             archive.unlink(missing_ok=True)
@@ -418,13 +426,17 @@ def _check_folder(folder: Path, what: str) -> str:
     return f"already in place: {n_files} {what} files in {folder}; nothing to do"
 
 
-def _owned_files(folder: Path) -> set[str]:
-    """What ``folder``'s manifest lists as written by stage 01 (paths relative to ``folder``;
-    a listed folder covers everything in it)."""
+def _owned_files(folder: Path, source: str) -> set[str]:
+    """The files ``folder``'s manifest lists as written by stage 01 from ``source`` ("phantom" or
+    "archive"; paths relative to ``folder``, each file by itself). Files another source wrote, or a
+    manifest naming no source (an older MedExGen's, whose folder entries covered anything put in
+    them later), are not this source's to replace: none are returned."""
     manifest = folder / MANIFEST
     if not manifest.exists():
         return set()
     payload = read_json(manifest)
+    if isinstance(payload, dict) and payload.get("source") != source:
+        return set()
     files = payload.get("files") if isinstance(payload, dict) else None
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise AcquisitionError(f"{manifest} is damaged (no list of files), so stage 01 cannot tell "
@@ -433,9 +445,10 @@ def _owned_files(folder: Path) -> set[str]:
     return {f for f in files if not PurePosixPath(f).is_absolute() and ".." not in PurePosixPath(f).parts}
 
 
-def _record_files(folder: Path, files: set[str]) -> None:
+def _record_files(folder: Path, files: set[str], source: str) -> None:
     write_json(folder / MANIFEST, {"written_by": "MedExGen stage 01 (acquisition); it deletes or "
-                                                 "replaces only these", "files": sorted(files)})
+                                                 "replaces only these", "source": source,
+                                   "files": sorted(files)})
 
 
 def _older_phantom_files(paths, previous: dict | None) -> dict[str, set[str]]:
@@ -456,10 +469,6 @@ def _by_folder(files: list[str]) -> dict[str, set[str]]:
             for name in ("images", "reports")}
 
 
-def _listed(relative: str, owned: set[str]) -> bool:
-    return relative in owned or any(str(parent) in owned for parent in PurePosixPath(relative).parents)
-
-
 def _refuse_foreign(folder: Path, owned: set[str], advice: str) -> None:
     """Raise ``AcquisitionError`` naming ``folder`` and the first file in it (sorted) that stage 01
     did not write: it deletes or replaces nothing else."""
@@ -468,15 +477,14 @@ def _refuse_foreign(folder: Path, owned: set[str], advice: str) -> None:
         here = Path(root)
         for name in sorted(files) + sorted(d for d in dirs if (here / d).is_symlink()):
             relative = (here / name).relative_to(folder).as_posix()
-            if relative not in BOOKKEEPING and not _listed(relative, owned):
+            if relative not in BOOKKEEPING and relative not in owned:
                 raise AcquisitionError(f"{folder} holds {relative}, which MedExGen did not write; stage 01 "
                                        f"never deletes or replaces it: {advice}")
 
 
 def _remove_listed(folder: Path, owned: set[str]) -> None:
+    """Delete the listed files (a manifest lists files only: a folder is never removed whole)."""
     for relative in sorted(owned):
         path = folder / relative
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
+        if path.is_symlink() or path.is_file():
             path.unlink()

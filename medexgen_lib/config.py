@@ -37,9 +37,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class PathsConfig:
-    """Where stage inputs and outputs live (DESIGN.md 'The shape'); relative folders are made
-    absolute against the current folder when the config is built, so every stage (a notebook
-    kernel runs in notebooks/) writes where the caller meant. Defaults: ``paths.default_root``."""
+    """Where stage inputs and outputs live (DESIGN.md 'The shape'); ``~`` is the home folder and
+    relative folders are made absolute against the current folder when the config is built, so
+    every stage (a notebook kernel runs in notebooks/) writes where the caller meant. Defaults: ``paths.default_root``."""
 
     data_dir: str = field(default_factory=lambda: str(default_root() / "IUXRAY_DATA_PIPELINE"))
     output_dir: str = field(default_factory=lambda: str(default_root() / "IUXRAY_OUTPUT_PIPELINE"))
@@ -49,7 +49,7 @@ class PathsConfig:
             value = getattr(self, key)
             if not value.strip():
                 raise ConfigError(f"paths.{key} must name a folder, got {value!r}")
-            setattr(self, key, os.path.abspath(value))
+            setattr(self, key, os.path.abspath(os.path.expanduser(value)))
 
     @property
     def images(self) -> Path:

@@ -45,10 +45,13 @@ def current_umask() -> int:
 def honour_umask(path: str | os.PathLike) -> Path:
     """Give ``path``, and for a folder everything in it, the modes a plain ``open`` / ``mkdir``
     gives under the umask (0644 / 0755 under 022): ``mkstemp``, ``mkdtemp`` and safetensors
-    create 0600 / 0700, which would leave a copied model folder unreadable to colleagues."""
+    create 0600 / 0700, which would leave a copied model folder unreadable to colleagues. A link
+    is left alone: its target is not ours to change."""
     path = Path(path)
     mask = current_umask()
-    if not path.is_dir() or path.is_symlink():
+    if path.is_symlink():
+        return path
+    if not path.is_dir():
         os.chmod(path, 0o666 & ~mask)
         return path
     os.chmod(path, 0o777 & ~mask)

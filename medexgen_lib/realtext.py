@@ -312,6 +312,20 @@ def load_truth(path: str | os.PathLike) -> dict[str, dict[str, str]]:
 DEV_VAL_STUDIES = 300  # studies of R2Gen's train that the development split validates on
 
 
+def refuse_same_file(annotation_file: str | os.PathLike, out_file: str | os.PathLike) -> None:
+    """Raise ``ValueError`` when ``out_file`` is ``annotation_file`` (the same file, or the same
+    path once resolved): writing the split there would overwrite the annotation."""
+    annotation, out = Path(annotation_file), Path(out_file)
+    try:
+        same = annotation.resolve() == out.resolve() or (
+            annotation.exists() and out.exists() and os.path.samefile(annotation, out))
+    except OSError:
+        same = False
+    if same:
+        raise ValueError(f"--dev-split {out} is the annotation file {annotation}; writing the split "
+                         "there would overwrite it: name another file")
+
+
 def write_dev_split(annotation_file: str | os.PathLike, out_file: str | os.PathLike,
                     seed: int = 0, val_studies: int = DEV_VAL_STUDIES) -> dict[str, list[str]]:
     """An R2Gen-format split file for development: R2Gen's val (296 studies) as the test split,
@@ -319,6 +333,7 @@ def write_dev_split(annotation_file: str | os.PathLike, out_file: str | os.PathL
     ``test`` list in the input (R2Gen's held-out split) is left out. Returns the study uids per
     split."""
     path = Path(annotation_file)
+    refuse_same_file(path, out_file)
     try:
         annotation = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -431,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--annotation and --dev-split go together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        if args.dev_split:
+            refuse_same_file(args.annotation, args.dev_split)
         summary = draw_images_for_reports(args.reports, args.out, args.size, args.seed,
                                           args.projections)
         print(json.dumps(summary, indent=1))

@@ -691,16 +691,16 @@ def _choose_thresholds(model, loader, targets, device, features, min_auroc: floa
 
 
 def _take_over(cfg: Config, record: dict) -> None:
-    """A fresh run's first epoch is done: its config and history replace the previous run's, and
-    the previous run's checkpoints and exported model go (they belong to that history), just
-    before this epoch's checkpoints are written. History first, as for every epoch: an
-    interruption before the checkpoints leaves a history and no checkpoint to resume, never a
-    checkpoint of one run beside the history of another."""
+    """A fresh run's first epoch is done: the previous run's checkpoints and exported model go
+    (they belong to its history), then this run's config and history replace the previous run's,
+    just before this epoch's checkpoints are written. In that order an interruption leaves the
+    previous run's history without its checkpoints, or this run's history without checkpoints
+    (nothing to resume), never a checkpoint or model of one run beside the history of another."""
     paths = cfg.paths
-    cfg.save(paths.logs / "config_04_training.json")
-    write_text_atomic(paths.logs / "history.jsonl", json.dumps(record) + "\n")
     for folder in (paths.models / "final", paths.checkpoints / "best", paths.checkpoints / "last"):
         discard_dir(folder)
+    cfg.save(paths.logs / "config_04_training.json")
+    write_text_atomic(paths.logs / "history.jsonl", json.dumps(record) + "\n")
 
 
 def _truncate_history(path: Path, last_epoch: int) -> None:

@@ -12,9 +12,10 @@ import threading
 
 import pytest
 
-from medexgen_lib.acquisition import (AcquisitionError, UnsafeArchiveError, acquire,
+from medexgen_lib.acquisition import (MARKER, AcquisitionError, UnsafeArchiveError, acquire,
                                       build_studies_table, check_archive, download_archive,
                                       safe_extract)
+from medexgen_lib.files import honour_umask
 
 
 def _tgz(path, members):
@@ -102,6 +103,31 @@ def test_a_downloaded_archive_gets_the_mode_the_umask_gives(server, reports_tgz,
     finally:
         os.umask(previous)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("reused", ["shared archive linked into temp", "archive already in temp"])
+def test_a_reused_archive_keeps_its_mode(reused, reports_tgz, tmp_path):
+    """The umask is for the file the downloader just wrote: an archive found in temp/ (or a link
+    there to a shared read-only copy) keeps its mode, and a link is never followed to chmod."""
+    shared = tmp_path / "shared" / "r.tgz"
+    shared.parent.mkdir()
+    shutil.copy(reports_tgz, shared)
+    (tmp_path / "temp").mkdir()
+    if reused == "archive already in temp":
+        shared = shutil.move(shared, tmp_path / "temp" / "r.tgz")
+    else:
+        (tmp_path / "temp" / "r.tgz").symlink_to(shared)
+    os.chmod(shared, 0o440)
+    previous = os.umask(0o022)
+    try:  # nothing listens there: the archive must be reused, not downloaded
+        out = download_archive("http://127.0.0.1:9/r.tgz", tmp_path / "temp", sha256=_sha(reports_tgz),
+                               retries=0, progressbar=False)
+    finally:
+        os.umask(previous)
+    assert out == tmp_path / "temp" / "r.tgz" and os.stat(shared).st_mode & 0o777 == 0o440
+    honour_umask(out)  # and never through a link
+    assert os.stat(shared).st_mode & 0o777 == 0o440 or not out.is_symlink()
 
 
 def test_download_retries_after_a_server_error(server, reports_tgz, tmp_path):
@@ -568,3 +594,39 @@ def test_an_archive_is_not_extracted_over_files_it_did_not_write(reports_tgz, im
     with pytest.raises(AcquisitionError, match=r"reports holds ecgen-radiology/1\.xml, which MedExGen"):
         acquire(cfg)
     assert (cfg.paths.reports / "ecgen-radiology" / "1.xml").read_text() == "<my edited report/>"
+
+
+def _extract_openi(tmp_config, images_tgz, reports_tgz, data_dir):
+    cfg = tmp_config("full", paths__data_dir=str(data_dir), data__images_archive=str(images_tgz),
+                     data__reports_archive=str(reports_tgz))
+    acquire(cfg)
+    return cfg
+
+
+@pytest.mark.reliability
+def test_the_phantom_never_replaces_files_an_archive_wrote(reports_tgz, images_tgz, tmp_config, tmp_path):
+    extracted = _extract_openi(tmp_config, images_tgz, reports_tgz, tmp_path / "D")
+    copy = tmp_path / "E"  # cp -a D/images D/reports E/: the manifests travel along
+    for name in ("images", "reports"):
+        shutil.copytree(getattr(extracted.paths, name), copy / name)
+    (copy / "reports" / "ecgen-radiology" / "MY_NOTES.txt").write_text("mine")
+    before = _snapshot(copy)
+    phantom = tmp_config(paths__data_dir=str(copy), data__n_phantom_studies=6, data__phantom_image_size=48)
+    with pytest.raises(AcquisitionError, match=r"images holds .*\.png, which MedExGen did not write"):
+        acquire(phantom)
+    assert _snapshot(copy) == before
+
+
+@pytest.mark.reliability
+def test_re_extracting_an_archive_refuses_a_user_file_inside_an_extracted_folder(
+        reports_tgz, images_tgz, tmp_config, tmp_path):
+    cfg = _extract_openi(tmp_config, images_tgz, reports_tgz, tmp_path / "D")
+    (cfg.paths.reports / MARKER).unlink()  # as an interrupted run leaves it
+    notes = cfg.paths.reports / "ecgen-radiology" / "MY_NOTES.txt"
+    notes.write_text("mine")
+    before = _snapshot(cfg.paths.reports)
+    with pytest.raises(AcquisitionError, match=r"reports holds ecgen-radiology/MY_NOTES\.txt, which MedExGen"):
+        acquire(cfg)
+    assert _snapshot(cfg.paths.reports) == before
+    notes.unlink()
+    assert not acquire(cfg).did_nothing  # its own files alone: extracted again

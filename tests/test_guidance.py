@@ -873,24 +873,59 @@ def test_ablation_tables_only_rows_scored_by_this_labeler_and_metrics_version(tm
     assert any("labeler or metrics version" in r.getMessage() for r in caplog.records) is not tabled
 
 
-def test_an_ablation_row_run_again_drops_its_old_result_before_training(tmp_path, monkeypatch):
+@pytest.mark.reliability
+def test_an_ablation_row_run_again_keeps_its_old_result_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    """The old row.json was deleted before the row ran: an error or Ctrl-C lost it. It is kept until
+    the new row replaces it, and is tabled only while its seed folders are the ones it was made from."""
+    import medexgen_lib.acquisition as acquisition_module
+    import medexgen_lib.evaluate as evaluate_module
+    import medexgen_lib.preprocess as preprocess_module
     import medexgen_lib.train as train_module
-    from conftest import TINY
-    from medexgen_lib.ablation import ROW_FILE, _slug, run_ablation
+    from medexgen_lib.ablation import COLUMNS, ROW_FILE, _slug, run_ablation, write_table
+    from medexgen_lib.labeler import LABELER_VERSION
+    from medexgen_lib.metrics import METRICS_VERSION
+    from medexgen_lib.seeds import RETRIEVAL
 
+    runs = []
+
+    def trained(cfg, progress=False):  # stage 04's files, each training run's own history
+        runs.append(cfg.seed)
+        cfg.paths.logs.mkdir(parents=True, exist_ok=True)
+        cfg.save(cfg.paths.logs / "config_04_training.json")
+        (cfg.paths.logs / "history.jsonl").write_text(json.dumps({"run": len(runs)}) + "\n")
+
+    def evaluated(cfg, progress=False):
+        model = {**{c: 0.1 * len(runs) for c in COLUMNS}, "labeler_version": LABELER_VERSION,
+                 "metrics_version": METRICS_VERSION}
+        (cfg.paths.logs / "metrics_test.json").write_text(json.dumps(model))
+        return {"model": model, "baselines": {RETRIEVAL: dict(model)}}
+
+    monkeypatch.setattr(acquisition_module, "acquire", lambda cfg: None)
+    monkeypatch.setattr(acquisition_module, "build_studies_table", lambda cfg, result: None)
+    monkeypatch.setattr(preprocess_module, "run_preprocessing", lambda cfg: None)
+    monkeypatch.setattr(train_module, "train", trained)
+    monkeypatch.setattr(evaluate_module, "run_evaluation", evaluated)
     row = "+ side words from the head"
-    folder = tmp_path / "out" / "ablation" / _slug(row)
-    folder.mkdir(parents=True)
-    (folder / ROW_FILE).write_text(json.dumps({"seeds": [0]}))  # a finished run's result
+    settings = {"paths.data_dir": str(tmp_path / "data"), "paths.output_dir": str(tmp_path / "out")}
+    assert row in run_ablation("demo", settings, n_seeds=1, rows=[row])["rows"]
+    row_file = tmp_path / "out" / "ablation" / _slug(row) / ROW_FILE
+    finished = row_file.read_bytes()
 
     def killed(*args, **kwargs):
-        raise RuntimeError("killed")
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "train", killed)
-    settings = {**TINY, "paths.data_dir": str(tmp_path / "data"), "paths.output_dir": str(tmp_path / "out")}
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(KeyboardInterrupt):
         run_ablation("demo", settings, n_seeds=1, rows=[row])
-    assert not (folder / ROW_FILE).exists()  # not tabled beside seeds trained with other settings
+    assert row_file.read_bytes() == finished  # kept, and still tabled: its seed folder is untouched
+    assert row in write_table(load_config("demo", settings), "demo", settings, 1)["rows"]
+
+    monkeypatch.setattr(train_module, "train", trained)
+    monkeypatch.setattr(evaluate_module, "run_evaluation", killed)
+    with pytest.raises(KeyboardInterrupt):  # trained again, not yet scored
+        run_ablation("demo", settings, n_seeds=1, rows=[row])
+    assert row_file.read_bytes() == finished  # kept, but not tabled beside the new training
+    assert row not in write_table(load_config("demo", settings), "demo", settings, 1)["rows"]
 
 
 @pytest.mark.parametrize("sentence, expected", [

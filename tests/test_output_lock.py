@@ -103,3 +103,22 @@ def test_the_runners_own_stage_kernels_share_its_lock(tmp_path):
     assert int((out / "stage_ran.txt").read_text()) != os.getpid()  # in the kernel, under the runner's lock
     with folder_lock(out):  # and released when the run ended
         pass
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("held, setting", [("data", "paths.data_dir"),
+                                           ("out/ablation/side_words_from_the_head/seed_0", "paths.output_dir")])
+def test_an_ablation_is_refused_while_another_run_holds_its_folders(held, setting, holder, tmp_path,
+                                                                    monkeypatch):
+    """Stages 01-03 of an ablation take the locks `run` takes for them (data and output folder)."""
+    import medexgen_lib.acquisition as acquisition_module
+    from medexgen_lib.ablation import run_ablation
+
+    def acquire(cfg):
+        raise AssertionError("stage 01 ran in a folder another run holds")
+
+    monkeypatch.setattr(acquisition_module, "acquire", acquire)
+    other = holder(tmp_path / held)
+    with pytest.raises(FolderInUse, match=rf"{held} is in use .* pid {other.pid} .*{setting}"):
+        run_ablation("demo", {"paths.data_dir": str(tmp_path / "data"), "paths.output_dir": str(tmp_path / "out")},
+                     n_seeds=1, rows=["+ side words from the head"])

@@ -19,6 +19,15 @@ def test_relative_folders_are_made_absolute_against_the_current_folder(tmp_path,
 
 
 @pytest.mark.reliability
+def test_a_tilde_in_a_folder_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("demo", {"paths.data_dir": "~/data", "paths.output_dir": "~/runs/a"})
+    assert (cfg.paths.data_dir, cfg.paths.output_dir) == (str(tmp_path / "home" / "data"),
+                                                          str(tmp_path / "home" / "runs" / "a"))
+
+
+@pytest.mark.reliability
 def test_default_folders_follow_where_the_run_starts_not_where_the_package_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a run started outside the checkout writes there
     assert load_config("demo").paths.output_dir == str(tmp_path / "IUXRAY_OUTPUT_PIPELINE")

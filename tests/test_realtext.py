@@ -214,3 +214,21 @@ def test_stated_findings_on_hand_made_reports():
     assert scores["drawn_finding_free_studies"] == 1  # CXR2 only
     with pytest.raises(ValueError, match="CXR9"):
         stated_findings({"CXR9": "Normal chest."}, truth)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("spelling", ["same path", "other spelling"])
+def test_the_dev_split_never_overwrites_the_annotation_file(spelling, iuxray_sample, tmp_path, capsys):
+    annotation = tmp_path / "annotation.json"
+    shutil.copy(iuxray_sample / "annotation.json", annotation)
+    before = annotation.read_bytes()
+    dev_split = annotation if spelling == "same path" else tmp_path / "sub" / ".." / "annotation.json"
+    (tmp_path / "sub").mkdir()
+    source = _subset(iuxray_sample, tmp_path / "in", ["153"])
+    assert main(["--reports", str(source), "--out", str(tmp_path / "out"), "--size", "32",
+                 "--annotation", str(annotation), "--dev-split", str(dev_split)]) == 1
+    assert "annotation.json" in capsys.readouterr().err
+    assert annotation.read_bytes() == before and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="is the annotation file"):
+        write_dev_split(annotation, dev_split)
+    assert annotation.read_bytes() == before

@@ -684,3 +684,32 @@ def test_after_its_first_epoch_a_fresh_run_owns_the_folder_with_no_file_of_the_p
     assert "last" in kept
     train(cfg, resume=True, progress=False)  # and the run goes on from there
     assert [json.loads(l)["epoch"] for l in (cfg.paths.logs / "history.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("interrupted_at", ["discard_dir", "write_text_atomic"])
+def test_a_fresh_run_taking_over_never_leaves_one_runs_history_beside_anothers_checkpoints(
+        interrupted_at, tmp_config, monkeypatch):
+    """Ctrl-C inside ``_take_over``: the previous run's checkpoints or model are either gone, or
+    still beside that run's own history and config."""
+    import medexgen_lib.train as train_module
+
+    cfg = tmp_config()
+    paths = cfg.paths
+    for folder in (paths.models / "final", paths.checkpoints / "best", paths.checkpoints / "last"):
+        folder.mkdir(parents=True)
+        (folder / "weights").write_text("the previous run's")
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    (paths.logs / "history.jsonl").write_text('{"epoch": 1, "run": "previous"}\n')
+    (paths.logs / "config_04_training.json").write_text('{"run": "previous"}')
+    before = {name: (paths.logs / name).read_text() for name in ("history.jsonl", "config_04_training.json")}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, interrupted_at, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_module._take_over(cfg, {"epoch": 1, "run": "new"})
+    if any((folder / "weights").exists() for folder in (paths.models / "final", paths.checkpoints / "best",
+                                                         paths.checkpoints / "last")):
+        assert {name: (paths.logs / name).read_text() for name in before} == before
