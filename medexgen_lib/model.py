@@ -49,6 +49,9 @@ _CONFIG_RANGES = {"vocab_size": (1, MAX_VOCAB_SIZE), "n_layer": (1, MAX_LAYERS),
                   "image_size": (ENCODER_STRIDE, MAX_IMAGE_SIZE), "dropout": (0.0, 1.0),
                   "guidance_pool": (1, MAX_GUIDANCE_POOL)}
 MAX_CONFIG_BYTES = 16 * 2**20  # config.json is a few kB (a sentence bank adds some)
+# A model's guidance labels are the observations and their sides (a few dozen): a bound checked
+# before any list is walked, so a tampered config.json cannot make the checks themselves hang.
+MAX_GUIDANCE_LABELS = 1000
 # Parameter names of the decoder's cross-attention layers: new even in a pretrained GPT-2.
 CROSS_ATTENTION_PARTS = ("crossattention", "ln_cross_attn")
 
@@ -607,10 +610,14 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
     label too; thresholds one number in (0, 1) per label; word ids one non-empty list of
     token ids inside the vocabulary per label. ``ValueError`` naming ``source`` otherwise."""
     labels = config.guidance_labels
+    if isinstance(labels, list) and len(labels) > MAX_GUIDANCE_LABELS:
+        raise ValueError(f"{source}: model config field 'guidance_labels' holds {len(labels)} labels, "
+                         f"at most {MAX_GUIDANCE_LABELS} are allowed")
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise ValueError(f"{source}: model config field 'guidance_labels' must be a list of names, got {labels!r}")
-    count = len(labels)
-    orphans = [label for label in labels if ", " in label and label.split(", ")[0] not in labels]
+        raise ValueError(f"{source}: model config field 'guidance_labels' must be a list of names, "
+                         f"got {labels!r}"[:300])
+    count, known = len(labels), set(labels)
+    orphans = [label for label in labels if ", " in label and label.split(", ")[0] not in known]
     if orphans:
         raise ValueError(f"{source}: model config field 'guidance_labels' has side labels {orphans} "
                          "without their finding's label")
@@ -634,7 +641,7 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
     keys = guidance.bank_keys(labels)
     for key, text in sentences.items():
         if key not in keys or not isinstance(text, str) \
-                or guidance.bank_sentence_key(text, labels) != key:
+                or guidance.bank_sentence_key(text, known) != key:
             raise ValueError(f"{source}: model config field 'guidance_sentences' maps {key!r} to "
                              f"{repr(text)[:200]}: a key must be a finding of 'guidance_labels' then its side "
                              "labels, joined by ' + ', and its value one sentence stating that "
