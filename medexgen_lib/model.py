@@ -52,6 +52,7 @@ MAX_CONFIG_BYTES = 16 * 2**20  # config.json is a few kB (a sentence bank adds s
 # A model's guidance labels are the observations and their sides (a few dozen): a bound checked
 # before any list is walked, so a tampered config.json cannot make the checks themselves hang.
 MAX_GUIDANCE_LABELS = 1000
+MAX_LABEL_WORD_IDS = 16  # a label's words ("pleural effusion left") are a few tokens
 # Parameter names of the decoder's cross-attention layers: new even in a pretrained GPT-2.
 CROSS_ATTENTION_PARTS = ("crossattention", "ln_cross_attn")
 
@@ -628,12 +629,17 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
         raise ValueError(f"{source}: model config field 'guidance_thresholds' must hold one number "
                          f"in (0, 1] per guidance label ({count}), got {thresholds!r}")
     words = config.guidance_word_ids
+    if isinstance(words, list):
+        for at, ids in enumerate(words):
+            if isinstance(ids, list) and len(ids) > MAX_LABEL_WORD_IDS:
+                raise ValueError(f"{source}: model config field 'guidance_word_ids' holds {len(ids)} token "
+                                 f"ids for label {at}, at most {MAX_LABEL_WORD_IDS} are allowed")
     fits = lambda ids: (isinstance(ids, list) and ids and all(  # noqa: E731
         isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size for i in ids))
     if words and (not isinstance(words, list) or len(words) != count or not all(fits(ids) for ids in words)):
         raise ValueError(f"{source}: model config field 'guidance_word_ids' must hold one non-empty list "
                          f"of token ids below vocab_size ({config.vocab_size}) per guidance label "
-                         f"({count}), got {words!r}")
+                         f"({count}), got {words!r}"[:400])
     sentences = config.guidance_sentences
     if not isinstance(sentences, dict):
         raise ValueError(f"{source}: model config field 'guidance_sentences' must map guidance labels "

@@ -410,6 +410,19 @@ def test_a_config_with_too_many_guidance_labels_is_refused_before_they_are_walke
 
 
 @pytest.mark.reliability
+def test_a_config_with_too_many_word_ids_for_a_label_is_refused(tmp_path):
+    model = _prompted(guidance_thresholds=[0.5] * 4)
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    words = [[10], [11] * 100_000, [13], [12]]
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "guidance_word_ids": words}))
+    with pytest.raises(ValueError, match=r"config\.json: model config field 'guidance_word_ids' holds 100000 "
+                                         r"token ids for label 1, at most 16") as refused:
+        ReportGenerator.from_pretrained(tmp_path / "m")
+    assert len(str(refused.value)) < 400
+
+
+@pytest.mark.reliability
 def test_bank_keys_of_many_labels_are_found_in_linear_time():
     labels = [f"Finding {i}" for i in range(20000)] + [f"Finding {i}, left" for i in range(20000)]
     started = time.perf_counter()
