@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import zlib
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medexgen_lib.config import EvalConfig, ImagesConfig
+from medexgen_lib.config import RANGES, EvalConfig, ImagesConfig
 from medexgen_lib.evaluate import decode_settings
 from medexgen_lib.images import (ImageError, check_radiograph_shape, load_image, normalize,
                                  stretch_to_uint8)
@@ -22,6 +23,23 @@ from medexgen_lib.model import ReportGenerator
 
 log = logging.getLogger(__name__)
 DECODE_FIELDS = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
+
+
+def check_decode(key: str, value, source: str) -> None:
+    """Refuse decoding setting ``key`` (one of ``DECODE_FIELDS``) where ``value`` is not of
+    ``EvalConfig``'s type, not finite or outside ``config.RANGES``; ``ValueError`` naming
+    ``source`` (the file and field, or the command-line flag)."""
+    kind = type(getattr(EvalConfig(), key))
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        wanted = "a number" if kind is float else "an integer"
+        raise ValueError(f"{source} must be {wanted}, got {type(value).__name__} {value!r}"[:300])
+    if not math.isfinite(value):
+        raise ValueError(f"{source} must be a finite number, got {value!r}")
+    low, high = RANGES.get(f"eval.{key}", (None, None))
+    if low is not None and value < low:
+        raise ValueError(f"{source} must be at least {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{source} must be at most {high}, got {value!r}")
 
 
 def _evaluated_decode(model_dir: Path) -> tuple[dict, str] | None:
@@ -59,6 +77,11 @@ def saved_decode(model: ReportGenerator, model_dir: str | os.PathLike) -> EvalCo
         decode = EvalConfig()
     else:
         settings, source = found
+        if not isinstance(settings, dict):
+            raise ValueError(f"{source}: the evaluation settings must be an object, got {type(settings).__name__}")
+        for key in DECODE_FIELDS:
+            if key in settings:
+                check_decode(key, settings[key], f"{source}: {key}")
         decode = dataclasses.replace(EvalConfig(), **{k: settings[k] for k in DECODE_FIELDS if k in settings})
         log.info("decoding as evaluated (%s): %s", source, {k: getattr(decode, k) for k in DECODE_FIELDS})
     room = model.config.n_positions - 1 - model.prompt_length

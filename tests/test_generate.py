@@ -533,6 +533,52 @@ def test_a_decoding_setting_below_one_is_named(flag, value, model_dir, tmp_path,
     assert error == [f"error: {flag} must be at least 1, got {value}"]
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize("flag, value, message", [
+    ("--length-penalty", "nan", "--length-penalty must be a finite number, got nan"),
+    ("--beams", "3000000", "--beams must be at most 64, got 3000000"),
+    ("--max-new-tokens", "100000000", "--max-new-tokens must be at most 8192, got 100000000")])
+def test_a_decoding_flag_out_of_range_is_named(flag, value, message, model_dir, tmp_path, capsys):
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(model_dir), str(tmp_path / "f.png"), flag, value]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("where", ["run_config.json", "README.md"])
+@pytest.mark.parametrize("key, value, message", [
+    ("num_beams", 0, "num_beams must be at least 1, got 0"),
+    ("num_beams", -1, "num_beams must be at least 1, got -1"),
+    ("num_beams", "3", "num_beams must be an integer, got str '3'"),
+    ("num_beams", 1000, "num_beams must be at most 64, got 1000"),
+    ("length_penalty", float("nan"), "length_penalty must be a finite number, got nan"),
+    ("max_new_tokens", True, "max_new_tokens must be an integer, got bool True")])
+def test_decoding_settings_saved_with_a_model_are_checked(where, key, value, message, model_dir, tmp_path,
+                                                           capsys):
+    """num_beams 0 in run_config.json or the model card ended in a ZeroDivisionError traceback,
+    -1 in "negative dimension", "3" in a TypeError; NaN length_penalty was used."""
+    import shutil
+
+    from medexgen_lib.config import load_config
+    from medexgen_lib.model_card import build_card, export_facts
+
+    saved = tmp_path / "saved"
+    shutil.copytree(model_dir, saved)
+    settings = {"num_beams": 2, "max_new_tokens": 7, "length_penalty": 0.5, key: value}
+    if where == "run_config.json":
+        (saved / "run_config.json").write_text(json.dumps({"eval": settings}))
+    else:
+        facts = export_facts(load_config("demo"), ReportGenerator.from_pretrained(model_dir),
+                             {"epoch": 1, "selection_metric": "clinical macro_F1", "selection_value": 0.5,
+                              "fingerprint": "f", "val": {}}, {})
+        facts["results"]["test"] = {"n": 1, "model": {}, "baselines": {}, "decode": settings}
+        (saved / "README.md").write_text(str(build_card(facts)))
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(saved), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(saved / where) in error[0] and error[0].endswith(message), error
+
+
 @pytest.fixture
 def no_decoder_in_memory(monkeypatch):
     """Fails the test where a GPT-2 decoder is built in real memory (not on PyTorch's meta device):
