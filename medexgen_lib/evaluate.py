@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from medexgen_lib.config import EvalConfig
 from medexgen_lib.dataset import ReportDataset, collate
 from medexgen_lib.files import read_json, save_figure, write_json
+from medexgen_lib.metrics import has_words
 from medexgen_lib.progress import ProgressBar, progress_log
 
 
@@ -314,6 +315,11 @@ def read_predictions_file(path, field: str = "prediction") -> list[dict]:
             raise ValueError(f"{where}: the 'reference' is empty, and an empty cell is not a "
                              "reference; fill it in, or leave the column out to take references from "
                              "the studies table")
+        if reference is not None and not has_words(reference):
+            raise ValueError(f"{where}: the 'reference' {reference[:80]!r} has no words once cleaned for "
+                             "scoring (punctuation, 'XXXX' or invisible characters only), so it is not a "
+                             "reference; fill it in, or leave the column out to take references from the "
+                             "studies table")
         rows.append({"uid": uid, "prediction": prediction or "", "reference": reference})
     return rows
 
