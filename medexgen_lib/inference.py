@@ -16,10 +16,11 @@ from PIL import Image
 
 from medexgen_lib.config import RANGES, EvalConfig, ImagesConfig
 from medexgen_lib.evaluate import decode_settings
+from medexgen_lib.files import read_capped
 from medexgen_lib.images import (ImageError, check_radiograph_shape, load_image, normalize,
                                  stretch_to_uint8)
 from medexgen_lib.metrics import prediction_labels
-from medexgen_lib.model import ReportGenerator
+from medexgen_lib.model import MAX_CONFIG_BYTES, ReportGenerator
 
 log = logging.getLogger(__name__)
 DECODE_FIELDS = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
@@ -67,11 +68,12 @@ def saved_decode(model: ReportGenerator, model_dir: str | os.PathLike) -> EvalCo
     as evaluation cuts it."""
     model_dir = Path(model_dir)
     found = _evaluated_decode(model_dir)
-    if found is None and (model_dir / "run_config.json").exists():
-        try:
-            found = json.loads((model_dir / "run_config.json").read_text())["eval"], str(model_dir / "run_config.json")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"cannot read the evaluation settings in {model_dir / 'run_config.json'}: {exc}") from None
+    run_config = model_dir / "run_config.json"
+    if found is None and run_config.exists():
+        try:  # capped: a link to /dev/zero or a FIFO is refused, not read
+            found = json.loads(read_capped(run_config, MAX_CONFIG_BYTES).decode("utf-8"))["eval"], str(run_config)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise ValueError(f"cannot read the evaluation settings in {run_config}: {exc}") from None
     if found is None:
         log.info("%s records no evaluation settings; decoding with the defaults", model_dir)
         decode = EvalConfig()

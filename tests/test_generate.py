@@ -579,6 +579,25 @@ def test_decoding_settings_saved_with_a_model_are_checked(where, key, value, mes
     assert len(error) == 1 and str(saved / where) in error[0] and error[0].endswith(message), error
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "FIFO"])
+def test_a_run_config_that_is_not_a_regular_file_is_refused(kind, model_dir, tmp_path, capsys):
+    """run_config.json as a link to /dev/zero ended in a MemoryError; as a FIFO, generate hung."""
+    import os
+    import shutil
+
+    saved = tmp_path / "saved"
+    shutil.copytree(model_dir, saved)
+    if kind == "FIFO":
+        os.mkfifo(saved / "run_config.json")
+    else:
+        (saved / "run_config.json").symlink_to("/dev/zero")
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(saved), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is not a regular file" in error[0] and str(saved / "run_config.json") in error[0]
+
+
 @pytest.fixture
 def no_decoder_in_memory(monkeypatch):
     """Fails the test where a GPT-2 decoder is built in real memory (not on PyTorch's meta device):

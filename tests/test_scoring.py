@@ -162,6 +162,25 @@ def test_a_reference_with_no_words_once_cleaned_is_refused(suffix, reference, tm
 
 
 @pytest.mark.reliability
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "FIFO"])
+def test_a_predictions_file_that_is_not_a_regular_file_is_refused(kind, tmp_config, tmp_path, capsys):
+    """A predictions file linked to /dev/zero ended in a MemoryError; a FIFO made score hang."""
+    import os
+
+    from medexgen_lib.__main__ import main
+
+    cfg = tmp_config()
+    path = tmp_path / "preds.csv"
+    if kind == "FIFO":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    assert main(["score", str(path), *_overrides(cfg)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: predictions file {path} is not a regular file (a device, FIFO or socket)"]
+
+
+@pytest.mark.reliability
 @pytest.mark.parametrize("row, field, kind", [
     ('{"uid": "CXR2", "prediction": 5, "reference": "x y"}', "prediction", "int"),
     ('{"uid": "CXR2", "prediction": ["a", "b"], "reference": "x y"}', "prediction", "list"),
