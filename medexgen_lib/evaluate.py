@@ -303,7 +303,7 @@ def read_predictions_file(path, field: str = "prediction") -> list[dict]:
             records = json.loads(text)
         else:
             records = list(csv.DictReader(io.StringIO(text, newline="")))
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError, RecursionError) as exc:  # too deep
+    except (ValueError, csv.Error, RecursionError) as exc:  # bad UTF-8 or JSON, > 4300 digits, too deep
         raise ValueError(f"cannot read predictions file {path}: {exc}") from None
     if not isinstance(records, list) or not records:
         raise ValueError(f"predictions file {path} holds no rows")

@@ -537,9 +537,10 @@ class ReportGenerator(nn.Module):
         for path in (config_path, weights_path):
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: {directory} is not a saved ReportGenerator")
+        data = read_capped(config_path, MAX_CONFIG_BYTES)  # ValueError naming the file
         try:
-            values = json.loads(read_capped(config_path, MAX_CONFIG_BYTES).decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep
+            values = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer of > 4300 digits, too deep
             raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
         config = ReportGeneratorConfig.from_dict(values, str(config_path))
         check_weights_fit(config, config_path, weights_path)

@@ -598,6 +598,23 @@ def test_a_run_config_that_is_not_a_regular_file_is_refused(kind, model_dir, tmp
     assert len(error) == 1 and "is not a regular file" in error[0] and str(saved / "run_config.json") in error[0]
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_an_integer_of_thousands_of_digits_in_a_model_file_is_named(name, model_dir, tmp_path, capsys):
+    """Python refuses to read an integer of over 4300 digits: "Exceeds the limit (4300 digits)"
+    was printed without naming the file."""
+    import shutil
+
+    saved = tmp_path / "saved"
+    shutil.copytree(model_dir, saved)
+    text = (saved / name).read_text()
+    (saved / name).write_text(text.replace("{", '{"huge": ' + "9" * 5000 + ", ", 1))
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(saved), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{saved / name} is not valid JSON" in error[0] and "4300" in error[0]
+
+
 @pytest.fixture
 def no_decoder_in_memory(monkeypatch):
     """Fails the test where a GPT-2 decoder is built in real memory (not on PyTorch's meta device):

@@ -181,6 +181,18 @@ def test_a_predictions_file_that_is_not_a_regular_file_is_refused(kind, tmp_conf
 
 
 @pytest.mark.reliability
+def test_an_integer_of_thousands_of_digits_in_a_predictions_file_is_named(tmp_config, tmp_path, capsys):
+    from medexgen_lib.__main__ import main
+
+    cfg = tmp_config()
+    path = tmp_path / "preds.json"
+    path.write_text('[{"uid": "CXR1", "prediction": "a b", "reference": "x y", "n": ' + "9" * 5000 + "}]")
+    assert main(["score", str(path), *_overrides(cfg)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"cannot read predictions file {path}" in error[0] and "4300" in error[0]
+
+
+@pytest.mark.reliability
 @pytest.mark.parametrize("row, field, kind", [
     ('{"uid": "CXR2", "prediction": 5, "reference": "x y"}', "prediction", "int"),
     ('{"uid": "CXR2", "prediction": ["a", "b"], "reference": "x y"}', "prediction", "list"),
