@@ -44,15 +44,18 @@ def check_decode(key: str, value, source: str) -> None:
 
 
 def _evaluated_decode(model_dir: Path) -> tuple[dict, str] | None:
-    """The decoding of the evaluation the model card records (the test split's first), or None."""
-    import yaml
-    from huggingface_hub import ModelCard
+    """The decoding of the evaluation the model card records (the test split's first), or None;
+    an unreadable card is named in a warning and left aside."""
+    from medexgen_lib.model_card import CARD_FILE, FACTS_KEY, card_data
 
-    from medexgen_lib.model_card import CARD_FILE, FACTS_KEY
-
+    if not (model_dir / CARD_FILE).exists():
+        return None
     try:
-        results = ModelCard.load(model_dir / CARD_FILE).data.to_dict()[FACTS_KEY]["results"]
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        results = card_data(model_dir / CARD_FILE)[FACTS_KEY]["results"]
+    except ValueError as exc:
+        log.warning("%s; its decoding settings are not used", exc)
+        return None
+    except (OSError, KeyError, TypeError):
         return None
     for split in sorted(results, key=lambda name: name != "test"):
         if isinstance(results[split], dict) and isinstance(results[split].get("decode"), dict):

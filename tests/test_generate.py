@@ -615,6 +615,23 @@ def test_an_integer_of_thousands_of_digits_in_a_model_file_is_named(name, model_
     assert len(error) == 1 and f"{saved / name} is not valid JSON" in error[0] and "4300" in error[0]
 
 
+@pytest.mark.reliability
+def test_a_model_card_nested_too_deep_is_named_and_left_aside(model_dir, tmp_path, capsys, caplog):
+    """A model card nested 3000 levels deep ended generate with "maximum recursion depth
+    exceeded", naming no file."""
+    import logging
+    import shutil
+
+    saved = tmp_path / "saved"
+    shutil.copytree(model_dir, saved)
+    (saved / "README.md").write_text("---\nmedexgen: " + "[" * 3000 + "]" * 3000 + "\n---\n# notes\n")
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    with caplog.at_level(logging.WARNING, logger="medexgen_lib.inference"):
+        assert main(["generate", "--model", str(saved), str(tmp_path / "f.png")]) == 0
+    assert any(f"model card {saved / 'README.md'} is unreadable" in r.getMessage() for r in caplog.records)
+    assert capsys.readouterr().out.strip()
+
+
 @pytest.fixture
 def no_decoder_in_memory(monkeypatch):
     """Fails the test where a GPT-2 decoder is built in real memory (not on PyTorch's meta device):
