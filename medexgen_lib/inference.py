@@ -207,10 +207,11 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
     inverted. Rows x columns x samples x frames declared in the header are checked against
     ``max_pixels`` before any pixel is decoded (a compressed bomb is refused unread; a deflated
     file is inflated no further than its header declares). Colour (RGB, and YBR as pydicom
-    converts it to RGB) becomes gray by the luma PNG and JPEG get (``_luma``). An image of one
+    converts it to RGB, PALETTE COLOR through its lookup table) becomes gray by the luma PNG and
+    JPEG get (``_luma``). An image of one
     value throughout (a constant, a rescale slope of 0) is refused: it shows nothing."""
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     path = Path(path)
     try:
@@ -227,6 +228,11 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
         raise ImageError(f"cannot decode the pixels of DICOM {path}: {exc}") from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]
+    if getattr(ds, "PhotometricInterpretation", "") == "PALETTE COLOR":
+        try:  # the pixels are indices into the palette: their colours, not the indices, are the image
+            pixels = apply_color_lut(pixels, ds)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            raise ImageError(f"DICOM {path} has an unusable PALETTE COLOR lookup table: {exc}") from None
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         pixels = _luma(pixels[..., :3])
     if pixels.ndim != 2:

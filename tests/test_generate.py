@@ -462,6 +462,35 @@ def write_colour_dicom(path, pixels, photometric="RGB"):
 
 
 @pytest.mark.reliability
+def test_palette_colour_dicom_becomes_gray_of_its_colours_not_of_its_indices(tmp_path):
+    """PALETTE COLOR pixels are indices into a colour table; they were shown as gray indices."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    palette[0], palette[1] = 0, 255  # black and white present: the DICOM stretch changes nothing
+    indices = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    indices[0, 0], indices[0, 1] = 0, 1
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.Rows, ds.Columns = "DX", "TEST", 64, 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "PALETTE COLOR"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for at, colour in enumerate(("Red", "Green", "Blue")):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", (palette[:, at].astype("<u2") * 257).tobytes())
+    ds.PixelData = indices.tobytes()
+    ds.save_as(tmp_path / "p.dcm", enforce_file_format=True)
+    luma = np.asarray(Image.fromarray(palette[indices]).convert("L")).astype(int)
+    assert np.abs(read_dicom(tmp_path / "p.dcm", 64).astype(int) - luma).max() <= 1
+
+
+@pytest.mark.reliability
 def test_colour_dicom_becomes_gray_by_the_luma_png_gets(tmp_path):
     """RGB DICOM was a plain channel mean and YBR_FULL not its Y (luminance), while the same
     pixels as PNG get PIL's ITU-R 601-2 luma: one study gave three different grays."""
