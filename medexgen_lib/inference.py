@@ -192,6 +192,87 @@ def _read_dicom_dataset(path: Path, max_pixels: int):
     return pydicom.dcmread(path)
 
 
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic; JPEG-LS's SOF55)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
+def _codestream_sizes(frame: bytes) -> list[tuple[int, int]] | None:
+    """(rows, columns) of every frame header of a JPEG / JPEG-LS codestream (each SOF before
+    the scan) or of a JPEG 2000 one (its SIZ); None where ``frame`` is neither."""
+    if frame[:2] == b"\xff\xd8":
+        sizes, at = [], 2
+        while at + 4 <= len(frame):
+            if frame[at] != 0xFF:
+                return sizes
+            marker = frame[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+                continue
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
+                at += 2
+                continue
+            if marker == 0xDA:  # start of scan: the frame headers are all read
+                return sizes
+            if marker in _JPEG_SOF and at + 9 <= len(frame):
+                sizes.append((int.from_bytes(frame[at + 5:at + 7], "big"), int.from_bytes(frame[at + 7:at + 9], "big")))
+            at += 2 + int.from_bytes(frame[at + 2:at + 4], "big")
+        return sizes
+    siz = frame.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (also inside a JP2 file's box)
+    if siz >= 0 and siz + 24 <= len(frame):
+        x, y, x0, y0 = (int.from_bytes(frame[siz + 8 + 4 * i:siz + 12 + 4 * i], "big") for i in range(4))
+        return [(y - y0, x - x0)]
+    return None
+
+
+def _rle_segment_bytes(segment: bytes, limit: int) -> int:
+    """Bytes a PackBits segment of RLE Lossless decodes to, counted (not decoded) and no further
+    than just past ``limit``."""
+    at, count = 0, 0
+    while at < len(segment) and count <= limit:
+        header = segment[at]
+        if header < 128:  # a literal run of header + 1 bytes
+            count, at = count + header + 1, at + header + 2
+        elif header > 128:  # one byte repeated 257 - header times
+            count, at = count + 257 - header, at + 2
+        else:
+            at += 1
+    return count
+
+
+def _check_encapsulated_frames(path: Path, ds) -> None:
+    """Each compressed frame must be the size the DICOM header declares before it is decoded:
+    the JPEG decoders size their output from the codestream's own header (a file declaring
+    256x256 may hold a 13000x13000 JPEG), and an RLE segment decodes as far as its runs go."""
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import RLELossless
+
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_encapsulated:
+        return
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), 1):
+            if syntax == RLELossless:
+                count = int.from_bytes(frame[:4], "little")
+                offsets = [int.from_bytes(frame[4 + 4 * i:8 + 4 * i], "little") for i in range(min(count, 15))]
+                for start, end in zip(offsets, offsets[1:] + [len(frame)]):
+                    if _rle_segment_bytes(frame[start:end], rows * columns + 1) > rows * columns + 1:
+                        raise ImageError(f"DICOM {path}: an RLE segment of frame {number} decodes past the "
+                                         f"declared {rows}x{columns} pixels; refused as a possible "
+                                         "decompression bomb")
+                continue
+            sizes = _codestream_sizes(frame)
+            if not sizes or any(size != (rows, columns) for size in sizes):
+                found = "no readable frame size" if not sizes else " and ".join(f"{r}x{c}" for r, c in sizes)
+                raise ImageError(f"DICOM {path}: compressed frame {number} holds {found}, the header declares "
+                                 f"{rows}x{columns}; refused before decoding (a possible decompression bomb)")
+    except ImageError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ImageError(f"cannot read the compressed frames of DICOM {path}: {exc}") from None
+
+
 def _luma(pixels: np.ndarray) -> np.ndarray:
     """Colour pixels (RGB, last axis) to gray by PIL's ``convert("L")`` rule (ITU-R 601-2 luma,
     L = R * 299/1000 + G * 587/1000 + B * 114/1000), as PNG and JPEG are read: 8-bit data through
@@ -222,6 +303,7 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
         raise ImageError(f"cannot read DICOM {path}: {exc}") from None
     if "PixelData" not in ds:
         raise ImageError(f"DICOM {path} has no pixel data (PixelData element missing)")
+    _check_encapsulated_frames(path, ds)
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # unsupported transfer syntax, truncated data, missing decoder

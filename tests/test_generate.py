@@ -176,6 +176,76 @@ def test_a_dicom_bomb_is_refused_from_its_header(rows, columns, frames, tmp_path
     assert len(error) == 1 and "bomb.dcm declares" in error[0]
 
 
+def _encapsulated_dicom(path, rows, columns, syntax, frame: bytes):
+    """An 8-bit gray DICOM declaring ``rows`` x ``columns`` whose one compressed frame is ``frame``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.Rows, ds.Columns = "DX", "TEST", rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _jpeg(pixels, declared=None) -> bytes:
+    """A baseline JPEG of ``pixels``; ``declared`` (rows, columns) rewrites its frame header's size."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    data = bytearray(buffer.getvalue())
+    if declared:
+        at = data.find(b"\xff\xc0")
+        data[at + 5:at + 9] = declared[0].to_bytes(2, "big") + declared[1].to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", ["JPEG frame larger than declared", "RLE runs past the declared size"])
+def test_a_compressed_frame_bigger_than_its_header_is_refused_before_decoding(case, tmp_path, monkeypatch):
+    """A JPEG baseline DICOM declaring 256x256 and holding a 13000x13000 frame, or RLE whose runs
+    decode past the declared pixels, was decoded in full, past images.max_pixels."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import JPEGBaseline8Bit, RLELossless
+
+    if case.startswith("JPEG"):
+        frame = _jpeg(_chest(64, 64), declared=(13000, 13000))
+        path = _encapsulated_dicom(tmp_path / "bomb.dcm", 256, 256, JPEGBaseline8Bit, frame)
+        message = "compressed frame 1 holds 13000x13000, the header declares 256x256"
+    else:
+        segment = b"\x81\x00" * 5000  # 640,000 zero bytes
+        frame = (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(56) + segment
+        path = _encapsulated_dicom(tmp_path / "bomb.dcm", 64, 64, RLELossless, frame)
+        message = "an RLE segment of frame 1 decodes past the declared 64x64 pixels"
+    monkeypatch.setattr(Dataset, "pixel_array",
+                        property(lambda ds: pytest.fail("pixels decoded before the frame size check")))
+    with pytest.raises(ImageError, match=f"bomb.dcm: {message}"):
+        read_dicom(path, 64)
+
+
+def test_compressed_frames_of_the_declared_size_are_read(tmp_path):
+    from pydicom import dcmread
+    from pydicom.uid import JPEGBaseline8Bit, RLELossless
+
+    chest = _chest(64, 64)
+    jpeg = _encapsulated_dicom(tmp_path / "j.dcm", 64, 64, JPEGBaseline8Bit, _jpeg(chest))
+    assert np.abs(read_dicom(jpeg, 64).astype(int) - read_dicom(write_dicom(tmp_path / "m.dcm", chest), 64)).max() < 12
+    ds = dcmread(write_dicom(tmp_path / "r.dcm", chest.astype(np.uint16) * 16))
+    ds.compress(RLELossless)
+    ds.save_as(tmp_path / "rle.dcm")
+    assert np.array_equal(read_dicom(tmp_path / "rle.dcm", 64), read_dicom(tmp_path / "r.dcm", 64))
+
+
 @pytest.mark.reliability
 def test_dicom_rescale_is_applied_before_the_window(tmp_path):
     import pydicom
