@@ -89,15 +89,15 @@ def _generate(args) -> None:
     import dataclasses
     import json
 
-    from medexgen_lib.inference import generate_report, saved_decode
+    from medexgen_lib.inference import check_decode, generate_report, saved_decode
     from medexgen_lib.model import ReportGenerator
 
-    for flag, value in (("--beams", args.beams), ("--max-new-tokens", args.max_new_tokens)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    model = ReportGenerator.from_pretrained(args.model)
     given = {"num_beams": args.beams, "max_new_tokens": args.max_new_tokens, "length_penalty": args.length_penalty,
              "no_repeat_ngram_size": args.no_repeat_ngram_size}
+    for key, value in given.items():
+        if value is not None:
+            check_decode(key, value, "--" + ("beams" if key == "num_beams" else key.replace("_", "-")))
+    model = ReportGenerator.from_pretrained(args.model)
     decode = dataclasses.replace(saved_decode(model, args.model), **{k: v for k, v in given.items() if v is not None})
     result = generate_report(model, args.images, decode)
     print(json.dumps(result, indent=2) if args.json else result["report"])

@@ -29,6 +29,7 @@ MAX_GUIDANCE_POOL = 16
 # GPT-2 XL has 48 layers, 25 heads, width 1600 and 50,257 tokens; these leave room for larger decoders.
 MAX_LAYERS, MAX_HEADS, MAX_EMBD, MAX_VOCAB_SIZE = 128, 256, 16384, 1_000_000
 MAX_PHANTOM_IMAGE_SIZE = 2048
+MAX_BEAMS = 64  # beam search keeps this many decoder states per study; reports use 1-5
 
 
 class ConfigError(ValueError):
@@ -377,7 +378,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.grad_accum": (1, None), "train.lr_encoder": (0, None), "train.lr_decoder": (0, None),
     "train.lr_new": (0, None), "train.weight_decay": (0, None), "train.warmup_ratio": (0, 1),
     "train.clip_grad_norm": (0, None), "train.patience": (1, None), "train.encoder_epochs": (0, None), "train.num_workers": (0, None),
-    "eval.num_beams": (1, None), "eval.max_new_tokens": (1, None),
+    "eval.num_beams": (1, MAX_BEAMS), "eval.max_new_tokens": (1, MAX_POSITIONS),
     "eval.no_repeat_ngram_size": (0, None), "eval.batch_size": (1, None),
     "train.label_smoothing": (0, 1), "guidance.loss_weight": (0, None), "guidance.min_count": (1, None),
     "guidance.pool": (1, MAX_GUIDANCE_POOL), "guidance.min_auroc": (0, 1),

@@ -3,6 +3,7 @@ and scoring of any predictions file with the same metrics."""
 
 from __future__ import annotations
 
+import io
 import re
 from functools import partial
 from pathlib import Path
@@ -12,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from medexgen_lib.config import EvalConfig
 from medexgen_lib.dataset import ReportDataset, collate
-from medexgen_lib.files import read_json, save_figure, write_json
+from medexgen_lib.files import read_capped, read_json, save_figure, write_json
+from medexgen_lib.metrics import has_words
 from medexgen_lib.progress import ProgressBar, progress_log
 
 
@@ -272,6 +274,9 @@ def plot_observation_f1(summary: dict, path: Path) -> Path:
 _IMAGE_SUFFIX = re.compile(r"_IM-[0-9]+(-[0-9]+)?$")  # IU X-Ray image id = study uid + this
 
 
+MAX_PREDICTIONS_BYTES = 256 * 2**20  # stage 05's predictions of a test split are a few MB
+
+
 def read_predictions_file(path, field: str = "prediction") -> list[dict]:
     """Rows of ``{"uid", "prediction"[, "reference"]}`` from a CSV or JSON predictions file; the
     prediction is read from the column ``field`` (e.g. ``decoder_text`` of stage 05's predictions:
@@ -288,13 +293,17 @@ def read_predictions_file(path, field: str = "prediction") -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"predictions file {path} does not exist")
+    try:
+        data = read_capped(path, MAX_PREDICTIONS_BYTES)  # a link to /dev/zero, a FIFO: refused
+    except ValueError as exc:
+        raise ValueError(f"predictions file {exc}") from None
     try:  # utf-8-sig: the byte order mark Excel writes before a CSV header is not part of 'uid'
+        text = data.decode("utf-8-sig")
         if path.suffix.lower() == ".json":
-            records = json.loads(path.read_text(encoding="utf-8-sig"))
+            records = json.loads(text)
         else:
-            with path.open(newline="", encoding="utf-8-sig") as handle:
-                records = list(csv.DictReader(handle))
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError, RecursionError) as exc:  # too deep
+            records = list(csv.DictReader(io.StringIO(text, newline="")))
+    except (ValueError, csv.Error, RecursionError) as exc:  # bad UTF-8 or JSON, > 4300 digits, too deep
         raise ValueError(f"cannot read predictions file {path}: {exc}") from None
     if not isinstance(records, list) or not records:
         raise ValueError(f"predictions file {path} holds no rows")
@@ -314,6 +323,11 @@ def read_predictions_file(path, field: str = "prediction") -> list[dict]:
             raise ValueError(f"{where}: the 'reference' is empty, and an empty cell is not a "
                              "reference; fill it in, or leave the column out to take references from "
                              "the studies table")
+        if reference is not None and not has_words(reference):
+            raise ValueError(f"{where}: the 'reference' {reference[:80]!r} has no words once cleaned for "
+                             "scoring (punctuation, 'XXXX' or invisible characters only), so it is not a "
+                             "reference; fill it in, or leave the column out to take references from the "
+                             "studies table")
         rows.append({"uid": uid, "prediction": prediction or "", "reference": reference})
     return rows
 

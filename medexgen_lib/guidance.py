@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
@@ -310,15 +310,15 @@ def bank_key(observation: str, sides: set[str] | frozenset[str] = frozenset()) -
 
 def bank_keys(labels: Sequence[str]) -> set[str]:
     """Every ``bank_key`` that ``labels`` (a model's guidance labels) can express."""
-    keys = set()
+    keys, known = set(), set(labels)
     for observation in labels:
         if ", " not in observation:
-            named = [s for s in SIDES if side_label(observation, s) in labels]
+            named = [s for s in SIDES if side_label(observation, s) in known]
             keys |= {bank_key(observation, set(sides)) for sides in ([], *([s] for s in named), named)}
     return keys
 
 
-def bank_sentence_key(sentence: str, labels: Sequence[str]) -> str | None:
+def bank_sentence_key(sentence: str, labels: Collection[str]) -> str | None:
     """The ``bank_key`` under which ``sentence`` may stand in a sentence bank for ``labels``: one
     sentence, with its end, that states one observation of ``labels``, positive, and mentions no other
     (so it negates nothing); its key names the sides it names that ``labels`` has. None otherwise."""

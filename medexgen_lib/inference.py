@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import zlib
 from pathlib import Path
@@ -13,27 +14,48 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medexgen_lib.config import EvalConfig, ImagesConfig
+from medexgen_lib.config import RANGES, EvalConfig, ImagesConfig
 from medexgen_lib.evaluate import decode_settings
+from medexgen_lib.files import read_capped
 from medexgen_lib.images import (ImageError, check_radiograph_shape, load_image, normalize,
                                  stretch_to_uint8)
 from medexgen_lib.metrics import prediction_labels
-from medexgen_lib.model import ReportGenerator
+from medexgen_lib.model import MAX_CONFIG_BYTES, ReportGenerator
 
 log = logging.getLogger(__name__)
 DECODE_FIELDS = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
 
 
+def check_decode(key: str, value, source: str) -> None:
+    """Refuse decoding setting ``key`` (one of ``DECODE_FIELDS``) where ``value`` is not of
+    ``EvalConfig``'s type, not finite or outside ``config.RANGES``; ``ValueError`` naming
+    ``source`` (the file and field, or the command-line flag)."""
+    kind = type(getattr(EvalConfig(), key))
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        wanted = "a number" if kind is float else "an integer"
+        raise ValueError(f"{source} must be {wanted}, got {type(value).__name__} {value!r}"[:300])
+    if not math.isfinite(value):
+        raise ValueError(f"{source} must be a finite number, got {value!r}")
+    low, high = RANGES.get(f"eval.{key}", (None, None))
+    if low is not None and value < low:
+        raise ValueError(f"{source} must be at least {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{source} must be at most {high}, got {value!r}")
+
+
 def _evaluated_decode(model_dir: Path) -> tuple[dict, str] | None:
-    """The decoding of the evaluation the model card records (the test split's first), or None."""
-    import yaml
-    from huggingface_hub import ModelCard
+    """The decoding of the evaluation the model card records (the test split's first), or None;
+    an unreadable card is named in a warning and left aside."""
+    from medexgen_lib.model_card import CARD_FILE, FACTS_KEY, card_data
 
-    from medexgen_lib.model_card import CARD_FILE, FACTS_KEY
-
+    if not (model_dir / CARD_FILE).exists():
+        return None
     try:
-        results = ModelCard.load(model_dir / CARD_FILE).data.to_dict()[FACTS_KEY]["results"]
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        results = card_data(model_dir / CARD_FILE)[FACTS_KEY]["results"]
+    except ValueError as exc:
+        log.warning("%s; its decoding settings are not used", exc)
+        return None
+    except (OSError, KeyError, TypeError):
         return None
     for split in sorted(results, key=lambda name: name != "test"):
         if isinstance(results[split], dict) and isinstance(results[split].get("decode"), dict):
@@ -49,16 +71,22 @@ def saved_decode(model: ReportGenerator, model_dir: str | os.PathLike) -> EvalCo
     as evaluation cuts it."""
     model_dir = Path(model_dir)
     found = _evaluated_decode(model_dir)
-    if found is None and (model_dir / "run_config.json").exists():
-        try:
-            found = json.loads((model_dir / "run_config.json").read_text())["eval"], str(model_dir / "run_config.json")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"cannot read the evaluation settings in {model_dir / 'run_config.json'}: {exc}") from None
+    run_config = model_dir / "run_config.json"
+    if found is None and run_config.exists():
+        try:  # capped: a link to /dev/zero or a FIFO is refused, not read
+            found = json.loads(read_capped(run_config, MAX_CONFIG_BYTES).decode("utf-8"))["eval"], str(run_config)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise ValueError(f"cannot read the evaluation settings in {run_config}: {exc}") from None
     if found is None:
         log.info("%s records no evaluation settings; decoding with the defaults", model_dir)
         decode = EvalConfig()
     else:
         settings, source = found
+        if not isinstance(settings, dict):
+            raise ValueError(f"{source}: the evaluation settings must be an object, got {type(settings).__name__}")
+        for key in DECODE_FIELDS:
+            if key in settings:
+                check_decode(key, settings[key], f"{source}: {key}")
         decode = dataclasses.replace(EvalConfig(), **{k: settings[k] for k in DECODE_FIELDS if k in settings})
         log.info("decoding as evaluated (%s): %s", source, {k: getattr(decode, k) for k in DECODE_FIELDS})
     room = model.config.n_positions - 1 - model.prompt_length
@@ -164,6 +192,87 @@ def _read_dicom_dataset(path: Path, max_pixels: int):
     return pydicom.dcmread(path)
 
 
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic; JPEG-LS's SOF55)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
+def _codestream_sizes(frame: bytes) -> list[tuple[int, int]] | None:
+    """(rows, columns) of every frame header of a JPEG / JPEG-LS codestream (each SOF before
+    the scan) or of a JPEG 2000 one (its SIZ); None where ``frame`` is neither."""
+    if frame[:2] == b"\xff\xd8":
+        sizes, at = [], 2
+        while at + 4 <= len(frame):
+            if frame[at] != 0xFF:
+                return sizes
+            marker = frame[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+                continue
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
+                at += 2
+                continue
+            if marker == 0xDA:  # start of scan: the frame headers are all read
+                return sizes
+            if marker in _JPEG_SOF and at + 9 <= len(frame):
+                sizes.append((int.from_bytes(frame[at + 5:at + 7], "big"), int.from_bytes(frame[at + 7:at + 9], "big")))
+            at += 2 + int.from_bytes(frame[at + 2:at + 4], "big")
+        return sizes
+    siz = frame.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (also inside a JP2 file's box)
+    if siz >= 0 and siz + 24 <= len(frame):
+        x, y, x0, y0 = (int.from_bytes(frame[siz + 8 + 4 * i:siz + 12 + 4 * i], "big") for i in range(4))
+        return [(y - y0, x - x0)]
+    return None
+
+
+def _rle_segment_bytes(segment: bytes, limit: int) -> int:
+    """Bytes a PackBits segment of RLE Lossless decodes to, counted (not decoded) and no further
+    than just past ``limit``."""
+    at, count = 0, 0
+    while at < len(segment) and count <= limit:
+        header = segment[at]
+        if header < 128:  # a literal run of header + 1 bytes
+            count, at = count + header + 1, at + header + 2
+        elif header > 128:  # one byte repeated 257 - header times
+            count, at = count + 257 - header, at + 2
+        else:
+            at += 1
+    return count
+
+
+def _check_encapsulated_frames(path: Path, ds) -> None:
+    """Each compressed frame must be the size the DICOM header declares before it is decoded:
+    the JPEG decoders size their output from the codestream's own header (a file declaring
+    256x256 may hold a 13000x13000 JPEG), and an RLE segment decodes as far as its runs go."""
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import RLELossless
+
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_encapsulated:
+        return
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), 1):
+            if syntax == RLELossless:
+                count = int.from_bytes(frame[:4], "little")
+                offsets = [int.from_bytes(frame[4 + 4 * i:8 + 4 * i], "little") for i in range(min(count, 15))]
+                for start, end in zip(offsets, offsets[1:] + [len(frame)]):
+                    if _rle_segment_bytes(frame[start:end], rows * columns + 1) > rows * columns + 1:
+                        raise ImageError(f"DICOM {path}: an RLE segment of frame {number} decodes past the "
+                                         f"declared {rows}x{columns} pixels; refused as a possible "
+                                         "decompression bomb")
+                continue
+            sizes = _codestream_sizes(frame)
+            if not sizes or any(size != (rows, columns) for size in sizes):
+                found = "no readable frame size" if not sizes else " and ".join(f"{r}x{c}" for r, c in sizes)
+                raise ImageError(f"DICOM {path}: compressed frame {number} holds {found}, the header declares "
+                                 f"{rows}x{columns}; refused before decoding (a possible decompression bomb)")
+    except ImageError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ImageError(f"cannot read the compressed frames of DICOM {path}: {exc}") from None
+
+
 def _luma(pixels: np.ndarray) -> np.ndarray:
     """Colour pixels (RGB, last axis) to gray by PIL's ``convert("L")`` rule (ITU-R 601-2 luma,
     L = R * 299/1000 + G * 587/1000 + B * 114/1000), as PNG and JPEG are read: 8-bit data through
@@ -179,10 +288,11 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
     inverted. Rows x columns x samples x frames declared in the header are checked against
     ``max_pixels`` before any pixel is decoded (a compressed bomb is refused unread; a deflated
     file is inflated no further than its header declares). Colour (RGB, and YBR as pydicom
-    converts it to RGB) becomes gray by the luma PNG and JPEG get (``_luma``). An image of one
+    converts it to RGB, PALETTE COLOR through its lookup table) becomes gray by the luma PNG and
+    JPEG get (``_luma``). An image of one
     value throughout (a constant, a rescale slope of 0) is refused: it shows nothing."""
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     path = Path(path)
     try:
@@ -193,12 +303,18 @@ def read_dicom(path: str | os.PathLike, size: int, max_pixels: int = 60_000_000)
         raise ImageError(f"cannot read DICOM {path}: {exc}") from None
     if "PixelData" not in ds:
         raise ImageError(f"DICOM {path} has no pixel data (PixelData element missing)")
+    _check_encapsulated_frames(path, ds)
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # unsupported transfer syntax, truncated data, missing decoder
         raise ImageError(f"cannot decode the pixels of DICOM {path}: {exc}") from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]
+    if getattr(ds, "PhotometricInterpretation", "") == "PALETTE COLOR":
+        try:  # the pixels are indices into the palette: their colours, not the indices, are the image
+            pixels = apply_color_lut(pixels, ds)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            raise ImageError(f"DICOM {path} has an unusable PALETTE COLOR lookup table: {exc}") from None
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         pixels = _luma(pixels[..., :3])
     if pixels.ndim != 2:

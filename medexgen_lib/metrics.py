@@ -107,6 +107,12 @@ def r2gen_unknown_shares(references: Sequence[str], predictions: Sequence[str], 
     return {**shares, "warnings": warnings}
 
 
+def has_words(report: str) -> bool:
+    """Whether ``report`` keeps a word after the scorer's normalisation other than the
+    anonymisation placeholder "xxxx" ("." or a zero-width space keep none)."""
+    return any(word != "xxxx" for word in re.findall(r"[a-z0-9]+", normalise(report)))
+
+
 def _wordless_as_empty(prediction: str) -> str:
     """A normalised prediction with no letter or digit (an empty one normalises to " .") as the
     empty string, so it matches no reference full stop and scores 0 on every text metric."""

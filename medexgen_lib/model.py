@@ -49,6 +49,10 @@ _CONFIG_RANGES = {"vocab_size": (1, MAX_VOCAB_SIZE), "n_layer": (1, MAX_LAYERS),
                   "image_size": (ENCODER_STRIDE, MAX_IMAGE_SIZE), "dropout": (0.0, 1.0),
                   "guidance_pool": (1, MAX_GUIDANCE_POOL)}
 MAX_CONFIG_BYTES = 16 * 2**20  # config.json is a few kB (a sentence bank adds some)
+# A model's guidance labels are the observations and their sides (a few dozen): a bound checked
+# before any list is walked, so a tampered config.json cannot make the checks themselves hang.
+MAX_GUIDANCE_LABELS = 1000
+MAX_LABEL_WORD_IDS = 16  # a label's words ("pleural effusion left") are a few tokens
 # Parameter names of the decoder's cross-attention layers: new even in a pretrained GPT-2.
 CROSS_ATTENTION_PARTS = ("crossattention", "ln_cross_attn")
 
@@ -533,9 +537,10 @@ class ReportGenerator(nn.Module):
         for path in (config_path, weights_path):
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: {directory} is not a saved ReportGenerator")
+        data = read_capped(config_path, MAX_CONFIG_BYTES)  # ValueError naming the file
         try:
-            values = json.loads(read_capped(config_path, MAX_CONFIG_BYTES).decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep
+            values = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer of > 4300 digits, too deep
             raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
         config = ReportGeneratorConfig.from_dict(values, str(config_path))
         check_weights_fit(config, config_path, weights_path)
@@ -607,10 +612,14 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
     label too; thresholds one number in (0, 1) per label; word ids one non-empty list of
     token ids inside the vocabulary per label. ``ValueError`` naming ``source`` otherwise."""
     labels = config.guidance_labels
+    if isinstance(labels, list) and len(labels) > MAX_GUIDANCE_LABELS:
+        raise ValueError(f"{source}: model config field 'guidance_labels' holds {len(labels)} labels, "
+                         f"at most {MAX_GUIDANCE_LABELS} are allowed")
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise ValueError(f"{source}: model config field 'guidance_labels' must be a list of names, got {labels!r}")
-    count = len(labels)
-    orphans = [label for label in labels if ", " in label and label.split(", ")[0] not in labels]
+        raise ValueError(f"{source}: model config field 'guidance_labels' must be a list of names, "
+                         f"got {labels!r}"[:300])
+    count, known = len(labels), set(labels)
+    orphans = [label for label in labels if ", " in label and label.split(", ")[0] not in known]
     if orphans:
         raise ValueError(f"{source}: model config field 'guidance_labels' has side labels {orphans} "
                          "without their finding's label")
@@ -621,12 +630,17 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
         raise ValueError(f"{source}: model config field 'guidance_thresholds' must hold one number "
                          f"in (0, 1] per guidance label ({count}), got {thresholds!r}")
     words = config.guidance_word_ids
+    if isinstance(words, list):
+        for at, ids in enumerate(words):
+            if isinstance(ids, list) and len(ids) > MAX_LABEL_WORD_IDS:
+                raise ValueError(f"{source}: model config field 'guidance_word_ids' holds {len(ids)} token "
+                                 f"ids for label {at}, at most {MAX_LABEL_WORD_IDS} are allowed")
     fits = lambda ids: (isinstance(ids, list) and ids and all(  # noqa: E731
         isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size for i in ids))
     if words and (not isinstance(words, list) or len(words) != count or not all(fits(ids) for ids in words)):
         raise ValueError(f"{source}: model config field 'guidance_word_ids' must hold one non-empty list "
                          f"of token ids below vocab_size ({config.vocab_size}) per guidance label "
-                         f"({count}), got {words!r}")
+                         f"({count}), got {words!r}"[:400])
     sentences = config.guidance_sentences
     if not isinstance(sentences, dict):
         raise ValueError(f"{source}: model config field 'guidance_sentences' must map guidance labels "
@@ -634,7 +648,7 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
     keys = guidance.bank_keys(labels)
     for key, text in sentences.items():
         if key not in keys or not isinstance(text, str) \
-                or guidance.bank_sentence_key(text, labels) != key:
+                or guidance.bank_sentence_key(text, known) != key:
             raise ValueError(f"{source}: model config field 'guidance_sentences' maps {key!r} to "
                              f"{repr(text)[:200]}: a key must be a finding of 'guidance_labels' then its side "
                              "labels, joined by ' + ', and its value one sentence stating that "

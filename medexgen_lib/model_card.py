@@ -21,13 +21,14 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from medexgen_lib.config import Config
-from medexgen_lib.files import read_json, write_text_atomic
+from medexgen_lib.files import read_capped, read_json, write_text_atomic
 from medexgen_lib.metrics import NORMALISATION
 
 log = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 FACTS_KEY = "medexgen"
+MAX_CARD_BYTES = 16 * 2**20  # a card is a few kB
 CARD_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
                 "clinical macro_F1", "clinical micro_F1", "clinical example_F1",
                 "clinical abnormal_recall")
@@ -175,13 +176,24 @@ def _card_metrics(metrics: dict) -> dict:
     return {k: metrics[k] for k in CARD_METRICS if metrics.get(k) is not None}
 
 
+def card_data(path: str | os.PathLike) -> dict:
+    """The metadata of the model card at ``path``, read capped (``MAX_CARD_BYTES``).
+    ``ValueError`` naming the card where it is not a regular file, too large, or its YAML
+    cannot be read (broken, or nested too deep for the parser)."""
+    try:
+        return ModelCard(read_capped(path, MAX_CARD_BYTES).decode("utf-8")).data.to_dict()
+    except (ValueError, KeyError, TypeError, yaml.YAMLError, RecursionError) as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ValueError(f"model card {path} is unreadable ({reason})") from None
+
+
 def exported_epoch(model_dir: str | os.PathLike) -> int | None:
     """The training epoch exported to ``model_dir``, as its MedExGen card says (None: no card,
     or one that does not say)."""
     path = Path(model_dir) / CARD_FILE
     try:
-        epoch = ModelCard.load(path).data.to_dict()[FACTS_KEY]["validation"]["epoch"]
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        epoch = card_data(path)[FACTS_KEY]["validation"]["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return epoch if isinstance(epoch, int) else None
 
@@ -194,11 +206,10 @@ def add_results(model_dir: str | os.PathLike, summary: dict) -> Path | None:
         log.info("%s has no model card; test metrics are in the metrics file only", model_dir)
         return None
     try:
-        facts = ModelCard.load(path).data.to_dict().get(FACTS_KEY)
-    except (ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
+        facts = card_data(path).get(FACTS_KEY)
+    except ValueError as exc:
         # A hand-edited card: the metrics file, already written, stays the record.
-        log.warning("model card %s is unreadable (%s); left as it is: the %s metrics are in "
-                    "metrics_%s.json only", path, " ".join(str(exc).split()), summary["split"],
+        log.warning("%s; left as it is: the %s metrics are in metrics_%s.json only", exc, summary["split"],
                     summary["split"])
         return None
     if not isinstance(facts, dict) or not isinstance(facts.get("results"), dict):

@@ -63,7 +63,8 @@ def read_reports(reports_dir: str | os.PathLike, images_dir: str | os.PathLike |
     if not reports_dir.is_dir():
         raise FileNotFoundError(f"reports folder {reports_dir} does not exist; "
                                 "run notebook 01_acquisition first")
-    files = sorted((p for p in reports_dir.rglob("*") if p.suffix.lower() == ".xml"), key=_report_sort_key)
+    # by name, not suffix: a file named ".xml" has no suffix to pathlib
+    files = sorted((p for p in reports_dir.rglob("*") if p.name.lower().endswith(".xml")), key=_report_sort_key)
     image_index, duplicate_images = (_index_images(Path(images_dir)) if images_dir is not None
                                      else (None, []))
     projection_of = _load_projections(projections) if projections is not None else {}

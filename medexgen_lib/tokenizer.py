@@ -160,12 +160,14 @@ def _check_tokenizer_file(path: Path) -> None:
     """``ValueError`` naming ``path`` unless it is a JSON object (a tokenizer.json one the
     ``tokenizers`` library reads, with the ``added_tokens`` transformers needs)."""
     try:
-        text = read_capped(path, MAX_TOKENIZER_FILE_BYTES).decode("utf-8")
-        values = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep
-        raise ValueError(f"tokenizer file {path} is not valid JSON: {exc}") from None
+        data = read_capped(path, MAX_TOKENIZER_FILE_BYTES)
     except ValueError as exc:  # not a regular file, or too large
         raise ValueError(f"tokenizer file {exc}") from None
+    try:
+        text = data.decode("utf-8")
+        values = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer of > 4300 digits, too deep
+        raise ValueError(f"tokenizer file {path} is not valid JSON: {exc}") from None
     if not isinstance(values, dict):
         raise ValueError(f"tokenizer file {path} must hold a JSON object, got {type(values).__name__}")
     if path.name == "tokenizer.json":

@@ -37,7 +37,8 @@ def test_invalid_source_and_profile():
 @pytest.mark.reliability
 @pytest.mark.parametrize("key, value, message", [
     ("train.epochs", 0, "at least 1"), ("train.lr_decoder", -1e-4, "at least 0"),
-    ("eval.num_beams", 0, "at least 1"), ("model.dropout", 1.5, "between 0 and 1"),
+    ("eval.num_beams", 0, "between 1 and 64"), ("eval.num_beams", 65, "between 1 and 64"),
+    ("model.dropout", 1.5, "between 0 and 1"),
     ("seed", -1, "between 0"), ("data.n_phantom_studies", "-3", "at least 1"),
 ])
 def test_out_of_range_value_is_named(key, value, message):

@@ -176,6 +176,76 @@ def test_a_dicom_bomb_is_refused_from_its_header(rows, columns, frames, tmp_path
     assert len(error) == 1 and "bomb.dcm declares" in error[0]
 
 
+def _encapsulated_dicom(path, rows, columns, syntax, frame: bytes):
+    """An 8-bit gray DICOM declaring ``rows`` x ``columns`` whose one compressed frame is ``frame``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.Rows, ds.Columns = "DX", "TEST", rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _jpeg(pixels, declared=None) -> bytes:
+    """A baseline JPEG of ``pixels``; ``declared`` (rows, columns) rewrites its frame header's size."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    data = bytearray(buffer.getvalue())
+    if declared:
+        at = data.find(b"\xff\xc0")
+        data[at + 5:at + 9] = declared[0].to_bytes(2, "big") + declared[1].to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", ["JPEG frame larger than declared", "RLE runs past the declared size"])
+def test_a_compressed_frame_bigger_than_its_header_is_refused_before_decoding(case, tmp_path, monkeypatch):
+    """A JPEG baseline DICOM declaring 256x256 and holding a 13000x13000 frame, or RLE whose runs
+    decode past the declared pixels, was decoded in full, past images.max_pixels."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import JPEGBaseline8Bit, RLELossless
+
+    if case.startswith("JPEG"):
+        frame = _jpeg(_chest(64, 64), declared=(13000, 13000))
+        path = _encapsulated_dicom(tmp_path / "bomb.dcm", 256, 256, JPEGBaseline8Bit, frame)
+        message = "compressed frame 1 holds 13000x13000, the header declares 256x256"
+    else:
+        segment = b"\x81\x00" * 5000  # 640,000 zero bytes
+        frame = (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(56) + segment
+        path = _encapsulated_dicom(tmp_path / "bomb.dcm", 64, 64, RLELossless, frame)
+        message = "an RLE segment of frame 1 decodes past the declared 64x64 pixels"
+    monkeypatch.setattr(Dataset, "pixel_array",
+                        property(lambda ds: pytest.fail("pixels decoded before the frame size check")))
+    with pytest.raises(ImageError, match=f"bomb.dcm: {message}"):
+        read_dicom(path, 64)
+
+
+def test_compressed_frames_of_the_declared_size_are_read(tmp_path):
+    from pydicom import dcmread
+    from pydicom.uid import JPEGBaseline8Bit, RLELossless
+
+    chest = _chest(64, 64)
+    jpeg = _encapsulated_dicom(tmp_path / "j.dcm", 64, 64, JPEGBaseline8Bit, _jpeg(chest))
+    assert np.abs(read_dicom(jpeg, 64).astype(int) - read_dicom(write_dicom(tmp_path / "m.dcm", chest), 64)).max() < 12
+    ds = dcmread(write_dicom(tmp_path / "r.dcm", chest.astype(np.uint16) * 16))
+    ds.compress(RLELossless)
+    ds.save_as(tmp_path / "rle.dcm")
+    assert np.array_equal(read_dicom(tmp_path / "rle.dcm", 64), read_dicom(tmp_path / "r.dcm", 64))
+
+
 @pytest.mark.reliability
 def test_dicom_rescale_is_applied_before_the_window(tmp_path):
     import pydicom
@@ -462,6 +532,35 @@ def write_colour_dicom(path, pixels, photometric="RGB"):
 
 
 @pytest.mark.reliability
+def test_palette_colour_dicom_becomes_gray_of_its_colours_not_of_its_indices(tmp_path):
+    """PALETTE COLOR pixels are indices into a colour table; they were shown as gray indices."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    palette[0], palette[1] = 0, 255  # black and white present: the DICOM stretch changes nothing
+    indices = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    indices[0, 0], indices[0, 1] = 0, 1
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.Rows, ds.Columns = "DX", "TEST", 64, 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "PALETTE COLOR"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for at, colour in enumerate(("Red", "Green", "Blue")):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", (palette[:, at].astype("<u2") * 257).tobytes())
+    ds.PixelData = indices.tobytes()
+    ds.save_as(tmp_path / "p.dcm", enforce_file_format=True)
+    luma = np.asarray(Image.fromarray(palette[indices]).convert("L")).astype(int)
+    assert np.abs(read_dicom(tmp_path / "p.dcm", 64).astype(int) - luma).max() <= 1
+
+
+@pytest.mark.reliability
 def test_colour_dicom_becomes_gray_by_the_luma_png_gets(tmp_path):
     """RGB DICOM was a plain channel mean and YBR_FULL not its Y (luminance), while the same
     pixels as PNG get PIL's ITU-R 601-2 luma: one study gave three different grays."""
@@ -531,6 +630,105 @@ def test_a_decoding_setting_below_one_is_named(flag, value, model_dir, tmp_path,
     assert main(["generate", "--model", str(model_dir), str(tmp_path / "f.png"), flag, value]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert error == [f"error: {flag} must be at least 1, got {value}"]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("flag, value, message", [
+    ("--length-penalty", "nan", "--length-penalty must be a finite number, got nan"),
+    ("--beams", "3000000", "--beams must be at most 64, got 3000000"),
+    ("--max-new-tokens", "100000000", "--max-new-tokens must be at most 8192, got 100000000")])
+def test_a_decoding_flag_out_of_range_is_named(flag, value, message, model_dir, tmp_path, capsys):
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(model_dir), str(tmp_path / "f.png"), flag, value]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("where", ["run_config.json", "README.md"])
+@pytest.mark.parametrize("key, value, message", [
+    ("num_beams", 0, "num_beams must be at least 1, got 0"),
+    ("num_beams", -1, "num_beams must be at least 1, got -1"),
+    ("num_beams", "3", "num_beams must be an integer, got str '3'"),
+    ("num_beams", 1000, "num_beams must be at most 64, got 1000"),
+    ("length_penalty", float("nan"), "length_penalty must be a finite number, got nan"),
+    ("max_new_tokens", True, "max_new_tokens must be an integer, got bool True")])
+def test_decoding_settings_saved_with_a_model_are_checked(where, key, value, message, model_dir, tmp_path,
+                                                           capsys):
+    """num_beams 0 in run_config.json or the model card ended in a ZeroDivisionError traceback,
+    -1 in "negative dimension", "3" in a TypeError; NaN length_penalty was used."""
+    import shutil
+
+    from medexgen_lib.config import load_config
+    from medexgen_lib.model_card import build_card, export_facts
+
+    saved = tmp_path / "saved"
+    shutil.copytree(model_dir, saved)
+    settings = {"num_beams": 2, "max_new_tokens": 7, "length_penalty": 0.5, key: value}
+    if where == "run_config.json":
+        (saved / "run_config.json").write_text(json.dumps({"eval": settings}))
+    else:
+        facts = export_facts(load_config("demo"), ReportGenerator.from_pretrained(model_dir),
+                             {"epoch": 1, "selection_metric": "clinical macro_F1", "selection_value": 0.5,
+                              "fingerprint": "f", "val": {}}, {})
+        facts["results"]["test"] = {"n": 1, "model": {}, "baselines": {}, "decode": settings}
+        (saved / "README.md").write_text(str(build_card(facts)))
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(saved), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(saved / where) in error[0] and error[0].endswith(message), error
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "FIFO"])
+def test_a_run_config_that_is_not_a_regular_file_is_refused(kind, model_dir, tmp_path, capsys):
+    """run_config.json as a link to /dev/zero ended in a MemoryError; as a FIFO, generate hung."""
+    import os
+    import shutil
+
+    saved = tmp_path / "saved"
+    shutil.copytree(model_dir, saved)
+    if kind == "FIFO":
+        os.mkfifo(saved / "run_config.json")
+    else:
+        (saved / "run_config.json").symlink_to("/dev/zero")
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(saved), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is not a regular file" in error[0] and str(saved / "run_config.json") in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_an_integer_of_thousands_of_digits_in_a_model_file_is_named(name, model_dir, tmp_path, capsys):
+    """Python refuses to read an integer of over 4300 digits: "Exceeds the limit (4300 digits)"
+    was printed without naming the file."""
+    import shutil
+
+    saved = tmp_path / "saved"
+    shutil.copytree(model_dir, saved)
+    text = (saved / name).read_text()
+    (saved / name).write_text(text.replace("{", '{"huge": ' + "9" * 5000 + ", ", 1))
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    assert main(["generate", "--model", str(saved), str(tmp_path / "f.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{saved / name} is not valid JSON" in error[0] and "4300" in error[0]
+
+
+@pytest.mark.reliability
+def test_a_model_card_nested_too_deep_is_named_and_left_aside(model_dir, tmp_path, capsys, caplog):
+    """A model card nested 3000 levels deep ended generate with "maximum recursion depth
+    exceeded", naming no file."""
+    import logging
+    import shutil
+
+    saved = tmp_path / "saved"
+    shutil.copytree(model_dir, saved)
+    (saved / "README.md").write_text("---\nmedexgen: " + "[" * 3000 + "]" * 3000 + "\n---\n# notes\n")
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    with caplog.at_level(logging.WARNING, logger="medexgen_lib.inference"):
+        assert main(["generate", "--model", str(saved), str(tmp_path / "f.png")]) == 0
+    assert any(f"model card {saved / 'README.md'} is unreadable" in r.getMessage() for r in caplog.records)
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.fixture

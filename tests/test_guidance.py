@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -394,6 +395,40 @@ def test_guidance_fields_that_do_not_fit_are_refused_on_load(field, value, tmp_p
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(ValueError, match=field):
         ReportGenerator.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.reliability
+def test_a_config_with_too_many_guidance_labels_is_refused_before_they_are_walked(tmp_path):
+    model = _prompted(guidance_thresholds=[0.5] * 4)
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    labels = [f"Finding {i}" for i in range(2000)] + [f"Finding {i}, left" for i in range(2000)]
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "guidance_labels": labels}))
+    with pytest.raises(ValueError, match=r"config\.json: model config field 'guidance_labels' holds 4000 "
+                                         r"labels, at most 1000"):
+        ReportGenerator.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.reliability
+def test_a_config_with_too_many_word_ids_for_a_label_is_refused(tmp_path):
+    model = _prompted(guidance_thresholds=[0.5] * 4)
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    words = [[10], [11] * 100_000, [13], [12]]
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "guidance_word_ids": words}))
+    with pytest.raises(ValueError, match=r"config\.json: model config field 'guidance_word_ids' holds 100000 "
+                                         r"token ids for label 1, at most 16") as refused:
+        ReportGenerator.from_pretrained(tmp_path / "m")
+    assert len(str(refused.value)) < 400
+
+
+@pytest.mark.reliability
+def test_bank_keys_of_many_labels_are_found_in_linear_time():
+    labels = [f"Finding {i}" for i in range(20000)] + [f"Finding {i}, left" for i in range(20000)]
+    started = time.perf_counter()
+    keys = guidance.bank_keys(labels)
+    assert len(keys) == 40000 and "Finding 7 + Finding 7, left" in keys
+    assert time.perf_counter() - started < 5  # quadratic (a list lookup per label): minutes
 
 
 def test_a_model_saved_before_the_prompt_and_thresholds_loads_and_keeps_its_rule(tmp_path):

@@ -87,3 +87,18 @@ def test_a_card_whose_medexgen_facts_lack_a_section_is_left_as_it_is(tmp_path, c
     assert (tmp_path / CARD_FILE).read_text() == edited
     assert any(str(tmp_path / CARD_FILE) in r.getMessage() and "metrics_test.json" in r.getMessage()
                and "'data'" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.reliability
+def test_a_card_nested_too_deep_to_parse_is_left_as_it_is(tmp_path, caplog):
+    """A card whose YAML is nested 3000 levels deep crashed stage 05 (RecursionError) after the
+    metrics were written."""
+    deep = "---\nlibrary_name: medexgen\nmedexgen: " + "[" * 3000 + "]" * 3000 + "\n---\n# notes\n"
+    (tmp_path / CARD_FILE).write_text(deep)
+    summary = {"split": "test", "n": 3, "decode": {"num_beams": 1}, "model": {"BLEU-4": 0.2},
+               "baselines": {}}
+    with caplog.at_level(logging.WARNING, logger="medexgen_lib.model_card"):
+        assert add_results(tmp_path, summary) is None
+    assert (tmp_path / CARD_FILE).read_text() == deep
+    assert any(f"model card {tmp_path / CARD_FILE} is unreadable" in r.getMessage()
+               and "metrics_test.json" in r.getMessage() for r in caplog.records)

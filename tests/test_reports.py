@@ -339,6 +339,18 @@ def test_uppercase_xml_files_are_read(tmp_path):
 
 
 @pytest.mark.reliability
+def test_a_report_named_dot_xml_is_read(tmp_path):
+    """A file named exactly ".xml" has no suffix to pathlib and was skipped silently."""
+    (tmp_path / "1.xml").write_text(_report("CXR1"))
+    (tmp_path / ".xml").write_text(_report("CXR2"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".XML").write_text("<not xml")
+    table = read_reports(tmp_path)
+    assert sorted(table.uid) == ["CXR1", "CXR2"]
+    assert [path for path, _ in table.attrs["malformed"]] == [str(tmp_path / "sub" / ".XML")]
+
+
+@pytest.mark.reliability
 def test_two_findings_elements_are_both_kept(tmp_path):
     """The second FINDINGS element replaced the first, silently; an empty one after a full one
     emptied the section."""

@@ -135,6 +135,64 @@ def test_an_empty_reference_cell_is_refused_naming_the_file_and_row(suffix, cont
 
 
 @pytest.mark.reliability
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+@pytest.mark.parametrize("reference", [".", "XXXX", "XXXX. XXXX.", "\u200b", " - ; "])
+def test_a_reference_with_no_words_once_cleaned_is_refused(suffix, reference, tmp_config, tmp_path, capsys):
+    """A reference of ".", "XXXX" or a zero-width space was scored as if it were a report."""
+    import json
+
+    from medexgen_lib.__main__ import main
+    from medexgen_lib.evaluate import score_predictions_file
+
+    cfg = tmp_config()
+    rows = [{"uid": "CXR1", "prediction": "a b", "reference": "The heart is normal."},
+            {"uid": "CXR2", "prediction": "c d", "reference": reference}]
+    path = tmp_path / f"preds{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("uid,prediction,reference\n" + "".join(f"{r['uid']},{r['prediction']},{r['reference']}\n"
+                                                                for r in rows), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"predictions file {path}, row 2 \(CXR2\): the 'reference' .* has "
+                                         "no words once cleaned"):
+        score_predictions_file(path, cfg)
+    assert main(["score", str(path), *_overrides(cfg)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(path) in error[0] and "row 2 (CXR2)" in error[0]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "FIFO"])
+def test_a_predictions_file_that_is_not_a_regular_file_is_refused(kind, tmp_config, tmp_path, capsys):
+    """A predictions file linked to /dev/zero ended in a MemoryError; a FIFO made score hang."""
+    import os
+
+    from medexgen_lib.__main__ import main
+
+    cfg = tmp_config()
+    path = tmp_path / "preds.csv"
+    if kind == "FIFO":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    assert main(["score", str(path), *_overrides(cfg)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: predictions file {path} is not a regular file (a device, FIFO or socket)"]
+
+
+@pytest.mark.reliability
+def test_an_integer_of_thousands_of_digits_in_a_predictions_file_is_named(tmp_config, tmp_path, capsys):
+    from medexgen_lib.__main__ import main
+
+    cfg = tmp_config()
+    path = tmp_path / "preds.json"
+    path.write_text('[{"uid": "CXR1", "prediction": "a b", "reference": "x y", "n": ' + "9" * 5000 + "}]")
+    assert main(["score", str(path), *_overrides(cfg)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"cannot read predictions file {path}" in error[0] and "4300" in error[0]
+
+
+@pytest.mark.reliability
 @pytest.mark.parametrize("row, field, kind", [
     ('{"uid": "CXR2", "prediction": 5, "reference": "x y"}', "prediction", "int"),
     ('{"uid": "CXR2", "prediction": ["a", "b"], "reference": "x y"}', "prediction", "list"),
