@@ -1,7 +1,8 @@
 """Sentence planning: each report in radiologists' usual wording, with the head's findings in it.
 
-A post-processing step on the decoder's text (``guidance.plan_reports``), applied by whoever
-writes reports for a split, never inside the model. On real reports most studies are normal and
+A post-processing step on the decoder's text (``guidance.plan_reports``), applied after decoding
+with the head's side words (``ReportGenerator.draft_and_write`` returns the decoder's text beside
+the planned one; stage 05 counts the reports it changed). On real reports most studies are normal and
 radiologists phrase a normal study in a few habitual ways; a decoder's likeliest normal report is
 not one of them, and a decoder unsure of a finding falls back to it. The plan:
 
@@ -9,7 +10,8 @@ not one of them, and a decoder unsure of a finding falls back to it. The plan:
   the best BLEU-4 on val (the "constant (best of top 50 on val)" baseline's choice);
 - each finding the observation head predicts (``present``) is stated by the decoder's own
   sentence where the decoder wrote one that states only findings the head predicts, else by the
-  sentence bank's (``guidance.sentence_bank``) on the head's side;
+  sentence bank's (``guidance.sentence_bank``) on the head's side (a sentence naming another side
+  has its side word set to the head's);
 - it goes where the normal report's sentence about the same anatomy was ("The heart is normal in
   size." makes way for a cardiomegaly sentence); a normal sentence that negates a present finding
   goes too, and one that calls the lungs clear stays after the finding as "otherwise clear", as
