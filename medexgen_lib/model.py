@@ -52,7 +52,7 @@ MAX_CONFIG_BYTES = 16 * 2**20  # config.json is a few kB (a sentence bank adds s
 # A model's guidance labels are the observations and their sides (a few dozen): a bound checked
 # before any list is walked, so a tampered config.json cannot make the checks themselves hang.
 MAX_GUIDANCE_LABELS = 1000
-MAX_LABEL_WORD_IDS = 16  # a label's words ("pleural effusion left") are a few tokens
+MAX_LABEL_WORD_IDS = 64  # a label's words ("left pleural effusion"): one token per byte at worst, as a small tokenizer may split them
 # Parameter names of the decoder's cross-attention layers: new even in a pretrained GPT-2.
 CROSS_ATTENTION_PARTS = ("crossattention", "ln_cross_attn")
 

@@ -417,7 +417,7 @@ def test_a_config_with_too_many_word_ids_for_a_label_is_refused(tmp_path):
     words = [[10], [11] * 100_000, [13], [12]]
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "guidance_word_ids": words}))
     with pytest.raises(ValueError, match=r"config\.json: model config field 'guidance_word_ids' holds 100000 "
-                                         r"token ids for label 1, at most 16") as refused:
+                                         r"token ids for label 1, at most 64") as refused:
         ReportGenerator.from_pretrained(tmp_path / "m")
     assert len(str(refused.value)) < 400
 
