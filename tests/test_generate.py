@@ -31,18 +31,25 @@ def _chest(h=120, w=100):
     return ((x + y) * 255 / (h + w)).astype(np.uint8)
 
 
-def write_dicom(path, pixels, photometric="MONOCHROME2", with_pixels=True, window=None):
+def dicom_dataset(transfer_syntax):
+    """An empty secondary-capture DX dataset with file meta for ``transfer_syntax`` (a pydicom UID)."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID = "DX", "TEST"
+    return ds
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", with_pixels=True, window=None):
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = dicom_dataset(ExplicitVRLittleEndian)
     if with_pixels:
         ds.Rows, ds.Columns = pixels.shape
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
@@ -137,17 +144,10 @@ def test_wrong_number_of_images(model_dir, tmp_path):
 def _rle_bomb(path, rows, columns, frames=1):
     """An RLE Lossless DICOM whose header declares ``rows`` x ``columns`` x ``frames`` 8-bit pixels;
     its pixel data is a few runs (a real 30000x30000 one compresses to 14 MB and decodes to 900 MB)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import RLELossless, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import RLELossless
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = RLELossless
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "TEST"
+    ds = dicom_dataset(RLELossless)
     ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
@@ -178,17 +178,10 @@ def test_a_dicom_bomb_is_refused_from_its_header(rows, columns, frames, tmp_path
 
 def _encapsulated_dicom(path, rows, columns, syntax, frame: bytes):
     """An 8-bit gray DICOM declaring ``rows`` x ``columns`` whose one compressed frame is ``frame``."""
-    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.Rows, ds.Columns = "DX", "TEST", rows, columns
+    ds = dicom_dataset(syntax)
+    ds.Rows, ds.Columns = rows, columns
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = encapsulate([frame])
@@ -440,17 +433,10 @@ def _deflated_dicom(path, rows, columns, pixel_chunks, declared_bytes=None):
     import struct
     import zlib
 
-    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.filereader import read_dataset, read_preamble
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "TEST"
+    ds = dicom_dataset(DeflatedExplicitVRLittleEndian)
     ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     written = io.BytesIO()
@@ -513,16 +499,9 @@ def test_a_deflated_dicom_bomb_is_refused_without_inflating_it(rows, columns, me
 
 def write_colour_dicom(path, pixels, photometric="RGB"):
     """An 8-bit colour DICOM (pixel-interleaved) of ``pixels`` [H, W, 3] in ``photometric``."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "TEST"
+    ds = dicom_dataset(ExplicitVRLittleEndian)
     ds.Rows, ds.Columns = pixels.shape[:2]
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
@@ -534,21 +513,15 @@ def write_colour_dicom(path, pixels, photometric="RGB"):
 @pytest.mark.reliability
 def test_palette_colour_dicom_becomes_gray_of_its_colours_not_of_its_indices(tmp_path):
     """PALETTE COLOR pixels are indices into a colour table; they were shown as gray indices."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
 
     rng = np.random.default_rng(0)
     palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
     palette[0], palette[1] = 0, 255  # black and white present: the DICOM stretch changes nothing
     indices = rng.integers(0, 256, (64, 64), dtype=np.uint8)
     indices[0, 0], indices[0, 1] = 0, 1
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.Rows, ds.Columns = "DX", "TEST", 64, 64
+    ds = dicom_dataset(ExplicitVRLittleEndian)
+    ds.Rows, ds.Columns = 64, 64
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "PALETTE COLOR"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     for at, colour in enumerate(("Red", "Green", "Blue")):
