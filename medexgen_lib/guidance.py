@@ -341,24 +341,64 @@ _NOT_FOR_BANK = re.compile(r"\d|XXXX|\b(?:unchanged|stable|again|prior|previous(
                            r"new|known|since|change|clear|normal)\b", re.IGNORECASE)
 
 
+# The sentence bank compares at most this many distinct candidates per finding with at most this
+# many distinct sentences (the most frequent; counts weigh them), so it stays quick on large corpora.
+BANK_CANDIDATES, BANK_COMPARED = 100, 500
+
+
 def sentence_bank(texts: Sequence[str], labels: Sequence[str]) -> dict[str, str]:
-    """Per finding of ``labels`` and the sides named with it (``bank_key``), the sentence of
-    ``texts`` (the training reports) that states it (``bank_sentence_key``) most often;
-    ties go to the shorter sentence, then the one seen first. Sentences that compare with a prior
-    study, give a measurement or hold a de-identified word (``_NOT_FOR_BANK``) are left out."""
-    counts: Counter = Counter()
+    """Per finding of ``labels`` and the sides named with it (``bank_key``), the most typical
+    sentence of ``texts`` (the training reports) that states it (``bank_sentence_key``): the one
+    whose words agree most with the other sentences stating it (``typical_sentence``), so a wording
+    radiologists repeat wins over a one-off. A key that names no side takes a sentence that names
+    none where one exists. Sentences that compare with a prior study, give a measurement or hold a
+    de-identified word (``_NOT_FOR_BANK``) are left out."""
+    counts: dict[str, Counter] = {}
     for text in texts:
         for sentence in _sentences(text):
             if _NOT_FOR_BANK.search(sentence):
                 continue
             key = bank_sentence_key(sentence, labels)
             if key is not None:
-                counts[(key, sentence)] += 1
+                counts.setdefault(key, Counter())[sentence] += 1
     bank: dict[str, str] = {}
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], len(item[0][1].split())))  # stable: first seen
-    for (key, sentence), _ in ranked:
-        bank.setdefault(key, sentence)
+    for key, seen in counts.items():
+        sideless = Counter({s: n for s, n in seen.items() if not _SIDE_WORD.search(s.lower())})
+        bank[key] = typical_sentence(seen, sideless if " + " not in key and sideless else seen)
     return bank
+
+
+def typical_sentence(seen: Counter, candidates: Counter) -> str:
+    """Of ``candidates``, the sentence with the highest mean word agreement (LCS F1 of lowercased
+    words) with the sentences of ``seen`` (a Counter: each occurrence counts; the candidate's own
+    occurrence once less). Ties: the shorter, then the one seen first."""
+    words = {s: _words(s) for s in seen}
+    compared = seen.most_common(BANK_COMPARED)
+    total = sum(n for _, n in compared)
+
+    def agreement(sentence: str) -> float:
+        alike = sum(n * _lcs_f1(words[sentence], words[other]) for other, n in compared)
+        own = 1.0 if sentence in dict(compared) else 0.0
+        return (alike - own) / max(1, total - own)
+
+    ranked = [s for s, _ in candidates.most_common(BANK_CANDIDATES)]
+    return max(ranked, key=lambda s: (agreement(s), -len(words[s]), -list(seen).index(s)))
+
+
+def _words(sentence: str) -> list[str]:
+    return re.findall(r"[a-z]+", sentence.lower())
+
+
+def _lcs_f1(a: list[str], b: list[str]) -> float:
+    """F1 of the longest common subsequence of word lists ``a`` and ``b`` (ROUGE-L's, beta 1)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    common = previous[-1]
+    return 2 * common / (len(a) + len(b)) if common else 0.0
 
 
 def normal_sentences(texts: Sequence[str], min_count: int = 2) -> list[str]:

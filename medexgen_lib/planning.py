@@ -8,14 +8,17 @@ not one of them, and a decoder unsure of a finding falls back to it. The plan:
 
 - the **normal report** (``normal_report``): of the 50 most frequent training reports, the one with
   the best BLEU-4 on val (the "constant (best of top 50 on val)" baseline's choice);
-- each finding the observation head predicts (``present``) is stated by the decoder's own
-  sentence where the decoder wrote one that states only findings the head predicts, else by the
-  sentence bank's (``guidance.sentence_bank``) on the head's side (a sentence naming another side
-  has its side word set to the head's);
+- each finding the observation head predicts (``present``) is stated by the sentence bank's
+  sentence (``guidance.sentence_bank``: the wording radiologists repeat most) for the finding on
+  the head's sides; where the bank has none for exactly that, by the decoder's own sentence if it
+  wrote one stating only findings the head predicts; else by the bank's sentence for the finding
+  without a side, or on another side with its side word set to the head's;
 - it goes where the normal report's sentence about the same anatomy was ("The heart is normal in
   size." makes way for a cardiomegaly sentence); a normal sentence that negates a present finding
-  goes too, and one that calls the lungs clear stays after the finding as "otherwise clear", as
-  radiologists write it. Anything left over goes before the normal report's last sentence.
+  keeps what else it says ("No large pleural effusion or pneumothorax." beside an effusion keeps
+  "No large pneumothorax."), and one that calls the lungs clear stays after the finding as
+  "otherwise clear", as radiologists write it. Anything left over goes before the normal report's
+  last sentence.
 
 A study with no finding predicted gets the normal report. Decoder sentences stating a finding
 the head does not predict are dropped: the head decides what is stated, the text how.
@@ -27,7 +30,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from medexgen_lib.guidance import _sentences, _stated, align_sides, bank_key
+from medexgen_lib.guidance import _sentences, _stated, align_sides, bank_key, without_negations
 from medexgen_lib.labeler import NEGATIVE, label_report
 
 TOP_REPORTS = 50
@@ -83,6 +86,10 @@ def plan_report(decoded: str, present: Sequence[str], sides: dict[str, set[str]]
     if not present:
         return normal
     stating: dict[str, tuple[str, set[str]]] = {}  # finding -> (sentence, the findings it states)
+    for observation in present:  # the bank's sentence for exactly the finding and the head's sides
+        key = bank_key(observation, sides.get(observation, set()))
+        if key in bank:
+            stating[observation] = (bank[key], {observation})
     for sentence in _sentences(decoded):
         labels = label_report(sentence)
         stated = _stated(labels)
@@ -105,8 +112,12 @@ def plan_report(decoded: str, present: Sequence[str], sides: dict[str, set[str]]
             text, stated = stating.pop(observation)
             planned.append(text)
             placed |= stated
-        negated = any(label_report(sentence).get(o) == NEGATIVE for o in hit)
-        if not negated and hit <= LUNG_FINDINGS and hit & placed and _CLEAR.search(sentence):
+        negated = {o for o in hit if label_report(sentence).get(o) == NEGATIVE}
+        if negated:
+            rest = without_negations(_ended(sentence), negated)
+            if rest:
+                planned.append(rest)
+        elif hit <= LUNG_FINDINGS and hit & placed and _CLEAR.search(sentence):
             planned.append(_ended(_CLEAR.sub(r"\1 otherwise \2", sentence, count=1)))
     at = max(0, len(planned) - 1)
     return " ".join(planned[:at] + [sentence for sentence, _ in stating.values()] + planned[at:])

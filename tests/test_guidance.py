@@ -213,7 +213,7 @@ def test_write_reports_align_sides_only_when_the_model_says_so(tmp_path, monkeyp
     assert ReportGenerator.from_pretrained(tmp_path / "m").config.guidance_align_sides is True
 
 
-def test_the_sentence_bank_keeps_each_findings_most_frequent_sentence_that_states_it_alone():
+def test_the_sentence_bank_keeps_each_findings_most_typical_sentence_that_states_it_alone():
     texts = ["Heart size is normal. Left pleural effusion. No pneumothorax.",
              "The heart is enlarged. Left pleural effusion.",
              "Cardiomegaly. There is a small left pleural effusion.",
@@ -227,9 +227,22 @@ def test_the_sentence_bank_keeps_each_findings_most_frequent_sentence_that_state
         "Pleural Effusion + Pleural Effusion, left": "Left pleural effusion.",
         "Pleural Effusion + Pleural Effusion, left + Pleural Effusion, right": "Bilateral pleural effusions.",
         "Pleural Effusion": "Pleural effusion."}  # Pneumothorax has no label: no sentence
-    # labels without side labels: sides are not part of the key (a key the model accepts on load)
+    # labels without side labels: sides are not part of the key (a key the model accepts on load),
+    # and the key's sentence names no side where one does not
     assert guidance.sentence_bank(texts, ["Cardiomegaly", "Pleural Effusion"])["Pleural Effusion"] \
-        == "Left pleural effusion."
+        == "Pleural effusion."
+    assert guidance.sentence_bank(texts[:2], ["Cardiomegaly", "Pleural Effusion"])["Pleural Effusion"] \
+        == "Left pleural effusion."  # only sided sentences: one of them
+
+
+def test_the_sentence_bank_prefers_the_wording_radiologists_repeat_to_a_short_one_off():
+    texts = ["Right effusion.", "There is a small right pleural effusion.", "Small right pleural effusion.",
+             "A small right pleural effusion is present.", "Right pleural effusion with nipple shadows."]
+    bank = guidance.sentence_bank(texts, LABELS)
+    assert bank["Pleural Effusion + Pleural Effusion, right"] == "Small right pleural effusion."
+    # an exact repeat still counts most
+    assert guidance.sentence_bank(texts + ["Right effusion."] * 3, LABELS)[
+        "Pleural Effusion + Pleural Effusion, right"] == "Right effusion."
 
 
 def test_the_sentence_bank_leaves_out_comparisons_measurements_and_deidentified_words():

@@ -19,19 +19,23 @@ def test_no_finding_predicted_gives_the_normal_report_whatever_the_decoder_wrote
 def test_each_finding_replaces_the_normal_sentence_about_its_anatomy():
     planned = plan_report("The heart is normal.", ["Cardiomegaly", "Pleural Effusion"],
                           {"Pleural Effusion": {"right"}}, BANK, NORMAL)
+    # the negated pleura sentence keeps what it says of the pneumothorax the head does not predict
     assert planned == ("Mild cardiomegaly. There is no mediastinal widening. The lungs are clear "
-                       "bilaterally. There is a small right pleural effusion. The XXXX are intact.")
+                       "bilaterally. There is a small right pleural effusion. No pneumothorax. The XXXX are intact.")
     labels = label_report(planned)
     assert labels["Cardiomegaly"] == "positive" and labels["Pleural Effusion"] == "positive"
 
 
-def test_the_decoders_own_sentence_is_used_where_it_states_only_predicted_findings():
+def test_the_banks_sentence_states_a_finding_and_the_decoders_only_where_the_bank_lacks_its_sides():
     decoded = ("Heart size normal. Moderate right pleural effusion is present. "
                "There is a left upper lobe nodule.")
     planned = plan_report(decoded, ["Pleural Effusion"], {"Pleural Effusion": {"right"}}, BANK, NORMAL)
+    assert "There is a small right pleural effusion." in planned and "Moderate" not in planned
+    unsided = {key: text for key, text in BANK.items() if key != "Pleural Effusion + Pleural Effusion, right"}
+    planned = plan_report(decoded, ["Pleural Effusion"], {"Pleural Effusion": {"right"}}, unsided, NORMAL)
     assert "Moderate right pleural effusion is present." in planned
     assert "nodule" not in planned  # the head does not predict it: the decoder's claim goes
-    assert "small right pleural effusion" not in planned  # stated once, in the decoder's words
+    assert "Small pleural effusion." not in planned  # stated once, in the decoder's words
     assert planned.startswith("The heart is normal in size and contour.")
 
 
@@ -69,7 +73,9 @@ def test_write_reports_plan_around_the_normal_report_and_it_survives_save_and_lo
     model.config.guidance_sentences = {"Pleural Effusion": "Pleural effusion."}
     model.config.guidance_normal_report = NORMAL
     planned = model.write_reports(torch.randn(2, 2, 3, 64, 64), max_new_tokens=2)
-    assert planned == [NORMAL.replace("No large pleural effusion or pneumothorax.", "Left pleural effusion."), NORMAL]
+    # the bank has no left-sided sentence: the decoder's, its side set to the head's
+    assert planned == [NORMAL.replace("No large pleural effusion or pneumothorax.",
+                                      "Left pleural effusion. No pneumothorax."), NORMAL]
     model.tokenizer = None
     model.save_pretrained(tmp_path / "m")
     assert ReportGenerator.from_pretrained(tmp_path / "m").config.guidance_normal_report == NORMAL
