@@ -29,6 +29,7 @@ MAX_GUIDANCE_POOL = 16
 # GPT-2 XL has 48 layers, 25 heads, width 1600 and 50,257 tokens; these leave room for larger decoders.
 MAX_LAYERS, MAX_HEADS, MAX_EMBD, MAX_VOCAB_SIZE = 128, 256, 16384, 1_000_000
 MAX_PHANTOM_IMAGE_SIZE = 2048
+DATA_SOURCES = ("phantom", "openi", "folder", "annotation")
 MAX_BEAMS = 64  # beam search keeps this many decoder states per study; reports use 1-5
 
 
@@ -100,8 +101,18 @@ class DataConfig:
     """Which data set the run uses and how to obtain it.
 
     ``source``: ``"phantom"`` (offline default, generated), ``"openi"``
-    (download the archives, or use local ones given in ``*_archive``), or
-    ``"folder"`` (already extracted images/reports in ``paths``).
+    (download the archives, or use local ones given in ``*_archive``),
+    ``"folder"`` (already extracted images/reports in ``paths``), ``"annotation"``
+    (an R2Gen-format ``annotation.json``, medexgen_lib.annotation) or ``"mimic"``
+    (MIMIC-CXR-JPG 2.0.0 with MIMIC-CXR's free-text reports as PhysioNet ships them,
+    unpacked in ``paths.data_dir``; medexgen_lib.mimic). Both of the last two carry their
+    own train/val/test split, which stage 03 uses.
+
+    ``annotation_file``: the R2Gen ``annotation.json`` (empty: ``<paths.data_dir>/annotation.json``);
+    ``image_root``: the folder its ``image_path`` entries are relative to (empty:
+    ``<paths.data_dir>/images``, R2Gen's ``data/<name>/images`` beside ``annotation.json``).
+    ``projections_csv``: frontal/lateral per image (``uid,filename,projection``); for
+    ``annotation`` a ``filename`` is an ``image_path`` entry as the annotation writes it.
     """
 
     source: str = "phantom"
@@ -124,11 +135,13 @@ class DataConfig:
     archive_max_members: int = 15_000
     download_retries: int = 3
     projections_csv: str = ""
+    annotation_file: str = ""
+    image_root: str = ""
 
     def __post_init__(self) -> None:
-        if self.source not in ("phantom", "openi", "folder"):
-            raise ConfigError(
-                f"data.source must be 'phantom', 'openi' or 'folder', got {self.source!r}")
+        if self.source not in DATA_SOURCES:
+            raise ConfigError("data.source must be " + ", ".join(map(repr, DATA_SOURCES[:-1]))
+                              + f" or {DATA_SOURCES[-1]!r}, got {self.source!r}")
 
 
 @dataclass
