@@ -31,6 +31,7 @@ import pooch
 from medexgen_lib.annotation import read_annotation
 from medexgen_lib.config import Config, DataConfig
 from medexgen_lib.files import honour_umask, read_json, replace_dir, write_json
+from medexgen_lib.mimic import check_mimic_layout, read_mimic
 from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset, phantom_files
 from medexgen_lib.reports import BUNDLED_PROJECTIONS, read_reports, write_studies_table
 from medexgen_lib.splits import SOURCE_SPLIT_FILE, write_source_split
@@ -334,6 +335,9 @@ def acquire(cfg: Config) -> AcquisitionResult:
                 raise AcquisitionError(f"{path} does not exist; set {key} (data.source annotation)")
         actions = [f"already in place: {annotation_file}, images under {image_root}; nothing to do"]
         projections = Path(data.projections_csv) if data.projections_csv else None
+    elif data.source == "mimic":
+        actions = [check_mimic_layout(paths.data_dir)]
+        projections = None
     else:
         actions = [_check_folder(paths.images, "image"), _check_folder(paths.reports, "report")]
         projections = Path(data.projections_csv) if data.projections_csv else BUNDLED_PROJECTIONS
@@ -354,6 +358,9 @@ def build_studies_table(cfg: Config, result: AcquisitionResult) -> pd.DataFrame:
     if result.source == "annotation":
         table, splits = read_annotation(*annotation_paths(cfg), result.projections_csv)
         where = annotation_paths(cfg)[0]
+    elif result.source == "mimic":
+        table, splits = read_mimic(cfg.paths.data_dir)
+        where = Path(cfg.paths.data_dir)
     else:
         table = read_reports(result.reports_dir, result.images_dir, result.projections_csv)
         where = result.reports_dir

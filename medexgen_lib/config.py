@@ -29,7 +29,7 @@ MAX_GUIDANCE_POOL = 16
 # GPT-2 XL has 48 layers, 25 heads, width 1600 and 50,257 tokens; these leave room for larger decoders.
 MAX_LAYERS, MAX_HEADS, MAX_EMBD, MAX_VOCAB_SIZE = 128, 256, 16384, 1_000_000
 MAX_PHANTOM_IMAGE_SIZE = 2048
-DATA_SOURCES = ("phantom", "openi", "folder", "annotation")
+DATA_SOURCES = ("phantom", "openi", "folder", "annotation", "mimic")
 MAX_BEAMS = 64  # beam search keeps this many decoder states per study; reports use 1-5
 
 
