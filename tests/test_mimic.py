@@ -2,6 +2,7 @@
 shapes, its split used; bad files refused with one line naming them."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,24 @@ def test_bad_mimic_files_get_one_line_naming_the_file(case, message, tmp_config,
         build_studies_table(cfg, acquire(cfg))
     assert "\n" not in str(info.value)
     assert not cfg.paths.studies_table.exists() and not (cfg.paths.processed / "source_split.json").exists()
+
+
+@pytest.mark.reliability
+def test_reports_without_sections_or_unreadable_are_flagged_named_and_left_out_of_training(tmp_config, tmp_path, caplog):
+    from medexgen_lib.preprocess import run_preprocessing
+
+    data = tmp_path / "data"
+    write_mimic(data, STUDIES[:3] + [("10000898", "50771383", "train", [("g-pa", "PA")], "No headers here.\n"),
+                                     ("10000935", "51178377", "train", [("h-pa", "PA")], None)])
+    (data / "files/p10/p10000935/s51178377.txt").mkdir()  # a folder where the report should be
+    cfg = tmp_config(data__source="mimic")
+    table = build_studies_table(cfg, acquire(cfg)).set_index("uid")
+    for uid, reason in (("s50771383", "no sections"), ("s51178377", "not a regular file")):
+        assert table.loc[uid, "no_findings"] and table.loc[uid, "no_impression"]
+        name = table.loc[uid, "report_file"]
+        assert f"{name}: {reason}" in caplog.text
+    listed = read_json(cfg.paths.logs / "acquisition_malformed.json")
+    assert listed["count"] == 2 and {Path(f).name for f, _ in listed["files"]} == {"s50771383.txt", "s51178377.txt"}
+    summary = run_preprocessing(cfg)
+    assert summary.dropped["no_target_text"] == 2
+    assert "s50771383" not in read_json(cfg.paths.processed / "splits.json")["train"]
