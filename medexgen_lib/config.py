@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medexgen_lib.metrics import VALIDATION_METRICS
+from medexgen_lib.metrics import REFERENCE_CONVENTIONS, VALIDATION_METRICS
 from medexgen_lib.paths import default_root
 
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections"
@@ -342,12 +342,14 @@ class EvalConfig:
     meteor: bool = True  # where Java is installed; recorded as skipped otherwise
     uncertain_as_positive: bool = False
     # "full": whole cleaned references; "r2gen": R2Gen's convention (references cut to 60
-    # tokens of its tokenizer, words seen < 3 times in training as <unk>), see metrics.py
+    # tokens of its tokenizer, words seen < 3 times in training as <unk>), see metrics.py;
+    # "r2gen-mimic": R2Gen's MIMIC-CXR settings (100 tokens, words seen < 10 times as <unk>)
     references: str = "full"
 
     def __post_init__(self) -> None:
-        if self.references not in ("full", "r2gen"):
-            raise ConfigError(f"eval.references must be 'full' or 'r2gen', got {self.references!r}")
+        if self.references not in REFERENCE_CONVENTIONS:
+            raise ConfigError("eval.references must be " + " or ".join(map(repr, REFERENCE_CONVENTIONS))
+                              + f", got {self.references!r}")
 
 
 @dataclass
@@ -422,6 +424,9 @@ PROFILES: dict[str, dict[str, Any]] = {
              # real reports: findings the images do not show stay unsaid; reports planned (docs/RESULTS.md)
              "guidance.min_auroc": 0.75, "guidance.plan_reports": True, "guidance.align_sides": True},
 }
+# MIMIC-CXR-JPG, its official split (R2Gen's): full's model and guidance, FINDINGS, R2Gen's MIMIC max_seq_length 100, threshold 10
+PROFILES["mimic"] = {**PROFILES["full"], "data.source": "mimic", "text.max_length": 100,
+                     "eval.max_new_tokens": 100, "eval.references": "r2gen-mimic"}
 
 
 def load_config(profile: str = "demo", overrides: dict[str, Any] | None = None) -> Config:
