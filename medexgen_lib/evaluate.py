@@ -16,6 +16,7 @@ from medexgen_lib.dataset import ReportDataset, collate
 from medexgen_lib.files import read_capped, read_json, save_figure, write_json
 from medexgen_lib.metrics import R2GEN_CONVENTIONS, has_words
 from medexgen_lib.progress import ProgressBar, progress_log
+from medexgen_lib.splits import SOURCES_WITH_SPLIT
 
 
 def decode_settings(decode: EvalConfig) -> dict:
@@ -98,13 +99,16 @@ def comparability(cfg, split_meta: dict, evaluated: str = "test") -> tuple[dict,
         warnings.append(f"scored on the {evaluated} split; published numbers are on the test split")
     if cfg.data.source == "phantom":
         warnings.append("phantom data: these numbers are not about IU X-Ray at all")
+    if cfg.data.source == "mimic":
+        warnings.append("MIMIC-CXR data: the published numbers beside these are IU X-Ray's")
     if cfg.text.target != "findings":
         warnings.append(f"target is {cfg.text.target}; published results score FINDINGS only")
-    if not cfg.split.annotation_file:
+    own_split = not cfg.split.annotation_file and cfg.data.source in SOURCES_WITH_SPLIT  # the data set's split
+    if not cfg.split.annotation_file and not own_split:
         warnings.append(f"split is this project's ({settings['split']}), not R2Gen's annotation.json")
     elif counts != R2GEN_SPLIT_SIZES:
-        warnings.append(f"split from {cfg.split.annotation_file} has {counts} studies, R2Gen's has "
-                        f"{R2GEN_SPLIT_SIZES}")
+        where = f"the {cfg.data.source} source" if own_split else cfg.split.annotation_file
+        warnings.append(f"split from {where} has {counts} studies, R2Gen's has {R2GEN_SPLIT_SIZES}")
     if cfg.eval.references not in R2GEN_CONVENTIONS:
         warnings.append("references are full length; published numbers used R2Gen's (<= 59 words, rare "
                         "words as <unk>): set eval.references r2gen")
