@@ -74,11 +74,17 @@ def write_phantom(out_dir: str | os.PathLike, layout: str, studies: int, size: i
     rng = np.random.default_rng(seed)
     sampled = _sample_studies(studies, rng)
     split_of = _split_by_group([(s.number - 1) // 2 if layout == "mimic" else s.number for s in sampled], seed)
-    writer = _write_mimic if layout == "mimic" else _write_annotation
-    writer(building, sampled, split_of, size, rng, np.random.default_rng([seed, 1]))
-    if out.exists():
-        out.rmdir()
-    os.replace(building, out)
+    try:
+        if layout == "mimic":
+            _write_mimic(building, sampled, split_of, size, rng, np.random.default_rng([seed, 1]))
+        else:
+            _write_annotation(building, sampled, split_of, size, rng)
+        if out.exists():
+            out.rmdir()
+        os.replace(building, out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     log.info("phantom in the %s layout: %d studies at %d px in %s", layout, studies, size, out)
     return out
 
@@ -170,7 +176,7 @@ def _wrap(text: str, indent: str) -> list[str]:
 # --------------------------------------------------------------------------- R2Gen annotation
 
 def _write_annotation(root: Path, sampled: list[PhantomStudy], split_of: list[str], size: int,
-                      rng: np.random.Generator, _shapes: np.random.Generator) -> None:
+                      rng: np.random.Generator) -> None:
     annotation: dict[str, list[dict]] = {name: [] for name in SPLITS}
     for study, split in tqdm(list(zip(sampled, split_of)), desc="annotation-layout phantom", unit="study"):
         uid = study.image_ids[0].rsplit("-", 1)[0]  # CXR<n>_IM-<nnnn>, as R2Gen names IU studies

@@ -1,6 +1,5 @@
 """The phantom in MIMIC-CXR-JPG's and R2Gen's layouts, and the IU sample converted to R2Gen's."""
 
-import gzip
 import json
 import subprocess
 import sys
@@ -110,3 +109,22 @@ def test_the_committed_iu_sample_in_r2gen_format_is_what_the_converter_writes(tm
             assert np.array_equal(np.asarray(Image.open(out / "images" / relative)),
                                   np.asarray(Image.open(IU_R2GEN / "images" / relative)))
     assert "CC BY-NC-ND 4.0" in (IU_R2GEN / "README.md").read_text()
+
+
+@pytest.mark.reliability
+def test_an_interrupted_writer_leaves_nothing_behind(tmp_path, monkeypatch):
+    import medexgen_lib.phantom_layouts as layouts
+
+    calls = []
+
+    def failing_draw(*args):
+        calls.append(1)
+        if len(calls) > 5:
+            raise OSError("No space left on device")
+        return original(*args)
+
+    original = layouts._draw
+    monkeypatch.setattr(layouts, "_draw", failing_draw)
+    with pytest.raises(OSError, match="No space left"):
+        write_phantom(tmp_path / "out", "mimic", 10, 32, 0)
+    assert list(tmp_path.iterdir()) == []
