@@ -80,11 +80,14 @@ def read_mimic(root: str | os.PathLike, max_report_bytes: int = MAX_REPORT_BYTES
     images = images.assign(rank=images["view"].map(VIEW_RANK))
     ignored = int(images["rank"].isna().sum())
     images = images.sort_values(["subject_id", "study_id", "rank", "dicom_id"], na_position="last")
+    kept = images[images["rank"].notna()]
+    views_of: dict[str, list[tuple[str, str]]] = {}
+    for study, dicom, view in zip(kept["study_id"], kept["dicom_id"], kept["view"]):
+        views_of.setdefault(study, []).append((dicom, view))
+    studies = images.drop_duplicates("study_id")
     rows, malformed, splits = [], [], {name: [] for name in SPLITS}
-    for (subject, study, split), group in images.groupby(["subject_id", "study_id", "split"], sort=False):
-        kept = group[group["rank"].notna()]
-        folder = root / "files" / f"p{subject[:2]}" / f"p{subject}"
-        row = _row(root, folder, subject, study, kept, max_report_bytes, malformed)
+    for subject, study, split in zip(studies["subject_id"], studies["study_id"], studies["split"]):
+        row = _row(root, subject, study, views_of.get(study, []), max_report_bytes, malformed)
         rows.append(row)
         splits[SPLIT_NAMES[split]].append(row["uid"])
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -119,25 +122,26 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     return table
 
 
-def _row(root: Path, folder: Path, subject: str, study: str, kept: pd.DataFrame, max_bytes: int,
+def _row(root: Path, subject: str, study: str, views: list[tuple[str, str]], max_bytes: int,
          malformed: list) -> dict:
-    ids = list(kept["dicom_id"])
-    paths = [folder / f"s{study}" / f"{i}.jpg" for i in ids]
-    report = folder / f"s{study}.txt"
+    """One study's row: its kept images (``(dicom_id, ViewPosition)``, in view order) and report."""
+    relative = f"files/p{subject[:2]}/p{subject}/s{study}"
+    paths = [os.path.join(root, relative, f"{dicom}.jpg") for dicom, _ in views]
+    found = [path if os.path.isfile(path) else "" for path in paths]
+    report = root / f"{relative}.txt"
     sections, problem = _sections(report, max_bytes)
-    relative = report.relative_to(root).as_posix()
     if problem:
         log.warning("MIMIC report %s: %s; the study is kept, flagged", report, problem)
         malformed.append((str(report), problem))
-    return {"uid": f"s{study}", "report_file": "" if problem == MISSING else relative,
+    return {"uid": f"s{study}", "report_file": "" if problem == MISSING else f"{relative}.txt",
             "findings": sections.get("findings", ""), "impression": sections.get("impression", ""),
             "indication": sections.get("indication", "") or sections.get("history", ""),
             "comparison": sections.get("comparison", ""), "mesh_major": [], "mesh_minor": [],
-            "image_ids": ids, "image_paths": [str(p) if p.is_file() else "" for p in paths],
-            "projections": [PROJECTION[v] for v in kept["view"]],
-            "projection_source": METADATA_CSV if ids else "unknown", "n_images": len(ids),
+            "image_ids": [dicom for dicom, _ in views], "image_paths": found,
+            "projections": [PROJECTION[view] for _, view in views],
+            "projection_source": METADATA_CSV if views else "unknown", "n_images": len(views),
             "no_findings": not sections.get("findings"), "no_impression": not sections.get("impression"),
-            "no_image": not ids, "image_missing": any(not p.is_file() for p in paths)}
+            "no_image": not views, "image_missing": "" in found}
 
 
 def _sections(report: Path, max_bytes: int) -> tuple[dict[str, str], str]:
