@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="MedExGen: chest X-ray report generation")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the numbered notebooks headless with papermill")
-    run.add_argument("--profile", default="demo", help="config preset: demo or full")
+    run.add_argument("--profile", default="demo", help="config preset: demo, full or mimic")
     run.add_argument("--from", dest="start", help="first stage to run, e.g. 03")
     run.add_argument("--to", dest="stop", help="last stage to run, e.g. 05")
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),

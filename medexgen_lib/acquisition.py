@@ -1,4 +1,5 @@
-"""Stage 01: get IU X-Ray (or the phantom) into ``images/`` and ``reports/``.
+"""Stage 01: get IU X-Ray (or the phantom) into ``images/`` and ``reports/``, or read an
+R2Gen ``annotation.json`` (medexgen_lib.annotation) or MIMIC-CXR-JPG (medexgen_lib.mimic) in place.
 
 Downloads use pooch: it streams into a temporary file next to the target,
 checks the sha256 when one is configured, retries with back-off and only then
@@ -27,10 +28,13 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 import pooch
 
+from medexgen_lib.annotation import read_annotation
 from medexgen_lib.config import Config, DataConfig
 from medexgen_lib.files import honour_umask, read_json, replace_dir, write_json
+from medexgen_lib.mimic import check_mimic_layout, read_mimic
 from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset, phantom_files
 from medexgen_lib.reports import BUNDLED_PROJECTIONS, read_reports, write_studies_table
+from medexgen_lib.splits import SOURCE_SPLIT_FILE, write_source_split
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +328,16 @@ def acquire(cfg: Config) -> AcquisitionResult:
                              data.reports_size, paths.reports, cfg),
         ]
         projections = Path(data.projections_csv) if data.projections_csv else BUNDLED_PROJECTIONS
+    elif data.source == "annotation":
+        annotation_file, image_root = annotation_paths(cfg)
+        for path, key in ((annotation_file, "data.annotation_file"), (image_root, "data.image_root")):
+            if not path.exists():
+                raise AcquisitionError(f"{path} does not exist; set {key} (data.source annotation)")
+        actions = [f"already in place: {annotation_file}, images under {image_root}; nothing to do"]
+        projections = Path(data.projections_csv) if data.projections_csv else None
+    elif data.source == "mimic":
+        actions = [check_mimic_layout(paths.data_dir)]
+        projections = None
     else:
         actions = [_check_folder(paths.images, "image"), _check_folder(paths.reports, "report")]
         projections = Path(data.projections_csv) if data.projections_csv else BUNDLED_PROJECTIONS
@@ -338,11 +352,23 @@ def acquire(cfg: Config) -> AcquisitionResult:
 
 def build_studies_table(cfg: Config, result: AcquisitionResult) -> pd.DataFrame:
     """Read the acquired reports into ``processed/studies.parquet`` (+ the config used);
-    malformed files and duplicate uids or images are listed in ``logs/acquisition_malformed.json``."""
-    table = read_reports(result.reports_dir, result.images_dir, result.projections_csv)
+    malformed files and duplicate uids or images are listed in ``logs/acquisition_malformed.json``.
+    A source that carries its split (annotation, mimic) also gets ``processed/source_split.json``."""
+    splits = None
+    if result.source == "annotation":
+        table, splits = read_annotation(*annotation_paths(cfg), result.projections_csv)
+        where = annotation_paths(cfg)[0]
+    elif result.source == "mimic":
+        table, splits = read_mimic(cfg.paths.data_dir)
+        where = Path(cfg.paths.data_dir)
+    else:
+        table = read_reports(result.reports_dir, result.images_dir, result.projections_csv)
+        where = result.reports_dir
     if table.empty:
-        raise AcquisitionError(f"no readable reports under {result.reports_dir}")
+        raise AcquisitionError(f"no readable reports in {where}")
     write_studies_table(table, cfg.paths.studies_table)
+    if splits is not None:
+        write_source_split(splits, cfg.paths.processed / SOURCE_SPLIT_FILE)
     cfg.save(cfg.paths.processed / "config_01_acquisition.json")
     malformed = table.attrs.get("malformed", [])
     duplicates = {key: table.attrs.get(key, []) for key in
@@ -350,6 +376,14 @@ def build_studies_table(cfg: Config, result: AcquisitionResult) -> pd.DataFrame:
     write_json(cfg.paths.logs / "acquisition_malformed.json",
                {"count": len(malformed), "files": malformed, **duplicates})
     return table
+
+
+def annotation_paths(cfg: Config) -> tuple[Path, Path]:
+    """The annotation file and the image root of ``data.source annotation`` (defaults: R2Gen's
+    ``annotation.json`` and ``images/`` in ``paths.data_dir``)."""
+    data_dir = Path(cfg.paths.data_dir)
+    return (Path(cfg.data.annotation_file or data_dir / "annotation.json").expanduser(),
+            Path(cfg.data.image_root or cfg.paths.images).expanduser())
 
 
 def _acquire_phantom(cfg: Config, previous: dict | None) -> str:

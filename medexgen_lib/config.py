@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medexgen_lib.metrics import VALIDATION_METRICS
+from medexgen_lib.metrics import REFERENCE_CONVENTIONS, VALIDATION_METRICS
 from medexgen_lib.paths import default_root
 
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections"
@@ -29,6 +29,7 @@ MAX_GUIDANCE_POOL = 16
 # GPT-2 XL has 48 layers, 25 heads, width 1600 and 50,257 tokens; these leave room for larger decoders.
 MAX_LAYERS, MAX_HEADS, MAX_EMBD, MAX_VOCAB_SIZE = 128, 256, 16384, 1_000_000
 MAX_PHANTOM_IMAGE_SIZE = 2048
+DATA_SOURCES = ("phantom", "openi", "folder", "annotation", "mimic")
 MAX_BEAMS = 64  # beam search keeps this many decoder states per study; reports use 1-5
 
 
@@ -100,8 +101,18 @@ class DataConfig:
     """Which data set the run uses and how to obtain it.
 
     ``source``: ``"phantom"`` (offline default, generated), ``"openi"``
-    (download the archives, or use local ones given in ``*_archive``), or
-    ``"folder"`` (already extracted images/reports in ``paths``).
+    (download the archives, or use local ones given in ``*_archive``),
+    ``"folder"`` (already extracted images/reports in ``paths``), ``"annotation"``
+    (an R2Gen-format ``annotation.json``, medexgen_lib.annotation) or ``"mimic"``
+    (MIMIC-CXR-JPG 2.0.0 with MIMIC-CXR's free-text reports as PhysioNet ships them,
+    unpacked in ``paths.data_dir``; medexgen_lib.mimic). Both of the last two carry their
+    own train/val/test split, which stage 03 uses.
+
+    ``annotation_file``: the R2Gen ``annotation.json`` (empty: ``<paths.data_dir>/annotation.json``);
+    ``image_root``: the folder its ``image_path`` entries are relative to (empty:
+    ``<paths.data_dir>/images``, R2Gen's ``data/<name>/images`` beside ``annotation.json``).
+    ``projections_csv``: frontal/lateral per image (``uid,filename,projection``); for
+    ``annotation`` a ``filename`` is an ``image_path`` entry as the annotation writes it.
     """
 
     source: str = "phantom"
@@ -124,11 +135,13 @@ class DataConfig:
     archive_max_members: int = 15_000
     download_retries: int = 3
     projections_csv: str = ""
+    annotation_file: str = ""
+    image_root: str = ""
 
     def __post_init__(self) -> None:
-        if self.source not in ("phantom", "openi", "folder"):
-            raise ConfigError(
-                f"data.source must be 'phantom', 'openi' or 'folder', got {self.source!r}")
+        if self.source not in DATA_SOURCES:
+            raise ConfigError("data.source must be " + ", ".join(map(repr, DATA_SOURCES[:-1]))
+                              + f" or {DATA_SOURCES[-1]!r}, got {self.source!r}")
 
 
 @dataclass
@@ -329,12 +342,14 @@ class EvalConfig:
     meteor: bool = True  # where Java is installed; recorded as skipped otherwise
     uncertain_as_positive: bool = False
     # "full": whole cleaned references; "r2gen": R2Gen's convention (references cut to 60
-    # tokens of its tokenizer, words seen < 3 times in training as <unk>), see metrics.py
+    # tokens of its tokenizer, words seen < 3 times in training as <unk>), see metrics.py;
+    # "r2gen-mimic": R2Gen's MIMIC-CXR settings (100 tokens, words seen < 10 times as <unk>)
     references: str = "full"
 
     def __post_init__(self) -> None:
-        if self.references not in ("full", "r2gen"):
-            raise ConfigError(f"eval.references must be 'full' or 'r2gen', got {self.references!r}")
+        if self.references not in REFERENCE_CONVENTIONS:
+            raise ConfigError("eval.references must be " + " or ".join(map(repr, REFERENCE_CONVENTIONS))
+                              + f", got {self.references!r}")
 
 
 @dataclass
@@ -409,6 +424,9 @@ PROFILES: dict[str, dict[str, Any]] = {
              # real reports: findings the images do not show stay unsaid; reports planned (docs/RESULTS.md)
              "guidance.min_auroc": 0.75, "guidance.plan_reports": True, "guidance.align_sides": True},
 }
+# MIMIC-CXR-JPG, its official split (R2Gen's): full's model and guidance, FINDINGS, R2Gen's MIMIC max_seq_length 100, threshold 10
+PROFILES["mimic"] = {**PROFILES["full"], "data.source": "mimic", "text.max_length": 100,
+                     "eval.max_new_tokens": 100, "eval.references": "r2gen-mimic"}
 
 
 def load_config(profile: str = "demo", overrides: dict[str, Any] | None = None) -> Config:

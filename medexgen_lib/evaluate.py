@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 from medexgen_lib.config import EvalConfig
 from medexgen_lib.dataset import ReportDataset, collate
 from medexgen_lib.files import read_capped, read_json, save_figure, write_json
-from medexgen_lib.metrics import has_words
+from medexgen_lib.metrics import R2GEN_CONVENTIONS, has_words
 from medexgen_lib.progress import ProgressBar, progress_log
+from medexgen_lib.splits import SOURCES_WITH_SPLIT
 
 
 def decode_settings(decode: EvalConfig) -> dict:
@@ -98,14 +99,17 @@ def comparability(cfg, split_meta: dict, evaluated: str = "test") -> tuple[dict,
         warnings.append(f"scored on the {evaluated} split; published numbers are on the test split")
     if cfg.data.source == "phantom":
         warnings.append("phantom data: these numbers are not about IU X-Ray at all")
+    if cfg.data.source == "mimic":
+        warnings.append("MIMIC-CXR data: the published numbers beside these are IU X-Ray's")
     if cfg.text.target != "findings":
         warnings.append(f"target is {cfg.text.target}; published results score FINDINGS only")
-    if not cfg.split.annotation_file:
+    own_split = not cfg.split.annotation_file and cfg.data.source in SOURCES_WITH_SPLIT  # the data set's split
+    if not cfg.split.annotation_file and not own_split:
         warnings.append(f"split is this project's ({settings['split']}), not R2Gen's annotation.json")
     elif counts != R2GEN_SPLIT_SIZES:
-        warnings.append(f"split from {cfg.split.annotation_file} has {counts} studies, R2Gen's has "
-                        f"{R2GEN_SPLIT_SIZES}")
-    if cfg.eval.references != "r2gen":
+        where = f"the {cfg.data.source} source" if own_split else cfg.split.annotation_file
+        warnings.append(f"split from {where} has {counts} studies, R2Gen's has {R2GEN_SPLIT_SIZES}")
+    if cfg.eval.references not in R2GEN_CONVENTIONS:
         warnings.append("references are full length; published numbers used R2Gen's (<= 59 words, rare "
                         "words as <unk>): set eval.references r2gen")
     return settings, warnings
@@ -363,7 +367,7 @@ def score_predictions_file(path, cfg, meteor: bool = False, split: str = "test",
     given = sum(r["reference"] is not None for r in rows)
     from_file = given == len(rows)
     reference_of: dict[str, str] = {}
-    if not from_file or cfg.eval.references == "r2gen":
+    if not from_file or cfg.eval.references in R2GEN_CONVENTIONS:
         table = load_studies_table(cfg.paths.studies_table)
         reference_of = dict(zip(table["uid"], target_texts(table, cfg.text.target, cfg.text.lowercase)))
     unknown = [r["uid"] for r in rows if r["reference"] is None and r["uid"] not in reference_of]
@@ -374,9 +378,9 @@ def score_predictions_file(path, cfg, meteor: bool = False, split: str = "test",
         if r["reference"] is None:
             r["reference"] = reference_of[r["uid"]]
     training_reports = None
-    if cfg.eval.references == "r2gen":
+    if cfg.eval.references in R2GEN_CONVENTIONS:
         if splits is None:
-            raise FileNotFoundError(f"eval.references r2gen needs the training reports for R2Gen's vocabulary: "
+            raise FileNotFoundError(f"eval.references {cfg.eval.references} needs the training reports for R2Gen's vocabulary: "
                                     f"{splits_path} not found; run notebook 03_preprocessing first")
         training_reports = [reference_of[u] for u in splits["train"] if u in reference_of]
     metrics = score([r["reference"] for r in rows], [r["prediction"] for r in rows], meteor=meteor,

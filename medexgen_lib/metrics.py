@@ -8,7 +8,8 @@ beside them, labelled as such. Clinical metrics come from ``labeler``.
 Two reference conventions (``eval.references``): ``full`` scores against the whole
 cleaned reference; ``r2gen`` reproduces how R2Gen-family papers scored (their
 tokenizer: words seen fewer than 3 times in training become ``<unk>``, references
-cut at ``max_seq_length`` 60). Every result says which one it used.
+cut at ``max_seq_length`` 60); ``r2gen-mimic`` is the same with R2Gen's MIMIC-CXR settings
+(threshold 10, ``max_seq_length`` 100). Every result says which one it used.
 """
 
 from __future__ import annotations
@@ -44,22 +45,27 @@ NORMALISATION = (
     "sentences joined with ' . ' plus a final ' .'; 'xxxx' kept as a word")
 _R2GEN_CHARS = re.compile(r"[.,?;*!%^&_+():-\[\]{}]")
 
-REFERENCE_CONVENTIONS = ("full", "r2gen")
+REFERENCE_CONVENTIONS = ("full", "r2gen", "r2gen-mimic")
 # R2Gen (cuhksz-nlp/R2Gen): modules/tokenizers.py keeps words seen >= threshold (3) times in
 # the training reports, others become <unk>; modules/datasets.py cuts [0] + ids + [0] to
 # max_seq_length (60) and the trainer decodes ids[1:], so a reference keeps at most 59 words.
 R2GEN_THRESHOLD, R2GEN_MAX_SEQ_LENGTH, R2GEN_UNK = 3, 60, "<unk>"
 R2GEN_TRAINING_REPORTS = 2069  # R2Gen's IU X-Ray training split (annotation.json), its vocabulary's source
+# Per convention: (threshold, max_seq_length, training reports of R2Gen's vocabulary); "r2gen-mimic" is
+# R2Gen's published MIMIC-CXR run (--threshold 10 --max_seq_length 100, 270,790 training items).
+R2GEN_CONVENTIONS = {"r2gen": (R2GEN_THRESHOLD, R2GEN_MAX_SEQ_LENGTH, R2GEN_TRAINING_REPORTS),
+                     "r2gen-mimic": (10, 100, 270_790)}
 REFERENCE_DESCRIPTIONS = {
     "full": "full: each reference is its whole cleaned target text (no truncation, no <unk>); "
             "references and predictions R2Gen-normalised",
-    "r2gen": (f"r2gen: R2Gen's reference convention: references and predictions R2Gen-normalised, "
-              f"words seen fewer than {R2GEN_THRESHOLD} times in this run's {{n_train}} training "
+    **{name: (f"{name}: R2Gen's reference convention: references and predictions R2Gen-normalised, "
+              f"words seen fewer than {threshold} times in this run's {{n_train}} training "
               f"reports replaced by {R2GEN_UNK}, references cut to their first "
-              f"{R2GEN_MAX_SEQ_LENGTH - 1} words (max_seq_length {R2GEN_MAX_SEQ_LENGTH} with the start "
+              f"{length - 1} words (max_seq_length {length} with the start "
               "token); predictions not cut; the vocabulary comes from this run's cleaned training text, "
               "so it matches R2Gen's only where the split and text are R2Gen's. Clinical metrics use "
-              "the full references"),
+              "the full references")
+       for name, (threshold, length, _) in R2GEN_CONVENTIONS.items()},
 }
 
 
@@ -74,10 +80,10 @@ def normalise(report: str) -> str:
     return " . ".join(sentences) + " ."
 
 
-def r2gen_vocabulary(training_reports: Sequence[str]) -> frozenset[str]:
-    """R2Gen's vocabulary: normalised words seen at least 3 times in the training reports."""
+def r2gen_vocabulary(training_reports: Sequence[str], threshold: int = R2GEN_THRESHOLD) -> frozenset[str]:
+    """R2Gen's vocabulary: normalised words seen at least ``threshold`` times in the training reports."""
     counts = Counter(word for report in training_reports for word in normalise(report).split())
-    return frozenset(word for word, n in counts.items() if n >= R2GEN_THRESHOLD)
+    return frozenset(word for word, n in counts.items() if n >= threshold)
 
 
 def r2gen_text(report: str, vocabulary: frozenset[str], max_words: int | None = None) -> str:
@@ -87,7 +93,8 @@ def r2gen_text(report: str, vocabulary: frozenset[str], max_words: int | None = 
     return " ".join(words[:max_words])
 
 
-def r2gen_unknown_shares(references: Sequence[str], predictions: Sequence[str], n_train: int) -> dict:
+def r2gen_unknown_shares(references: Sequence[str], predictions: Sequence[str], n_train: int,
+                         r2gen_train: int = R2GEN_TRAINING_REPORTS) -> dict:
     """How much of the r2gen-converted text became ``<unk>``, and a warning when the vocabulary
     came from fewer training reports than R2Gen's: a predicted ``<unk>`` matches a reference
     ``<unk>``, so with a small vocabulary any rare (even wrong) word scores as a match."""
@@ -98,10 +105,10 @@ def r2gen_unknown_shares(references: Sequence[str], predictions: Sequence[str], 
     shares = {"r2gen_unk_share_references": share(references),
               "r2gen_unk_share_predictions": share(predictions), "r2gen_training_reports": n_train}
     warnings = []
-    if n_train < R2GEN_TRAINING_REPORTS:
+    if n_train < r2gen_train:
         warnings.append(
             f"r2gen references: vocabulary from {n_train} training reports (R2Gen's: "
-            f"{R2GEN_TRAINING_REPORTS}); {shares['r2gen_unk_share_references']:.1%} of reference words and "
+            f"{r2gen_train}); {shares['r2gen_unk_share_references']:.1%} of reference words and "
             f"{shares['r2gen_unk_share_predictions']:.1%} of prediction words became {R2GEN_UNK}, and a "
             f"predicted {R2GEN_UNK} matches a reference {R2GEN_UNK}: text scores are inflated, not comparable")
     return {**shares, "warnings": warnings}
@@ -306,7 +313,7 @@ def _check_convention(reference_convention: str, training_reports: Sequence[str]
     if reference_convention not in REFERENCE_CONVENTIONS:
         raise ValueError(f"reference convention must be one of {REFERENCE_CONVENTIONS}, "
                          f"got {reference_convention!r}")
-    if reference_convention == "r2gen" and not training_reports:
+    if reference_convention in R2GEN_CONVENTIONS and not training_reports:
         raise ValueError("the r2gen reference convention needs the training reports (R2Gen's vocabulary)")
 
 
@@ -316,9 +323,10 @@ def scored_texts(references: Sequence[str], predictions: Sequence[str], referenc
     ``reference_convention="r2gen"`` as R2Gen's tokenizer decodes them (``r2gen_text``, references
     cut to 59 words); a prediction with no word becomes "" (``_wordless_as_empty``)."""
     _check_convention(reference_convention, training_reports)
-    if reference_convention == "r2gen":
-        vocabulary = r2gen_vocabulary(training_reports)
-        refs = [r2gen_text(r, vocabulary, R2GEN_MAX_SEQ_LENGTH - 1) for r in references]
+    if reference_convention in R2GEN_CONVENTIONS:
+        threshold, max_seq_length, _ = R2GEN_CONVENTIONS[reference_convention]
+        vocabulary = r2gen_vocabulary(training_reports, threshold)
+        refs = [r2gen_text(r, vocabulary, max_seq_length - 1) for r in references]
         preds = [r2gen_text(p, vocabulary) for p in predictions]
     else:
         refs, preds = [normalise(r) for r in references], [normalise(p) for p in predictions]
@@ -361,8 +369,8 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
           decoder_texts: Sequence[str | None] | None = None) -> dict:
     """All text and clinical metrics for two equal-length lists of raw report strings.
 
-    ``reference_convention`` is ``"full"`` or ``"r2gen"`` (needs ``training_reports`` for
-    R2Gen's vocabulary); the result names the one used. Degenerate predictions
+    ``reference_convention`` is ``"full"``, ``"r2gen"`` or ``"r2gen-mimic"`` (need ``training_reports``
+    for R2Gen's vocabulary); the result names the one used. Degenerate predictions
     (``is_degenerate``; where ``decoder_texts`` gives the decoder's own text before side words
     and sentence bank, judged on that too) are counted and labelled with nothing, so they get
     no clinical credit, "No Finding" included; ``reports_changed_by_post_processing`` counts the
@@ -380,9 +388,9 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
     out = text_metrics(*texts, meteor=meteor, normalised=True)
     out.update(rouge_score_f1(*texts, normalised=True))
     description, shares = REFERENCE_DESCRIPTIONS["full"], {"warnings": []}
-    if reference_convention == "r2gen":
-        description = REFERENCE_DESCRIPTIONS["r2gen"].format(n_train=len(training_reports))
-        shares = r2gen_unknown_shares(*texts, len(training_reports))
+    if reference_convention in R2GEN_CONVENTIONS:
+        description = REFERENCE_DESCRIPTIONS[reference_convention].format(n_train=len(training_reports))
+        shares = r2gen_unknown_shares(*texts, len(training_reports), R2GEN_CONVENTIONS[reference_convention][2])
     out.update(seed_style_bleu([t.split() for t in texts[0]], [t.split() for t in texts[1]]))
     drafts = [None] * len(predictions) if decoder_texts is None else decoder_texts
     degenerate = [is_degenerate(p, d) for p, d in zip(predictions, drafts)]

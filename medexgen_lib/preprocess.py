@@ -13,8 +13,8 @@ from medexgen_lib.dataset import ReportDataset
 from medexgen_lib.files import read_json, save_figure, write_json
 from medexgen_lib.images import ImageCache
 from medexgen_lib.reports import load_studies_table
-from medexgen_lib.splits import (SPLITS, is_abnormal, load_splits, make_splits,
-                                 splits_from_annotation, usable_studies, write_splits)
+from medexgen_lib.splits import (SOURCE_SPLIT_FILE, SOURCES_WITH_SPLIT, SPLITS, is_abnormal, load_splits,
+                                 make_splits, splits_from_annotation, usable_studies, write_splits)
 from medexgen_lib.text import target_texts
 from medexgen_lib.tokenizer import build_tokenizer, load_tokenizer
 
@@ -51,10 +51,17 @@ def run_preprocessing(cfg: Config) -> PreprocessSummary:
     if usable.empty:
         raise ValueError(f"no usable studies in {cfg.paths.studies_table} (left out: {dropped})")
 
+    source_split = processed / SOURCE_SPLIT_FILE
     if cfg.split.annotation_file:
         splits, missing = splits_from_annotation(cfg.split.annotation_file, usable)
         split_source = f"annotation:{cfg.split.annotation_file}"
         dropped["annotation_ids_not_usable"] = sum(missing.values())
+    elif cfg.data.source in SOURCES_WITH_SPLIT:  # the split the data set carries (stage 01 wrote it)
+        if not source_split.exists():
+            raise FileNotFoundError(f"{source_split} not found; run notebook 01_acquisition first")
+        splits, missing = splits_from_annotation(source_split, usable, ids_are_uids=True)
+        split_source = f"source:{cfg.data.source}"
+        dropped["source_split_ids_not_usable"] = sum(missing.values())
     else:
         splits = make_splits(usable, cfg.seed, cfg.split.val_fraction, cfg.split.test_fraction)
         split_source = f"random:seed={cfg.seed}"

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from medexgen_lib.files import read_json, write_json
-from medexgen_lib.metrics import macro_f1_from_counts, study_statistics
+from medexgen_lib.metrics import R2GEN_CONVENTIONS, macro_f1_from_counts, study_statistics
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +210,11 @@ def _scoring_options(output_dirs: Sequence[str | Path], split: str, summaries: S
                              f"{settings[0]!r}, uncertain_as_positive {settings[1]}; "
                              f"{output_dirs[0]}'s with {recorded[0][0]!r}, {recorded[0][1]}")
     convention, uncertain = recorded[0]
-    if convention == "r2gen" and not training_reports:
-        raise ValueError(f"{output_dirs[0]}/logs/metrics_{split}.json was scored with references r2gen: "
+    if convention in R2GEN_CONVENTIONS and not training_reports:
+        raise ValueError(f"{output_dirs[0]}/logs/metrics_{split}.json was scored with references {convention}: "
                          "the bootstrap needs the run's training reports (R2Gen's vocabulary)")
     return {"uncertain_as_positive": uncertain, "reference_convention": convention,
-            "training_reports": training_reports if convention == "r2gen" else None}
+            "training_reports": training_reports if convention in R2GEN_CONVENTIONS else None}
 
 
 def seeds_for_run(cfg, summary: dict) -> tuple[dict | None, str]:

@@ -15,6 +15,9 @@ from medexgen_lib.files import read_json, write_json
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# In processed/: the split a data source carries (data.source annotation or mimic), written by stage 01.
+SOURCE_SPLIT_FILE = "source_split.json"
+SOURCES_WITH_SPLIT = ("annotation", "mimic")
 
 
 def usable_studies(table: pd.DataFrame, texts: pd.Series, require_findings: bool = False
@@ -75,9 +78,10 @@ def check_disjoint(splits: dict[str, list[str]], source: str) -> None:
             seen[uid] = name
 
 
-def splits_from_annotation(annotation_file: str | os.PathLike, table: pd.DataFrame
-                           ) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """Splits from R2Gen's ``annotation.json`` (ids like ``CXR1573_IM-0374``).
+def splits_from_annotation(annotation_file: str | os.PathLike, table: pd.DataFrame,
+                           ids_are_uids: bool = False) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Splits from R2Gen's ``annotation.json`` (ids like ``CXR1573_IM-0374``, whose uid is
+    ``CXR1573``; with ``ids_are_uids`` each id is a uid as it is, as in ``SOURCE_SPLIT_FILE``).
 
     Studies listed there but absent from ``table`` are counted, not invented.
     """
@@ -91,11 +95,19 @@ def splits_from_annotation(annotation_file: str | os.PathLike, table: pd.DataFra
     known = set(table["uid"])
     splits, missing = {}, {}
     for name in SPLITS:
-        uids = [str(entry["id"]).split("_")[0] for entry in annotation[name]]
+        uids = [str(entry["id"]) if ids_are_uids else str(entry["id"]).split("_")[0]
+                for entry in annotation[name]]
         splits[name] = sorted({u for u in uids if u in known}, key=_uid_key)
         missing[name] = len(set(uids) - known)
     check_disjoint(splits, f"split file {path}")
     return splits, missing
+
+
+def write_source_split(splits: dict[str, list[str]], path: str | os.PathLike) -> Path:
+    """Save a data source's own split (stage 01) in R2Gen's shape, ``{"train": [{"id": uid,
+    "split": "train"}, ...], ...}``, for stage 03's ``splits_from_annotation(..., ids_are_uids=True)``."""
+    return write_json(path, {name: [{"id": uid, "split": name} for uid in splits[name]]
+                             for name in SPLITS})
 
 
 def write_splits(splits: dict[str, list[str]], path: str | os.PathLike, meta: dict) -> Path:

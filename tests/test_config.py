@@ -100,3 +100,11 @@ def test_sizes_that_would_exhaust_memory_are_refused(key, value):
     2 x 20000² x 2048 inputs; text.max_length sizes the decoder's positions."""
     with pytest.raises(ConfigError, match=rf"config key '{key.replace('.', '[.]')}' must be between"):
         load_config("demo", {key: value})
+
+
+def test_the_mimic_profile_is_full_on_mimics_conventions():
+    full, mimic = load_config("full"), load_config("mimic")
+    assert mimic.data.source == "mimic" and mimic.text.target == "findings" and mimic.split.require_findings
+    assert mimic.model == full.model and mimic.guidance == full.guidance and mimic.tokenizer == full.tokenizer
+    assert mimic.split.annotation_file == ""  # the source's own (official) split, as R2Gen's
+    assert (mimic.text.max_length, mimic.eval.max_new_tokens, mimic.eval.references) == (100, 100, "r2gen-mimic")

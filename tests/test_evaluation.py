@@ -235,3 +235,13 @@ def test_score_reads_the_column_it_is_told_to(cfg, tmp_path, capsys):
     assert f"{'BLEU-4':<32}1.0000" in capsys.readouterr().out
     assert main(["score", str(both), *overrides, "--field", "draft"]) == 1
     assert "needs an 'uid' (or 'id') and a 'draft'" in capsys.readouterr().err
+
+
+def test_comparability_takes_a_data_sets_own_split_for_what_it_is():
+    meta = {"source": "source:annotation", "counts": {k: {"studies": v} for k, v in R2GEN_SPLIT_SIZES.items()}}
+    r2gen_iu = load_config("full", {"data.source": "annotation", "eval.references": "r2gen"})
+    assert comparability(r2gen_iu, meta)[1] == []  # R2Gen's IU annotation.json as the source: R2Gen's split
+    meta["counts"]["test"] = {"studies": 3858}
+    _, warnings = comparability(load_config("mimic"), {**meta, "source": "source:mimic"})
+    assert warnings[0] == "MIMIC-CXR data: the published numbers beside these are IU X-Ray's"
+    assert "split from the mimic source has" in warnings[1] and not any("this project's" in w for w in warnings)

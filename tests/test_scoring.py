@@ -7,7 +7,7 @@ import pytest
 
 from medexgen_lib.labeler import label_report
 from medexgen_lib.metrics import (R2GEN_MAX_SEQ_LENGTH, clinical_metrics, is_degenerate, per_sample_text_scores,
-                                  r2gen_text, r2gen_vocabulary, score, text_metrics)
+                                  r2gen_text, r2gen_vocabulary, score, scored_texts, text_metrics)
 
 OBS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax")
 
@@ -255,3 +255,15 @@ def test_a_csv_with_a_utf8_byte_order_mark_is_read(tmp_config, tmp_path):
                                             "reference": "The heart is normal."}]
     path.write_bytes('[{"uid": "CXR1", "prediction": "a"}]'.encode("utf-8-sig"))
     assert read_predictions_file(path.rename(tmp_path / "excel.json"))[0]["uid"] == "CXR1"
+
+
+def test_r2gen_mimic_references_use_r2gens_mimic_threshold_and_length():
+    training = ["heart normal ."] * 10 + ["effusion present ."] * 5
+    reference = " ".join(["heart"] * 120)
+    for convention, cut, rare in (("r2gen", 59, "effusion"), ("r2gen-mimic", 99, "<unk>")):
+        refs, preds = scored_texts([reference], ["effusion present ."], convention, training)
+        assert len(refs[0].split()) == cut
+        assert preds[0].split()[0] == rare  # seen 5 times: kept at threshold 3, <unk> at threshold 10
+    metrics = score(["heart normal ."], ["heart normal ."], reference_convention="r2gen-mimic", training_reports=training)
+    assert metrics["references"] == "r2gen-mimic" and "fewer than 10 times" in metrics["reference_convention"]
+    assert "max_seq_length 100" in metrics["reference_convention"]
