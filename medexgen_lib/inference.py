@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from medexgen_lib.config import RANGES, EvalConfig, ImagesConfig
-from medexgen_lib.evaluate import decode_settings
+from medexgen_lib.reporting import decode_settings
 from medexgen_lib.files import read_capped
 from medexgen_lib.images import (ImageError, check_radiograph_shape, load_image, normalize,
                                  stretch_to_uint8)

@@ -38,7 +38,7 @@ from transformers import get_scheduler
 from medexgen_lib import guidance
 from medexgen_lib.config import Config, TrainConfig
 from medexgen_lib.dataset import collate
-from medexgen_lib.evaluate import decode_settings, generate_reports
+from medexgen_lib.features import FrozenFeatures
 from medexgen_lib.files import discard_dir, honour_umask, read_json, save_figure, write_text_atomic
 from medexgen_lib.labeler import LABELER_VERSION
 from medexgen_lib.locks import FolderInUse, folder_lock
@@ -48,6 +48,7 @@ from medexgen_lib.model import (CROSS_ATTENTION_PARTS, ReportGenerator, first_lo
 from medexgen_lib.model_card import CARD_FILE, export_card_text
 from medexgen_lib.preprocess import load_split
 from medexgen_lib.progress import ProgressBar, progress_log
+from medexgen_lib.reporting import decode_settings, generate_reports
 from medexgen_lib.tokenizer import load_tokenizer
 from medexgen_lib.tracking import RunTracker, accelerator_tracking_args, new_run_name
 
@@ -172,27 +173,6 @@ def freeze_image_side(model: ReportGenerator, frozen: bool, head: bool = False) 
             parameter.requires_grad_(not frozen)
     if frozen:
         model.encoder.eval()
-
-
-class FrozenFeatures:
-    """The encoder's feature maps of every study of a split, computed once and looked up by
-    uid while the encoder does not change: after ``train.encoder_epochs`` (train and val;
-    images are not augmented) and within one validation (its three passes over val)."""
-
-    def __init__(self, model: ReportGenerator, data, collate_fn, device, batch_size: int = 32):
-        self.features: dict[str, torch.Tensor] = {}
-        # its own generator: building the cache leaves the run's random stream untouched
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                            generator=torch.Generator())
-        with torch.no_grad():
-            for batch in loader:
-                maps = model.image_features(batch["images"].to(device), batch["view_mask"].to(device))
-                for uid, study in zip(batch["uids"], maps.unflatten(0, (len(batch["uids"]), -1))):
-                    self.features[uid] = study
-
-    def __call__(self, uids: list[str]) -> torch.Tensor:
-        """``[B*V, C, h, w]`` for these studies, as ``ReportGenerator.image_features`` returns."""
-        return torch.stack([self.features[u] for u in uids]).flatten(0, 1)
 
 
 def freeze_batchnorm(model: ReportGenerator) -> None:

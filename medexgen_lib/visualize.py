@@ -96,7 +96,7 @@ def visualize_model_predictions(model_dir: str | os.PathLike, split: str = "test
     this model (notebook 05), else they are generated now.
     """
     from medexgen_lib.config import load_config
-    from medexgen_lib.evaluate import generate_reports
+    from medexgen_lib.reporting import generate_reports
     from medexgen_lib.labeler import label_report
     from medexgen_lib.metrics import prediction_labels
     from medexgen_lib.model import ReportGenerator

@@ -510,7 +510,7 @@ def test_frozen_features_are_what_the_encoder_computes(tiny_cfg):
     from medexgen_lib.dataset import collate
     from medexgen_lib.preprocess import load_split
     from medexgen_lib.tokenizer import load_tokenizer
-    from medexgen_lib.train import FrozenFeatures
+    from medexgen_lib.features import FrozenFeatures
 
     cfg = tiny_cfg()
     model = ReportGenerator.build(cfg.model, load_tokenizer(cfg.paths.processed / "tokenizer"), 32, 48).eval()
@@ -573,7 +573,7 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypat
     # they were chosen at that validation and saved with the checkpoint
     exported_config = json.loads((cfg.paths.checkpoints / cfg.train.export / "config.json").read_text())
     assert exported_config["guidance_thresholds"] == thresholds
-    from medexgen_lib.evaluate import generate_reports
+    from medexgen_lib.reporting import generate_reports
     from medexgen_lib.metrics import score
     from medexgen_lib.train import load_history, selection_value
 
