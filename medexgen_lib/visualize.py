@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from medexgen_lib.files import read_json, save_figure
 from medexgen_lib.labeler import NO_FINDING, OBSERVATIONS, POSITIVE
-from medexgen_lib.train import load_history, mark_epochs
+from medexgen_lib.history import load_history, mark_epochs
 
 AGREE, MISSED, INVENTED = "#2e7d32", "#c62828", "#ef6c00"  # green, red, orange
 

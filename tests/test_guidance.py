@@ -354,7 +354,7 @@ def test_degenerate_decoder_output_is_counted_though_the_bank_repairs_it(monkeyp
 
 @pytest.mark.parametrize("setting", ["guidance.align_sides", "guidance.state_findings"])
 def test_settings_that_rewrite_reports_change_the_evaluation_fingerprint(setting):
-    from medexgen_lib.train import evaluation_fingerprint
+    from medexgen_lib.validation import evaluation_fingerprint
 
     on, off = (evaluation_fingerprint(load_config("demo", {setting: value}), ["CXR1"])[0] for value in (True, False))
     assert on != off  # epochs validated with and without it do not compete for best on resume
@@ -513,7 +513,7 @@ def test_observation_loss_is_set_by_the_hooks_inputs_and_reaches_the_head():
 
 
 def test_label_smoothing_changes_the_lm_loss():
-    from medexgen_lib.train import token_loss
+    from medexgen_lib.optimization import token_loss
 
     model = _model(labels=[]).train()
     ids = torch.tensor([[0, 5, 6, 1]])
@@ -533,7 +533,7 @@ def test_guided_model_saves_and_loads(tmp_path):
 
 
 def test_old_lr_grouping_puts_cross_attention_with_the_decoder():
-    from medexgen_lib.train import parameter_groups
+    from medexgen_lib.optimization import parameter_groups
 
     model = _model(labels=[])
     groups = {cfg: {n: g["name"] for g in parameter_groups(model, load_config(

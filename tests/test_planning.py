@@ -86,7 +86,7 @@ def test_plan_reports_needs_the_head_excludes_the_sentence_bank_and_changes_the_
     import pytest
 
     from medexgen_lib.config import ConfigError, load_config
-    from medexgen_lib.train import evaluation_fingerprint
+    from medexgen_lib.validation import evaluation_fingerprint
 
     with pytest.raises(ConfigError, match="choose one"):
         load_config("demo", {"guidance.plan_reports": True})
