@@ -119,9 +119,9 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     import hashlib
     import time
 
-    from medexgen_lib.guidance import laterality, load_phantom_truth
     from medexgen_lib.labeler import label_report
-    from medexgen_lib.metrics import diversity, per_sample_text_scores, prediction_labels, score
+    from medexgen_lib.metrics import (diversity, laterality, load_phantom_truth, per_sample_text_scores,
+                                      prediction_labels, score)
     from medexgen_lib.model import ReportGenerator
     from medexgen_lib.model_card import add_results
     from medexgen_lib.preprocess import load_split

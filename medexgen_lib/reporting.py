@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from medexgen_lib.config import EvalConfig
 from medexgen_lib.dataset import ReportDataset, collate
+from medexgen_lib.postprocess import post_process
 from medexgen_lib.progress import ProgressBar
 
 
@@ -25,8 +26,8 @@ def decode_settings(decode: EvalConfig) -> dict:
 @torch.no_grad()
 def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: torch.device | str = "cpu",
                      progress: bool = True, features=None) -> list[dict]:
-    """Reports for every study of ``data``, in order: uid, image ids, reference, prediction and the
-    decoder's own text before side words and sentence bank (``decoder_text``).
+    """Reports for every study of ``data``, in order: uid, image ids, reference, prediction (the
+    decoder's text after ``postprocess.post_process``) and the decoder's own text (``decoder_text``).
     ``features``: uids -> the encoder's feature maps, computed before (training's frozen encoder)."""
     was_training = model.training
     model.eval()
@@ -36,8 +37,9 @@ def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: tor
     out = []
     for batch in ProgressBar(loader, desc="generating", unit="batch", disable=not progress, leave=False):
         known = {"features": features(batch["uids"])} if features is not None else {}
-        drafts, texts = model.draft_and_write(batch["images"].to(device), batch["view_mask"].to(device),
-                                              **known, **settings)
+        drafts, probabilities = model.decode_reports(batch["images"].to(device), batch["view_mask"].to(device),
+                                                     **known, **settings)
+        texts = post_process(drafts, probabilities, model.config).texts
         for uid, prediction, draft in zip(batch["uids"], texts, drafts, strict=True):
             out.append({"uid": uid, "prediction": prediction, "decoder_text": draft})
     expected = [e.uid for e in data.examples]

@@ -56,11 +56,11 @@ def test_normal_report_is_the_frequent_training_report_val_scores_best_on():
     assert normal_report(train, []) == common
 
 
-def test_write_reports_plan_around_the_normal_report_and_it_survives_save_and_load(tmp_path, monkeypatch):
+def test_reports_plan_around_the_normal_report_and_it_survives_save_and_load(tmp_path, monkeypatch):
     import torch
 
     from medexgen_lib.model import ReportGenerator
-    from test_guidance import _writing
+    from test_guidance import _reports, _writing
 
     written = ["Heart normal. Right pleural effusion. Nodule.", "Cardiomegaly."]
     # the head: effusion (left given effusion) in the first study; nothing in the second
@@ -68,7 +68,7 @@ def test_write_reports_plan_around_the_normal_report_and_it_survives_save_and_lo
     model.config.guidance_align_sides = True
     model.config.guidance_sentences = {"Pleural Effusion": "Pleural effusion."}
     model.config.guidance_normal_report = NORMAL
-    planned = model.write_reports(torch.randn(2, 2, 3, 64, 64), max_new_tokens=2)
+    planned = _reports(model, torch.randn(2, 2, 3, 64, 64))
     assert planned == [NORMAL.replace("No large pleural effusion or pneumothorax.", "Left pleural effusion."), NORMAL]
     model.tokenizer = None
     model.save_pretrained(tmp_path / "m")

@@ -539,7 +539,7 @@ def test_the_selection_metric_may_sum_validation_metrics():
 
 
 def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypatch):
-    from medexgen_lib import guidance
+    from medexgen_lib import guidance, report_edits
     from medexgen_lib.dataset import collate
     from medexgen_lib.preprocess import load_split
 
@@ -547,7 +547,7 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypat
     assert cfg.guidance.decoder_input == "true"  # the demo's hard guidance
     banked = []  # the texts the sentence bank and the normal sentences are made of
     for name in ("sentence_bank", "normal_sentences"):
-        monkeypatch.setattr(guidance, name, lambda texts, *rest, f=getattr(guidance, name): (
+        monkeypatch.setattr(report_edits, name, lambda texts, *rest, f=getattr(report_edits, name): (
             banked.append(list(texts)), f(texts, *rest))[1])
     train(cfg, progress=False)
     config = json.loads((cfg.paths.models / "final" / "config.json").read_text())
@@ -568,8 +568,8 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypat
     # the demo's sentence bank and normal sentences come from the training reports alone
     train_texts = [e.text for e in load_split(cfg, "train").examples]
     assert banked == [train_texts, train_texts]
-    assert config["guidance_sentences"] and config["guidance_sentences"] == guidance.sentence_bank(train_texts, labels)
-    assert config["guidance_normal_sentences"] == guidance.normal_sentences(train_texts)
+    assert config["guidance_sentences"] and config["guidance_sentences"] == report_edits.sentence_bank(train_texts, labels)
+    assert config["guidance_normal_sentences"] == report_edits.normal_sentences(train_texts)
     # the val score recorded for the exported epoch is the exported model's, thresholds included:
     # they were chosen at that validation and saved with the checkpoint
     exported_config = json.loads((cfg.paths.checkpoints / cfg.train.export / "config.json").read_text())
@@ -588,7 +588,7 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypat
 
 
 def test_a_planning_run_exports_its_normal_report_and_switches_off_what_val_cannot_tell(tiny_cfg):
-    from medexgen_lib import guidance
+    from medexgen_lib import guidance, report_edits
     from medexgen_lib.dataset import collate
     from medexgen_lib.planning import normal_report
     from medexgen_lib.preprocess import load_split
@@ -599,7 +599,7 @@ def test_a_planning_run_exports_its_normal_report_and_switches_off_what_val_cann
     train_texts = [e.text for e in load_split(cfg, "train").examples]
     val = load_split(cfg, "val")
     assert config["guidance_normal_report"] == normal_report(train_texts, [e.text for e in val.examples])
-    assert config["guidance_sentences"] == guidance.sentence_bank(train_texts, config["guidance_labels"])
+    assert config["guidance_sentences"] == report_edits.sentence_bank(train_texts, config["guidance_labels"])
     model = ReportGenerator.from_pretrained(cfg.paths.models / "final").eval()
     batch = collate([val[i] for i in range(len(val))], pad_token_id=model.config.pad_token_id)
     with torch.no_grad():
