@@ -401,12 +401,11 @@ PROFILES: dict[str, dict[str, Any]] = {
              "guidance.prompt": True, "guidance.decoder_input": "true", "guidance.align_sides": True,
              "guidance.pool": 3, "guidance.state_findings": True,
              "eval.num_beams": 1, "eval.max_new_tokens": 80, "eval.meteor": False},
-    # real Open-i data, pretrained ResNet50 + GPT-2 on 224 px; rationale: docs/RESULTS.md#full-defaults
+    # real Open-i data, pretrained ResNet50 + GPT-2, planned reports; rationale: docs/RESULTS.md#full-defaults
     "full": {"data.source": "openi", "tokenizer.kind": "gpt2", "split.require_findings": True,
              "text.target": "findings", "guidance.head": True, "guidance.prompt": True,
              "guidance.decoder_input": "true", "guidance.min_count": 20,
              "train.selection_metric": "clinical macro_F1 + BLEU-4",
-             # real reports: findings the images do not show stay unsaid; reports planned (docs/RESULTS.md)
              "guidance.min_auroc": 0.75, "guidance.plan_reports": True, "guidance.align_sides": True},
 }
 
