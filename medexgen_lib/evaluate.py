@@ -1,5 +1,5 @@
-"""Stage 05: batched generation (transformers' generate, KV cache), baselines, scored outputs,
-and scoring of any predictions file with the same metrics."""
+"""Stage 05: the model's reports for a split (``reporting.generate_reports``), baselines, scored
+outputs, and scoring of any predictions file with the same metrics."""
 
 from __future__ import annotations
 
@@ -11,51 +11,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from medexgen_lib.config import EvalConfig
 from medexgen_lib.dataset import ReportDataset, collate
+from medexgen_lib.features import FrozenFeatures
 from medexgen_lib.files import read_capped, read_json, save_figure, write_json
 from medexgen_lib.metrics import R2GEN_CONVENTIONS, has_words
-from medexgen_lib.progress import ProgressBar, progress_log
+from medexgen_lib.progress import progress_log
+from medexgen_lib.reporting import decode_settings, generate_reports
 from medexgen_lib.splits import SOURCES_WITH_SPLIT
-
-
-def decode_settings(decode: EvalConfig) -> dict:
-    """The keyword arguments ``generate`` receives; part of the evaluation fingerprint."""
-    settings = {"num_beams": decode.num_beams, "max_new_tokens": decode.max_new_tokens,
-                "length_penalty": decode.length_penalty, "do_sample": False}
-    if decode.no_repeat_ngram_size:
-        settings["no_repeat_ngram_size"] = decode.no_repeat_ngram_size
-    return settings
-
-
-@torch.no_grad()
-def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: torch.device | str = "cpu",
-                     progress: bool = True, features=None) -> list[dict]:
-    """Reports for every study of ``data``, in order: uid, image ids, reference, prediction and the
-    decoder's own text before side words and sentence bank (``decoder_text``).
-    ``features``: uids -> the encoder's feature maps, computed before (training's frozen encoder)."""
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(data, batch_size=decode.batch_size, shuffle=False,
-                        collate_fn=partial(collate, pad_token_id=model.config.pad_token_id))
-    settings = decode_settings(decode)
-    out = []
-    for batch in ProgressBar(loader, desc="generating", unit="batch", disable=not progress, leave=False):
-        known = {"features": features(batch["uids"])} if features is not None else {}
-        drafts, texts = model.draft_and_write(batch["images"].to(device), batch["view_mask"].to(device),
-                                              **known, **settings)
-        for uid, prediction, draft in zip(batch["uids"], texts, drafts, strict=True):
-            out.append({"uid": uid, "prediction": prediction, "decoder_text": draft})
-    expected = [e.uid for e in data.examples]
-    if [row["uid"] for row in out] != expected:
-        raise RuntimeError(f"the loader returned studies in another order or number ({len(out)}) than the "
-                           f"dataset's {len(expected)} examples; references would be paired with the "
-                           "wrong predictions")
-    for row, example in zip(out, data.examples):
-        row["images"] = [i for i in example.image_ids if i is not None]
-        row["reference"] = example.text
-    model.train(was_training)
-    return out
 
 
 # --------------------------------------------------------------------------- stage 05
@@ -161,15 +123,14 @@ def run_evaluation(cfg, model_dir=None, split: str = "test", progress: bool = Tr
     import hashlib
     import time
 
-    from medexgen_lib.guidance import laterality, load_phantom_truth
     from medexgen_lib.labeler import label_report
-    from medexgen_lib.metrics import diversity, per_sample_text_scores, prediction_labels, score
+    from medexgen_lib.metrics import (diversity, laterality, load_phantom_truth, per_sample_text_scores,
+                                      prediction_labels, score)
     from medexgen_lib.model import ReportGenerator
     from medexgen_lib.model_card import add_results
     from medexgen_lib.preprocess import load_split
     from medexgen_lib.realtext import TRUTH_FILE as DRAWN_TRUTH_FILE
     from medexgen_lib.realtext import load_truth, stated_findings
-    from medexgen_lib.train import FrozenFeatures
 
     began = time.perf_counter()
     model_dir = Path(model_dir) if model_dir else cfg.paths.models / "final"

@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 from medexgen_lib.config import RANGES, EvalConfig, ImagesConfig
-from medexgen_lib.evaluate import decode_settings
+from medexgen_lib.reporting import decode_settings
 from medexgen_lib.files import read_capped
 from medexgen_lib.images import (ImageError, check_radiograph_shape, load_image, normalize,
                                  stretch_to_uint8)
 from medexgen_lib.metrics import prediction_labels
 from medexgen_lib.model import MAX_CONFIG_BYTES, ReportGenerator
+from medexgen_lib.postprocess import post_process
 
 log = logging.getLogger(__name__)
 DECODE_FIELDS = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
@@ -360,7 +361,9 @@ def generate_report(model: ReportGenerator, images: list[str | os.PathLike],
                     decode: EvalConfig | None = None, missing_view: str = "duplicate",
                     max_pixels: int = ImagesConfig.max_pixels) -> dict:
     """The report for one study: ``images`` = [frontal] or [frontal, lateral]; an image over
-    ``max_pixels`` (``images.max_pixels``) is refused before decoding.
+    ``max_pixels`` (``images.max_pixels``) is refused before decoding. The result holds the
+    report, the decoder's own text (``decoder_text``) and the names of the post-processing steps
+    that changed it (``post_processing``, ``postprocess.STEPS``; empty where none did).
 
     Runs the model in eval mode (restored afterwards), so the same files and settings
     always give the same report and never change the weights or BatchNorm statistics."""
@@ -377,11 +380,14 @@ def generate_report(model: ReportGenerator, images: list[str | os.PathLike],
     was_training = model.training
     model.eval()
     try:
-        drafts, reports = model.draft_and_write(pixels, torch.tensor([mask], device=device),
-                                                **decode_settings(decode or EvalConfig()))
+        drafts, probabilities = model.decode_reports(pixels, torch.tensor([mask], device=device),
+                                                     **decode_settings(decode or EvalConfig()))
     finally:
         model.train(was_training)
+    edited = post_process(drafts, probabilities, model.config)
+    report = edited.texts[0]
     # the scoring rule: a degenerate report (or decoder text) states nothing
-    labels = prediction_labels(reports[0], drafts[0])
-    return {"images": [str(p) for p in images], "report": reports[0], "decoder_text": drafts[0],
+    labels = prediction_labels(report, drafts[0])
+    return {"images": [str(p) for p in images], "report": report, "decoder_text": drafts[0],
+            "post_processing": edited.changed_by[0],
             "observations": {k: v for k, v in labels.items() if v != "absent"}}

@@ -175,7 +175,7 @@ class PredictionInspector:
 
     def regenerate_current(self) -> str:
         """Generate the shown study again with the widget's beam size and max tokens."""
-        from medexgen_lib.evaluate import generate_reports
+        from medexgen_lib.reporting import generate_reports
         from medexgen_lib.visualize import _subset
 
         row = self.current

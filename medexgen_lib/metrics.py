@@ -14,17 +14,20 @@ cut at ``max_seq_length`` 60); ``r2gen-mimic`` is the same with R2Gen's MIMIC-CX
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from medexgen_lib.labeler import (ABSENT, LABELER_VERSION, NO_FINDING, OBSERVATIONS, SUPPORT_DEVICES,
+from medexgen_lib.labeler import (ABSENT, LABELER_VERSION, NO_FINDING, OBSERVATIONS, POSITIVE, SUPPORT_DEVICES,
                                   label_report, positive_set)
 from medexgen_lib.nltk_bleu import seed_style_bleu
+from medexgen_lib.sides import SIDES, report_sides
 
 log = logging.getLogger(__name__)
 
@@ -410,3 +413,56 @@ def score(references: Sequence[str], predictions: Sequence[str], meteor: bool = 
     out["metrics_version"] = METRICS_VERSION
     out["labeler_version"] = LABELER_VERSION
     return out
+
+
+# --------------------------------------------------------------------------- laterality
+
+# Phantom finding name -> the labeler's observation, for the findings that have a side.
+PHANTOM_SIDED = {"effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax",
+                 "nodule": "Lung Lesion", "consolidation": "Consolidation"}
+
+
+def phantom_sides(findings: dict[str, str]) -> dict[str, set[str]]:
+    """A phantom study's drawn findings (``phantom_findings.json``) -> sided observation -> sides."""
+    out = {}
+    for name, observation in PHANTOM_SIDED.items():
+        if name in findings:
+            side = findings[name].split("-")[0]  # nodules: "left-upper-mass"
+            out[observation] = set(SIDES) if side == "bilateral" else {side}
+    return out
+
+
+def load_phantom_truth(reports_dir: str | Path) -> dict[str, dict[str, set[str]]] | None:
+    """uid -> sided observations with their true sides, from the phantom's ground truth file;
+    None where the data are not the phantom (no such file)."""
+    from medexgen_lib.phantom import TRUTH_FILE
+
+    path = Path(reports_dir) / TRUTH_FILE
+    if not path.exists():
+        return None
+    try:
+        studies = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"phantom ground truth {path} is not valid JSON: {exc}") from None
+    return {f"CXR{s['number']}": phantom_sides(s["findings"]) for s in studies}
+
+
+def laterality(truth: dict[str, dict[str, set[str]]], uids: Sequence[str],
+               predictions: Sequence[str]) -> dict:
+    """Of the sided findings in ``truth`` that a report detects (labeler: positive), the share
+    whose side the report gets right (sides named in the finding's sentences equal the truth;
+    bilateral = both). Counts are returned beside the share (None when nothing was detected)."""
+    detected = correct = total = 0
+    for uid, prediction in zip(uids, predictions, strict=True):
+        expected = truth.get(uid, {})
+        if not expected:
+            continue
+        labels = label_report(prediction)
+        stated = report_sides(prediction)
+        for observation, sides in expected.items():
+            total += 1
+            if labels.get(observation) == POSITIVE:
+                detected += 1
+                correct += stated.get(observation, set()) == sides
+    return {"laterality": correct / detected if detected else None, "laterality_correct": correct,
+            "laterality_detected": detected, "laterality_findings": total}

@@ -30,7 +30,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from medexgen_lib import guidance, planning
+from medexgen_lib import guidance, planning, report_edits
 from medexgen_lib.config import (MAX_EMBD, MAX_GUIDANCE_POOL, MAX_HEADS, MAX_IMAGE_SIZE, MAX_LAYERS,
                                   MAX_POSITIONS, MAX_VOCAB_SIZE)
 from medexgen_lib.files import honour_umask, read_capped, recover_dir, replace_dir
@@ -88,9 +88,10 @@ class ReportGeneratorConfig:
     guidance_prompt: bool = False  # label tokens prepended to the decoder's input (self-attention)
     guidance_thresholds: list[float] = field(default_factory=list)  # per label, chosen on val; empty: 0.5
     guidance_word_ids: list[list[int]] = field(default_factory=list)  # per label, its words' token ids (prompt)
-    guidance_align_sides: bool = False  # reports' side words set to the head's sides (guidance.align_sides)
-    # bank_key -> the training reports' sentence stating that finding (guidance.sentence_bank);
-    # non-empty: each finding the head predicts is stated in the report (guidance.state_findings)
+    # post-processing (medexgen_lib.postprocess): side words set to the head's sides (align_sides)
+    guidance_align_sides: bool = False
+    # bank_key -> the training reports' sentence stating that finding (report_edits.sentence_bank);
+    # non-empty: each finding the head predicts is stated in the report (report_edits.state_findings)
     guidance_sentences: dict[str, str] = field(default_factory=dict)
     # sentences only training reports without a finding contain: dropped where one is stated
     guidance_normal_sentences: list[str] = field(default_factory=list)
@@ -203,10 +204,10 @@ class ReportGenerator(nn.Module):
                       "guidance_embedding": guidance_cfg.embedding, "guidance_prompt": guidance_cfg.prompt,
                       "guidance_hard": guidance_cfg.decoder_input == "true"}
             if guidance_cfg.state_findings:
-                wiring["guidance_sentences"] = guidance.sentence_bank(train_texts, labels)
-                wiring["guidance_normal_sentences"] = guidance.normal_sentences(train_texts)
+                wiring["guidance_sentences"] = report_edits.sentence_bank(train_texts, labels)
+                wiring["guidance_normal_sentences"] = report_edits.normal_sentences(train_texts)
             if guidance_cfg.plan_reports and train_texts:  # (a model built without reports plans nothing)
-                wiring["guidance_sentences"] = guidance.sentence_bank(train_texts, labels)
+                wiring["guidance_sentences"] = report_edits.sentence_bank(train_texts, labels)
                 wiring["guidance_normal_report"] = planning.normal_report(train_texts, val_texts)
         prompt = len(labels) if wiring.get("guidance_prompt") else 0
         if prompt:  # the prompt's tokens carry each present label's words (PromptMRG-style)
@@ -408,44 +409,14 @@ class ReportGenerator(nn.Module):
         return self._generate(images, view_mask, features, **generate_kwargs)[0]
 
     @torch.no_grad()
-    def write_reports(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
-                      features: torch.Tensor | None = None, **generate_kwargs) -> list[str]:
-        """The reports ``generate`` writes, as text; with ``guidance_align_sides`` each sided
-        finding's side word is the observation head's (``guidance.align_sides``); with
-        ``guidance_sentences`` each finding the head predicts is stated (``guidance.state_findings``),
-        or with ``guidance_normal_report`` each report is planned (``planning.plan_report``)."""
-        return self.draft_and_write(images, view_mask, features, **generate_kwargs)[1]
-
-    @torch.no_grad()
-    def draft_and_write(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
-                        features: torch.Tensor | None = None, **generate_kwargs) -> tuple[list[str], list[str]]:
-        """The decoder's own texts (stripped) and the reports ``write_reports`` makes of them: scoring
-        judges degenerate output on the former (``metrics.prediction_labels``), which the side words
-        and the sentence bank may hide."""
+    def decode_reports(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+                       features: torch.Tensor | None = None, **generate_kwargs
+                       ) -> tuple[list[str], torch.Tensor | None]:
+        """The decoder's texts (stripped) and the observation head's probabilities ``[B, L]`` on
+        the CPU (None without a head): what ``postprocess.post_process`` makes the reports of."""
         ids, logits = self._generate(images, view_mask, features, **generate_kwargs)
-        drafts = [text.strip() for text in self.decode(ids.cpu())]
-        return drafts, self._post_process(drafts, logits)
-
-    def _post_process(self, texts: list[str], logits: torch.Tensor | None) -> list[str]:
-        """``texts`` with the head's side words and the bank's sentences or the plan (where the model
-        uses them)."""
-        bank, normal = self.config.guidance_sentences, self.config.guidance_normal_report
-        if not ((self.config.guidance_align_sides or bank or normal) and logits is not None):
-            return texts
-        labels, probabilities = self.config.guidance_labels, logits.float().sigmoid().cpu()
-        # sides by hard_labels' rule (given the finding) even where the prompt used each label at 0.5
-        hard = guidance.hard_labels(probabilities, self.config.guidance_thresholds or [0.5] * len(labels), labels)
-        sides = guidance.likely_sides(probabilities, labels, hard)
-        if self.config.guidance_align_sides:
-            texts = [guidance.align_sides(text, known) for text, known in zip(texts, sides, strict=True)]
-        present = [[label for label, on in zip(labels, row) if on] for row in hard.tolist()]
-        if normal:
-            texts = [planning.plan_report(text, found, known, bank, normal)
-                     for text, found, known in zip(texts, present, sides, strict=True)]
-        elif bank:
-            texts = [guidance.state_findings(text, found, known, bank, set(self.config.guidance_normal_sentences))
-                     for text, found, known in zip(texts, present, sides, strict=True)]
-        return texts
+        texts = [text.strip() for text in self.decode(ids.cpu())]
+        return texts, (logits.float().sigmoid().cpu() if logits is not None else None)
 
     def _generate(self, images: torch.Tensor, view_mask: torch.Tensor | None,
                   features: torch.Tensor | None, **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -645,10 +616,10 @@ def _check_guidance_fields(config: ReportGeneratorConfig, source: str) -> None:
     if not isinstance(sentences, dict):
         raise ValueError(f"{source}: model config field 'guidance_sentences' must map guidance labels "
                          f"joined by ' + ' to a sentence, got {type(sentences).__name__}")
-    keys = guidance.bank_keys(labels)
+    keys = report_edits.bank_keys(labels)
     for key, text in sentences.items():
         if key not in keys or not isinstance(text, str) \
-                or guidance.bank_sentence_key(text, known) != key:
+                or report_edits.bank_sentence_key(text, known) != key:
             raise ValueError(f"{source}: model config field 'guidance_sentences' maps {key!r} to "
                              f"{repr(text)[:200]}: a key must be a finding of 'guidance_labels' then its side "
                              "labels, joined by ' + ', and its value one sentence stating that "

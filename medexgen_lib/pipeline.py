@@ -8,6 +8,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,8 @@ def run_pipeline(profile: str = "demo", overrides: dict[str, Any] | None = None,
     selected = [s for s in stages if (start is None or s >= start) and (stop is None or s <= stop)]
     if "04" in selected:  # a tracker typo fails now, not after acquisition and preprocessing
         resolve_log_with(cfg.train.log_with)
-    with folder_lock(cfg.paths.output_dir), folder_lock(cfg.paths.data_dir, "paths.data_dir"):
+    with folder_lock(cfg.paths.output_dir), folder_lock(cfg.paths.data_dir, "paths.data_dir"), \
+            _quiet_papermill():
         out_dir = cfg.paths.logs / "notebooks"
         out_dir.mkdir(parents=True, exist_ok=True)
         results: list[StageResult] = []
@@ -146,6 +148,20 @@ def _run_stage(stage: str, notebook: Path, profile: str, overrides: dict, cfg, o
     outputs = [str(_output_path(cfg, o)) for o in STAGE_OUTPUTS.get(stage, [])
                if _output_path(cfg, o).exists()]
     return StageResult(stage, notebook.name, "ok", time.perf_counter() - began, str(executed), outputs)
+
+
+@contextlib.contextmanager
+def _quiet_papermill() -> Iterator[None]:
+    """papermill's INFO lines (input and output notebook, working directory, kernel) stay off the
+    terminal while the stages run; its warnings and errors still show. Its logger's level is put
+    back afterwards."""
+    logger = logging.getLogger("papermill")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

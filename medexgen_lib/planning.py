@@ -1,7 +1,7 @@
 """Sentence planning: each report in radiologists' usual wording, with the head's findings in it.
 
 A post-processing step on the decoder's text (``guidance.plan_reports``), applied after decoding
-with the head's side words (``ReportGenerator.draft_and_write`` returns the decoder's text beside
+with the head's side words (``postprocess.post_process`` returns the decoder's text beside
 the planned one; stage 05 counts the reports it changed). On real reports most studies are normal and
 radiologists phrase a normal study in a few habitual ways; a decoder's likeliest normal report is
 not one of them, and a decoder unsure of a finding falls back to it. The plan:
@@ -9,14 +9,14 @@ not one of them, and a decoder unsure of a finding falls back to it. The plan:
 - the **normal report** (``normal_report``): of the 50 most frequent training reports, the one with
   the best BLEU-4 on val (the "constant (best of top 50 on val)" baseline's choice);
 - each finding the observation head predicts (``present``) is stated by the sentence bank's
-  sentence (``guidance.sentence_bank``: the wording radiologists repeat most) for the finding on
+  sentence (``report_edits.sentence_bank``: the wording radiologists repeat most) for the finding on
   the head's sides; where the bank has none for exactly that, by the decoder's own sentence if it
   wrote one stating only findings the head predicts; else by the bank's sentence for the finding
   without a side, or on another side with its side word set to the head's;
 - it goes where the normal report's sentence about the same anatomy was ("The heart is normal in
   size." makes way for a cardiomegaly sentence); a normal sentence that negates a present finding
   keeps what else it says ("No large pleural effusion or pneumothorax." beside an effusion keeps
-  "No large pneumothorax."), and one that calls the lungs clear stays after the finding as
+  "No pneumothorax."), and one that calls the lungs clear stays after the finding as
   "otherwise clear", as radiologists write it. Anything left over goes before the normal report's
   last sentence.
 
@@ -30,8 +30,9 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from medexgen_lib.guidance import _sentences, _stated, align_sides, bank_key, without_negations
 from medexgen_lib.labeler import NEGATIVE, label_report
+from medexgen_lib.report_edits import align_sides, bank_key, without_negations
+from medexgen_lib.sides import split_sentences, stated_observations
 
 TOP_REPORTS = 50
 # "The lungs are clear ...": kept beside a lung finding as "The lungs are otherwise clear ...".
@@ -69,7 +70,7 @@ def contradicted(sentence: str, present: Sequence[str]) -> set[str]:
     it states no finding and speaks of their anatomy (``ANATOMY``)."""
     labels = label_report(sentence)
     hit = {o for o in present if labels.get(o) == NEGATIVE}
-    if not _stated(labels):
+    if not stated_observations(labels):
         for words, findings in ANATOMY:
             if words.search(sentence):
                 hit |= findings & set(present)
@@ -80,7 +81,7 @@ def plan_report(decoded: str, present: Sequence[str], sides: dict[str, set[str]]
                 bank: dict[str, str], normal: str) -> str:
     """The planned report (module docstring) for one study: ``decoded`` the decoder's text,
     ``present`` the head's findings (observation names; side labels and "No Finding" ignored),
-    ``sides`` their sides (``guidance.likely_sides``), ``bank`` the sentence bank, ``normal`` the
+    ``sides`` their sides (``postprocess.likely_sides``), ``bank`` the sentence bank, ``normal`` the
     normal report."""
     present = [o for o in present if ", " not in o and o != "No Finding"]
     if not present:
@@ -90,9 +91,9 @@ def plan_report(decoded: str, present: Sequence[str], sides: dict[str, set[str]]
         key = bank_key(observation, sides.get(observation, set()))
         if key in bank:
             stating[observation] = (bank[key], {observation})
-    for sentence in _sentences(decoded):
+    for sentence in split_sentences(decoded):
         labels = label_report(sentence)
-        stated = _stated(labels)
+        stated = stated_observations(labels)
         negates = any(labels.get(o) == NEGATIVE for o in present)
         if stated and stated <= set(present) and not negates and not stated & _covered(stating):
             stating[min(stated, key=present.index)] = (_ended(sentence), stated)
@@ -103,7 +104,7 @@ def plan_report(decoded: str, present: Sequence[str], sides: dict[str, set[str]]
                 stating[observation] = (sentence, {observation})
     placed: set[str] = set()
     planned = []
-    for sentence in _sentences(normal):
+    for sentence in split_sentences(normal):
         hit = contradicted(sentence, present)
         if not hit:
             planned.append(_ended(sentence))
@@ -125,7 +126,7 @@ def plan_report(decoded: str, present: Sequence[str], sides: dict[str, set[str]]
 
 def _bank_sentence(observation: str, sides: set[str], bank: dict[str, str]) -> str:
     """The bank's sentence for ``observation`` on ``sides``; else the finding's sentence without a
-    side; else one naming other sides, its side words set to ``sides`` (``guidance.align_sides``)
+    side; else one naming other sides, its side words set to ``sides`` (``report_edits.align_sides``)
     or left as they are where no side is known. "" where the bank has none for the finding."""
     for key in (bank_key(observation, sides), bank_key(observation)):
         if key in bank:

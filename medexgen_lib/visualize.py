@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from medexgen_lib.files import read_json, save_figure
 from medexgen_lib.labeler import NO_FINDING, OBSERVATIONS, POSITIVE
-from medexgen_lib.train import load_history, mark_epochs
+from medexgen_lib.history import load_history, mark_epochs
 
 AGREE, MISSED, INVENTED = "#2e7d32", "#c62828", "#ef6c00"  # green, red, orange
 
@@ -96,7 +96,7 @@ def visualize_model_predictions(model_dir: str | os.PathLike, split: str = "test
     this model (notebook 05), else they are generated now.
     """
     from medexgen_lib.config import load_config
-    from medexgen_lib.evaluate import generate_reports
+    from medexgen_lib.reporting import generate_reports
     from medexgen_lib.labeler import label_report
     from medexgen_lib.metrics import prediction_labels
     from medexgen_lib.model import ReportGenerator

@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+import medexgen_lib.checkpoints as checkpoints_module
 import medexgen_lib.model as model_module
 import medexgen_lib.train as train_module
 from medexgen_lib.config import load_config
@@ -59,7 +60,7 @@ elif mode in ("kill-in-save", "kill-between-renames"):
                 Path(target).write_bytes(b"half a file")
                 die()
             ReportGenerator.write_files = half_write
-            train_module._link_or_copy = half_copy
+            checkpoints_module._link_or_copy = half_copy
         else:
             replace = os.replace
 

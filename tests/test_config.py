@@ -108,3 +108,25 @@ def test_the_mimic_profile_is_full_on_mimics_conventions():
     assert mimic.model == full.model and mimic.guidance == full.guidance and mimic.tokenizer == full.tokenizer
     assert mimic.split.annotation_file == ""  # the source's own (official) split, as R2Gen's
     assert (mimic.text.max_length, mimic.eval.max_new_tokens, mimic.eval.references) == (100, 100, "r2gen-mimic")
+
+
+def test_each_profile_has_one_comment_line_pointing_to_its_rationale():
+    """The rationale of the defaults lives in docs/RESULTS.md; a profile carries one comment line
+    that links to its section there (an anchor that exists), and no other comment."""
+    import ast
+    import re
+    from pathlib import Path
+
+    from medexgen_lib import config
+
+    root = Path(config.__file__).resolve().parent.parent
+    source = Path(config.__file__).read_text()
+    node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "PROFILES")
+    comments = [line.strip() for line in source.splitlines()[node.lineno - 1:node.end_lineno]
+                if line.strip().startswith("#")]
+    headings = re.findall(r"^#+ (.+)$", (root / "docs" / "RESULTS.md").read_text(), re.MULTILINE)
+    anchors = {re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-") for heading in headings}
+    linked = [re.search(r"docs/RESULTS\.md#([a-z0-9-]+)", comment) for comment in comments]
+    assert len(comments) == len(config.PROFILES) and all(linked), comments
+    assert {match.group(1) for match in linked} <= anchors

@@ -11,11 +11,11 @@ from medexgen_lib.__main__ import main
 from medexgen_lib.config import load_config
 from medexgen_lib.dataset import ReportDataset
 from medexgen_lib.evaluate import (R2GEN_SPLIT_SIZES, baseline_predictions, comparability, comparison_table,
-                                   generate_reports, read_predictions_file, run_evaluation,
-                                   score_predictions_file)
+                                   read_predictions_file, run_evaluation, score_predictions_file)
 from medexgen_lib.metrics import is_degenerate, text_metrics
 from medexgen_lib.model import ReportGenerator
 from medexgen_lib.preprocess import load_split
+from medexgen_lib.reporting import generate_reports
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_evaluation_encodes_each_study_once_and_shared_features_change_nothing(c
     from functools import partial
 
     from medexgen_lib.dataset import collate
-    from medexgen_lib.train import FrozenFeatures
+    from medexgen_lib.features import FrozenFeatures
 
     model = ReportGenerator.from_pretrained(cfg.paths.models / "final")
     train, val, test = (load_split(cfg, split) for split in ("train", "val", "test"))

@@ -40,7 +40,7 @@ def _expected(root, umask):
 def test_atomic_files_model_tokenizer_and_checkpoint_folders_honour_the_umask(umask, tmp_path):
     from accelerate import Accelerator
 
-    from medexgen_lib.train import save_checkpoint
+    from medexgen_lib.checkpoints import save_checkpoint
 
     write_json(tmp_path / "logs" / "metrics.json", {"a": 1})
     write_text_atomic(tmp_path / "logs" / "ablation.md", "table")

@@ -389,13 +389,13 @@ def test_generate_decodes_as_the_model_was_evaluated_unless_flags_say_otherwise(
     frontal = tmp_path / "f.png"
     Image.fromarray(_chest()).save(frontal)
     calls = []
-    original = ReportGenerator.draft_and_write
+    original = ReportGenerator.decode_reports
 
     def spy(self, *args, **kwargs):
         calls.append(kwargs)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(ReportGenerator, "draft_and_write", spy)
+    monkeypatch.setattr(ReportGenerator, "decode_reports", spy)
 
     def generate(folder, *flags) -> dict:
         caplog.clear()
@@ -850,3 +850,32 @@ def test_every_model_size_the_run_config_allows_loads_back():
                        ("tokenizer.vocab_size", "vocab_size"), ("guidance.pool", "guidance_pool")):
         assert RANGES[key][1] == _CONFIG_RANGES[field][1], key
     assert MAX_TEXT_LENGTH + 100 <= _CONFIG_RANGES["n_positions"][1]  # room for a guidance prompt
+
+
+@pytest.mark.parametrize("head_side, report, steps", [
+    ("left", "Small left pleural effusion.", ["align_sides"]),  # the head's side replaces the decoder's
+    ("right", "Small right pleural effusion.", [])])  # the same side: nothing changed, nothing named
+def test_generate_json_reports_the_decoder_text_and_what_post_processing_changed(head_side, report, steps,
+                                                                               tmp_path, monkeypatch, capsys):
+    from medexgen_lib.guidance import ObservationGuidance
+    from medexgen_lib.model import ReportGeneratorConfig
+
+    tokenizer = train_tokenizer(["Small right pleural effusion. Heart size normal."] * 20, 300)
+    labels = ["Pleural Effusion", "Pleural Effusion, left", "Pleural Effusion, right"]
+    model = ReportGenerator(ReportGeneratorConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, encoder="resnet18", image_size=64, n_layer=1, n_head=2, n_embd=16,
+        n_positions=64, guidance_labels=labels, guidance_thresholds=[0.5] * 3, guidance_align_sides=True))
+    model.tokenizer = tokenizer
+    model.save_pretrained(tmp_path / "guided")
+    decoded = "Small right pleural effusion."
+    monkeypatch.setattr(ReportGenerator, "decode", lambda self, ids: [decoded] * len(ids))
+    sides = [0.9, 0.8, 0.1] if head_side == "left" else [0.9, 0.1, 0.8]  # effusion, then its sides
+    monkeypatch.setattr(ObservationGuidance, "logits", lambda self, features, batch, mask: torch.logit(
+        torch.tensor([sides] * batch)))
+    frontal = tmp_path / "f.png"
+    Image.fromarray(_chest()).save(frontal)
+    assert main(["generate", "--model", str(tmp_path / "guided"), str(frontal), "--json",
+                 "--max-new-tokens", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["decoder_text"], printed["report"], printed["post_processing"]) == (decoded, report, steps)

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from medexgen_lib import guidance
+from medexgen_lib import guidance, report_edits
 from medexgen_lib.config import load_config
 from medexgen_lib.labeler import label_report
 from medexgen_lib.model import ReportGenerator, ReportGeneratorConfig
-from medexgen_lib.metrics import macro_f1_from_counts, study_statistics
+from medexgen_lib.metrics import laterality, load_phantom_truth, macro_f1_from_counts, study_statistics
+from medexgen_lib.postprocess import likely_sides, post_process
+from medexgen_lib.sides import split_sentences
 from medexgen_lib.seeds import bleu4_from_sums, paired_bootstrap
 
 from conftest import SMALL_DATA_SPLIT
@@ -127,14 +129,14 @@ def test_likely_sides_of_present_findings_follow_the_side_given_the_finding():
                                   [0.02, 0.015, 0.012, 0.1],  # absent: no side, however the ratios fall
                                   [0.9, float("nan"), 0.2, 0.1]])  # not a number: no side
     present = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
-    assert guidance.likely_sides(probabilities, labels, present) == [
+    assert likely_sides(probabilities, labels, present) == [
         {"Pleural Effusion": {"left"}}, {"Pleural Effusion": {"left", "right"}},
         {"Pleural Effusion": {"right"}}, {}, {}]
     columns = [0, 3]  # no side labels: no sides
-    assert guidance.likely_sides(probabilities[:, columns], ["Pleural Effusion", "Cardiomegaly"],
+    assert likely_sides(probabilities[:, columns], ["Pleural Effusion", "Cardiomegaly"],
                                  present[:, columns]) == [{}] * 5
     # one side label only: that side where it is likely given the finding, never by default
-    one = guidance.likely_sides(probabilities[:, [0, 2]], ["Pleural Effusion", "Pleural Effusion, right"],
+    one = likely_sides(probabilities[:, [0, 2]], ["Pleural Effusion", "Pleural Effusion, right"],
                                 present[:, [0, 2]])
     assert one == [{}, {"Pleural Effusion": {"right"}}, {}, {}, {}]
 
@@ -185,7 +187,7 @@ LEFT = {"Pleural Effusion": {"left"}, "Pneumothorax": {"left"}, "Consolidation":
     ("leftover righteous effusion.", LEFT, "leftover righteous effusion."),
     ("", LEFT, "")])
 def test_align_sides_sets_each_sided_findings_side_word_to_the_heads(text, sides, expected):
-    assert guidance.align_sides(text, sides) == expected
+    assert report_edits.align_sides(text, sides) == expected
 
 
 def _writing(monkeypatch, written: list[str], probabilities: list[list[float]], thresholds: list[float]
@@ -199,14 +201,20 @@ def _writing(monkeypatch, written: list[str], probabilities: list[list[float]], 
     return model
 
 
-def test_write_reports_align_sides_only_when_the_model_says_so(tmp_path, monkeypatch):
+def _reports(model: ReportGenerator, images: torch.Tensor) -> list[str]:
+    """The reports made of ``model``'s decoding: its texts post-processed as its config says."""
+    texts, probabilities = model.decode_reports(images, max_new_tokens=2)
+    return post_process(texts, probabilities, model.config).texts
+
+
+def test_reports_align_sides_only_when_the_model_says_so(tmp_path, monkeypatch):
     written = ["Small right pleural effusion. Heart normal.", "Left pleural effusion."]
     # the head: effusion present in both studies, left given effusion in the first only
     model = _writing(monkeypatch, written, [[0.1, 0.9, 0.8, 0.1], [0.1, 0.9, 0.1, 0.8]], [0.5] * 4)
     images = torch.randn(2, 2, 3, 64, 64)
-    assert model.write_reports(images, max_new_tokens=2) == written
+    assert _reports(model, images) == written
     model.config.guidance_align_sides = True
-    assert model.write_reports(images, max_new_tokens=2) == [
+    assert _reports(model, images) == [
         "Small left pleural effusion. Heart normal.", "Right pleural effusion."]
     model.tokenizer = None
     model.save_pretrained(tmp_path / "m")
@@ -222,26 +230,26 @@ def test_the_sentence_bank_keeps_each_findings_most_typical_sentence_that_states
              "Possible cardiomegaly. Possible cardiomegaly. Possible cardiomegaly.",
              "Right pleural effusion and cardiomegaly. Small pneumothorax. Small pneumothorax.",
              "Bilateral pleural effusions. Pleural effusion. Pleural effusion"]  # no end: not a bank sentence
-    assert guidance.sentence_bank(texts, LABELS) == {
+    assert report_edits.sentence_bank(texts, LABELS) == {
         "Cardiomegaly": "Cardiomegaly.",  # seen once, as "The heart is enlarged.": tie, the shorter
         "Pleural Effusion + Pleural Effusion, left": "Left pleural effusion.",
         "Pleural Effusion + Pleural Effusion, left + Pleural Effusion, right": "Bilateral pleural effusions.",
         "Pleural Effusion": "Pleural effusion."}  # Pneumothorax has no label: no sentence
     # labels without side labels: sides are not part of the key (a key the model accepts on load),
     # and the key's sentence names no side where one does not
-    assert guidance.sentence_bank(texts, ["Cardiomegaly", "Pleural Effusion"])["Pleural Effusion"] \
+    assert report_edits.sentence_bank(texts, ["Cardiomegaly", "Pleural Effusion"])["Pleural Effusion"] \
         == "Pleural effusion."
-    assert guidance.sentence_bank(texts[:2], ["Cardiomegaly", "Pleural Effusion"])["Pleural Effusion"] \
+    assert report_edits.sentence_bank(texts[:2], ["Cardiomegaly", "Pleural Effusion"])["Pleural Effusion"] \
         == "Left pleural effusion."  # only sided sentences: one of them
 
 
 def test_the_sentence_bank_prefers_the_wording_radiologists_repeat_to_a_short_one_off():
     texts = ["Right effusion.", "There is a small right pleural effusion.", "Small right pleural effusion.",
              "A small right pleural effusion is present.", "Right pleural effusion with nipple shadows."]
-    bank = guidance.sentence_bank(texts, LABELS)
+    bank = report_edits.sentence_bank(texts, LABELS)
     assert bank["Pleural Effusion + Pleural Effusion, right"] == "Small right pleural effusion."
     # an exact repeat still counts most
-    assert guidance.sentence_bank(texts + ["Right effusion."] * 3, LABELS)[
+    assert report_edits.sentence_bank(texts + ["Right effusion."] * 3, LABELS)[
         "Pleural Effusion + Pleural Effusion, right"] == "Right effusion."
 
 
@@ -252,7 +260,7 @@ def test_the_sentence_bank_leaves_out_comparisons_measurements_and_deidentified_
              # a dictation slip the labeler reads as a finding, and a comparison: twice each
              "Lungs are clear and cardiomegaly. Lungs are clear and cardiomegaly.",
              "No change in the left pleural effusion. No change in the left pleural effusion."]
-    assert guidance.sentence_bank(texts, LABELS) == {
+    assert report_edits.sentence_bank(texts, LABELS) == {
         "Cardiomegaly": "The heart is enlarged.",
         "Pleural Effusion + Pleural Effusion, left": "Small left pleural effusion."}
 
@@ -264,7 +272,7 @@ def test_normal_sentences_are_those_only_reports_without_a_finding_contain():
              "Heart size is normal. Lungs are clear bilaterally. No pneumothorax. No pneumothorax."]
     # "Heart size is normal." and "No pneumothorax." mention an observation; the bony one is
     # in a report with a finding; "Lungs are clear bilaterally." is in one report only
-    assert guidance.normal_sentences(texts) == ["The lungs are clear.", "Normal chest."]
+    assert report_edits.normal_sentences(texts) == ["The lungs are clear.", "Normal chest."]
 
 
 BANK = {"Cardiomegaly": "Cardiomegaly.", "Pleural Effusion": "Pleural effusion.",
@@ -303,7 +311,7 @@ NORMAL = {"The lungs are clear.", "Normal chest."}
     ("The lungs are clear.", ["No Finding", "Pleural Effusion, left", "Edema"], {}, "The lungs are clear."),
 ])
 def test_state_findings_adds_a_sentence_for_each_predicted_finding_the_text_omits(text, present, sides, expected):
-    assert guidance.state_findings(text, present, sides, {"No Finding": "Normal chest.", **BANK}, NORMAL) == expected
+    assert report_edits.state_findings(text, present, sides, {"No Finding": "Normal chest.", **BANK}, NORMAL) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -319,29 +327,29 @@ def test_state_findings_adds_a_sentence_for_each_predicted_finding_the_text_omit
 ])
 def test_state_findings_leaves_no_statement_that_the_added_finding_is_absent(text, expected):
     bank = {**BANK, "Pneumothorax + Pneumothorax, right": "There is a right apical pneumothorax."}
-    out = guidance.state_findings(text, ["Pneumothorax"], {"Pneumothorax": {"right"}}, bank, NORMAL)
+    out = report_edits.state_findings(text, ["Pneumothorax"], {"Pneumothorax": {"right"}}, bank, NORMAL)
     assert out == expected
     # the labeler reads the added finding positive, and no sentence of the report says it is absent
     assert label_report(out)["Pneumothorax"] == "positive"
-    assert all(label_report(s)["Pneumothorax"] != "negative" for s in guidance._sentences(out))
+    assert all(label_report(s)["Pneumothorax"] != "negative" for s in split_sentences(out))
     # what the rest of the text said is still said
     for observation in ("Pleural Effusion", "Cardiomegaly", "Consolidation"):
         assert label_report(out)[observation] == label_report(text)[observation]
 
 
-def test_write_reports_state_the_heads_findings_only_with_a_bank(tmp_path, monkeypatch):
+def test_reports_state_the_heads_findings_only_with_a_bank(tmp_path, monkeypatch):
     written = ["Heart normal. No pleural effusion.", "Left pleural effusion. The lungs are clear."]
     # the head: effusion in both studies, left given effusion in the first, right in the second;
     # cardiomegaly .7 in the first, under its threshold
     model = _writing(monkeypatch, written, [[0.7, 0.9, 0.8, 0.1], [0.1, 0.9, 0.1, 0.8]], [0.8, 0.5, 0.5, 0.5])
     images = torch.randn(2, 2, 3, 64, 64)
-    assert model.write_reports(images, max_new_tokens=2) == written
+    assert _reports(model, images) == written
     model.config.guidance_sentences = BANK
     model.config.guidance_normal_sentences = sorted(NORMAL)
-    assert model.write_reports(images, max_new_tokens=2) == ["Left pleural effusion. Heart normal.",
+    assert _reports(model, images) == ["Left pleural effusion. Heart normal.",
                                                              written[1]]  # stated: kept as written
     model.config.guidance_align_sides = True  # sides first, then the bank
-    assert model.write_reports(images, max_new_tokens=2)[1] == "Right pleural effusion. The lungs are clear."
+    assert _reports(model, images)[1] == "Right pleural effusion. The lungs are clear."
     model.tokenizer = None
     model.save_pretrained(tmp_path / "m")
     loaded = ReportGenerator.from_pretrained(tmp_path / "m").config
@@ -355,7 +363,8 @@ def test_degenerate_decoder_output_is_counted_though_the_bank_repairs_it(monkeyp
     # the head: cardiomegaly and a left effusion in the first study, a left effusion in the second
     model = _writing(monkeypatch, written, [[0.9, 0.9, 0.8, 0.1], [0.1, 0.9, 0.8, 0.1]], [0.5] * 4)
     model.config.guidance_sentences = BANK
-    drafts, reports = model.draft_and_write(torch.randn(2, 2, 3, 64, 64), max_new_tokens=2)
+    drafts, probabilities = model.decode_reports(torch.randn(2, 2, 3, 64, 64), max_new_tokens=2)
+    reports = post_process(drafts, probabilities, model.config).texts
     assert drafts == written and reports == ["effusion effusion effusion effusion. Cardiomegaly.", written[1]]
     refs = ["The heart is enlarged.", "Heart normal. Left pleural effusion."]
     assert score(refs, reports)["degenerate_predictions"] == 0  # the bank's sentence hides it ...
@@ -367,7 +376,7 @@ def test_degenerate_decoder_output_is_counted_though_the_bank_repairs_it(monkeyp
 
 @pytest.mark.parametrize("setting", ["guidance.align_sides", "guidance.state_findings"])
 def test_settings_that_rewrite_reports_change_the_evaluation_fingerprint(setting):
-    from medexgen_lib.train import evaluation_fingerprint
+    from medexgen_lib.validation import evaluation_fingerprint
 
     on, off = (evaluation_fingerprint(load_config("demo", {setting: value}), ["CXR1"])[0] for value in (True, False))
     assert on != off  # epochs validated with and without it do not compete for best on resume
@@ -439,7 +448,7 @@ def test_a_config_with_too_many_word_ids_for_a_label_is_refused(tmp_path):
 def test_bank_keys_of_many_labels_are_found_in_linear_time():
     labels = [f"Finding {i}" for i in range(20000)] + [f"Finding {i}, left" for i in range(20000)]
     started = time.perf_counter()
-    keys = guidance.bank_keys(labels)
+    keys = report_edits.bank_keys(labels)
     assert len(keys) == 40000 and "Finding 7 + Finding 7, left" in keys
     assert time.perf_counter() - started < 5  # quadratic (a list lookup per label): minutes
 
@@ -526,7 +535,7 @@ def test_observation_loss_is_set_by_the_hooks_inputs_and_reaches_the_head():
 
 
 def test_label_smoothing_changes_the_lm_loss():
-    from medexgen_lib.train import token_loss
+    from medexgen_lib.optimization import token_loss
 
     model = _model(labels=[]).train()
     ids = torch.tensor([[0, 5, 6, 1]])
@@ -546,7 +555,7 @@ def test_guided_model_saves_and_loads(tmp_path):
 
 
 def test_old_lr_grouping_puts_cross_attention_with_the_decoder():
-    from medexgen_lib.train import parameter_groups
+    from medexgen_lib.optimization import parameter_groups
 
     model = _model(labels=[])
     groups = {cfg: {n: g["name"] for g in parameter_groups(model, load_config(
@@ -570,31 +579,31 @@ def test_laterality_counts_detected_findings_with_the_right_side():
                    "A small left pneumothorax is present. No nodule.",  # wrong side; lesion missed
                    "There are bilateral pleural effusions.",  # both sides: right
                    "Right pleural effusion."]  # nothing sided in the truth: not counted
-    result = guidance.laterality(TRUTH, ["CXR1", "CXR2", "CXR3", "CXR4"], predictions)
+    result = laterality(TRUTH, ["CXR1", "CXR2", "CXR3", "CXR4"], predictions)
     assert result == {"laterality": 2 / 3, "laterality_correct": 2, "laterality_detected": 3,
                       "laterality_findings": 4}
 
 
 def test_laterality_of_a_report_without_side_or_detection():
-    result = guidance.laterality(TRUTH, ["CXR1", "CXR3"], ["Pleural effusion.", "Normal chest."])
+    result = laterality(TRUTH, ["CXR1", "CXR3"], ["Pleural effusion.", "Normal chest."])
     assert result["laterality"] == 0.0 and result["laterality_detected"] == 1
-    assert guidance.laterality(TRUTH, ["CXR4"], ["Normal."])["laterality"] is None
+    assert laterality(TRUTH, ["CXR4"], ["Normal."])["laterality"] is None
 
 
 def test_phantom_truth_follows_the_written_reports(phantom_dir):
     from medexgen_lib.reports import parse_report
 
-    truth = guidance.load_phantom_truth(phantom_dir / "reports")
+    truth = load_phantom_truth(phantom_dir / "reports")
     studies = json.loads((phantom_dir / "reports" / "phantom_findings.json").read_text())
     uids, texts = [], []
     for study in studies:
         report = parse_report(phantom_dir / "reports" / "ecgen-radiology" / f"{study['number']}.xml")
         uids.append(f"CXR{study['number']}")
         texts.append(f"{report['findings']} {report['impression']}")
-    result = guidance.laterality(truth, uids, texts)
+    result = laterality(truth, uids, texts)
     assert result["laterality_findings"] > 5 and result["laterality"] == 1.0
     swapped = [t.replace("left", "LEFT").replace("right", "left").replace("LEFT", "right") for t in texts]
-    assert guidance.laterality(truth, uids, swapped)["laterality"] < 0.5
+    assert laterality(truth, uids, swapped)["laterality"] < 0.5
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -836,13 +845,13 @@ def test_ablation_rows_load_differ_from_the_row_before_and_end_at_the_demo_defau
     assert all(before != after for before, after in zip(configs, configs[1:]))
 
 
-def test_write_reports_name_sides_given_the_finding_for_a_model_without_thresholds(monkeypatch):
+def test_reports_name_sides_given_the_finding_for_a_model_without_thresholds(monkeypatch):
     model = _prompted(guidance_align_sides=True)  # saved before thresholds: each label at 0.5
     model.tokenizer = SimpleNamespace(batch_decode=lambda ids, **_: ["Right pleural effusion."])
     # effusion present; neither side above 0.5 alone, both above 0.5 given the finding
     monkeypatch.setattr(model.guidance, "logits", lambda features, batch, mask: torch.logit(
         torch.tensor([[0.1, 0.55, 0.30, 0.29]])))
-    assert model.write_reports(torch.randn(1, 2, 3, 64, 64), max_new_tokens=2) == ["Bilateral pleural effusion."]
+    assert _reports(model, torch.randn(1, 2, 3, 64, 64)) == ["Bilateral pleural effusion."]
 
 
 def test_ablation_prepares_its_data_again_where_an_earlier_run_left_other_settings(tmp_path):
@@ -985,5 +994,5 @@ def test_an_ablation_row_run_again_keeps_its_old_result_until_the_new_one_is_com
 def test_removing_a_negated_clause_keeps_the_clauses_after_it_apart(sentence, expected):
     """The clause's separator from the next clause was lost: "... No effusionbut there is
     cardiomegaly." labelled cardiomegaly negative."""
-    assert guidance.without_negations(sentence, {"Pneumothorax"}) == expected
+    assert report_edits.without_negations(sentence, {"Pneumothorax"}) == expected
     assert label_report(expected)["Cardiomegaly"] == "positive"

@@ -347,15 +347,15 @@ def test_labeling_speed_is_measured_without_the_memo():
 
 
 def test_labeler_version_reaches_metrics_and_fingerprint(monkeypatch):
-    from medexgen_lib import train
+    from medexgen_lib import validation
     from medexgen_lib.config import Config
     from medexgen_lib.metrics import score
 
     assert score(["Cardiomegaly."], ["Cardiomegaly."])["labeler_version"] == LABELER_VERSION
-    digest, payload = train.evaluation_fingerprint(Config(), ["CXR1"])
+    digest, payload = validation.evaluation_fingerprint(Config(), ["CXR1"])
     assert payload["labeler_version"] == LABELER_VERSION
-    monkeypatch.setattr(train, "LABELER_VERSION", LABELER_VERSION + "-changed")
-    assert train.evaluation_fingerprint(Config(), ["CXR1"])[0] != digest
+    monkeypatch.setattr(validation, "LABELER_VERSION", LABELER_VERSION + "-changed")
+    assert validation.evaluation_fingerprint(Config(), ["CXR1"])[0] != digest
 
 
 def test_memoised_labels_are_a_fresh_dict_each_call():

@@ -8,7 +8,8 @@ import pytest
 
 from medexgen_lib.acquisition import acquire, build_studies_table
 from medexgen_lib.config import load_config
-from medexgen_lib.evaluate import baseline_predictions, generate_reports
+from medexgen_lib.evaluate import baseline_predictions
+from medexgen_lib.reporting import generate_reports
 from medexgen_lib.labeler import label_report
 from medexgen_lib.metrics import clinical_metrics, prediction_labels
 from medexgen_lib.model import ReportGenerator

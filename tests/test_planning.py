@@ -60,11 +60,11 @@ def test_normal_report_is_the_frequent_training_report_val_scores_best_on():
     assert normal_report(train, []) == common
 
 
-def test_write_reports_plan_around_the_normal_report_and_it_survives_save_and_load(tmp_path, monkeypatch):
+def test_reports_plan_around_the_normal_report_and_it_survives_save_and_load(tmp_path, monkeypatch):
     import torch
 
     from medexgen_lib.model import ReportGenerator
-    from test_guidance import _writing
+    from test_guidance import _reports, _writing
 
     written = ["Heart normal. Right pleural effusion. Nodule.", "Cardiomegaly."]
     # the head: effusion (left given effusion) in the first study; nothing in the second
@@ -72,7 +72,7 @@ def test_write_reports_plan_around_the_normal_report_and_it_survives_save_and_lo
     model.config.guidance_align_sides = True
     model.config.guidance_sentences = {"Pleural Effusion": "Pleural effusion."}
     model.config.guidance_normal_report = NORMAL
-    planned = model.write_reports(torch.randn(2, 2, 3, 64, 64), max_new_tokens=2)
+    planned = _reports(model, torch.randn(2, 2, 3, 64, 64))
     # the bank has no left-sided sentence: the decoder's, its side set to the head's
     assert planned == [NORMAL.replace("No large pleural effusion or pneumothorax.",
                                       "Left pleural effusion. No pneumothorax."), NORMAL]
@@ -92,7 +92,7 @@ def test_plan_reports_needs_the_head_excludes_the_sentence_bank_and_changes_the_
     import pytest
 
     from medexgen_lib.config import ConfigError, load_config
-    from medexgen_lib.train import evaluation_fingerprint
+    from medexgen_lib.validation import evaluation_fingerprint
 
     with pytest.raises(ConfigError, match="choose one"):
         load_config("demo", {"guidance.plan_reports": True})

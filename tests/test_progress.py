@@ -105,3 +105,22 @@ def test_runner_shows_epoch_progress_and_no_kernel_transport_warning(tmp_path, c
     terminal = capfd.readouterr()
     assert "without encryption" not in terminal.err + terminal.out
     assert "raw cell output" not in terminal.err + terminal.out
+
+
+@pytest.mark.notebook
+def test_the_runner_shows_its_own_lines_not_papermills(tmp_path, caplog, capfd):
+    """papermill's "Input Notebook / Output Notebook / Working directory / Executing notebook"
+    lines stay off the terminal (the CLI logs everything at INFO to it, as caplog does here)."""
+    from test_notebooks import _write_stages
+
+    papermill_level = logging.getLogger("papermill").level
+    folder = _write_stages(tmp_path / "notebooks", {"01_trivial.ipynb": "print('done')"})
+    overrides = {"paths.data_dir": str(tmp_path / "data"), "paths.output_dir": str(tmp_path / "out")}
+    with caplog.at_level(logging.INFO):
+        run_pipeline("demo", overrides, notebooks_dir=folder)
+    terminal = capfd.readouterr()
+    shown = caplog.text + terminal.out + terminal.err
+    assert "stage 01: 01_trivial.ipynb" in shown  # the runner's own line
+    for papermills in ("Input Notebook", "Output Notebook", "Working directory", "Executing notebook"):
+        assert papermills not in shown
+    assert logging.getLogger("papermill").level == papermill_level  # as it was before the run

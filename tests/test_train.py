@@ -16,8 +16,9 @@ from medexgen_lib.acquisition import acquire, build_studies_table
 from medexgen_lib.config import load_config
 from medexgen_lib.model import ReportGenerator
 from medexgen_lib.preprocess import run_preprocessing
-from medexgen_lib.train import (NewTokenRows, NonFiniteLoss, evaluation_fingerprint,
-                                parameter_groups, train)
+from medexgen_lib.optimization import NewTokenRows, parameter_groups
+from medexgen_lib.train import NonFiniteLoss, train
+from medexgen_lib.validation import evaluation_fingerprint
 
 from conftest import TINY
 
@@ -373,7 +374,7 @@ def test_a_resumed_run_that_stopped_early_trains_no_further_epoch_and_exports_as
     from medexgen_lib.model_card import ModelCard
 
     flat = {"clinical macro_F1": 0.5, "BLEU-4": 0.2, "distinct_predictions": 1}  # epoch 1 best, then none better
-    monkeypatch.setattr(train_module, "_validate", lambda *args, **kwargs: (dict(flat), 1.0, []))
+    monkeypatch.setattr(train_module, "validate", lambda *args, **kwargs: (dict(flat), 1.0, []))
     cfg = tiny_cfg(train__epochs=4, train__patience=1, train__export=export)
     first = train(cfg, progress=False)
     assert (first.best_epoch, first.exported_epoch) == (1, epoch)
@@ -510,7 +511,7 @@ def test_frozen_features_are_what_the_encoder_computes(tiny_cfg):
     from medexgen_lib.dataset import collate
     from medexgen_lib.preprocess import load_split
     from medexgen_lib.tokenizer import load_tokenizer
-    from medexgen_lib.train import FrozenFeatures
+    from medexgen_lib.features import FrozenFeatures
 
     cfg = tiny_cfg()
     model = ReportGenerator.build(cfg.model, load_tokenizer(cfg.paths.processed / "tokenizer"), 32, 48).eval()
@@ -528,7 +529,7 @@ def test_frozen_features_are_what_the_encoder_computes(tiny_cfg):
 
 
 def test_the_selection_metric_may_sum_validation_metrics():
-    from medexgen_lib.train import selection_value
+    from medexgen_lib.validation import selection_value
 
     metrics = {"clinical macro_F1": 0.75, "BLEU-4": 0.25, "distinct_predictions": 0.5}
     assert selection_value(metrics, "clinical macro_F1 + BLEU-4") == 1.0
@@ -538,7 +539,7 @@ def test_the_selection_metric_may_sum_validation_metrics():
 
 
 def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypatch):
-    from medexgen_lib import guidance
+    from medexgen_lib import guidance, report_edits
     from medexgen_lib.dataset import collate
     from medexgen_lib.preprocess import load_split
 
@@ -546,7 +547,7 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypat
     assert cfg.guidance.decoder_input == "true"  # the demo's hard guidance
     banked = []  # the texts the sentence bank and the normal sentences are made of
     for name in ("sentence_bank", "normal_sentences"):
-        monkeypatch.setattr(guidance, name, lambda texts, *rest, f=getattr(guidance, name): (
+        monkeypatch.setattr(report_edits, name, lambda texts, *rest, f=getattr(report_edits, name): (
             banked.append(list(texts)), f(texts, *rest))[1])
     train(cfg, progress=False)
     config = json.loads((cfg.paths.models / "final" / "config.json").read_text())
@@ -567,15 +568,16 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypat
     # the demo's sentence bank and normal sentences come from the training reports alone
     train_texts = [e.text for e in load_split(cfg, "train").examples]
     assert banked == [train_texts, train_texts]
-    assert config["guidance_sentences"] and config["guidance_sentences"] == guidance.sentence_bank(train_texts, labels)
-    assert config["guidance_normal_sentences"] == guidance.normal_sentences(train_texts)
+    assert config["guidance_sentences"] and config["guidance_sentences"] == report_edits.sentence_bank(train_texts, labels)
+    assert config["guidance_normal_sentences"] == report_edits.normal_sentences(train_texts)
     # the val score recorded for the exported epoch is the exported model's, thresholds included:
     # they were chosen at that validation and saved with the checkpoint
     exported_config = json.loads((cfg.paths.checkpoints / cfg.train.export / "config.json").read_text())
     assert exported_config["guidance_thresholds"] == thresholds
-    from medexgen_lib.evaluate import generate_reports
+    from medexgen_lib.reporting import generate_reports
     from medexgen_lib.metrics import score
-    from medexgen_lib.train import load_history, selection_value
+    from medexgen_lib.history import load_history
+    from medexgen_lib.validation import selection_value
 
     exported = load_history(cfg.paths.logs / "history.jsonl")[-1]  # train.export "last"
     rows = generate_reports(ReportGenerator.from_pretrained(cfg.paths.models / "final"),
@@ -586,7 +588,7 @@ def test_the_exported_model_carries_thresholds_chosen_on_val(tiny_cfg, monkeypat
 
 
 def test_a_planning_run_exports_its_normal_report_and_switches_off_what_val_cannot_tell(tiny_cfg):
-    from medexgen_lib import guidance
+    from medexgen_lib import guidance, report_edits
     from medexgen_lib.dataset import collate
     from medexgen_lib.planning import normal_report
     from medexgen_lib.preprocess import load_split
@@ -597,7 +599,7 @@ def test_a_planning_run_exports_its_normal_report_and_switches_off_what_val_cann
     train_texts = [e.text for e in load_split(cfg, "train").examples]
     val = load_split(cfg, "val")
     assert config["guidance_normal_report"] == normal_report(train_texts, [e.text for e in val.examples])
-    assert config["guidance_sentences"] == guidance.sentence_bank(train_texts, config["guidance_labels"])
+    assert config["guidance_sentences"] == report_edits.sentence_bank(train_texts, config["guidance_labels"])
     model = ReportGenerator.from_pretrained(cfg.paths.models / "final").eval()
     batch = collate([val[i] for i in range(len(val))], pad_token_id=model.config.pad_token_id)
     with torch.no_grad():
@@ -660,7 +662,7 @@ def test_ctrl_c_in_a_fresh_runs_first_epoch_leaves_the_previous_run_as_it_was(wh
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train_module, "_train_epoch" if where == "training" else "_validate", ctrl_c)
+    monkeypatch.setattr(train_module, "_train_epoch" if where == "training" else "validate", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(train__lr_new=2e-3), progress=False)
     after = _run_files(tiny_cfg())  # (the new run's TensorBoard folder may be there too)
@@ -690,9 +692,9 @@ def test_after_its_first_epoch_a_fresh_run_owns_the_folder_with_no_file_of_the_p
 @pytest.mark.parametrize("interrupted_at", ["discard_dir", "write_text_atomic"])
 def test_a_fresh_run_taking_over_never_leaves_one_runs_history_beside_anothers_checkpoints(
         interrupted_at, tmp_config, monkeypatch):
-    """Ctrl-C inside ``_take_over``: the previous run's checkpoints or model are either gone, or
+    """Ctrl-C inside ``history.take_over_folder``: the previous run's checkpoints or model are either gone, or
     still beside that run's own history and config."""
-    import medexgen_lib.train as train_module
+    import medexgen_lib.history as history_module
 
     cfg = tmp_config()
     paths = cfg.paths
@@ -707,9 +709,9 @@ def test_a_fresh_run_taking_over_never_leaves_one_runs_history_beside_anothers_c
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, interrupted_at, interrupt)
+    monkeypatch.setattr(history_module, interrupted_at, interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train_module._take_over(cfg, {"epoch": 1, "run": "new"})
+        history_module.take_over_folder(cfg, {"epoch": 1, "run": "new"})
     if any((folder / "weights").exists() for folder in (paths.models / "final", paths.checkpoints / "best",
                                                          paths.checkpoints / "last")):
         assert {name: (paths.logs / name).read_text() for name in before} == before
