@@ -137,7 +137,6 @@ def bench_images(quick: bool, repeats: int, num_workers: int = 0) -> dict:
         for name, files in inputs.items():
             files = files[::-1]  # not in id order, as a split's studies are not
             cache = ImageCache.build(files, target_size, tmp / "cache", max_pixels=10**9)
-            rows = np.arange(len(files))
             loaders = {}
             for augment in (False, True):
                 dataset, tokenizer = _training_dataset(files, cache, augment)
@@ -147,7 +146,7 @@ def bench_images(quick: bool, repeats: int, num_workers: int = 0) -> dict:
             path_of = dict(files)
             order = [i for example in loaders[False].dataset.examples for i in example.image_ids]
             seen = torch.cat([b["images"] for b in loaders[False]]).flatten(0, 1)
-            from_cache = normalize(torch.from_numpy(cache.pixels[[cache.row_of[i] for i in order]]))
+            from_cache = normalize(torch.from_numpy(np.stack([cache.get(i) for i in order])))
             decoded = normalize(torch.stack([torch.from_numpy(load_image(path_of[i], target_size).copy())
                                              for i in order]))
             identical = torch.equal(seen, from_cache) and torch.equal(from_cache, decoded)
@@ -161,8 +160,10 @@ def bench_images(quick: bool, repeats: int, num_workers: int = 0) -> dict:
                     normalize(torch.stack([torch.from_numpy(load_image(p, target_size).copy()) for _, p in chunk]))
 
             def cached():
-                for start in range(0, len(files), batch):
-                    normalize(torch.from_numpy(cache.pixels[rows[start:start + batch]]))
+                for number in range(len(cache.shard_files)):
+                    shard = cache.shard(number)
+                    for start in range(0, len(shard), batch):
+                        normalize(torch.from_numpy(np.array(shard[start:start + batch])))
 
             times = {"naive": _median_time(naive, repeats), "cached": _median_time(cached, repeats)}
             for augment, loader in loaders.items():
