@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -138,8 +139,7 @@ def train_augmentation() -> v2.Transform:
 
 def _reserve(handle, nbytes: int, cache: Path) -> None:
     """Reserve ``nbytes`` of disk blocks for an open file up front: on a full disk this raises
-    ``OSError`` naming the cache, where writing into a sparse file could kill the process
-    half way through (SIGBUS through a memmap) or leave a short shard."""
+    ``OSError`` naming the cache before any image is decoded into it, not half way through."""
     try:
         try:
             os.posix_fallocate(handle.fileno(), 0, nbytes)
@@ -318,13 +318,18 @@ def _finished_shards(building: Path, size: int, bad_image: str) -> list[dict]:
     done: list[dict] = []
     if not building.is_dir():
         return done
-    while (building / f"{_shard_name(len(done))}.json").exists():
+    for number in itertools.count():
+        name = _shard_name(number)
+        if not (building / f"{name}.json").exists():
+            break
         try:
-            record = read_json(building / f"{_shard_name(len(done))}.json")
+            record = read_json(building / f"{name}.json")
+            if record["file"] != f"{name}.npy":
+                raise ValueError(f"{name}.json names {record['file']!r}")
             open_shard(building / record["file"], len(record["image_ids"]), size)
         except (ValueError, KeyError, TypeError) as exc:  # CacheError is a ValueError
             log.warning("image cache shard %d in %s is damaged (%s); rebuilding from it",
-                        len(done), building, exc)
+                        number, building, exc)
             break
         if bad_image == "stop" and record["bad"]:
             raise ImageError(next(iter(record["bad"].values())))

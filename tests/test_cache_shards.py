@@ -211,3 +211,20 @@ def test_the_cache_pickles_without_pixels_and_each_loader_worker_maps_its_own(tm
     serial, parallel = batches(0), batches(2)
     assert [u for u, _ in serial] == [u for u, _ in parallel]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(serial, parallel))
+
+
+@pytest.mark.reliability
+def test_a_build_resumed_under_stop_refuses_an_image_an_interrupted_skip_build_left_out(
+        image_files, tmp_path, small_shards, monkeypatch):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    files = sorted(image_files + [("IM1b", str(broken))])  # in the first shard
+    decode = _interrupt_at(monkeypatch, image_files[4][1])
+    with pytest.raises(KeyboardInterrupt):
+        ImageCache.build(files, SIZE, tmp_path / "cache", bad_image="skip")
+    monkeypatch.setattr(images_module, "load_image", decode)
+    with pytest.raises(images_module.ImageError, match="broken.png"):
+        ImageCache.build(files, SIZE, tmp_path / "cache", bad_image="stop")
+    assert list((tmp_path / "cache").iterdir()) == []  # as any build stopped by a bad image
+    cache = ImageCache.build(files, SIZE, tmp_path / "cache", bad_image="skip")
+    assert "IM1b" in cache.bad and len(cache) == 5
