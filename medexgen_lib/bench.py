@@ -503,6 +503,7 @@ def bench_scale(sizes: tuple[int, ...] = SCALE_SIZES, image_size: int = SCALE_IM
     """Stages 01-03 on phantoms of each number of studies (in a child process per size):
     seconds per 1,000 studies, peak RSS, the cache on disk; DataLoader samples/s with 0 and 2
     workers beside what one training step of the demo model consumes."""
+    from medexgen_lib.reports import load_studies_table
     from medexgen_lib.tokenizer import train_tokenizer
 
     demo = load_config("demo")
@@ -520,6 +521,7 @@ def bench_scale(sizes: tuple[int, ...] = SCALE_SIZES, image_size: int = SCALE_IM
             stages = _run_stages_child(overrides, Path(tmp) / "stages.json")
             cfg = load_config("demo", overrides)
             summary = json.loads((cfg.paths.processed / "preprocessing.json").read_text())
+            table = load_studies_table(cfg.paths.studies_table)
             cache = Path(summary["image_cache"])
             results[str(studies)] = {
                 "studies": studies, "images": summary["images_cached"],
@@ -528,6 +530,7 @@ def bench_scale(sizes: tuple[int, ...] = SCALE_SIZES, image_size: int = SCALE_IM
                 "stages_s_per_1000": 1000 * sum(r["seconds"] for r in stages.values()) / studies,
                 "stage_peak_rss_mb": {s: r["peak_rss_mb"] for s, r in stages.items()},
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in stages.values()),
+                "table_mb": table.memory_usage(deep=True).sum() / 2**20,
                 "data_mb": _folder_mb(cfg.paths.images) + _folder_mb(cfg.paths.reports),
                 "cache_mb": _folder_mb(cache), "cache_shards": len(list(cache.glob("shard_*.npy"))),
                 "loader": loader_rates(cfg, SCALE_LOADER_SAMPLES)}
@@ -568,6 +571,7 @@ def format_scale(report: dict) -> str:
             *[(f"stage {st} peak RSS MB", lambda r, st=st: f"{r['stage_peak_rss_mb'][st]:.0f}")
               for st in STAGES],
             ("peak RSS MB (max of 01-03)", lambda r: f"{r['peak_rss_mb']:.0f}"),
+            ("studies table in memory MB", lambda r: f"{r['table_mb']:.1f}"),
             ("images + reports on disk MB", lambda r: f"{r['data_mb']:.1f}"),
             ("image cache on disk MB", lambda r: f"{r['cache_mb']:.1f}"),
             ("image cache shards", lambda r: f"{r['cache_shards']}"),

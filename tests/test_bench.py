@@ -89,6 +89,7 @@ def test_scale_benchmark_at_tiny_sizes_reports_every_figure_side_by_side(tmp_pat
         assert r["studies"] == studies and studies <= r["images"] <= 2 * studies
         assert r["stages_s_per_1000"] == pytest.approx(sum(r["stage_s_per_1000"].values()))
         assert r["peak_rss_mb"] == max(r["stage_peak_rss_mb"].values()) > 100
+        assert 0 < r["table_mb"] < 5 and f"{r['table_mb']:>12.1f}" in printed
         assert r["cache_shards"] == 1 and r["images"] * 64 * 64 / 2**20 <= r["cache_mb"] < 1
         loader = r["loader"]
         assert loader["same_samples"] is True and loader["samples"] > 8
