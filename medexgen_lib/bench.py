@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m medexgen_lib.bench [--quick] [--name NAME]``.
+"""Benchmarks: ``python -m medexgen_lib.bench [--quick] [--name NAME]``; ``--name scale
+[--sizes N ...]`` is the data path at scale (stages 01-03, cache, loaders; ``bench_scale``).
 
 Each comparison runs side by side in the same process, repeated; medians are
 reported. Prints a table and writes ``IUXRAY_OUTPUT_PIPELINE/logs/bench/<name>.json``
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +124,6 @@ def bench_images(quick: bool, repeats: int, num_workers: int = 0) -> dict:
     contiguous cache rows, and what training sees (``ReportDataset`` through a ``DataLoader``
     with ``collate``, augmentation off and on). The decode, the cache and the loader must give
     equal tensors for the same images, or the benchmark stops."""
-    from functools import partial
-
     from torch.utils.data import DataLoader
 
     from medexgen_lib.dataset import collate
@@ -137,7 +139,6 @@ def bench_images(quick: bool, repeats: int, num_workers: int = 0) -> dict:
         for name, files in inputs.items():
             files = files[::-1]  # not in id order, as a split's studies are not
             cache = ImageCache.build(files, target_size, tmp / "cache", max_pixels=10**9)
-            rows = np.arange(len(files))
             loaders = {}
             for augment in (False, True):
                 dataset, tokenizer = _training_dataset(files, cache, augment)
@@ -147,7 +148,7 @@ def bench_images(quick: bool, repeats: int, num_workers: int = 0) -> dict:
             path_of = dict(files)
             order = [i for example in loaders[False].dataset.examples for i in example.image_ids]
             seen = torch.cat([b["images"] for b in loaders[False]]).flatten(0, 1)
-            from_cache = normalize(torch.from_numpy(cache.pixels[[cache.row_of[i] for i in order]]))
+            from_cache = normalize(torch.from_numpy(np.stack([cache.get(i) for i in order])))
             decoded = normalize(torch.stack([torch.from_numpy(load_image(path_of[i], target_size).copy())
                                              for i in order]))
             identical = torch.equal(seen, from_cache) and torch.equal(from_cache, decoded)
@@ -161,8 +162,10 @@ def bench_images(quick: bool, repeats: int, num_workers: int = 0) -> dict:
                     normalize(torch.stack([torch.from_numpy(load_image(p, target_size).copy()) for _, p in chunk]))
 
             def cached():
-                for start in range(0, len(files), batch):
-                    normalize(torch.from_numpy(cache.pixels[rows[start:start + batch]]))
+                for number in range(len(cache.shard_files)):
+                    shard = cache.shard(number)
+                    for start in range(0, len(shard), batch):
+                        normalize(torch.from_numpy(np.array(shard[start:start + batch])))
 
             times = {"naive": _median_time(naive, repeats), "cached": _median_time(cached, repeats)}
             for augment, loader in loaders.items():
@@ -229,7 +232,6 @@ def bench_generation(quick: bool, repeats: int) -> dict:
 
 def bench_training(quick: bool, repeats: int) -> dict:
     """Training samples/s and peak memory (CPU: resident set) for the demo and full-size shapes."""
-    from medexgen_lib.model import ReportGenerator
     from medexgen_lib.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(["No pleural effusion or pneumothorax. Heart size is normal."] * 50, 500)
@@ -238,26 +240,32 @@ def bench_training(quick: bool, repeats: int) -> dict:
         full = load_config("full").model
         full.encoder_pretrained = full.decoder_pretrained = False  # shapes only; random weights
         shapes["full (ResNet50 + GPT-2 small, 224 px)"] = (full, 224, 4)
-    results = {}
-    for name, (model_cfg, size, batch) in shapes.items():
-        torch.manual_seed(0)
-        model = ReportGenerator.build(model_cfg, tokenizer, size, 96).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        images = torch.randn(batch, 2, 3, size, size)
-        ids = torch.randint(3, len(tokenizer), (batch, 60))
+    return {name: training_step_rate(model_cfg, size, batch, repeats, tokenizer)
+            for name, (model_cfg, size, batch) in shapes.items()}
 
-        def step():
-            loss = model(images, ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
 
-        step()  # warm-up (allocations, optimizer state)
-        _peak_rss_reset()
-        seconds = _median_time(step, repeats)
-        results[name] = {"batch": batch, "image_size": size, "samples_per_s": batch / seconds,
-                         "peak_rss_mb": _peak_rss_mb(), "parameters": model.parameter_summary()["total"]}
-    return results
+def training_step_rate(model_cfg, size: int, batch: int, repeats: int, tokenizer) -> dict:
+    """Samples/s of one optimizer step (forward, backward, AdamW) of a model of ``model_cfg`` on
+    random ``size`` px views, and the peak resident memory while it runs."""
+    from medexgen_lib.model import ReportGenerator
+
+    torch.manual_seed(0)
+    model = ReportGenerator.build(model_cfg, tokenizer, size, 96).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 2, 3, size, size)
+    ids = torch.randint(3, len(tokenizer), (batch, 60))
+
+    def step():
+        loss = model(images, ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()  # warm-up (allocations, optimizer state)
+    _peak_rss_reset()
+    seconds = _median_time(step, repeats)
+    return {"batch": batch, "image_size": size, "samples_per_s": batch / seconds,
+            "peak_rss_mb": _peak_rss_mb(), "parameters": model.parameter_summary()["total"]}
 
 
 # Dense (no sparsity) peak TFLOP/s per math mode, for MFU (vendor datasheets, SXM parts).
@@ -391,6 +399,206 @@ def bench_end_to_end() -> dict:
     return {"stages": stages, "total_s": sum(stages.values())}
 
 
+# --------------------------------------------------------------------------- 5. scale
+
+SCALE_SIZES = (2_000, 20_000)
+SCALE_IMAGE_SIZE = 64
+SCALE_LOADER_SAMPLES = 4_096  # training samples each loader delivers (the whole split if smaller)
+SCALE_CHECKED_BATCHES = 8  # batches compared tensor by tensor between the 0- and 2-worker loaders
+SCALE_WITHIN = 1.2  # the largest size's per-study time and peak RSS, at most this x the smallest's
+STAGES = ("01", "02", "03")
+
+# Stages 01-03 as their notebooks run them (outputs not displayed), in one fresh process per data
+# set, so that its peak resident memory is the stages' own; the peak is reset before each stage.
+_STAGES_CHILD = """
+import json, sys, time
+from medexgen_lib.bench import STAGES, _peak_rss_mb, _peak_rss_reset, run_stage
+from medexgen_lib.config import load_config
+overrides, result = json.loads(sys.argv[1]), sys.argv[2]
+cfg = load_config("demo", overrides)
+stages = {}
+for stage in STAGES:
+    _peak_rss_reset()
+    began = time.perf_counter()
+    run_stage(stage, cfg)
+    stages[stage] = {"seconds": time.perf_counter() - began, "peak_rss_mb": _peak_rss_mb()}
+with open(result, "w") as handle:
+    json.dump(stages, handle)
+"""
+
+
+def _build_phantom(out: Path, studies: int, size: int) -> dict[str, str]:
+    """Write a phantom data set of ``studies`` studies at ``size`` px into ``out``; the config
+    overrides that make stage 01 read it. (The MIMIC-layout phantom writer replaces this.)"""
+    from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset
+
+    make_phantom_dataset(studies, 0, out, image_size=size)
+    return {"data.source": "folder", "data.projections_csv": str(out / "reports" / PROJECTIONS_FILE)}
+
+
+def run_stage(stage: str, cfg) -> None:
+    """Stage ``stage`` ("01", "02" or "03") as its notebook's cells run it, without displays."""
+    from medexgen_lib.reports import load_studies_table
+
+    if stage == "01":
+        from medexgen_lib.acquisition import acquire, build_studies_table
+        build_studies_table(cfg, acquire(cfg))
+    elif stage == "02":
+        from medexgen_lib.eda import run_eda
+        run_eda(load_studies_table(cfg.paths.studies_table), cfg.paths.plots,
+                cfg.paths.logs / "eda_stats.json", cfg.text.target, cfg.text.lowercase)
+    else:
+        from medexgen_lib.preprocess import load_split, run_preprocessing, token_lengths
+        run_preprocessing(cfg)
+        token_lengths(cfg)
+        for split in ("train", "val", "test"):
+            load_split(cfg, split)
+
+
+def _run_stages_child(overrides: dict, result: Path) -> dict:
+    run = subprocess.run([sys.executable, "-c", _STAGES_CHILD, json.dumps(overrides), str(result)],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError("stages 01-03 of the scale benchmark failed: "
+                           f"{(run.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(result.read_text())
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def loader_rates(cfg, samples: int, workers: tuple[int, ...] = (0, 2)) -> dict:
+    """Training samples/s of the training split's ``ReportDataset`` through a DataLoader with
+    each number of ``workers`` (batches and collate as training has them, in a shuffled order),
+    worker start-up included; and whether every loader delivered the same samples: the same
+    studies in the same order, the first batches equal tensor by tensor."""
+    from medexgen_lib.dataset import collate
+    from medexgen_lib.preprocess import load_split
+    from medexgen_lib.tokenizer import load_tokenizer
+    from torch.utils.data import DataLoader, Subset
+
+    data = load_split(cfg, "train")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:samples].tolist()
+    pad = load_tokenizer(cfg.paths.processed / "tokenizer").pad_token_id
+
+    def loader(n: int) -> DataLoader:
+        return DataLoader(Subset(data, order), batch_size=cfg.train.batch_size, num_workers=n,
+                          collate_fn=partial(collate, pad_token_id=pad))
+
+    rates, uids, checked = {}, {}, {}
+    for n in workers:
+        began = time.perf_counter()
+        uids[n] = [uid for batch in loader(n) for uid in batch["uids"]]
+        rates[str(n)] = len(order) / (time.perf_counter() - began)
+        checked[n] = [batch["images"] for batch, _ in zip(loader(n), range(SCALE_CHECKED_BATCHES))]
+    first = workers[0]
+    same = all(uids[n] == uids[first] and len(checked[n]) == len(checked[first])
+               and all(torch.equal(a, b) for a, b in zip(checked[n], checked[first])) for n in workers)
+    return {"samples": len(order), "samples_per_s": rates, "same_samples": same}
+
+
+def bench_scale(sizes: tuple[int, ...] = SCALE_SIZES, image_size: int = SCALE_IMAGE_SIZE,
+                repeats: int = 3) -> dict:
+    """Stages 01-03 on phantoms of each number of studies (in a child process per size):
+    seconds per 1,000 studies, peak RSS, the cache on disk; DataLoader samples/s with 0 and 2
+    workers beside what one training step of the demo model consumes."""
+    from medexgen_lib.reports import load_studies_table
+    from medexgen_lib.tokenizer import train_tokenizer
+
+    demo = load_config("demo")
+    tokenizer = train_tokenizer(["No pleural effusion or pneumothorax. Heart size is normal."] * 50, 500)
+    step = training_step_rate(demo.model, image_size, demo.train.batch_size, repeats, tokenizer)
+    results = {}
+    for studies in sizes:
+        with tempfile.TemporaryDirectory(prefix=f"medexgen-scale-{studies}-") as tmp:
+            data, out = Path(tmp) / "data", Path(tmp) / "output"
+            began = time.perf_counter()
+            overrides = _build_phantom(data, studies, image_size)
+            phantom_s = time.perf_counter() - began
+            overrides.update({"paths.data_dir": str(data), "paths.output_dir": str(out),
+                              "images.size": image_size})
+            stages = _run_stages_child(overrides, Path(tmp) / "stages.json")
+            cfg = load_config("demo", overrides)
+            summary = json.loads((cfg.paths.processed / "preprocessing.json").read_text())
+            table = load_studies_table(cfg.paths.studies_table)
+            cache = Path(summary["image_cache"])
+            results[str(studies)] = {
+                "studies": studies, "images": summary["images_cached"],
+                "phantom_s_per_1000": 1000 * phantom_s / studies,
+                "stage_s_per_1000": {s: 1000 * r["seconds"] / studies for s, r in stages.items()},
+                "stages_s_per_1000": 1000 * sum(r["seconds"] for r in stages.values()) / studies,
+                "stage_peak_rss_mb": {s: r["peak_rss_mb"] for s, r in stages.items()},
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in stages.values()),
+                "table_mb": table.memory_usage(deep=True).sum() / 2**20,
+                "data_mb": _folder_mb(cfg.paths.images) + _folder_mb(cfg.paths.reports),
+                "cache_mb": _folder_mb(cache), "cache_shards": len(list(cache.glob("shard_*.npy"))),
+                "loader": loader_rates(cfg, SCALE_LOADER_SAMPLES)}
+    return {"image_size": image_size, "sizes": list(sizes), "results": results,
+            "training_step": step, "goals": scale_goals(results, step)}
+
+
+def scale_goals(results: dict, step: dict) -> list[dict]:
+    """The issue's goals: the largest size's per-study time and peak RSS within ``SCALE_WITHIN``x
+    the smallest's; at every size the 2-worker loader at least the training step's need."""
+    small, large = results[min(results, key=int)], results[max(results, key=int)]
+    label = f"{large['studies']:,} vs {small['studies']:,} studies"
+    goals = [{"goal": f"stages 01-03 seconds per study, {label}", "value": large["stages_s_per_1000"]
+              / small["stages_s_per_1000"], "target": f"<= {SCALE_WITHIN}x"},
+             {"goal": f"peak RSS of stages 01-03, {label}",
+              "value": large["peak_rss_mb"] / small["peak_rss_mb"], "target": f"<= {SCALE_WITHIN}x"}]
+    for goal in goals:
+        goal["pass"] = goal["value"] <= SCALE_WITHIN
+    for r in results.values():
+        rate = r["loader"]["samples_per_s"]["2"]
+        goals.append({"goal": f"loader with 2 workers vs one demo training step, {r['studies']:,} studies",
+                      "value": rate / step["samples_per_s"], "target": ">= 1x",
+                      "pass": rate >= step["samples_per_s"]})
+    return goals
+
+
+def format_scale(report: dict) -> str:
+    """The scale benchmark's table, the sizes side by side, and one PASS/FAIL line per goal."""
+    s = report["scale"]
+    results = [s["results"][str(n)] for n in s["sizes"]]
+    step = s["training_step"]
+    m = report["machine"]
+    rows = [("images", lambda r: f"{r['images']:,}"),
+            ("phantom build s / 1,000 studies", lambda r: f"{r['phantom_s_per_1000']:.1f}"),
+            *[(f"stage {st} s / 1,000 studies", lambda r, st=st: f"{r['stage_s_per_1000'][st]:.2f}")
+              for st in STAGES],
+            ("stages 01-03 s / 1,000 studies", lambda r: f"{r['stages_s_per_1000']:.2f}"),
+            *[(f"stage {st} peak RSS MB", lambda r, st=st: f"{r['stage_peak_rss_mb'][st]:.0f}")
+              for st in STAGES],
+            ("peak RSS MB (max of 01-03)", lambda r: f"{r['peak_rss_mb']:.0f}"),
+            ("studies table in memory MB", lambda r: f"{r['table_mb']:.1f}"),
+            ("images + reports on disk MB", lambda r: f"{r['data_mb']:.1f}"),
+            ("image cache on disk MB", lambda r: f"{r['cache_mb']:.1f}"),
+            ("image cache shards", lambda r: f"{r['cache_shards']}"),
+            ("loader samples/s, 0 workers", lambda r: f"{r['loader']['samples_per_s']['0']:.0f}"),
+            ("loader samples/s, 2 workers", lambda r: f"{r['loader']['samples_per_s']['2']:.0f}"),
+            ("loaders gave the same samples", lambda r: f"{r['loader']['same_samples']}")]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}",
+             f"scale: phantoms at {s['image_size']} px; stages 01-03 in a child process per size (peak RSS "
+             f"reset before each stage); loaders over up to {SCALE_LOADER_SAMPLES:,} training samples",
+             f"{'studies':<34}" + "".join(f"{r['studies']:>12,}" for r in results)]
+    lines += [f"{name:<34}" + "".join(f"{cell(r):>12}" for r in results) for name, cell in rows]
+    lines.append(f"one demo training step (batch {step['batch']}, {step['image_size']} px) consumes "
+                 f"{step['samples_per_s']:.1f} samples/s")
+    lines += [f"{'PASS' if g['pass'] else 'FAIL'}  {g['goal']}: {g['value']:.2f}x (goal {g['target']})"
+              for g in s["goals"]]
+    return "\n".join(lines)
+
+
+def run_scale(sizes: tuple[int, ...], out_dir: Path, name: str = "scale") -> dict:
+    """Run the scale benchmark, print its table and write ``out_dir/<name>.json``."""
+    report = {"name": name, "machine": machine(), "scale": bench_scale(sizes)}
+    path = write_json(out_dir / f"{name}.json", report)
+    print(format_scale(report))
+    print(f"\nwritten to {path}")
+    return report
+
+
 # --------------------------------------------------------------------------- main
 
 TARGETS = {"image_cache_speedup_512": 20, "image_cache_speedup_2048": 100, "generation_kv_speedup": 10,
@@ -476,7 +684,10 @@ def format_report(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medexgen_lib.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, no end-to-end run (about a minute)")
-    parser.add_argument("--name", help="file name under logs/bench/ (default: quick or full)")
+    parser.add_argument("--name", help="file name under logs/bench/ (default: quick or full); "
+                        "'scale' runs the scale benchmark instead")
+    parser.add_argument("--sizes", nargs="+", type=int, default=list(SCALE_SIZES), metavar="N",
+                        help="with --name scale: numbers of studies (default: %(default)s)")
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="config override, e.g. -p paths.output_dir /tmp/out")
     args = parser.parse_args(argv)
@@ -485,6 +696,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # one sentence naming the key or value, as the main CLI prints it
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.name == "scale":
+        sizes = tuple(sorted(set(args.sizes)))
+        if len(sizes) < 2 or sizes[0] < 1:
+            print(f"error: --sizes needs two or more different numbers of studies, each at least 1; "
+                  f"got {' '.join(map(str, args.sizes))}", file=sys.stderr)
+            return 1
+        run_scale(sizes, cfg.paths.logs / "bench")
+        return 0
     run(args.quick, args.name or ("quick" if args.quick else "full"), cfg.paths.logs / "bench",
         cfg.train.num_workers)
     return 0

@@ -43,11 +43,17 @@ def compute_eda_stats(table: pd.DataFrame, top: int = 25, target: str = "finding
     """
     text = report_text(table, target, lowercase)
     lowered = text.str.lower()
-    words = lowered.map(WORD.findall)
-    tokens = lowered.map(TOKEN.findall)
     with_text = text != ""
     sentences = Counter(s.strip() for t in lowered[with_text] for s in SENTENCE_END.split(t) if s.strip())
-    word_counts = Counter(w for ws in words for w in ws if w not in STOPWORDS)
+    # one report's words at a time: every report's word and token lists held at once grew
+    # stage 02's memory with the data set (~7 kB per report)
+    word_counts: Counter = Counter()
+    n_words, n_tokens = [], []
+    for report in lowered:
+        words = WORD.findall(report)
+        word_counts.update(w for w in words if w not in STOPWORDS)
+        n_words.append(len(words))
+        n_tokens.append(len(TOKEN.findall(report)))
     duplicated = lowered[with_text].duplicated(keep=False)
     mesh = Counter(term for terms in table["mesh_major"] for term in
                    {t.split("/")[0].strip() for t in terms})
@@ -65,8 +71,8 @@ def compute_eda_stats(table: pd.DataFrame, top: int = 25, target: str = "finding
             "no_image": int(table["no_image"].sum()),
             "image_missing_on_disk": int(table["image_missing"].sum()),
         },
-        "length_words": _describe(words.map(len)[with_text]),
-        "length_tokens": _describe(tokens.map(len)[with_text]),
+        "length_words": _describe(pd.Series(n_words, index=lowered.index)[with_text]),
+        "length_tokens": _describe(pd.Series(n_tokens, index=lowered.index)[with_text]),
         "top_words": word_counts.most_common(top),
         "top_sentences": sentences.most_common(top),
         "distinct_reports": int(lowered[with_text].nunique()),

@@ -1,7 +1,8 @@
 """Radiographs -> model input: robust decoding, a one-time uint8 cache, normalisation.
 
-Every image is decoded and resized once into a numpy memmap (nanoGPT style)
-keyed by the settings; training reads rows of it and never decodes a PNG.
+Every image is decoded and resized once into uint8 ``.npy`` shards of bounded size,
+memory-mapped (nanoGPT style) and keyed by the settings; training reads rows of
+them and never decodes a PNG, and no process holds the whole cache in memory.
 Normalisation to ImageNet statistics is done per batch, vectorised, in torch.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
+import itertools
 import json
 import logging
 import os
@@ -21,7 +24,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from medexgen_lib.files import read_json
+from medexgen_lib.files import read_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +39,17 @@ MIN_SIDE, MAX_ASPECT = 32, 4.0  # anything smaller or more elongated is not a ra
 FORMATS_BY_SUFFIX = {".png": ("PNG",), ".jpg": ("JPEG",), ".jpeg": ("JPEG",)}
 # Part of the image cache's key: raised whenever load_image decodes the same file differently,
 # so a cache built by older code is not reused. 2: EXIF orientation applied, formats by suffix.
-CACHE_VERSION = 2
+# 3: sharded .npy files.
+CACHE_VERSION = 3
+SHARD_BYTES = 64 * 2**20  # pixel bytes per cache shard (at least one image)
 
 
 class ImageError(ValueError):
     """An image that cannot be used; the message names the file."""
+
+
+class CacheError(ValueError):
+    """An image cache file that is missing or damaged; the message names it."""
 
 
 def check_radiograph_shape(path, width: int, height: int) -> None:
@@ -128,50 +137,116 @@ def train_augmentation() -> v2.Transform:
     ])
 
 
-def _reserved_memmap(path: Path, shape: tuple[int, ...], cache: Path) -> np.memmap:
-    """A writable uint8 memmap whose disk blocks are reserved up front: on a full disk
-    this raises ``OSError`` naming the cache, where writing into a sparse memmap would
-    kill the process with SIGBUS half way through."""
-    nbytes = int(np.prod(shape))
+def _reserve(handle, nbytes: int, cache: Path) -> None:
+    """Reserve ``nbytes`` of disk blocks for an open file up front: on a full disk this raises
+    ``OSError`` naming the cache before any image is decoded into it, not half way through."""
     try:
-        with open(path, "wb") as handle:
-            try:
-                os.posix_fallocate(handle.fileno(), 0, nbytes)
-            except (AttributeError, OSError) as exc:  # no such call, or a filesystem without it
-                if getattr(exc, "errno", None) not in (None, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-                handle.truncate(nbytes)
+        try:
+            os.posix_fallocate(handle.fileno(), 0, nbytes)
+        except (AttributeError, OSError) as exc:  # no such call, or a filesystem without it
+            if getattr(exc, "errno", None) not in (None, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            handle.truncate(nbytes)
     except OSError as exc:
         raise OSError(f"cannot reserve {nbytes / 1e6:.1f} MB for the image cache {cache}: "
                       f"{exc.strerror or exc}") from None
-    return np.memmap(path, dtype=np.uint8, mode="r+", shape=shape)
+
+
+def _npy_header(rows: int, size: int) -> bytes:
+    """The ``.npy`` header of a uint8 ``[rows, size, size]`` array. numpy pads it for growth of
+    the first axis, so its length does not depend on ``rows`` and can be rewritten in place."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "|u1", "fortran_order": False, "shape": (rows, size, size)})
+    return buffer.getvalue()
+
+
+def open_shard(path: Path, rows: int, size: int) -> np.ndarray:
+    """A shard memory-mapped read-only, checked against what the index says it holds;
+    ``CacheError`` naming the file if it is missing, damaged or of another shape."""
+    advice = f"delete {path.parent} and re-run notebook 03_preprocessing"
+    try:
+        pixels = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise CacheError(f"image cache shard {path} is missing; {advice}") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise CacheError(f"image cache shard {path} is damaged ({exc}); {advice}") from None
+    if pixels.dtype != np.uint8 or pixels.shape != (rows, size, size):
+        raise CacheError(f"image cache shard {path} holds {pixels.dtype} {pixels.shape}, not the "
+                         f"uint8 {(rows, size, size)} its index lists; {advice}")
+    if pixels.offset + pixels.nbytes != path.stat().st_size:
+        raise CacheError(f"image cache shard {path} is {path.stat().st_size} bytes, not the "
+                         f"{pixels.offset + pixels.nbytes} its header promises; {advice}")
+    return pixels
+
+
+def shard_rows(size: int) -> int:
+    """Images per shard at ``size`` px: as many as fit in ``SHARD_BYTES``, at least one."""
+    return max(1, SHARD_BYTES // (size * size))
+
+
+def _shard_name(number: int) -> str:
+    return f"shard_{number:05d}"
 
 
 class ImageCache:
-    """Resized uint8 pixels of many images in one memmap, addressed by image id."""
+    """Resized uint8 pixels of many images in ``.npy`` shards of at most ``SHARD_BYTES``,
+    addressed by image id through ``index.json``.
 
-    PIXELS, INDEX = "pixels.u8", "index.json"
+    Shards are memory-mapped lazily, when an image in them is first read, and never pickled:
+    a DataLoader worker (or another process) that receives the cache opens its own.
+    """
+
+    INDEX = "index.json"
 
     def __init__(self, folder: str | os.PathLike):
         folder = Path(folder)
         if not (folder / self.INDEX).exists():
             raise FileNotFoundError(f"no image cache in {folder}; run notebook 03_preprocessing first")
         self.folder = folder
-        self.index = read_json(folder / self.INDEX)
-        self.size = self.index["size"]
-        self.row_of = {image_id: i for i, image_id in enumerate(self.index["image_ids"])}
-        self.bad = self.index["bad"]
-        self.pixels = np.memmap(folder / self.PIXELS, dtype=np.uint8, mode="r",
-                                shape=(max(1, len(self.row_of)), self.size, self.size))
+        index = read_json(folder / self.INDEX)
+        if "shards" not in index:
+            raise CacheError(f"{folder / self.INDEX} is an image cache in an older format; "
+                             "re-run notebook 03_preprocessing")
+        self.size: int = index["size"]
+        self.bad: dict[str, str] = index["bad"]
+        self.shard_files: list[str] = [shard["file"] for shard in index["shards"]]
+        self.shard_sizes: list[int] = [len(shard["image_ids"]) for shard in index["shards"]]
+        self.location: dict[str, tuple[int, int]] = {
+            image_id: (number, row) for number, shard in enumerate(index["shards"])
+            for row, image_id in enumerate(shard["image_ids"])}
+        self._open: dict[int, np.ndarray] = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_open"] = {}  # each process maps the shards itself; arrays are never pickled
+        return state
 
     def __len__(self) -> int:
-        return len(self.row_of)
+        return len(self.location)
 
     def __contains__(self, image_id: str) -> bool:
-        return image_id in self.row_of
+        return image_id in self.location
+
+    def shard(self, number: int) -> np.ndarray:
+        """Shard ``number``'s pixels ``[rows, size, size]``, memory-mapped on first use."""
+        if number not in self._open:
+            self._open[number] = open_shard(self.folder / self.shard_files[number],
+                                            self.shard_sizes[number], self.size)
+        return self._open[number]
+
+    def opened_shards(self) -> list[int]:
+        """The shards this process has mapped so far (the ones it read from)."""
+        return sorted(self._open)
 
     def get(self, image_id: str) -> np.ndarray:
-        return self.pixels[self.row_of[image_id]]
+        number, row = self.location[image_id]
+        return self.shard(number)[row]
+
+    def check(self) -> None:
+        """Open every shard once (header, shape, file size), so a damaged one is named now."""
+        for name, rows in zip(self.shard_files, self.shard_sizes):
+            open_shard(self.folder / name, rows, self.size)
 
     @staticmethod
     def key(images: list[tuple[str, str]], size: int) -> str:
@@ -187,39 +262,117 @@ class ImageCache:
               max_pixels: int = 60_000_000, bad_image: str = "stop") -> ImageCache:
         """Decode every ``(image_id, path)`` once into ``root/<key>/``; reuse it if present.
 
-        ``bad_image="stop"`` raises at the first unreadable file (naming it);
+        Shards are written one at a time (a shard's rows go straight to disk, so memory does
+        not grow with the number of images), each under a temporary name renamed when it is
+        complete, then recorded in its own ``shard_NNNNN.json``. A build interrupted any way
+        (Ctrl-C, SIGTERM, a kill) resumes after the last recorded shard. ``bad_image="stop"``
+        raises at the first unreadable file (naming it) and, like a full disk, leaves nothing;
         ``"skip"`` leaves it out and records why in ``index.json``.
         """
         key = cls.key(images, size)
         folder = Path(root) / f"{size}px-{key}"
         if (folder / cls.INDEX).exists():
             log.info("image cache %s already built (%d images)", folder, len(images))
-            return cls(folder)
+            cache = cls(folder)
+            cache.check()
+            return cache
         building = folder.with_name(folder.name + ".building")
-        shutil.rmtree(building, ignore_errors=True)
-        building.mkdir(parents=True)
         ordered = sorted(images)
-        kept, bad = [], {}
         try:
-            pixels = _reserved_memmap(building / cls.PIXELS, (max(1, len(ordered)), size, size), folder)
-            for image_id, path in tqdm(ordered, desc=f"caching images at {size}px", unit="img"):
+            done = _finished_shards(building, size, bad_image)
+            position = done[-1]["next"] if done else 0
+            if position:
+                log.info("resuming the image cache %s: %d of %d images already in %d shards",
+                         folder, position, len(ordered), len(done))
+            building.mkdir(parents=True, exist_ok=True)
+            bad = {image_id: why for record in done for image_id, why in record["bad"].items()}
+            per_shard = shard_rows(size)
+            with tqdm(total=len(ordered), initial=position, desc=f"caching images at {size}px",
+                      unit="img") as progress:
+                while position < len(ordered):
+                    chunk = ordered[position:position + per_shard]
+                    record = _write_shard(building, len(done), chunk, size, max_pixels, bad_image,
+                                          folder, progress)
+                    position += len(chunk)
+                    record["next"] = position
+                    bad.update(record["bad"])
+                    if record["image_ids"]:
+                        write_text_atomic(building / f"{_shard_name(len(done))}.json", json.dumps(record))
+                        done.append(record)
+            write_text_atomic(building / cls.INDEX, json.dumps(
+                {"size": size, "key": key, "bad": bad,
+                 "shards": [{"file": r["file"], "image_ids": r["image_ids"]} for r in done]}))
+            os.replace(building, folder)
+        except (ImageError, OSError):  # bad input or a full disk: nothing kept, as before sharding
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        if bad:
+            log.warning("%d of %d images skipped as unreadable (listed in %s)",
+                        len(bad), len(ordered), folder / cls.INDEX)
+        return cls(folder)
+
+
+def _finished_shards(building: Path, size: int, bad_image: str) -> list[dict]:
+    """The records of the shards an interrupted build completed, in order, each checked;
+    anything after the first missing or damaged one (a half-written shard) is removed."""
+    done: list[dict] = []
+    if not building.is_dir():
+        return done
+    for number in itertools.count():
+        name = _shard_name(number)
+        if not (building / f"{name}.json").exists():
+            break
+        try:
+            record = read_json(building / f"{name}.json")
+            if record["file"] != f"{name}.npy":
+                raise ValueError(f"{name}.json names {record['file']!r}")
+            open_shard(building / record["file"], len(record["image_ids"]), size)
+        except (ValueError, KeyError, TypeError) as exc:  # CacheError is a ValueError
+            log.warning("image cache shard %d in %s is damaged (%s); rebuilding from it",
+                        number, building, exc)
+            break
+        if bad_image == "stop" and record["bad"]:
+            raise ImageError(next(iter(record["bad"].values())))
+        done.append(record)
+    keep = {name for record in done for name in (record["file"], f"{Path(record['file']).stem}.json")}
+    for path in building.iterdir():
+        if path.name not in keep:
+            path.unlink()
+    return done
+
+
+def _write_shard(building: Path, number: int, images: list[tuple[str, str]], size: int,
+                 max_pixels: int, bad_image: str, cache: Path, progress) -> dict:
+    """Decode ``images`` into ``building/shard_NNNNN.npy`` row by row (straight to disk, under
+    a temporary name renamed when complete); the shard's record: file, image ids, bad images."""
+    name = f"{_shard_name(number)}.npy"
+    partial = building / f"{name}.part"
+    kept: list[str] = []
+    bad: dict[str, str] = {}
+    header = _npy_header(len(images), size)
+    try:
+        with open(partial, "wb") as handle:
+            _reserve(handle, len(header) + len(images) * size * size, cache)
+            handle.write(header)
+            for image_id, path in images:
                 try:
-                    pixels[len(kept)] = load_image(path, size, max_pixels)
+                    handle.write(load_image(path, size, max_pixels).tobytes())
                 except ImageError as exc:
                     if bad_image == "stop":
                         raise
                     log.warning("skipping %s", exc)
                     bad[image_id] = str(exc)
-                    continue
-                kept.append(image_id)
-            pixels.flush()
-            del pixels
-            (building / cls.INDEX).write_text(json.dumps(
-                {"size": size, "key": key, "image_ids": kept, "bad": bad}))
-            os.replace(building, folder)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
-        if bad:
-            log.warning("%d of %d images skipped as unreadable (listed in %s)",
-                        len(bad), len(ordered), folder / cls.INDEX)
-        return cls(folder)
+                else:
+                    kept.append(image_id)
+                progress.update()
+            if bad:  # fewer rows than reserved
+                handle.seek(0)
+                handle.write(_npy_header(len(kept), size))
+                handle.truncate(len(header) + len(kept) * size * size)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if kept:
+            os.replace(partial, building / name)
+    finally:
+        partial.unlink(missing_ok=True)
+    return {"file": name, "image_ids": kept, "bad": bad}

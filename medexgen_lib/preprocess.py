@@ -97,9 +97,18 @@ def run_preprocessing(cfg: Config) -> PreprocessSummary:
     return summary
 
 
+COUNT_BATCH = 1_000  # texts encoded at once: a fast tokenizer's encodings of all texts would
+# hold ~7 kB per text (tokens, offsets) at the same time, memory growing with the data set
+
+
 def count_tokens(tokenizer, texts: list[str]) -> np.ndarray:
-    """Length of each text in tokens, bos and eos included (what training feeds the decoder)."""
-    return np.array([len(ids) + 2 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    """Length of each text in tokens, bos and eos included (what training feeds the decoder),
+    encoded ``COUNT_BATCH`` texts at a time so that memory does not grow with their number."""
+    lengths: list[int] = []
+    for start in range(0, len(texts), COUNT_BATCH):
+        encoded = tokenizer(texts[start:start + COUNT_BATCH], add_special_tokens=False)["input_ids"]
+        lengths.extend(len(ids) + 2 for ids in encoded)
+    return np.array(lengths)
 
 
 def token_lengths(cfg: Config) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Run by test_multiprocess.py under ``accelerate launch``: a tiny training run that records,
-per process, every file write and a digest of the weights after each epoch.
+per process, every file write, a digest of the weights after each epoch, and what it read of
+the image cache's shards while training (studies and image ids per epoch, shards it mapped).
 
 Mode ``never-best`` (4th argument): validation never scores, so no epoch is eligible as best;
 each process records the "nothing to export" error it raised. Mode ``in-use``: another process
@@ -15,6 +16,8 @@ import torch
 
 import medexgen_lib.train as train_module
 from medexgen_lib.config import Config, load_config
+from medexgen_lib.dataset import ReportDataset
+from medexgen_lib.images import ImageCache
 from medexgen_lib.model import ReportGenerator
 
 data_dir, out_dir, record_dir = sys.argv[1:4]
@@ -51,6 +54,41 @@ def save_and_fingerprint(directory, accelerator, model, optimizer, scheduler, st
 
 
 train_module.save_checkpoint = save_and_fingerprint
+
+# Reads of the training split while an epoch trains: studies fetched, cache images read.
+reads = {"epoch": None, "studies": {}, "images": {}}
+_train_epoch, _load_split = train_module._train_epoch, train_module.load_split
+_getitem, _get = ReportDataset.__getitem__, ImageCache.get
+datasets = {}
+
+
+def training_epoch(*args, **kwargs):
+    reads["epoch"] = args[7]  # _train_epoch(accelerator, ..., tcfg, epoch, ...)
+    try:
+        return _train_epoch(*args, **kwargs)
+    finally:
+        reads["epoch"] = None
+
+
+def getitem(self, index):
+    if reads["epoch"] is not None and self is datasets.get("train"):
+        reads["studies"].setdefault(reads["epoch"], []).append(self.examples[index].uid)
+    return _getitem(self, index)
+
+
+def get(self, image_id):
+    if reads["epoch"] is not None and self is datasets["train"].cache:
+        reads["images"].setdefault(reads["epoch"], []).append(image_id)
+    return _get(self, image_id)
+
+
+def load_split(cfg, split, *args, **kwargs):
+    datasets[split] = _load_split(cfg, split, *args, **kwargs)
+    return datasets[split]
+
+
+train_module._train_epoch, train_module.load_split = training_epoch, load_split
+ReportDataset.__getitem__, ImageCache.get = getitem, get
 cfg = load_config("demo", {
     "paths.data_dir": data_dir, "paths.output_dir": out_dir, "images.size": 32, "model.n_layer": 1,
     "model.n_head": 2, "model.n_embd": 32, "train.epochs": 2, "train.batch_size": 4,
@@ -74,3 +112,9 @@ if mode == "in-use":  # another process holds the output folder's lock
 train_module.train(cfg, progress=False)
 with _open(Path(record_dir) / f"writes_rank{rank}.json", "w") as handle:
     json.dump(writes, handle)
+train = datasets["train"]
+with _open(Path(record_dir) / f"reads_rank{rank}.json", "w") as handle:
+    json.dump({"studies": reads["studies"], "images": reads["images"],
+               "views": {e.uid: e.image_ids for e in train.examples},
+               "location": train.cache.location, "opened_shards": train.cache.opened_shards(),
+               "shards": len(train.cache.shard_files)}, handle)

@@ -72,3 +72,47 @@ def test_a_bad_override_is_one_line_naming_the_key(tmp_path, capsys):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1 and "bogus.key" in run.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_scale_benchmark_at_tiny_sizes_reports_every_figure_side_by_side(tmp_path, capsys):
+    """``--name scale --sizes 40 80``: stages 01-03 in a child per size, the sharded cache, and
+    the 0- and 2-worker loaders, which must deliver the same samples."""
+    assert main(["--name", "scale", "--sizes", "80", "40", "-p", "paths.output_dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "logs" / "bench" / "scale.json").read_text())
+    printed = capsys.readouterr().out
+    scale = report["scale"]
+    assert scale["sizes"] == [40, 80] and scale["image_size"] == 64
+    step = scale["training_step"]
+    assert step["batch"] == 8 and step["image_size"] == 64 and step["samples_per_s"] > 0  # the demo's
+    for studies in (40, 80):
+        r = scale["results"][str(studies)]
+        assert r["studies"] == studies and studies <= r["images"] <= 2 * studies
+        assert r["stages_s_per_1000"] == pytest.approx(sum(r["stage_s_per_1000"].values()))
+        assert r["peak_rss_mb"] == max(r["stage_peak_rss_mb"].values()) > 100
+        assert 0 < r["table_mb"] < 5 and f"{r['table_mb']:>12.1f}" in printed
+        assert r["cache_shards"] == 1 and r["images"] * 64 * 64 / 2**20 <= r["cache_mb"] < 1
+        loader = r["loader"]
+        assert loader["same_samples"] is True and loader["samples"] > 8
+        assert loader["samples_per_s"]["0"] > 0 and loader["samples_per_s"]["2"] > 0
+        assert f"{loader['samples_per_s']['2']:>12.0f}" in printed
+    small, large = scale["results"]["40"], scale["results"]["80"]
+    goals = {g["goal"]: g for g in scale["goals"]}
+    time_goal = goals["stages 01-03 seconds per study, 80 vs 40 studies"]
+    assert time_goal["value"] == pytest.approx(large["stages_s_per_1000"] / small["stages_s_per_1000"])
+    assert time_goal["pass"] == (time_goal["value"] <= 1.2)
+    rss_goal = goals["peak RSS of stages 01-03, 80 vs 40 studies"]
+    assert rss_goal["value"] == pytest.approx(large["peak_rss_mb"] / small["peak_rss_mb"])
+    loader_goal = goals["loader with 2 workers vs one demo training step, 80 studies"]
+    assert loader_goal["pass"] == (large["loader"]["samples_per_s"]["2"] >= step["samples_per_s"])
+    for goal in scale["goals"]:
+        assert f"{'PASS' if goal['pass'] else 'FAIL'}  {goal['goal']}: {goal['value']:.2f}x" in printed
+    assert f"{'studies':<34}{40:>12,}{80:>12,}" in printed
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("sizes", [["40"], ["40", "40"], ["0", "40"]])
+def test_scale_benchmark_refuses_sizes_it_cannot_compare_in_one_line(sizes, tmp_path, capsys):
+    assert main(["--name", "scale", "--sizes", *sizes, "-p", "paths.output_dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --sizes needs two or more different numbers of studies, each at least 1; got {' '.join(sizes)}"]
+    assert not list(tmp_path.iterdir())

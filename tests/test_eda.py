@@ -68,3 +68,26 @@ def test_real_sample_projection_counts_come_from_the_bundled_table(iuxray_sample
     assert sum(projections["images"].values()) == table["n_images"].sum() == 754
     assert projections["source"] == {"bundled IU X-Ray table": int((table["n_images"] > 0).sum())}
     assert projections["studies_by_views"]["frontal + lateral"] > 300
+
+
+def test_statistics_memory_does_not_grow_with_words_per_report():
+    """compute_eda_stats held every report's word and token lists at once (~7 kB per report at
+    50 words): stage 02's peak memory grew with the data set, +150 MB at 20,000 studies. Python's
+    peak allocation while computing must stay within a few times the texts' own size."""
+    import tracemalloc
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vocabulary = [f"word{k}" for k in range(300)]
+    table = pd.concat([_table()] * 1_000, ignore_index=True)
+    table["findings"] = [" ".join(rng.choice(vocabulary, 60)) + "." for _ in range(len(table))]
+    text_bytes = sum(len(t) for t in table["findings"]) + sum(len(t) for t in table["impression"])
+    tracemalloc.start()
+    try:
+        stats = compute_eda_stats(table)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stats["length_words"]["max"] >= 60 and stats["reports"] == 4_000
+    assert peak < 6 * text_bytes, f"peak {peak / 1e6:.1f} MB for {text_bytes / 1e6:.1f} MB of text"

@@ -265,7 +265,7 @@ def test_a_cache_built_before_exif_orientation_was_applied_is_not_reused(tmp_pat
     old = tmp_path / "cache" / f"32px-{digest.hexdigest()[:16]}"
     old.mkdir(parents=True)
     unrotated = np.asarray(Image.fromarray(stored).resize((32, 32)))
-    unrotated.tofile(old / ImageCache.PIXELS)
+    unrotated.tofile(old / "pixels.u8")  # the cache layout of that version: one memmap
     (old / ImageCache.INDEX).write_text(json.dumps({"size": 32, "image_ids": ["x"], "bad": {}}))
     cache = ImageCache.build(images, 32, tmp_path / "cache")
     assert cache.folder != old

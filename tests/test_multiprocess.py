@@ -1,5 +1,6 @@
-"""Two CPU processes under ``accelerate launch`` (gloo): same weights, only rank 0 writes;
-a run with nothing to export stops on every process instead of leaving one waiting."""
+"""Two CPU processes under ``accelerate launch`` (gloo): same weights, only rank 0 writes, each
+reads only its own studies' rows of the sharded image cache; a run with nothing to export stops
+on every process instead of leaving one waiting."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import medexgen_lib.images as images_module
 from medexgen_lib.acquisition import acquire, build_studies_table
 from medexgen_lib.config import load_config
 from medexgen_lib.preprocess import run_preprocessing
@@ -31,7 +33,9 @@ def data(tmp_path_factory) -> Path:
                                **SMALL_DATA_SPLIT,
                                "images.size": 32, "tokenizer.vocab_size": 400, "text.max_length": 48})
     build_studies_table(cfg, acquire(cfg))
-    run_preprocessing(cfg)
+    with pytest.MonkeyPatch.context() as patch:  # 8 images per shard: the cache in 6 shards
+        patch.setattr(images_module, "SHARD_BYTES", 8 * 32 * 32)
+        run_preprocessing(cfg)
     return data
 
 
@@ -65,6 +69,22 @@ def test_two_processes_keep_identical_weights_and_only_rank0_writes(data, tmp_pa
     history = (out / "logs" / "history.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in history] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints" / "last").glob("rng_*.json")) == ["rng_0.json", "rng_1.json"]
+
+    # Each rank read its own studies (disjoint, together the whole training split, every epoch)
+    # and, of the shards, only the rows of those studies' images.
+    reads = [json.loads((record / f"reads_rank{r}.json").read_text()) for r in (0, 1)]
+    train_uids = set(json.loads((data / "processed" / "splits.json").read_text())["train"])
+    assert reads[0]["shards"] == 6 and len(train_uids) % 8 == 0  # 2 ranks x batch 4: no padding
+    for epoch in ("1", "2"):
+        studies = [reads[r]["studies"][epoch] for r in (0, 1)]
+        assert not set(studies[0]) & set(studies[1])
+        assert set(studies[0]) | set(studies[1]) == train_uids
+        for r in (0, 1):
+            views = {i for uid in studies[r] for i in reads[r]["views"][uid] if i is not None}
+            assert set(reads[r]["images"][epoch]) == views
+    for r in (0, 1):
+        read = {i for epoch in ("1", "2") for i in reads[r]["images"][epoch]}
+        assert reads[r]["opened_shards"] == sorted({reads[r]["location"][i][0] for i in read})
 
 
 def test_nothing_to_export_is_raised_on_every_process_none_hangs(data, tmp_path):

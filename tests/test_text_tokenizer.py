@@ -91,3 +91,23 @@ def test_encode_for_training_truncates_but_keeps_eos(sample_texts, tmp_path):
     tok = build_tokenizer("trained", sample_texts, tmp_path / "tok", vocab_size=1000)
     ids = encode_for_training(tok, sample_texts[0] * 5, max_length=16)
     assert len(ids) == 16 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+
+
+def test_token_counts_are_encoded_in_bounded_batches():
+    """``count_tokens`` encoded all texts in one call: a fast tokenizer's encodings of every text
+    (~7 kB each with tokens and offsets) were in memory at once, so stage 03's peak memory grew
+    with the data set (+140 MB at 20,000 studies)."""
+    from medexgen_lib.preprocess import count_tokens
+    from medexgen_lib.tokenizer import train_tokenizer
+
+    texts = [f"Study {k}: " + "no pleural effusion. " * (k % 7) + "Heart size normal." for k in range(2_500)]
+    tokenizer = train_tokenizer(texts[:200], 300)
+    batches = []
+
+    def recording(batch, **kwargs):
+        batches.append(len(batch))
+        return tokenizer(batch, **kwargs)
+
+    lengths = count_tokens(recording, texts)
+    assert batches == [1_000, 1_000, 500]
+    assert lengths.tolist() == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 2 for t in texts]
