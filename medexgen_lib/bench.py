@@ -428,12 +428,12 @@ with open(result, "w") as handle:
 
 
 def _build_phantom(out: Path, studies: int, size: int) -> dict[str, str]:
-    """Write a phantom data set of ``studies`` studies at ``size`` px into ``out``; the config
-    overrides that make stage 01 read it. (The MIMIC-layout phantom writer replaces this.)"""
-    from medexgen_lib.phantom import PROJECTIONS_FILE, make_phantom_dataset
+    """Write a MIMIC-CXR-JPG-layout phantom of ``studies`` studies at ``size`` px into ``out``
+    (``phantom_layouts.write_phantom``); the config overrides that make stage 01 read it."""
+    from medexgen_lib.phantom_layouts import write_phantom
 
-    make_phantom_dataset(studies, 0, out, image_size=size)
-    return {"data.source": "folder", "data.projections_csv": str(out / "reports" / PROJECTIONS_FILE)}
+    write_phantom(out, "mimic", studies, size, seed=0)
+    return {"data.source": "mimic"}
 
 
 def run_stage(stage: str, cfg) -> None:
