@@ -131,7 +131,10 @@ def _row(path: Path, root: Path, split: str, index: int, item, projection_of: di
 
 def _image_file(path: Path, root: Path, uid, relative: str) -> Path:
     parts = PurePosixPath(relative).parts
-    if not parts or PurePosixPath(relative).is_absolute() or ".." in parts:
+    if PurePosixPath(relative).is_absolute():
+        raise AnnotationError(f"annotation file {path}: id {uid} has image path {relative!r}, which is "
+                              f"absolute; image_path entries are relative to the image root {root}")
+    if not parts or ".." in parts:
         raise AnnotationError(f"annotation file {path}: id {uid} has image path {relative!r}, "
                               "which leaves the image root")
     image = root.joinpath(*parts)
