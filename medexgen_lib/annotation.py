@@ -61,7 +61,7 @@ def read_annotation(annotation_file: str | os.PathLike, image_root: str | os.Pat
         for index, item in enumerate(annotation[name]):
             row, extra = _row(path, root, name, index, item, projection_of, source)
             ignored += extra
-            study = str(item.get("study_id", row["uid"]))
+            study = str(row["uid"] if item.get("study_id") is None else item["study_id"])  # null: no study
             if study_split.setdefault(study, name) != name:
                 raise AnnotationError(f"annotation file {path}: study {study} is in both "
                                       f"{study_split[study]} and {name}")

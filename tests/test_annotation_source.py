@@ -82,6 +82,19 @@ def test_annotation_file_and_image_root_can_live_elsewhere(tmp_config, tmp_path)
     assert read_json(cfg.paths.processed / "source_split.json")["val"] == [{"id": "CXR3_IM-0003", "split": "val"}]
 
 
+def test_items_whose_study_id_is_null_are_each_their_own_study(tmp_path):
+    # a table exported to JSON writes a missing study_id as null; it is no study shared across splits
+    root = tmp_path / "data"
+    annotation = write_annotation(root, counts=(2, 1, 1))
+    for items in annotation.values():
+        for item in items:
+            item.update(study_id=None, subject_id=None)
+    (root / "annotation.json").write_text(json.dumps(annotation))
+    table, splits = read_annotation(root / "annotation.json", root / "images")
+    assert {name: len(uids) for name, uids in splits.items()} == {"train": 2, "val": 1, "test": 1}
+    assert list(table.uid) == [item["id"] for name in ("train", "val", "test") for item in annotation[name]]
+
+
 def _rewrite(path, change):
     annotation = json.loads(path.read_text())
     change(annotation)
