@@ -124,7 +124,8 @@ def _row(path: Path, root: Path, split: str, index: int, item, projection_of: di
     return {"uid": uid, "report_file": path.name, "findings": report, "impression": "",
             "indication": "", "comparison": "", "mesh_major": [], "mesh_minor": [],
             "image_ids": list(images), "image_paths": paths, "projections": projections,
-            "projection_source": source if images else "unknown", "n_images": len(images),
+            "projection_source": source if images and (projection_of is None or any(
+                p in projection_of for p in images)) else "unknown", "n_images": len(images),
             "no_findings": not report.strip(), "no_impression": True, "no_image": not images,
             "image_missing": False}, ignored
 

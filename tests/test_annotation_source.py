@@ -71,6 +71,7 @@ def test_a_projections_table_decides_the_views(tmp_config, tmp_path):
     assert list(table.projections[0]) == ["lateral", "frontal"]
     assert list(table.projections[1]) == ["unknown", "unknown"]
     assert table.projection_source[0] == str(table_csv)
+    assert table.projection_source[1] == "unknown"  # the table named none of its images, as read_reports says
 
 
 def test_annotation_file_and_image_root_can_live_elsewhere(tmp_config, tmp_path):
