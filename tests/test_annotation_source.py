@@ -61,6 +61,8 @@ def test_annotation_source_reads_items_views_and_its_split(tmp_config, tmp_path,
     for split in ("train", "val", "test"):
         assert splits[split] == sorted(item["id"] for item in annotation[split])
     assert summary.split_source == "source:annotation"
+    # normal/abnormal comes from MeSH terms, which R2Gen's annotations do not carry: unknown, not "all abnormal"
+    assert {c["abnormal"] for c in splits["meta"]["counts"].values()} == {None}
 
 
 def test_a_projections_table_decides_the_views(tmp_config, tmp_path):
