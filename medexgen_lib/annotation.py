@@ -19,7 +19,7 @@ the image cache is its ``image_path`` entry.
 Refused with ``AnnotationError`` (one line naming the file): a file that is not JSON or lacks
 the three lists, an item without ``id``/``report``/``image_path`` or with a wrong type, an item
 whose ``split`` disagrees with its list, an id (or a ``study_id``) in two splits or twice, and an
-image path that is absolute, leaves the image root or does not exist there.
+image path that is empty, absolute, leaves the image root or does not exist there.
 """
 
 from __future__ import annotations
@@ -135,7 +135,10 @@ def _image_file(path: Path, root: Path, uid, relative: str) -> Path:
     if PurePosixPath(relative).is_absolute():
         raise AnnotationError(f"annotation file {path}: id {uid} has image path {relative!r}, which is "
                               f"absolute; image_path entries are relative to the image root {root}")
-    if not parts or ".." in parts:
+    if not parts:
+        raise AnnotationError(f"annotation file {path}: id {uid} has image path {relative!r}, "
+                              "which names no file")
+    if ".." in parts:
         raise AnnotationError(f"annotation file {path}: id {uid} has image path {relative!r}, "
                               "which leaves the image root")
     image = root.joinpath(*parts)

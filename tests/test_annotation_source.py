@@ -110,6 +110,7 @@ def _rewrite(path, change):
     ("no_lists", "must hold 'train', 'val' and 'test' lists"),
     ("missing_image", "CXR2_IM-0002/1.png .*does not exist"),
     ("escaping_path", "leaves the image root"),
+    ("empty_path", "has image path '', which names no file"),
     ("absolute_path", r"CXR1_IM-0001/0.png', which is absolute; image_path entries are relative to the image root"),
     ("two_splits", "study CXR1_IM-0001 is in both train and test"),
     ("mimic_study_two_splits", "study 5001 is in both train and val"),
@@ -124,6 +125,7 @@ def test_bad_annotation_gets_one_line_naming_the_file_and_nothing_is_written(cas
         "no_lists": lambda a: a.pop("val"),
         "missing_image": lambda a: (tmp_path / "data" / "images" / "CXR2_IM-0002" / "1.png").unlink(),
         "escaping_path": lambda a: a["train"][0]["image_path"].insert(0, "../../etc/passwd"),
+        "empty_path": lambda a: a["train"][0]["image_path"].insert(0, ""),
         # an absolute path, even one inside the image root, is refused for what it is
         "absolute_path": lambda a: a["train"][0]["image_path"].__setitem__(
             0, str(tmp_path / "data" / "images" / "CXR1_IM-0001" / "0.png")),
