@@ -18,8 +18,9 @@ the image cache is its ``image_path`` entry.
 
 Refused with ``AnnotationError`` (one line naming the file): a file that is not JSON or lacks
 the three lists, an item without ``id``/``report``/``image_path`` or with a wrong type, an item
-whose ``split`` disagrees with its list, an id (or a ``study_id``) in two splits or twice, and an
-image path that is empty, absolute, leaves the image root or does not exist there.
+whose ``split`` disagrees with its list, an id (or a ``study_id``; a null one is none) in two
+splits or twice, and an image path that is empty, absolute, leaves the image root or does not
+exist there.
 """
 
 from __future__ import annotations
