@@ -18,8 +18,9 @@ the image cache is its ``image_path`` entry.
 
 Refused with ``AnnotationError`` (one line naming the file): a file that is not JSON or lacks
 the three lists, an item without ``id``/``report``/``image_path`` or with a wrong type, an item
-whose ``split`` disagrees with its list, an id (or a ``study_id``) in two splits or twice, and an
-image path that is absolute, leaves the image root or does not exist there.
+whose ``split`` disagrees with its list, an id (or a ``study_id``; a null one is none) in two
+splits or twice, and an image path that is empty, absolute, leaves the image root or does not
+exist there.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def read_annotation(annotation_file: str | os.PathLike, image_root: str | os.Pat
         for index, item in enumerate(annotation[name]):
             row, extra = _row(path, root, name, index, item, projection_of, source)
             ignored += extra
-            study = str(item.get("study_id", row["uid"]))
+            study = str(row["uid"] if item.get("study_id") is None else item["study_id"])  # null: no study
             if study_split.setdefault(study, name) != name:
                 raise AnnotationError(f"annotation file {path}: study {study} is in both "
                                       f"{study_split[study]} and {name}")
@@ -124,14 +125,21 @@ def _row(path: Path, root: Path, split: str, index: int, item, projection_of: di
     return {"uid": uid, "report_file": path.name, "findings": report, "impression": "",
             "indication": "", "comparison": "", "mesh_major": [], "mesh_minor": [],
             "image_ids": list(images), "image_paths": paths, "projections": projections,
-            "projection_source": source if images else "unknown", "n_images": len(images),
+            "projection_source": source if images and (projection_of is None or any(
+                p in projection_of for p in images)) else "unknown", "n_images": len(images),
             "no_findings": not report.strip(), "no_impression": True, "no_image": not images,
             "image_missing": False}, ignored
 
 
 def _image_file(path: Path, root: Path, uid, relative: str) -> Path:
     parts = PurePosixPath(relative).parts
-    if not parts or PurePosixPath(relative).is_absolute() or ".." in parts:
+    if PurePosixPath(relative).is_absolute():
+        raise AnnotationError(f"annotation file {path}: id {uid} has image path {relative!r}, which is "
+                              f"absolute; image_path entries are relative to the image root {root}")
+    if not parts:
+        raise AnnotationError(f"annotation file {path}: id {uid} has image path {relative!r}, "
+                              "which names no file")
+    if ".." in parts:
         raise AnnotationError(f"annotation file {path}: id {uid} has image path {relative!r}, "
                               "which leaves the image root")
     image = root.joinpath(*parts)

@@ -464,8 +464,10 @@ def _run_stages_child(overrides: dict, result: Path) -> dict:
     return json.loads(result.read_text())
 
 
-def _folder_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+def _folder_mb(folder: Path, leave_out: Path | None = None) -> float:
+    """MB of the files under ``folder`` (those under ``leave_out`` not counted)."""
+    return sum(p.stat().st_size for p in folder.rglob("*")
+               if p.is_file() and (leave_out is None or leave_out not in p.parents)) / 2**20
 
 
 def loader_rates(cfg, samples: int, workers: tuple[int, ...] = (0, 2)) -> dict:
@@ -531,7 +533,7 @@ def bench_scale(sizes: tuple[int, ...] = SCALE_SIZES, image_size: int = SCALE_IM
                 "stage_peak_rss_mb": {s: r["peak_rss_mb"] for s, r in stages.items()},
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in stages.values()),
                 "table_mb": table.memory_usage(deep=True).sum() / 2**20,
-                "data_mb": _folder_mb(cfg.paths.images) + _folder_mb(cfg.paths.reports),
+                "data_mb": _folder_mb(data, leave_out=cfg.paths.processed),  # MIMIC's files/ and CSVs
                 "cache_mb": _folder_mb(cache), "cache_shards": len(list(cache.glob("shard_*.npy"))),
                 "loader": loader_rates(cfg, SCALE_LOADER_SAMPLES)}
     return {"image_size": image_size, "sizes": list(sizes), "results": results,
@@ -572,7 +574,7 @@ def format_scale(report: dict) -> str:
               for st in STAGES],
             ("peak RSS MB (max of 01-03)", lambda r: f"{r['peak_rss_mb']:.0f}"),
             ("studies table in memory MB", lambda r: f"{r['table_mb']:.1f}"),
-            ("images + reports on disk MB", lambda r: f"{r['data_mb']:.1f}"),
+            ("images + reports + CSVs on disk MB", lambda r: f"{r['data_mb']:.1f}"),
             ("image cache on disk MB", lambda r: f"{r['cache_mb']:.1f}"),
             ("image cache shards", lambda r: f"{r['cache_shards']}"),
             ("loader samples/s, 0 workers", lambda r: f"{r['loader']['samples_per_s']['0']:.0f}"),

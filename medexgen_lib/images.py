@@ -296,12 +296,12 @@ class ImageCache:
                     position += len(chunk)
                     record["next"] = position
                     bad.update(record["bad"])
-                    if record["image_ids"]:
-                        write_text_atomic(building / f"{_shard_name(len(done))}.json", json.dumps(record))
-                        done.append(record)
+                    # recorded even when every image was bad (no .npy): a resumed build must know them
+                    write_text_atomic(building / f"{_shard_name(len(done))}.json", json.dumps(record))
+                    done.append(record)
             write_text_atomic(building / cls.INDEX, json.dumps(
                 {"size": size, "key": key, "bad": bad,
-                 "shards": [{"file": r["file"], "image_ids": r["image_ids"]} for r in done]}))
+                 "shards": [{"file": r["file"], "image_ids": r["image_ids"]} for r in done if r["image_ids"]]}))
             os.replace(building, folder)
         except (ImageError, OSError):  # bad input or a full disk: nothing kept, as before sharding
             shutil.rmtree(building, ignore_errors=True)
@@ -326,7 +326,8 @@ def _finished_shards(building: Path, size: int, bad_image: str) -> list[dict]:
             record = read_json(building / f"{name}.json")
             if record["file"] != f"{name}.npy":
                 raise ValueError(f"{name}.json names {record['file']!r}")
-            open_shard(building / record["file"], len(record["image_ids"]), size)
+            if record["image_ids"]:  # a chunk of bad images only has its record and no .npy
+                open_shard(building / record["file"], len(record["image_ids"]), size)
         except (ValueError, KeyError, TypeError) as exc:  # CacheError is a ValueError
             log.warning("image cache shard %d in %s is damaged (%s); rebuilding from it",
                         number, building, exc)

@@ -28,6 +28,7 @@ from medexgen_lib.labeler import (ABSENT, LABELER_VERSION, NO_FINDING, OBSERVATI
                                   label_report, positive_set)
 from medexgen_lib.nltk_bleu import seed_style_bleu
 from medexgen_lib.sides import SIDES, report_sides
+from medexgen_lib.text import ANONYMISED
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ R2GEN_TRAINING_REPORTS = 2069  # R2Gen's IU X-Ray training split (annotation.jso
 # R2Gen's published MIMIC-CXR run (--threshold 10 --max_seq_length 100, 270,790 training items).
 R2GEN_CONVENTIONS = {"r2gen": (R2GEN_THRESHOLD, R2GEN_MAX_SEQ_LENGTH, R2GEN_TRAINING_REPORTS),
                      "r2gen-mimic": (10, 100, 270_790)}
+# R2Gen's MIMIC-CXR cleaner (clean_report_mimic_cxr) folds MIMIC's "___" de-identification marks to "_"
+# and then strips "_", so they are no word there; here they are ANONYMISED ("XXXX", mimic_sections).
+_DEIDENTIFIED_WORD = re.compile(rf"\b{ANONYMISED}\b", re.IGNORECASE)
 REFERENCE_DESCRIPTIONS = {
     "full": "full: each reference is its whole cleaned target text (no truncation, no <unk>); "
             "references and predictions R2Gen-normalised",
@@ -324,10 +328,16 @@ def scored_texts(references: Sequence[str], predictions: Sequence[str], referenc
                  training_reports: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
     """References and predictions as every text metric compares them: R2Gen-normalised, or with
     ``reference_convention="r2gen"`` as R2Gen's tokenizer decodes them (``r2gen_text``, references
-    cut to 59 words); a prediction with no word becomes "" (``_wordless_as_empty``)."""
+    cut to 59 words; ``"r2gen-mimic"``: 99 words, and MIMIC's de-identification marks, ``XXXX``
+    here, dropped as R2Gen's MIMIC cleaner drops ``___``); a prediction with no word becomes ""
+    (``_wordless_as_empty``)."""
     _check_convention(reference_convention, training_reports)
     if reference_convention in R2GEN_CONVENTIONS:
         threshold, max_seq_length, _ = R2GEN_CONVENTIONS[reference_convention]
+        if reference_convention == "r2gen-mimic":  # no de-identification word, as R2Gen's MIMIC cleaner
+            references, predictions, training_reports = (
+                [_DEIDENTIFIED_WORD.sub(" ", t) for t in texts]
+                for texts in (references, predictions, training_reports))
         vocabulary = r2gen_vocabulary(training_reports, threshold)
         refs = [r2gen_text(r, vocabulary, max_seq_length - 1) for r in references]
         preds = [r2gen_text(p, vocabulary) for p in predictions]

@@ -26,6 +26,7 @@ phantom's mapping, as the sample holds only 3 real radiographs, none of R2Gen's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -35,6 +36,7 @@ import os
 import shutil
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,27 +68,35 @@ def write_phantom(out_dir: str | os.PathLike, layout: str, studies: int, size: i
     if studies < 1 or size < 32:
         raise ValueError(f"studies must be at least 1 and size at least 32 px, got {studies} and {size}")
     out = Path(out_dir)
+    with _built_beside(out) as building:
+        rng = np.random.default_rng(seed)
+        sampled = _sample_studies(studies, rng)
+        split_of = _split_by_group([(s.number - 1) // 2 if layout == "mimic" else s.number for s in sampled], seed)
+        if layout == "mimic":
+            _write_mimic(building, sampled, split_of, size, rng, np.random.default_rng([seed, 1]))
+        else:
+            _write_annotation(building, sampled, split_of, size, rng)
+    log.info("phantom in the %s layout: %d studies at %d px in %s", layout, studies, size, out)
+    return out
+
+
+@contextlib.contextmanager
+def _built_beside(out: Path) -> Iterator[Path]:
+    """A new ``<out>.partial`` folder to write into, renamed to ``out`` (which must not exist or be
+    empty) when the block completes and removed when it fails or is interrupted."""
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; the phantom is written only into a new or empty folder")
     building = out.with_name(out.name + ".partial")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    sampled = _sample_studies(studies, rng)
-    split_of = _split_by_group([(s.number - 1) // 2 if layout == "mimic" else s.number for s in sampled], seed)
     try:
-        if layout == "mimic":
-            _write_mimic(building, sampled, split_of, size, rng, np.random.default_rng([seed, 1]))
-        else:
-            _write_annotation(building, sampled, split_of, size, rng)
+        yield building
         if out.exists():
             out.rmdir()
         os.replace(building, out)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    log.info("phantom in the %s layout: %d studies at %d px in %s", layout, studies, size, out)
-    return out
 
 
 def _split_by_group(groups: list[int], seed: int) -> list[str]:
@@ -195,27 +205,35 @@ def iu_sample_to_annotation(sample_dir: str | os.PathLike, out_dir: str | os.Pat
     """The IU X-Ray sample (``tests/data/iuxray-sample``) in R2Gen's layout: the first
     ``per_split`` items of each split of its R2Gen ``annotation.json`` (real reports, unchanged),
     ``images/<id>/0.png`` frontal and ``1.png`` lateral drawn for the report's MeSH terms
-    (``realtext.findings_from_mesh``, one generator per study), and a README with the attribution."""
+    (``realtext.findings_from_mesh``, one generator per study), and a README with the attribution.
+    Written as ``write_phantom`` writes: into a new or empty ``out_dir``, all or nothing; a report
+    that cannot be read is named (``MalformedReport``)."""
     from medexgen_lib.realtext import findings_from_mesh
-    from medexgen_lib.reports import parse_report
+    from medexgen_lib.reports import MalformedReport, parse_report
 
     sample, out = Path(sample_dir), Path(out_dir)
     source = json.loads((sample / "annotation.json").read_text())
     annotation: dict[str, list[dict]] = {}
-    for split, count in zip(SPLITS, per_split):
-        annotation[split] = source[split][:count]
-        for item in annotation[split]:
-            number = int(item["id"].split("_")[0].removeprefix("CXR"))
-            study_rng = np.random.default_rng([seed, number])
-            terms = parse_report(sample / "reports" / "ecgen-radiology" / f"{number}.xml")["mesh_major"]
-            findings, _ = findings_from_mesh(terms, study_rng)
-            study = PhantomStudy(number=number, findings=findings)
-            for relative, view in zip(item["image_path"], ("frontal", "lateral")):
-                (out / "images" / relative).parent.mkdir(parents=True, exist_ok=True)
-                _draw(study, view, size, study_rng).save(out / "images" / relative)
-    write_json(out / "annotation.json", annotation)
-    (out / "README.md").write_text(_IU_README.format(counts=" / ".join(str(len(annotation[s])) for s in SPLITS),
-                                                     size=size, seed=seed), encoding="utf-8")
+    with _built_beside(out) as building:
+        for split, count in zip(SPLITS, per_split):
+            annotation[split] = source[split][:count]
+            for item in annotation[split]:
+                number = int(item["id"].split("_")[0].removeprefix("CXR"))
+                study_rng = np.random.default_rng([seed, number])
+                report = sample / "reports" / "ecgen-radiology" / f"{number}.xml"
+                try:
+                    terms = parse_report(report)["mesh_major"]
+                except MalformedReport as exc:
+                    raise MalformedReport(f"IU X-Ray sample report {report}: {exc}") from None
+                findings, _ = findings_from_mesh(terms, study_rng)
+                study = PhantomStudy(number=number, findings=findings)
+                for relative, view in zip(item["image_path"], ("frontal", "lateral")):
+                    (building / "images" / relative).parent.mkdir(parents=True, exist_ok=True)
+                    _draw(study, view, size, study_rng).save(building / "images" / relative)
+        write_json(building / "annotation.json", annotation)
+        (building / "README.md").write_text(
+            _IU_README.format(counts=" / ".join(str(len(annotation[s])) for s in SPLITS), size=size, seed=seed),
+            encoding="utf-8")
     return out
 
 

@@ -30,7 +30,7 @@ class PreprocessSummary:
     studies: int
     dropped: dict[str, int]
     split_source: str
-    split_counts: dict[str, dict[str, int]]
+    split_counts: dict[str, dict[str, int | None]]  # "abnormal" None: no MeSH terms to tell
     tokenizer_dir: str
     tokenizer_used: str
     vocab_size: int
@@ -65,11 +65,15 @@ def run_preprocessing(cfg: Config) -> PreprocessSummary:
     else:
         splits = make_splits(usable, cfg.seed, cfg.split.val_fraction, cfg.split.test_fraction)
         split_source = f"random:seed={cfg.seed}"
+    # normal/abnormal is MeSH's (IU X-Ray); sources without MeSH terms (annotation, mimic) leave it unknown
+    has_mesh = bool(usable["mesh_major"].map(len).any())
     abnormal = dict(zip(usable["uid"], usable["mesh_major"].map(is_abnormal)))
-    counts = {name: {"studies": len(uids), "abnormal": int(sum(abnormal[u] for u in uids))}
+    counts = {name: {"studies": len(uids),
+                     "abnormal": int(sum(abnormal[u] for u in uids)) if has_mesh else None}
               for name, uids in splits.items()}
     for name, c in counts.items():
-        log.info("split %-5s %5d studies (%d abnormal)", name, c["studies"], c["abnormal"])
+        log.info("split %-5s %5d studies (%s abnormal)", name, c["studies"],
+                 c["abnormal"] if has_mesh else "no MeSH terms: unknown how many")
     write_splits(splits, processed / "splits.json",
                  {"source": split_source, "counts": counts, "dropped": dropped})
 

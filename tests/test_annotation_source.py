@@ -61,6 +61,8 @@ def test_annotation_source_reads_items_views_and_its_split(tmp_config, tmp_path,
     for split in ("train", "val", "test"):
         assert splits[split] == sorted(item["id"] for item in annotation[split])
     assert summary.split_source == "source:annotation"
+    # normal/abnormal comes from MeSH terms, which R2Gen's annotations do not carry: unknown, not "all abnormal"
+    assert {c["abnormal"] for c in splits["meta"]["counts"].values()} == {None}
 
 
 def test_a_projections_table_decides_the_views(tmp_config, tmp_path):
@@ -71,6 +73,7 @@ def test_a_projections_table_decides_the_views(tmp_config, tmp_path):
     assert list(table.projections[0]) == ["lateral", "frontal"]
     assert list(table.projections[1]) == ["unknown", "unknown"]
     assert table.projection_source[0] == str(table_csv)
+    assert table.projection_source[1] == "unknown"  # the table named none of its images, as read_reports says
 
 
 def test_annotation_file_and_image_root_can_live_elsewhere(tmp_config, tmp_path):
@@ -80,6 +83,19 @@ def test_annotation_file_and_image_root_can_live_elsewhere(tmp_config, tmp_path)
     table = build_studies_table(cfg, acquire(cfg))
     assert len(table) == 4 and table.image_paths[0][0].startswith(str(tmp_path / "r2gen" / "images"))
     assert read_json(cfg.paths.processed / "source_split.json")["val"] == [{"id": "CXR3_IM-0003", "split": "val"}]
+
+
+def test_items_whose_study_id_is_null_are_each_their_own_study(tmp_path):
+    # a table exported to JSON writes a missing study_id as null; it is no study shared across splits
+    root = tmp_path / "data"
+    annotation = write_annotation(root, counts=(2, 1, 1))
+    for items in annotation.values():
+        for item in items:
+            item.update(study_id=None, subject_id=None)
+    (root / "annotation.json").write_text(json.dumps(annotation))
+    table, splits = read_annotation(root / "annotation.json", root / "images")
+    assert {name: len(uids) for name, uids in splits.items()} == {"train": 2, "val": 1, "test": 1}
+    assert list(table.uid) == [item["id"] for name in ("train", "val", "test") for item in annotation[name]]
 
 
 def _rewrite(path, change):
@@ -94,6 +110,8 @@ def _rewrite(path, change):
     ("no_lists", "must hold 'train', 'val' and 'test' lists"),
     ("missing_image", "CXR2_IM-0002/1.png .*does not exist"),
     ("escaping_path", "leaves the image root"),
+    ("empty_path", "has image path '', which names no file"),
+    ("absolute_path", r"CXR1_IM-0001/0.png', which is absolute; image_path entries are relative to the image root"),
     ("two_splits", "study CXR1_IM-0001 is in both train and test"),
     ("mimic_study_two_splits", "study 5001 is in both train and val"),
     ("twice", "study CXR1_IM-0001 is twice in train"),
@@ -107,6 +125,10 @@ def test_bad_annotation_gets_one_line_naming_the_file_and_nothing_is_written(cas
         "no_lists": lambda a: a.pop("val"),
         "missing_image": lambda a: (tmp_path / "data" / "images" / "CXR2_IM-0002" / "1.png").unlink(),
         "escaping_path": lambda a: a["train"][0]["image_path"].insert(0, "../../etc/passwd"),
+        "empty_path": lambda a: a["train"][0]["image_path"].insert(0, ""),
+        # an absolute path, even one inside the image root, is refused for what it is
+        "absolute_path": lambda a: a["train"][0]["image_path"].__setitem__(
+            0, str(tmp_path / "data" / "images" / "CXR1_IM-0001" / "0.png")),
         "two_splits": lambda a: a["test"].append({**a["train"][0], "split": "test"}),
         "mimic_study_two_splits": lambda a: (a["train"][0].update(study_id=5001),
                                              a["val"][0].update(study_id=5001)),

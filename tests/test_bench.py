@@ -91,6 +91,8 @@ def test_scale_benchmark_at_tiny_sizes_reports_every_figure_side_by_side(tmp_pat
         assert r["peak_rss_mb"] == max(r["stage_peak_rss_mb"].values()) > 100
         assert 0 < r["table_mb"] < 5 and f"{r['table_mb']:>12.1f}" in printed
         assert r["cache_shards"] == 1 and r["images"] * 64 * 64 / 2**20 <= r["cache_mb"] < 1
+        # the MIMIC-layout data set as read: every image is a JPEG file (header alone ~600 bytes)
+        assert r["data_mb"] > r["images"] * 300 / 2**20 and f"{r['data_mb']:>12.1f}" in printed
         loader = r["loader"]
         assert loader["same_samples"] is True and loader["samples"] > 8
         assert loader["samples_per_s"]["0"] > 0 and loader["samples_per_s"]["2"] > 0

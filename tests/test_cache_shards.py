@@ -228,3 +228,24 @@ def test_a_build_resumed_under_stop_refuses_an_image_an_interrupted_skip_build_l
     assert list((tmp_path / "cache").iterdir()) == []  # as any build stopped by a bad image
     cache = ImageCache.build(files, SIZE, tmp_path / "cache", bad_image="skip")
     assert "IM1b" in cache.bad and len(cache) == 5
+
+
+@pytest.mark.reliability
+def test_a_shard_of_only_bad_images_is_remembered_when_an_interrupted_build_resumes(
+        image_files, tmp_path, small_shards, monkeypatch):
+    for _, path in image_files[:2]:  # IM0 and IM1: the whole first shard unreadable
+        with open(path, "wb") as handle:
+            handle.write(b"not a png")
+    decode = _interrupt_at(monkeypatch, image_files[4][1])
+    with pytest.raises(KeyboardInterrupt):
+        ImageCache.build(image_files, SIZE, tmp_path / "cache", bad_image="skip")
+    monkeypatch.setattr(images_module, "load_image", decode)
+    with pytest.raises(images_module.ImageError, match="img0.png"):
+        ImageCache.build(image_files, SIZE, tmp_path / "cache", bad_image="stop")
+    with pytest.raises(KeyboardInterrupt):  # interrupted again, then resumed as it began
+        _interrupt_at(monkeypatch, image_files[4][1])
+        ImageCache.build(image_files, SIZE, tmp_path / "cache", bad_image="skip")
+    monkeypatch.setattr(images_module, "load_image", decode)
+    cache = ImageCache.build(image_files, SIZE, tmp_path / "cache", bad_image="skip")
+    assert sorted(cache.bad) == ["IM0", "IM1"] and len(cache) == 3
+    assert json.loads((cache.folder / "index.json").read_text())["bad"].keys() == {"IM0", "IM1"}

@@ -14,9 +14,9 @@ import pytest
 import medexgen_lib.images as images_module
 from medexgen_lib.acquisition import acquire, build_studies_table
 from medexgen_lib.config import load_config
+from medexgen_lib.phantom_layouts import write_phantom
 from medexgen_lib.preprocess import run_preprocessing
 
-from conftest import SMALL_DATA_SPLIT
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 # --multi_gpu selects the torchrun launcher; without CUDA, Accelerate runs MULTI_CPU on gloo.
@@ -26,11 +26,10 @@ LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("data")
-    cfg = load_config("demo", {"paths.data_dir": str(data),
+    """The MIMIC-layout phantom (22 studies: 16 train, 43 images of 1-3 views), read with its split."""
+    data = write_phantom(tmp_path_factory.mktemp("layouts") / "mimic", "mimic", 22, 48, 0)
+    cfg = load_config("demo", {"data.source": "mimic", "paths.data_dir": str(data),
                                "paths.output_dir": str(tmp_path_factory.mktemp("unused")),
-                               "data.n_phantom_studies": 24, "data.phantom_image_size": 48,
-                               **SMALL_DATA_SPLIT,
                                "images.size": 32, "tokenizer.vocab_size": 400, "text.max_length": 48})
     build_studies_table(cfg, acquire(cfg))
     with pytest.MonkeyPatch.context() as patch:  # 8 images per shard: the cache in 6 shards

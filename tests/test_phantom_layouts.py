@@ -1,6 +1,7 @@
 """The phantom in MIMIC-CXR-JPG's and R2Gen's layouts, and the IU sample converted to R2Gen's."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from medexgen_lib.annotation import read_annotation
 from medexgen_lib.mimic import METADATA_CSV, SPLIT_CSV, read_mimic
 from medexgen_lib.phantom import _sample_studies
 from medexgen_lib.phantom_layouts import iu_sample_to_annotation, main, write_phantom
+from medexgen_lib.reports import MalformedReport
 
 IU_R2GEN = Path(__file__).parent / "data" / "iuxray-sample-r2gen"
 
@@ -128,3 +130,23 @@ def test_an_interrupted_writer_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         write_phantom(tmp_path / "out", "mimic", 10, 32, 0)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.reliability
+def test_the_iu_sample_converter_keeps_a_folder_in_use_and_leaves_nothing_half_written(tmp_path, iuxray_sample):
+    in_use = tmp_path / "in_use"
+    in_use.mkdir()
+    (in_use / "annotation.json").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"{in_use} is not empty"):
+        iu_sample_to_annotation(iuxray_sample, in_use)
+    assert [p.name for p in in_use.iterdir()] == ["annotation.json"]
+    assert (in_use / "annotation.json").read_text() == "mine"
+    sample = tmp_path / "sample"
+    shutil.copytree(iuxray_sample, sample)
+    number = json.loads((sample / "annotation.json").read_text())["val"][0]["id"].split("_")[0].removeprefix("CXR")
+    report = sample / "reports" / "ecgen-radiology" / f"{number}.xml"
+    report.unlink()  # train's images are drawn before this report is needed
+    with pytest.raises(MalformedReport, match=f"{report}: cannot be read") as raised:
+        iu_sample_to_annotation(sample, tmp_path / "out", per_split=(4, 1, 1), size=32)
+    assert len(str(raised.value).splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in_use", "sample"]  # no out/, no out.partial/

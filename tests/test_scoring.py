@@ -267,3 +267,14 @@ def test_r2gen_mimic_references_use_r2gens_mimic_threshold_and_length():
     metrics = score(["heart normal ."], ["heart normal ."], reference_convention="r2gen-mimic", training_reports=training)
     assert metrics["references"] == "r2gen-mimic" and "fewer than 10 times" in metrics["reference_convention"]
     assert "max_seq_length 100" in metrics["reference_convention"]
+
+
+def test_r2gen_mimic_drops_mimics_deidentification_marks_as_r2gens_mimic_cleaner_does():
+    # R2Gen's clean_report_mimic_cxr turns "___" into "_" and strips "_": the mark is no word there;
+    # data.source mimic writes it as XXXX (IU X-Ray's token, which R2Gen's IU cleaner keeps as "xxxx")
+    training = ["compared to XXXX the heart is normal ."] * 12
+    reference, prediction = "Compared to XXXX, the heart is normal.", "xxxx the heart is normal ."
+    refs, preds = scored_texts([reference], [prediction], "r2gen-mimic", training)
+    assert refs == ["compared to the heart is normal ."] and preds == ["the heart is normal ."]
+    refs, preds = scored_texts([reference], [prediction], "r2gen", training)
+    assert refs == ["compared to xxxx the heart is normal ."] and preds[0].startswith("xxxx ")
