@@ -879,3 +879,16 @@ def test_generate_json_reports_the_decoder_text_and_what_post_processing_changed
                  "--max-new-tokens", "2"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (printed["decoder_text"], printed["report"], printed["post_processing"]) == (decoded, report, steps)
+
+
+def test_generate_help_names_every_field_json_prints(model_dir, tmp_path, capsys):
+    """``generate --help`` says what ``--json`` prints: each of its fields by name (it named the
+    labeler's observations only, not decoder_text or post_processing)."""
+    frontal = tmp_path / "f.png"
+    Image.fromarray(_chest()).save(frontal)
+    assert main(["generate", "--model", str(model_dir), str(frontal), "--json", "--max-new-tokens", "2"]) == 0
+    fields = set(json.loads(capsys.readouterr().out))
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert fields and {field for field in fields if field not in shown} == set()
