@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     generate = commands.add_parser("generate", help="write the report for new images (PNG, JPEG, DICOM)")
     generate.add_argument("--model", required=True, help="a model folder (models/final)")
     generate.add_argument("images", nargs="+", help="frontal image, then optionally the lateral one")
-    generate.add_argument("--json", action="store_true", help="print JSON with the labeler's observations")
+    generate.add_argument("--json", action="store_true",
+                          help="print JSON: images, report, decoder_text (the decoder's own text), "
+                               "post_processing (the steps that changed it) and observations (the labeler's)")
     generate.add_argument("--beams", type=int, help="beam size (1: greedy); default: as the model was evaluated")
     generate.add_argument("--max-new-tokens", type=int, help="default: as the model was evaluated")
     generate.add_argument("--length-penalty", type=float, help="default: as the model was evaluated")

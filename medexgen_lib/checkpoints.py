@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 
@@ -43,8 +44,8 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer, scheduler,
-                    trainer_state: dict) -> None:
+def save_checkpoint(directory: Path, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: object, trainer_state: dict) -> None:
     """Write a resumable checkpoint atomically: a temporary folder, then a rename.
 
     Model (safetensors + config + tokenizer), optimizer, scheduler, loss scaler,
@@ -98,7 +99,8 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def load_checkpoint(directory: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict:
+def load_checkpoint(directory: Path, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: object) -> dict:
     """Restore what ``save_checkpoint`` wrote (tensors only: ``weights_only=True``)."""
     recover_dir(directory)
     trainer_path = directory / TRAINER_FILE

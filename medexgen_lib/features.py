@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from medexgen_lib.dataset import ReportDataset
+    from medexgen_lib.model import ReportGenerator
 
 
 class FrozenFeatures:
@@ -11,7 +18,8 @@ class FrozenFeatures:
     uid while the encoder does not change: after ``train.encoder_epochs`` (train and val;
     images are not augmented) and within one validation (its three passes over val)."""
 
-    def __init__(self, model, data, collate_fn, device, batch_size: int = 32):
+    def __init__(self, model: ReportGenerator, data: ReportDataset, collate_fn: Callable,
+                 device: torch.device | str, batch_size: int = 32) -> None:
         self.features: dict[str, torch.Tensor] = {}
         # its own generator: building the cache leaves the run's random stream untouched
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medexgen_lib.config import Config
 from medexgen_lib.files import discard_dir, save_figure, write_text_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ def truncate_history(path: Path, last_epoch: int) -> None:
     write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
-def mark_epochs(ax, history: list[dict], model_dir: Path | None) -> None:
+def mark_epochs(ax: Axes, history: list[dict], model_dir: Path | None) -> None:
     """Dashed line at the best epoch on val; dotted at the one exported to ``model_dir`` (as its
     model card says) where that is another."""
     from medexgen_lib.model_card import exported_epoch

@@ -75,7 +75,7 @@ class NewTokenRows:
     proportional to the learning rate, decay included) is exactly a step at lr_new.
     """
 
-    def __init__(self, model: ReportGenerator, tcfg: TrainConfig):
+    def __init__(self, model: ReportGenerator, tcfg: TrainConfig) -> None:
         first_new = model.config.pretrained_vocab_size
         self.weight = model.decoder.get_input_embeddings().weight
         has_new_rows = 0 < first_new < self.weight.shape[0]
@@ -133,7 +133,8 @@ def freeze_batchnorm(model: ReportGenerator) -> None:
             module.eval()
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, tcfg: TrainConfig, steps_per_epoch: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, tcfg: TrainConfig, steps_per_epoch: int
+                   ) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
     """The learning-rate schedule ``train.scheduler`` names: transformers' (warmup, then decay over
     the run's optimizer steps), or ``plateau``: halved when the val selection value stalls."""
     if tcfg.scheduler == "plateau":

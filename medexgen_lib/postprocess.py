@@ -20,12 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from medexgen_lib import planning, report_edits
 from medexgen_lib.guidance import hard_labels
 from medexgen_lib.sides import SIDES
+
+if TYPE_CHECKING:
+    from medexgen_lib.model import ReportGeneratorConfig
 
 STEPS = ("align_sides", "state_findings", "plan_report")
 
@@ -38,7 +42,8 @@ class PostProcessed:
     changed_by: list[list[str]]
 
 
-def post_process(texts: Sequence[str], probabilities: torch.Tensor | None, config) -> PostProcessed:
+def post_process(texts: Sequence[str], probabilities: torch.Tensor | None, config: ReportGeneratorConfig
+                 ) -> PostProcessed:
     """The reports made of the decoder's ``texts`` with the head's ``probabilities`` (``[B, L]``, the
     sigmoid of its logits; None for a model without a head) as the model's config (a
     ``ReportGeneratorConfig``: ``guidance_labels``, ``guidance_thresholds``, ``guidance_align_sides``,

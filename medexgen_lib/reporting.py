@@ -3,7 +3,9 @@ the gallery (``visualize``) and the inspector; ``decode_settings`` is also ``gen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
@@ -12,6 +14,9 @@ from medexgen_lib.config import EvalConfig
 from medexgen_lib.dataset import ReportDataset, collate
 from medexgen_lib.postprocess import post_process
 from medexgen_lib.progress import ProgressBar
+
+if TYPE_CHECKING:
+    from medexgen_lib.model import ReportGenerator
 
 
 def decode_settings(decode: EvalConfig) -> dict:
@@ -24,8 +29,9 @@ def decode_settings(decode: EvalConfig) -> dict:
 
 
 @torch.no_grad()
-def generate_reports(model, data: ReportDataset, decode: EvalConfig, device: torch.device | str = "cpu",
-                     progress: bool = True, features=None) -> list[dict]:
+def generate_reports(model: ReportGenerator, data: ReportDataset, decode: EvalConfig,
+                     device: torch.device | str = "cpu", progress: bool = True,
+                     features: Callable[[list[str]], torch.Tensor] | None = None) -> list[dict]:
     """Reports for every study of ``data``, in order: uid, image ids, reference, prediction (the
     decoder's text after ``postprocess.post_process``) and the decoder's own text (``decoder_text``).
     ``features``: uids -> the encoder's feature maps, computed before (training's frozen encoder)."""

@@ -143,10 +143,11 @@ def _train(cfg: Config, accelerator: Accelerator, tracking: dict, resume: bool,
                  state["epoch"], stopped)
     features = (None, None)  # the frozen encoder's of train and val, once it is frozen
     for epoch in range(state["epoch"] + 1, last_epoch + 1):
+        began = time.perf_counter()  # the epoch's time includes the frozen encoder's feature cache
         frozen = bool(tcfg.encoder_epochs) and epoch > tcfg.encoder_epochs
         if frozen and features[1] is None:
             features = _freeze_encoder(cfg, accelerator, run)
-        _run_epoch(cfg, accelerator, run, state, epoch, progress, tracker, frozen, features, owns_folder)
+        _run_epoch(cfg, accelerator, run, state, epoch, progress, tracker, frozen, features, owns_folder, began)
         owns_folder = True
         if state["bad_epochs"] >= tcfg.patience:
             stopped = _early_stopping(tcfg.patience)
@@ -236,11 +237,10 @@ def _freeze_encoder(cfg: Config, accelerator: Accelerator, run: _Run
 
 
 def _run_epoch(cfg: Config, accelerator: Accelerator, run: _Run, state: dict, epoch: int, progress: bool,
-               tracker: RunTracker, frozen: bool, features: tuple, owns_folder: bool) -> None:
-    """Train one epoch and validate it; update ``state`` (best epoch, patience); write the epoch's
-    history line (``history.take_over_folder`` on a fresh run's first epoch) and its checkpoints."""
+               tracker: RunTracker, frozen: bool, features: tuple, owns_folder: bool, began: float) -> None:
+    """Train one epoch (begun at ``began``) and validate it; update ``state`` (best epoch, patience);
+    write its history line (``history.take_over_folder`` on a fresh run's first epoch) and checkpoints."""
     tcfg, fingerprint = cfg.train, run.fingerprint
-    began = time.perf_counter()
     train_loss, samples, state["step"] = _train_epoch(
         accelerator, run.model, run.optimizer, run.scheduler, run.epoch_loader(epoch), run.new_token_rows,
         tcfg, epoch, state["step"], progress, run.loss_hook, tracker, frozen, features[0])

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from torch import nn
 from torch.utils.data import DataLoader
 
 from medexgen_lib import guidance
 from medexgen_lib.config import Config
+from medexgen_lib.dataset import ReportDataset
 from medexgen_lib.features import FrozenFeatures
 from medexgen_lib.labeler import LABELER_VERSION
 from medexgen_lib.metrics import METRICS_VERSION, diversity, score
@@ -46,8 +50,9 @@ def selection_value(metrics: dict, selection_metric: str) -> float:
 
 
 @torch.no_grad()
-def validate(accelerator, model, val_data, collate_fn, cfg, progress, features=None, targets=None
-              ) -> tuple[dict, float, list[dict]]:
+def validate(accelerator: Accelerator, model: nn.Module, val_data: ReportDataset, collate_fn: Callable,
+             cfg: Config, progress: bool, features: FrozenFeatures | None = None,
+             targets: guidance.TargetLookup | None = None) -> tuple[dict, float, list[dict]]:
     """Val loss, scored generations and the generated rows. Every process computes the same
     numbers (no test split). ``features``: the frozen encoder's ``FrozenFeatures`` of val (else
     computed here); ``targets`` (a ``guidance.TargetLookup`` of val): the head's thresholds are

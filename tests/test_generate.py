@@ -879,3 +879,49 @@ def test_generate_json_reports_the_decoder_text_and_what_post_processing_changed
                  "--max-new-tokens", "2"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (printed["decoder_text"], printed["report"], printed["post_processing"]) == (decoded, report, steps)
+
+
+def test_generate_help_names_every_field_json_prints(model_dir, tmp_path, capsys):
+    """``generate --help`` says what ``--json`` prints: each of its fields by name (it named the
+    labeler's observations only, not decoder_text or post_processing)."""
+    frontal = tmp_path / "f.png"
+    Image.fromarray(_chest()).save(frontal)
+    assert main(["generate", "--model", str(model_dir), str(frontal), "--json", "--max-new-tokens", "2"]) == 0
+    fields = set(json.loads(capsys.readouterr().out))
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert fields and {field for field in fields if field not in shown} == set()
+
+
+@pytest.mark.parametrize("kind", ["no head", "planning"])
+def test_generate_json_on_a_model_without_a_head_and_on_a_planning_one(kind, model_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Without a head nothing edits the decoder's text and no step is named; a planning model whose
+    head finds nothing writes its normal report, named as planned."""
+    from medexgen_lib.guidance import ObservationGuidance
+    from medexgen_lib.model import ReportGeneratorConfig
+
+    decoded, normal = "Heart size normal.", "The heart is normal in size. No pleural effusion."
+    monkeypatch.setattr(ReportGenerator, "decode", lambda self, ids: [decoded] * len(ids))
+    folder = model_dir
+    if kind == "planning":
+        tokenizer = train_tokenizer([normal, decoded] * 20, 300)
+        labels = ["Cardiomegaly", "Pleural Effusion"]
+        model = ReportGenerator(ReportGeneratorConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, encoder="resnet18", image_size=64, n_layer=1, n_head=2,
+            n_embd=16, n_positions=64, guidance_labels=labels, guidance_thresholds=[0.5] * 2,
+            guidance_align_sides=True, guidance_normal_report=normal))
+        model.tokenizer = tokenizer
+        folder = tmp_path / "planning"
+        model.save_pretrained(folder)
+        monkeypatch.setattr(ObservationGuidance, "logits", lambda self, features, batch, mask: torch.full(
+            (batch, len(labels)), -5.0))  # nothing found
+    frontal = tmp_path / "f.png"
+    Image.fromarray(_chest()).save(frontal)
+    assert main(["generate", "--model", str(folder), str(frontal), "--json", "--max-new-tokens", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = (decoded, []) if kind == "no head" else (normal, ["plan_report"])
+    assert printed["decoder_text"] == decoded
+    assert (printed["report"], printed["post_processing"]) == expected

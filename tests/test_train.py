@@ -715,3 +715,33 @@ def test_a_fresh_run_taking_over_never_leaves_one_runs_history_beside_anothers_c
     if any((folder / "weights").exists() for folder in (paths.models / "final", paths.checkpoints / "best",
                                                          paths.checkpoints / "last")):
         assert {name: (paths.logs / name).read_text() for name in before} == before
+
+
+def test_the_epoch_that_freezes_the_encoder_counts_its_feature_cache_in_its_seconds(tiny_cfg, monkeypatch):
+    """The first frozen epoch's history line times the frozen encoder's feature caches (train and
+    val) as part of the epoch (``seconds``, ``samples_per_s``), as before ``_train`` was split into
+    steps; it had left them out."""
+    import types
+
+    import medexgen_lib.train as train_module
+    import medexgen_lib.validation as validation_module
+    from medexgen_lib.features import FrozenFeatures
+    from medexgen_lib.history import load_history
+
+    clock = [0.0]  # seconds the fake feature caches took, added to the real clock
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(
+        perf_counter=lambda: __import__("time").perf_counter() + clock[0]))
+
+    class SlowFeatures(FrozenFeatures):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            clock[0] += 500.0
+
+    for module in (train_module, validation_module):
+        monkeypatch.setattr(module, "FrozenFeatures", SlowFeatures)
+    cfg = tiny_cfg(train__epochs=2, train__encoder_epochs=1, images__augment=False)
+    train(cfg, progress=False)
+    first, second = load_history(cfg.paths.logs / "history.jsonl")
+    assert second["seconds"] >= 2 * 500  # the caches of train and val, made as the encoder froze
+    # they are part of the epoch's training time: samples per second fall with them
+    assert second["samples_per_s"] < first["samples_per_s"]
