@@ -365,7 +365,7 @@ def build_studies_table(cfg: Config, result: AcquisitionResult) -> pd.DataFrame:
         table = read_reports(result.reports_dir, result.images_dir, result.projections_csv)
         where = result.reports_dir
     if table.empty:
-        raise AcquisitionError(f"no readable reports in {where}")
+        raise AcquisitionError(f"no readable reports under {where}")
     write_studies_table(table, cfg.paths.studies_table)
     if splits is not None:
         write_source_split(splits, cfg.paths.processed / SOURCE_SPLIT_FILE)
