@@ -86,12 +86,10 @@ class _Run:
 
 def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None,
           progress: bool = True) -> TrainResult:
-    """Train per ``cfg``; ``resume`` continues from ``checkpoints/last``.
-
-    ``stop_after_epoch`` ends the session after that epoch as an interruption
-    would (checkpoint written, no export), for time-boxed sessions and tests.
-    One run per output folder: ``locks.FolderInUse`` names the process of a run already in it.
-    """
+    """Train per ``cfg``; ``resume`` continues from ``checkpoints/last``. ``stop_after_epoch`` ends
+    the session after that epoch as an interruption would (checkpoint written, no export), for
+    time-boxed sessions and tests. One run per output folder: ``locks.FolderInUse`` names the
+    process of a run already in it."""
     tracking = accelerator_tracking_args(cfg)
     # cpu=True without CUDA: under a launcher (accelerate launch / torchrun) that is multi-CPU on gloo.
     # Gradient accumulation is done by _train_epoch (loss normalised over the whole window).
@@ -117,6 +115,8 @@ def _output_folder_lock(accelerator: Accelerator, folder: str) -> Iterator[None]
         if accelerator.num_processes > 1:
             refusal = broadcast_object_list(refusal)
         if refusal[0]:
+            if torch.distributed.is_initialized():  # no gloo thread may outlive the rank at exit
+                torch.distributed.destroy_process_group()
             raise FolderInUse(refusal[0])
         yield
 
