@@ -181,7 +181,7 @@ def normal_sentences(texts: Sequence[str], min_count: int = 2) -> list[str]:
 
 # Negation cues that open a negated list ("no effusion or pneumothorax", "without consolidation"),
 # the separators of its items, and connectors left at the edge of a sentence once a clause goes.
-_NEGATION_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absence of|nor|neither)\b",
+NEGATION_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absence of|nor|neither)\b",
                            re.IGNORECASE)
 _LIST_ITEMS = re.compile(r"\s*,\s*(?:(?:and|or|nor)\s+)?|\s+(?:and|or|nor)\s+", re.IGNORECASE)
 _LIST_WORD = re.compile(r"\b(and|or|nor)\b", re.IGNORECASE)
@@ -201,7 +201,7 @@ def _clause_without(clause: str, negated: set[str]) -> str:
     none is left, the cue goes too, and the clause with it unless what comes before the cue states
     a finding ("small left pleural effusion without pneumothorax" -> "small left pleural effusion").
     A negation after its mention ("pneumothorax is not seen") takes the whole clause."""
-    for cue in reversed(list(_NEGATION_CUE.finditer(clause))):
+    for cue in reversed(list(NEGATION_CUE.finditer(clause))):
         tail = clause[cue.end():]
         if _mentioned(tail) & negated:
             break
