@@ -102,6 +102,12 @@ _NOT_FOR_BANK = re.compile(r"\d|XXXX|\b(?:unchanged|stable|again|prior|previous(
                            r"new|known|since|change|clear|normal)\b", re.IGNORECASE)
 
 
+# Sites that imply a side (as in ``realtext``'s mapping: lingula and retrocardiac left, middle lobe
+# right): a sentence naming one is not side-free, so a finding without a sided sentence does not
+# get it on the wrong side.
+_SITE_WITH_SIDE = re.compile(r"\b(?:lingula\w*|retrocardiac|middle\s+lobe)\b", re.IGNORECASE)
+
+
 # The sentence bank compares at most this many distinct candidates per finding with at most this
 # many distinct sentences (the most frequent; counts weigh them), so it stays quick on large corpora.
 BANK_CANDIDATES, BANK_COMPARED = 100, 500
@@ -112,8 +118,9 @@ def sentence_bank(texts: Sequence[str], labels: Sequence[str]) -> dict[str, str]
     sentence of ``texts`` (the training reports) that states it (``bank_sentence_key``): the one
     whose words agree most with the other sentences stating it (``typical_sentence``), so a wording
     radiologists repeat wins over a one-off. A key that names no side takes a sentence that names
-    none where one exists. Sentences that compare with a prior study, give a measurement or hold a
-    de-identified word (``_NOT_FOR_BANK``) are left out."""
+    none, nor a site that implies one (lingula, retrocardiac, middle lobe), where one exists.
+    Sentences that compare with a prior study, give a measurement or hold a de-identified word
+    (``_NOT_FOR_BANK``) are left out."""
     counts: dict[str, Counter] = {}
     for text in texts:
         for sentence in split_sentences(text):
@@ -124,7 +131,8 @@ def sentence_bank(texts: Sequence[str], labels: Sequence[str]) -> dict[str, str]
                 counts.setdefault(key, Counter())[sentence] += 1
     bank: dict[str, str] = {}
     for key, seen in counts.items():
-        sideless = Counter({s: n for s, n in seen.items() if not SIDE_WORD.search(s.lower())})
+        sideless = Counter({s: n for s, n in seen.items()
+                            if not SIDE_WORD.search(s.lower()) and not _SITE_WITH_SIDE.search(s)})
         bank[key] = typical_sentence(seen, sideless if " + " not in key and sideless else seen)
     return bank
 

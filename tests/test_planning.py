@@ -141,3 +141,16 @@ def test_a_normal_sentence_negating_only_absent_findings_stays_beside_a_finding_
     # what is left of a sentence once its negations go still speaks for its anatomy
     assert contradicted("Costophrenic angles are sharp without effusion.", ["Pneumothorax"]) == {"Pneumothorax"}
     assert contradicted("No pneumothorax.", ["Pleural Effusion"]) == set()
+
+
+def test_a_finding_without_a_sided_bank_sentence_is_not_stated_on_the_side_its_anatomy_implies():
+    from medexgen_lib.report_edits import sentence_bank
+    labels = ["Consolidation", "Consolidation, left", "Consolidation, right"]
+    texts = ["Retrocardiac consolidation."] * 3 + ["Lingular consolidation.", "Middle lobe consolidation.",
+                                                  "Consolidation is present."]
+    bank = sentence_bank(texts, labels)
+    assert bank["Consolidation"] == "Consolidation is present."  # names no side, not even by its site
+    for side in ("left", "right"):
+        planned = plan_report("", ["Consolidation"], {"Consolidation": {side}}, bank, NORMAL)
+        assert "Consolidation is present." in planned
+        assert not any(site in planned.lower() for site in ("retrocardiac", "lingula", "middle lobe"))
