@@ -121,14 +121,14 @@ def sentence_bank(texts: Sequence[str], labels: Sequence[str]) -> dict[str, str]
     none, nor a site that implies one (lingula, retrocardiac, middle lobe), where one exists.
     Sentences that compare with a prior study, give a measurement or hold a de-identified word
     (``_NOT_FOR_BANK``) are left out."""
+    occurrences = Counter(sentence for text in texts for sentence in split_sentences(text))
     counts: dict[str, Counter] = {}
-    for text in texts:
-        for sentence in split_sentences(text):
-            if _NOT_FOR_BANK.search(sentence):
-                continue
-            key = bank_sentence_key(sentence, labels)
-            if key is not None:
-                counts.setdefault(key, Counter())[sentence] += 1
+    for sentence, n in occurrences.items():  # each distinct sentence labelled once, in the order first seen
+        if _NOT_FOR_BANK.search(sentence):
+            continue
+        key = bank_sentence_key(sentence, labels)
+        if key is not None:
+            counts.setdefault(key, Counter())[sentence] += n
     bank: dict[str, str] = {}
     for key, seen in counts.items():
         sideless = Counter({s: n for s, n in seen.items()

@@ -996,3 +996,15 @@ def test_removing_a_negated_clause_keeps_the_clauses_after_it_apart(sentence, ex
     cardiomegaly." labelled cardiomegaly negative."""
     assert report_edits.without_negations(sentence, {"Pneumothorax"}) == expected
     assert label_report(expected)["Cardiomegaly"] == "positive"
+
+
+def test_the_sentence_bank_labels_each_distinct_sentence_once_so_large_corpora_stay_quick(monkeypatch):
+    texts = ["Heart size is normal. Small left pleural effusion. No pneumothorax.",
+             "Small left pleural effusion. The heart is enlarged.", "Right pleural effusion."] * 200
+    expected = report_edits.sentence_bank(texts, LABELS)
+    labelled = []
+    key = report_edits.bank_sentence_key
+    monkeypatch.setattr(report_edits, "bank_sentence_key", lambda s, labels: labelled.append(s) or key(s, labels))
+    assert report_edits.sentence_bank(texts, LABELS) == expected
+    distinct = {s for text in texts for s in split_sentences(text)}
+    assert len(labelled) <= len(distinct)
