@@ -1008,3 +1008,18 @@ def test_the_sentence_bank_labels_each_distinct_sentence_once_so_large_corpora_s
     assert report_edits.sentence_bank(texts, LABELS) == expected
     distinct = {s for text in texts for s in split_sentences(text)}
     assert len(labelled) <= len(distinct)
+
+
+def test_the_banks_word_agreement_is_the_lcs_f1_of_the_words():
+    def lcs(a, b):  # the textbook dynamic programme
+        table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+        for i, x in enumerate(a):
+            for j, y in enumerate(b):
+                table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+        return table[-1][-1]
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a, b = ([str(w) for w in rng.integers(0, 4, rng.integers(0, 12))] for _ in range(2))
+        expected = 2 * lcs(a, b) / (len(a) + len(b)) if lcs(a, b) else 0.0
+        assert report_edits._lcs_f1(a, b) == pytest.approx(expected)
