@@ -30,8 +30,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from medexgen_lib.labeler import NEGATIVE, label_report
-from medexgen_lib.report_edits import align_sides, bank_key, without_negations
+from medexgen_lib.labeler import NEGATIVE, clauses, label_report
+from medexgen_lib.report_edits import NEGATION_CUE, align_sides, bank_key, without_negations
 from medexgen_lib.sides import split_sentences, stated_observations
 
 TOP_REPORTS = 50
@@ -67,12 +67,16 @@ def normal_report(train_texts: Sequence[str], val_texts: Sequence[str], top: int
 
 def contradicted(sentence: str, present: Sequence[str]) -> set[str]:
     """The findings of ``present`` that the normal ``sentence`` contradicts: it negates them, or
-    it states no finding and speaks of their anatomy (``ANATOMY``)."""
+    it states no finding and speaks of their anatomy (``ANATOMY``) outside what it negates ("No
+    pneumothorax." says nothing against an effusion; "The lungs are clear without ..." does)."""
     labels = label_report(sentence)
     hit = {o for o in present if labels.get(o) == NEGATIVE}
     if not stated_observations(labels):
+        # each clause up to its negation cue: "costophrenic angles are sharp without effusion" -> its first half
+        rest = " ".join(clause[:cue.start()] if (cue := NEGATION_CUE.search(clause)) else clause
+                        for _, clause in clauses(sentence.lower()))
         for words, findings in ANATOMY:
-            if words.search(sentence):
+            if words.search(rest):
                 hit |= findings & set(present)
     return hit
 

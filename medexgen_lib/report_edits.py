@@ -102,6 +102,12 @@ _NOT_FOR_BANK = re.compile(r"\d|XXXX|\b(?:unchanged|stable|again|prior|previous(
                            r"new|known|since|change|clear|normal)\b", re.IGNORECASE)
 
 
+# Sites that imply a side (as in ``realtext``'s mapping: lingula and retrocardiac left, middle lobe
+# right): a sentence naming one is not side-free, so a finding without a sided sentence does not
+# get it on the wrong side.
+_SITE_WITH_SIDE = re.compile(r"\b(?:lingula\w*|retrocardiac|middle\s+lobe)\b", re.IGNORECASE)
+
+
 # The sentence bank compares at most this many distinct candidates per finding with at most this
 # many distinct sentences (the most frequent; counts weigh them), so it stays quick on large corpora.
 BANK_CANDIDATES, BANK_COMPARED = 100, 500
@@ -112,19 +118,21 @@ def sentence_bank(texts: Sequence[str], labels: Sequence[str]) -> dict[str, str]
     sentence of ``texts`` (the training reports) that states it (``bank_sentence_key``): the one
     whose words agree most with the other sentences stating it (``typical_sentence``), so a wording
     radiologists repeat wins over a one-off. A key that names no side takes a sentence that names
-    none where one exists. Sentences that compare with a prior study, give a measurement or hold a
-    de-identified word (``_NOT_FOR_BANK``) are left out."""
+    none, nor a site that implies one (lingula, retrocardiac, middle lobe), where one exists.
+    Sentences that compare with a prior study, give a measurement or hold a de-identified word
+    (``_NOT_FOR_BANK``) are left out."""
+    occurrences = Counter(sentence for text in texts for sentence in split_sentences(text))
     counts: dict[str, Counter] = {}
-    for text in texts:
-        for sentence in split_sentences(text):
-            if _NOT_FOR_BANK.search(sentence):
-                continue
-            key = bank_sentence_key(sentence, labels)
-            if key is not None:
-                counts.setdefault(key, Counter())[sentence] += 1
+    for sentence, n in occurrences.items():  # each distinct sentence labelled once, in the order first seen
+        if _NOT_FOR_BANK.search(sentence):
+            continue
+        key = bank_sentence_key(sentence, labels)
+        if key is not None:
+            counts.setdefault(key, Counter())[sentence] += n
     bank: dict[str, str] = {}
     for key, seen in counts.items():
-        sideless = Counter({s: n for s, n in seen.items() if not SIDE_WORD.search(s.lower())})
+        sideless = Counter({s: n for s, n in seen.items()
+                            if not SIDE_WORD.search(s.lower()) and not _SITE_WITH_SIDE.search(s)})
         bank[key] = typical_sentence(seen, sideless if " + " not in key and sideless else seen)
     return bank
 
@@ -151,14 +159,17 @@ def _words(sentence: str) -> list[str]:
 
 
 def _lcs_f1(a: list[str], b: list[str]) -> float:
-    """F1 of the longest common subsequence of word lists ``a`` and ``b`` (ROUGE-L's, beta 1)."""
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    common = previous[-1]
+    """F1 of the longest common subsequence of word lists ``a`` and ``b`` (ROUGE-L's, beta 1).
+    Bit-parallel (Hyyrö's): one integer operation per word of ``a``, not one per pair of words."""
+    masks: dict[str, int] = {}
+    for at, word in enumerate(b):
+        masks[word] = masks.get(word, 0) | 1 << at
+    full = (1 << len(b)) - 1
+    row = full
+    for word in a:
+        match = row & masks.get(word, 0)
+        row = ((row + match) | (row - match)) & full
+    common = len(b) - bin(row).count("1")
     return 2 * common / (len(a) + len(b)) if common else 0.0
 
 
@@ -181,7 +192,7 @@ def normal_sentences(texts: Sequence[str], min_count: int = 2) -> list[str]:
 
 # Negation cues that open a negated list ("no effusion or pneumothorax", "without consolidation"),
 # the separators of its items, and connectors left at the edge of a sentence once a clause goes.
-_NEGATION_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absence of|nor|neither)\b",
+NEGATION_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absence of|nor|neither)\b",
                            re.IGNORECASE)
 _LIST_ITEMS = re.compile(r"\s*,\s*(?:(?:and|or|nor)\s+)?|\s+(?:and|or|nor)\s+", re.IGNORECASE)
 _LIST_WORD = re.compile(r"\b(and|or|nor)\b", re.IGNORECASE)
@@ -201,7 +212,7 @@ def _clause_without(clause: str, negated: set[str]) -> str:
     none is left, the cue goes too, and the clause with it unless what comes before the cue states
     a finding ("small left pleural effusion without pneumothorax" -> "small left pleural effusion").
     A negation after its mention ("pneumothorax is not seen") takes the whole clause."""
-    for cue in reversed(list(_NEGATION_CUE.finditer(clause))):
+    for cue in reversed(list(NEGATION_CUE.finditer(clause))):
         tail = clause[cue.end():]
         if _mentioned(tail) & negated:
             break

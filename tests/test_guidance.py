@@ -996,3 +996,30 @@ def test_removing_a_negated_clause_keeps_the_clauses_after_it_apart(sentence, ex
     cardiomegaly." labelled cardiomegaly negative."""
     assert report_edits.without_negations(sentence, {"Pneumothorax"}) == expected
     assert label_report(expected)["Cardiomegaly"] == "positive"
+
+
+def test_the_sentence_bank_labels_each_distinct_sentence_once_so_large_corpora_stay_quick(monkeypatch):
+    texts = ["Heart size is normal. Small left pleural effusion. No pneumothorax.",
+             "Small left pleural effusion. The heart is enlarged.", "Right pleural effusion."] * 200
+    expected = report_edits.sentence_bank(texts, LABELS)
+    labelled = []
+    key = report_edits.bank_sentence_key
+    monkeypatch.setattr(report_edits, "bank_sentence_key", lambda s, labels: labelled.append(s) or key(s, labels))
+    assert report_edits.sentence_bank(texts, LABELS) == expected
+    distinct = {s for text in texts for s in split_sentences(text)}
+    assert len(labelled) <= len(distinct)
+
+
+def test_the_banks_word_agreement_is_the_lcs_f1_of_the_words():
+    def lcs(a, b):  # the textbook dynamic programme
+        table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+        for i, x in enumerate(a):
+            for j, y in enumerate(b):
+                table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+        return table[-1][-1]
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a, b = ([str(w) for w in rng.integers(0, 4, rng.integers(0, 12))] for _ in range(2))
+        expected = 2 * lcs(a, b) / (len(a) + len(b)) if lcs(a, b) else 0.0
+        assert report_edits._lcs_f1(a, b) == pytest.approx(expected)

@@ -129,3 +129,28 @@ def test_pleura_and_bones_sentences_make_way_for_their_findings():
     planned = plan_report("", ["Pleural Effusion", "Fracture"], {"Pleural Effusion": {"right"}},
                           {**BANK, "Fracture": "Rib fracture."}, normal)
     assert planned == "Heart size normal. There is a small right pleural effusion. Rib fracture."
+
+
+def test_a_normal_sentence_negating_only_absent_findings_stays_beside_a_finding_of_its_anatomy():
+    normal = "The heart is normal in size. The lungs are clear. No pleural effusion. No pneumothorax."
+    planned = plan_report("", ["Pleural Effusion"], {"Pleural Effusion": {"right"}}, BANK, normal)
+    assert "No pneumothorax." in planned and "No pleural effusion." not in planned
+    assert label_report(planned)["Pleural Effusion"] == "positive"
+    planned = plan_report("", ["Pneumothorax"], {}, {"Pneumothorax": "Small pneumothorax."}, normal)
+    assert "No pleural effusion." in planned and "No pneumothorax." not in planned
+    # what is left of a sentence once its negations go still speaks for its anatomy
+    assert contradicted("Costophrenic angles are sharp without effusion.", ["Pneumothorax"]) == {"Pneumothorax"}
+    assert contradicted("No pneumothorax.", ["Pleural Effusion"]) == set()
+
+
+def test_a_finding_without_a_sided_bank_sentence_is_not_stated_on_the_side_its_anatomy_implies():
+    from medexgen_lib.report_edits import sentence_bank
+    labels = ["Consolidation", "Consolidation, left", "Consolidation, right"]
+    texts = ["Retrocardiac consolidation."] * 3 + ["Lingular consolidation.", "Middle lobe consolidation.",
+                                                  "Consolidation is present."]
+    bank = sentence_bank(texts, labels)
+    assert bank["Consolidation"] == "Consolidation is present."  # names no side, not even by its site
+    for side in ("left", "right"):
+        planned = plan_report("", ["Consolidation"], {"Consolidation": {side}}, bank, NORMAL)
+        assert "Consolidation is present." in planned
+        assert not any(site in planned.lower() for site in ("retrocardiac", "lingula", "middle lobe"))
