@@ -10,6 +10,7 @@ import torch
 from medexgen_lib.bench import GPU_MODES, main, peak_tflops, tf32
 
 
+@pytest.mark.slow  # runs the benchmark (about 12 s): with -m slow
 def test_quick_benchmark_reports_consistent_figures(tmp_path, capsys):
     assert main(["--quick", "-p", "paths.output_dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "logs" / "bench" / "quick.json").read_text())
@@ -74,6 +75,7 @@ def test_a_bad_override_is_one_line_naming_the_key(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow  # runs the benchmark (about 12 s): with -m slow
 def test_scale_benchmark_at_tiny_sizes_reports_every_figure_side_by_side(tmp_path, capsys):
     """``--name scale --sizes 40 80``: stages 01-03 in a child per size, the sharded cache, and
     the 0- and 2-worker loaders, which must deliver the same samples."""
