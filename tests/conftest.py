@@ -1,10 +1,13 @@
-"""Shared fixtures: the real IU X-Ray sample (tests/data), a small phantom set, a full disk."""
+"""Shared fixtures: the real IU X-Ray sample (tests/data), a small phantom set, a full disk,
+five small grey PNGs."""
 
 import resource
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from medexgen_lib.config import load_config
 from medexgen_lib.phantom import make_phantom_dataset
@@ -25,6 +28,18 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom")
     make_phantom_dataset(40, seed=7, out_dir=out, image_size=64)
     return out
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    """Five grey PNGs of slightly different sizes, as (image id, path) pairs."""
+    rng = np.random.default_rng(0)
+    files = []
+    for k in range(5):
+        path = tmp_path / f"img{k}.png"
+        Image.fromarray(rng.integers(0, 255, (60 + k, 50), dtype=np.uint8)).save(path)
+        files.append((f"IM{k}", str(path)))
+    return files
 
 
 @pytest.fixture

@@ -28,17 +28,6 @@ def small_shards(monkeypatch):
     monkeypatch.setattr(images_module, "SHARD_BYTES", PER_SHARD * SIZE * SIZE)
 
 
-@pytest.fixture
-def image_files(tmp_path):
-    rng = np.random.default_rng(0)
-    files = []
-    for k in range(5):
-        path = tmp_path / f"img{k}.png"
-        Image.fromarray(rng.integers(0, 255, (60 + k, 50), dtype=np.uint8)).save(path)
-        files.append((f"IM{k}", str(path)))
-    return files
-
-
 def _interrupt_at(monkeypatch, stop_path):
     """Ctrl-C while decoding ``stop_path``; returns the real decoder to put back."""
     decode = images_module.load_image

@@ -78,17 +78,6 @@ def test_normalize_matches_imagenet_statistics():
         assert out[0, c, 0, 1].item() == pytest.approx((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], abs=1e-6)
 
 
-@pytest.fixture
-def image_files(tmp_path):
-    rng = np.random.default_rng(0)
-    files = []
-    for k in range(5):
-        path = tmp_path / f"img{k}.png"
-        Image.fromarray(rng.integers(0, 255, (60 + k, 50), dtype=np.uint8)).save(path)
-        files.append((f"IM{k}", str(path)))
-    return files
-
-
 def test_cache_pixels_equal_direct_decoding_and_cache_is_reused(image_files, tmp_path):
     cache = ImageCache.build(image_files, 32, tmp_path / "cache")
     for image_id, path in image_files:
