@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 FINDINGS = ("cardiomegaly", "effusion", "pneumothorax", "nodule", "consolidation", "edema")
 FINDING_PROBABILITY = {"cardiomegaly": 0.3, "effusion": 0.3, "pneumothorax": 0.15,
                        "nodule": 0.2, "consolidation": 0.25, "edema": 0.15}
+# Drawn only for real reports that state them (``realtext.py``); the phantom set never samples them.
+REAL_TEXT_FINDINGS = ("atelectasis", "granuloma")
 NORMAL_SHARE = 0.4
 LATERAL_SHARE = 0.95
 # Both written next to the XML reports, in reports/.
@@ -135,6 +137,8 @@ def draw_radiograph(findings: dict[str, str], view: str, size: int,
     a side; ``consolidation``: a side, optionally ``-upper`` or ``-lower`` (default lower);
     ``nodule``: ``side-zone-kind`` (``left-upper-mass``); a side is ``left``, ``right`` or
     ``bilateral`` (drawn in both lungs). ``cardiomegaly`` and ``edema`` take ``""``.
+    ``REAL_TEXT_FINDINGS``: ``atelectasis`` a side (a thin plate-like band at the lung base),
+    ``granuloma`` ``side-zone`` (a small, very dense calcified dot).
     """
     y, x = np.mgrid[0:size, 0:size] / size
     jitter = rng.normal(0, 0.015, size=2)
@@ -205,6 +209,16 @@ def _draw_frontal(img, x, y, findings, rng) -> np.ndarray:
             img[air] = 0.02
             edge = lungs[side] & ~air & _ellipse(x, y, lateral_x, 0.25, 0.145, 0.185)
             img[edge] = 0.3
+    if "atelectasis" in findings:
+        for side in _sides(findings["atelectasis"]):
+            cx, cy = lung_cx[side] + rng.uniform(-0.03, 0.03), rng.uniform(0.62, 0.7)
+            tilt = 0.15 * (x - cx) * (1 if side == "left" else -1)
+            img[lungs[side] & (np.abs(y - cy - tilt) < 0.012) & (np.abs(x - cx) < 0.09)] = 0.5
+    if "granuloma" in findings:
+        where, zone = findings["granuloma"].split("-")
+        for side in _sides(where):
+            cy = rng.uniform(0.3, 0.4) if zone == "upper" else rng.uniform(0.55, 0.65)
+            img[_ellipse(x, y, lung_cx[side] + rng.uniform(-0.06, 0.06), cy, 0.016, 0.016)] = 0.95
     return lungs["left"] | lungs["right"]
 
 
@@ -233,6 +247,12 @@ def _draw_lateral(img, x, y, findings, rng) -> np.ndarray:
         img[lung & (y > 0.66) & (x > 0.55)] = 0.56  # posterior costophrenic sulcus
     if "pneumothorax" in findings:
         img[lung & _ellipse(x, y, 0.55, 0.18, 0.15, 0.1)] = 0.03
+    if "atelectasis" in findings:
+        cy = rng.uniform(0.64, 0.7)
+        img[lung & (np.abs(y - cy - 0.1 * (x - 0.5)) < 0.012) & (np.abs(x - 0.5) < 0.14)] = 0.48
+    if "granuloma" in findings:
+        cy = 0.35 if findings["granuloma"].endswith("-upper") else 0.6
+        img[_ellipse(x, y, rng.uniform(0.4, 0.62), cy, 0.016, 0.016)] = 0.92
     return lung
 
 

@@ -18,11 +18,13 @@ Hydropneumothorax                                                  effusion and 
 Nodule -> nodule, Mass -> mass                                     nodule (side-zone-kind)
 Consolidation, Opacity, Pneumonia, Infiltrate, Airspace Disease    consolidation (side-zone)
 Pulmonary Edema, Pulmonary Congestion                              edema
+Pulmonary Atelectasis                                              atelectasis (side)
+Calcified Granuloma, Granuloma, Granulomatous Disease              granuloma (side-zone)
 ``normal``, and every other term                                   nothing
 =================================================================  ==================================
 
 - Hedged: a term with the qualifier ``borderline`` is not drawn (``Cardiomegaly/borderline``).
-- Not in the lung: a nodule or consolidation term whose qualifiers name another site
+- Not in the lung: a nodule, consolidation or granuloma term whose qualifiers name another site
   (``NON_LUNG_SITES``: ribs, mediastinum, heart, breast, pleura, paratracheal, ...) is not drawn
   (``Mass/breast/large``, ``Opacity/ribs/anterior``).
 - Side: ``left``, ``right``, ``bilateral`` (both left and right: bilateral); else implied by the
@@ -30,11 +32,14 @@ Pulmonary Edema, Pulmonary Congestion                              edema
   ``scattered``, ``multilobar`` -> bilateral. Terms for the same finding pool their sides (a
   left and a right term: bilateral). A finding no term gives a side gets a random left/right
   (seeded), listed in the truth file's ``guessed``.
-- Zone (nodule, consolidation): ``upper lobe``, ``apex`` -> upper; ``lower lobe``, ``base``,
-  ``middle lobe``, ``lingula``, ``retrocardiac``, ``costophrenic angle`` -> lower; the first term
-  that gives one decides. Otherwise a nodule's zone is random (seeded, ``guessed``) and a
-  consolidation is drawn lower (where most are).
-- Kind: a Mass term makes the nodule a mass (drawn larger).
+- Zone (nodule, consolidation, granuloma): ``upper lobe``, ``apex`` -> upper; ``lower lobe``,
+  ``base``, ``middle lobe``, ``lingula``, ``retrocardiac``, ``costophrenic angle`` -> lower; the
+  first term that gives one decides. Otherwise a nodule's or granuloma's zone is random (seeded,
+  ``guessed``) and a consolidation is drawn lower (where most are). Atelectasis is always drawn
+  at the lung base (of the 307 atelectasis terms of the shared reports, 239 name a lower zone,
+  55 none, 13 an upper one).
+- Kind: a Mass term makes the nodule a mass (drawn larger). ``multiple`` is not drawn: a
+  granuloma is one dot per side.
 
 Images: ``<out>/images/<image id>.png``, frontal or lateral by the projections table (the
 bundled whole-collection table by default, as ``data.source folder`` uses); an image the table
@@ -71,13 +76,13 @@ from tqdm.auto import tqdm
 
 from medexgen_lib.files import replace_dir, write_json
 from medexgen_lib.labeler import MENTIONS, POSITIVE, SUPPORT_DEVICES, label_report
-from medexgen_lib.phantom import FINDINGS, draw_radiograph
+from medexgen_lib.phantom import FINDINGS, REAL_TEXT_FINDINGS, draw_radiograph
 from medexgen_lib.reports import BUNDLED_PROJECTIONS, read_reports
 from medexgen_lib.splits import SPLITS, check_disjoint
 
 log = logging.getLogger(__name__)
 
-MAPPING_VERSION = "1"  # bump whenever the mapping below changes: it decides what is drawn
+MAPPING_VERSION = "2"  # bump whenever the mapping below changes: it decides what is drawn
 TRUTH_FILE = "realtext_findings.json"  # next to the copied XMLs, in <out>/reports/
 REPORTS_SUBDIR = "ecgen-radiology"
 
@@ -91,12 +96,18 @@ TERM_FINDINGS: dict[str, tuple[str, ...]] = {
     "pneumonia": ("consolidation",), "infiltrate": ("consolidation",),
     "airspace disease": ("consolidation",),
     "pulmonary edema": ("edema",), "pulmonary congestion": ("edema",),
+    "pulmonary atelectasis": ("atelectasis",),
+    "calcified granuloma": ("granuloma",), "granuloma": ("granuloma",),
+    "granulomatous disease": ("granuloma",),
 }
+DRAWN = FINDINGS + REAL_TEXT_FINDINGS  # every finding a report can have drawn
 HEDGES = {"borderline"}
 NON_LUNG_SITES = {"ribs", "mediastinum", "heart", "breast", "pleura", "paratracheal", "supracardiac",
                   "adipose tissue", "thoracic vertebrae", "spine", "sternum", "clavicle", "shoulder",
                   "humerus", "abdomen", "trachea", "aorta", "neck"}
-SIDED = ("effusion", "pneumothorax", "nodule", "consolidation")
+SIDED = ("effusion", "pneumothorax", "nodule", "consolidation", "atelectasis", "granuloma")
+ZONED = ("nodule", "granuloma")  # a zone drawn at random when no term names one
+IN_LUNG = ("nodule", "consolidation", "granuloma")  # not drawn when a term names another site
 _SITE_SIDE = {"lingula": "left", "retrocardiac": "left", "middle lobe": "right"}
 _SPREAD = {"diffuse", "scattered", "multilobar"}  # no side named: both lungs
 _ZONE = {"upper lobe": "upper", "apex": "upper", "lower lobe": "lower", "base": "lower",
@@ -109,6 +120,7 @@ STATED_AS: dict[str, tuple[str, ...]] = {
     "cardiomegaly": ("Cardiomegaly",), "effusion": ("Pleural Effusion",),
     "nodule": ("Lung Lesion",), "consolidation": ("Consolidation", "Lung Opacity", "Pneumonia"),
     "pneumothorax": ("Pneumothorax",), "edema": ("Edema",),
+    "atelectasis": ("Atelectasis",), "granuloma": ("Granuloma",),
 }
 POOLED = ("cardiomegaly", "effusion", "nodule", "consolidation")
 
@@ -129,7 +141,7 @@ def findings_from_mesh(terms: list[str], rng: np.random.Generator) -> tuple[dict
             entry["zone"] = entry["zone"] or next((_ZONE[q] for q in qualifiers if q in _ZONE), "")
             entry["mass"] |= head == "mass"
     findings, guessed = {}, []
-    for name in FINDINGS:  # a fixed order, so the random fallbacks are drawn reproducibly
+    for name in DRAWN:  # a fixed order, so the random fallbacks are drawn reproducibly
         if name not in found:
             continue
         entry = found[name]
@@ -139,15 +151,17 @@ def findings_from_mesh(terms: list[str], rng: np.random.Generator) -> tuple[dict
         sides, zone = entry["sides"], entry["zone"]
         if not sides:
             sides = {str(rng.choice(["left", "right"]))}
-        if name == "nodule" and not zone:
+        if name in ZONED and not zone:
             zone = str(rng.choice(["upper", "lower"]))
-        if not entry["sides"] or (name == "nodule" and not entry["zone"]):
+        if not entry["sides"] or (name in ZONED and not entry["zone"]):
             guessed.append(name)
         side = "bilateral" if len(sides) == 2 else next(iter(sides))
         if name == "nodule":
             findings[name] = f"{side}-{zone}-{'mass' if entry['mass'] else 'nodule'}"
         elif name == "consolidation":
             findings[name] = f"{side}-{zone or 'lower'}"
+        elif name == "granuloma":
+            findings[name] = f"{side}-{zone}"
         else:
             findings[name] = side
     return findings, guessed
@@ -159,7 +173,7 @@ def _term_findings(head: str, qualifiers: set[str]) -> tuple[str, ...]:
     if head == "cardiac shadow":
         return ("cardiomegaly",) if "enlarged" in qualifiers else ()
     names = TERM_FINDINGS.get(head, ())
-    if {"nodule", "consolidation"} & set(names) and qualifiers & NON_LUNG_SITES:
+    if set(IN_LUNG) & set(names) and qualifiers & NON_LUNG_SITES:
         return ()
     return names
 
@@ -237,7 +251,7 @@ def _draw_studies(table: pd.DataFrame, images_dir: Path, image_size: int, seed: 
                   ) -> tuple[list[dict], dict]:
     counts = {"no_images": 0, "images": 0, "frontal": 0, "lateral": 0, "unknown_projection": 0,
               "images_listed_twice": 0, "refused_image_ids": 0, "with_drawn_finding": 0,
-              "findings": {name: 0 for name in FINDINGS}, "guessed": {name: 0 for name in SIDED}}
+              "findings": {name: 0 for name in DRAWN}, "guessed": {name: 0 for name in SIDED}}
     drawn_ids: set[str] = set()
     studies = []
     for row in tqdm(table.itertuples(index=False), total=len(table), desc="real-text phantom",
@@ -388,16 +402,16 @@ def stated_findings(predictions: Mapping[str, str], truth: Mapping[str, Mapping[
         raise ValueError(f"{len(missing)} predicted stud(ies) have no drawn truth, e.g. {missing[:3]}")
     accepted = {POSITIVE, "uncertain"} if uncertain_as_positive else {POSITIVE}
     observations = [o for o in MENTIONS if o != SUPPORT_DEVICES]
-    hits = {name: 0 for name in FINDINGS}
+    hits = {name: 0 for name in DRAWN}
     drawn = dict(hits)
     said = dict(hits)
     drawn_studies = missed = finding_free = 0
     for uid, report in predictions.items():
         labels = label_report(report)
-        stated = {name for name in FINDINGS
+        stated = {name for name in DRAWN
                   if any(labels.get(o) in accepted for o in STATED_AS[name])}
-        expected = set(truth[uid]) & set(FINDINGS)
-        for name in FINDINGS:
+        expected = set(truth[uid]) & set(DRAWN)
+        for name in DRAWN:
             drawn[name] += name in expected
             said[name] += name in stated
             hits[name] += name in expected and name in stated
@@ -407,7 +421,7 @@ def stated_findings(predictions: Mapping[str, str], truth: Mapping[str, Mapping[
             finding_free += not any(labels.get(o) in accepted for o in observations)
     out: dict = {"drawn_studies": drawn_studies, "drawn_missed_studies": missed,
                  "drawn_finding_free_studies": finding_free}
-    for name in FINDINGS:
+    for name in DRAWN:
         out[f"drawn_{name}"] = drawn[name]
         out[f"drawn_{name}_hits"] = hits[name]
         out[f"drawn_{name}_stated"] = said[name]

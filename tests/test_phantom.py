@@ -103,6 +103,26 @@ def test_bilateral_sides_and_upper_consolidation_are_drawn(seed):
     for side in ("left", "right"):
         assert ptx[apices[side]].mean() < normal[apices[side]].mean() - 10
 
+
+@pytest.mark.parametrize("seed", range(3))
+def test_atelectasis_and_granuloma_are_drawn_on_their_side(seed):
+    # Real-text findings: a thin bright band at the lung base, a small very dense dot.
+    normal = _draw({}, seed=seed)
+    halves = {"right": (slice(0, 128), slice(0, 64)), "left": (slice(0, 128), slice(64, 128))}
+    band = _draw({"atelectasis": "left"}, seed=seed) - normal
+    assert (band[halves["left"]] > 60).sum() > 15 and (band[halves["right"]] > 60).sum() == 0
+    assert (band > 60).nonzero()[0].min() > 75  # at the base, not above it
+    dot = _draw({"granuloma": "right-upper"}, seed=seed)
+    bright = dot - normal > 50
+    assert 5 < bright[halves["right"]].sum() < 40 and bright[halves["left"]].sum() == 0  # small
+    assert bright.nonzero()[0].max() < 60  # upper zone
+    # Calcified: brighter than a nodule is drawn.
+    assert dot.max() > _draw({"nodule": "right-upper-nodule"}, seed=seed).max() + 15
+    for view in ("frontal", "lateral"):
+        gain = _draw({"granuloma": "left-lower", "atelectasis": "left"}, view, seed=seed) - _draw({}, view, seed=seed)
+        assert (gain > 60).sum() > 10
+
+
 def test_lateral_views_exist_and_bad_arguments_are_refused(phantom_dir, tmp_path):
     assert len(list((phantom_dir / "images").glob("*-2001.png"))) > 30
     with pytest.raises(ValueError, match="n_studies"):

@@ -54,7 +54,17 @@ def _files(folder):
     (["Mass/breast/large", "Opacity/ribs/anterior", "Nodule/pleura/left"], {}),
     (["Hydropneumothorax/right"], {"effusion": "right", "pneumothorax": "right"}),
     (["Pneumothorax/apex/left/small"], {"pneumothorax": "left"}),
-    (["Calcified Granuloma/lung/upper lobe/right", "Lung/hypoinflation", "No Indexing"], {}),
+    (["Calcified Granuloma/lung/upper lobe/right", "Lung/hypoinflation", "No Indexing"],
+     {"granuloma": "right-upper"}),
+    (["Granulomatous Disease/lung/lingula"], {"granuloma": "left-lower"}),
+    (["Calcified Granuloma/scattered/multiple", "Granuloma/lung/apex/left"], {"granuloma": "bilateral-upper"}),
+    (["Calcified Granuloma/mediastinum/multiple", "Calcinosis/aorta"], {}),
+    (["Pulmonary Atelectasis/base/left/mild"], {"atelectasis": "left"}),
+    (["Pulmonary Atelectasis/base/bilateral", "Opacity/lung/base/right"],
+     {"atelectasis": "bilateral", "consolidation": "right-lower"}),
+    (["Pulmonary Atelectasis/lingula"], {"atelectasis": "left"}),
+    (["Pulmonary Atelectasis/borderline"], {}),
+    (["Lung/hypoinflation", "No Indexing"], {}),
     (["cardiomegaly", "PLEURAL EFFUSION/LEFT"], {"cardiomegaly": "", "effusion": "left"}),
 ])
 def test_mesh_terms_map_to_the_documented_drawings(terms, expected):
@@ -73,6 +83,13 @@ def test_a_finding_without_side_or_zone_gets_a_seeded_random_one():
         assert side in ("left", "right") and zone in ("upper", "lower") and kind == "nodule"
         assert findings["consolidation"].endswith("-lower")  # no zone named: drawn lower
         assert guessed == ["effusion", "nodule", "consolidation"]
+    for seed in range(12):  # a granuloma, like a nodule, gets a random zone as well as a side
+        findings, guessed = findings_from_mesh(["Granulomatous Disease", "Pulmonary Atelectasis"],
+                                               np.random.default_rng(seed))
+        side, zone = findings["granuloma"].split("-")
+        assert side in ("left", "right") and zone in ("upper", "lower")
+        assert findings["atelectasis"] in ("left", "right")
+        assert guessed == ["atelectasis", "granuloma"]
     assert {f["effusion"] for f, _ in draws} == {"left", "right"}
     # A side named by one term is not guessed for the finding.
     assert findings_from_mesh(["Opacity/lung", "Pneumonia/lower lobe/left"],
@@ -101,7 +118,9 @@ def test_sample_reports_drawn_and_read_by_the_folder_path(iuxray_sample, tmp_pat
     assert truth["CXR313"] == {"cardiomegaly": "", "effusion": "bilateral",
                                "consolidation": "bilateral-lower"}
     assert truth["CXR13"] == truth["CXR3"] == truth["CXR23"] == {}
-    assert truth["CXR1613"] == {"consolidation": "left-lower"}  # retrocardiac; kept, no image
+    # Retrocardiac opacity, atelectasis with no side (a seeded guess); kept, no image.
+    assert truth["CXR1613"]["consolidation"] == "left-lower"
+    assert truth["CXR1613"]["atelectasis"] in ("left", "right") and len(truth["CXR1613"]) == 2
     for uid, row in table.iterrows():
         assert row["projections"] == original.loc[uid, "projections"]
         for path, view in zip(row["image_paths"], row["projections"]):
@@ -192,13 +211,15 @@ def test_dev_split_refuses_a_file_without_train_and_val(tmp_path):
 
 def test_stated_findings_on_hand_made_reports():
     truth = {"CXR1": {"cardiomegaly": "", "effusion": "left"}, "CXR2": {"nodule": "right-upper-nodule"},
-             "CXR3": {}, "CXR4": {"consolidation": "left-lower"}, "CXR5": {"edema": ""}}
+             "CXR3": {}, "CXR4": {"consolidation": "left-lower"}, "CXR5": {"edema": ""},
+             "CXR6": {"atelectasis": "left", "granuloma": "right-upper"}}
     predictions = {
         "CXR1": "The heart is enlarged. No pleural effusion.",   # cardiomegaly stated, effusion missed
         "CXR2": "No acute cardiopulmonary abnormality.",         # nodule missed: a finding-free report
         "CXR3": "There is a left lower lobe nodule.",            # a nodule where none was drawn
         "CXR4": "Patchy left basilar airspace opacity.",         # Lung Opacity states consolidation
-        "CXR5": "Mild bibasilar atelectasis.",                   # a finding, but not the drawn one
+        "CXR5": "Hyperexpanded lungs consistent with emphysema.",  # a finding, but not the drawn one
+        "CXR6": "Mild left basilar atelectasis.",                # atelectasis stated, granuloma missed
     }
     scores = stated_findings(predictions, truth)
     assert (scores["drawn_cardiomegaly_recall"], scores["drawn_effusion_recall"]) == (1.0, 0.0)
@@ -207,9 +228,10 @@ def test_stated_findings_on_hand_made_reports():
     assert scores["drawn_consolidation_recall"] == scores["drawn_consolidation_precision"] == 1.0
     assert scores["drawn_edema_recall"] == 0.0 and scores["drawn_edema_precision"] is None
     assert scores["drawn_pneumothorax_recall"] is None
+    assert scores["drawn_atelectasis_recall"] == 1.0 and scores["drawn_granuloma_recall"] == 0.0
     # Pooled over cardiomegaly, effusion, nodule, consolidation: 2 of 4 drawn, 2 of 3 stated.
     assert scores["drawn_recall"] == 0.5 and scores["drawn_precision"] == pytest.approx(2 / 3)
-    assert scores["drawn_studies"] == 4
+    assert scores["drawn_studies"] == 5
     assert scores["drawn_missed_studies"] == 2  # CXR2 and CXR5 state none of the drawn kinds
     assert scores["drawn_finding_free_studies"] == 1  # CXR2 only
     with pytest.raises(ValueError, match="CXR9"):
