@@ -5,7 +5,10 @@
 
 Creates ``.venv`` and installs ``requirements.txt`` plus this package (editable)
 when the venv is missing or those files changed since the last install, then
-runs the command inside the venv.
+runs the command inside the venv. The suite runs on one pytest-xdist worker per CPU core
+(at most ``MAX_TEST_WORKERS``), each test file on one worker (its module fixtures built
+once), each worker on one thread (``OMP_NUM_THREADS=1``, unless set): two workers with two
+threads each on two cores spin against each other. ``-n 0`` runs it in one process.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("MEDEXGEN_VENV", ROOT / ".venv"))
 STAMP = VENV / ".medexgen-installed"
+MAX_TEST_WORKERS = 4
 COMMANDS = {
     "demo": ["-m", "medexgen_lib", "run", "--profile", "demo"],
     "test": ["-m", "pytest"],
@@ -57,7 +61,11 @@ def main(argv: list[str]) -> int:
         return 2
     python = ensure_environment()
     os.chdir(ROOT)
-    return subprocess.run([str(python), *COMMANDS[argv[0]], *argv[1:]]).returncode
+    command, env = [str(python), *COMMANDS[argv[0]]], None
+    if argv[0] == "test":
+        command += ["-n", str(min(os.cpu_count() or 1, MAX_TEST_WORKERS)), "--dist", "loadfile"]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run([*command, *argv[1:]], env=env).returncode
 
 
 if __name__ == "__main__":
