@@ -37,3 +37,42 @@ def test_workers_are_capped_and_the_demo_keeps_the_users_environment(launched, m
     assert args[args.index("-n") + 1] == str(bootstrap.MAX_TEST_WORKERS)
     args, env = launched("demo", "--seeds", "2")
     assert args[1:] == ["-m", "medexgen_lib", "run", "--profile", "demo", "--seeds", "2"] and env is None
+
+
+@pytest.mark.parametrize("user_args, addopts, no_autoload", [
+    (["-p", "no:xdist"], "", False), (["-pno:xdist", "-k", "x"], "", False), (["--pdb"], "", False),
+    (["--trace"], "", False), ([], "-p no:xdist", False), ([], "", True),
+    (["--disable-plugin-autoload"], "", False)])
+def test_a_user_who_turns_xdist_off_or_debugs_gets_a_run_without_its_options(
+        user_args, addopts, no_autoload, launched, monkeypatch):
+    """``bootstrap test -p no:xdist`` added ``-n 2`` for a plugin that was not loaded: pytest
+    stopped with a usage error (exit 4), as xdist did for ``--pdb``; no test ran."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", addopts)
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    if no_autoload:
+        monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    args, env = launched("test", *user_args)
+    assert args == ["/venv/bin/python", "-m", "pytest", *user_args] and env["OMP_NUM_THREADS"]
+    # ... and xdist stays on where the user turns it back on or only names other plugins
+    monkeypatch.setenv("PYTEST_ADDOPTS", "")
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    for kept in (["-p", "no:xdist", "-p", "xdist"], ["-p", "no:cacheprovider"], ["-n", "0"]):
+        assert "--dist" in launched("test", *kept)[0]
+
+
+def test_the_built_command_runs_pytest_with_and_without_xdist(launched, monkeypatch, tmp_path):
+    """What bootstrap builds, run for real on a one-test file (in one worker, in one process)."""
+    import sys
+
+    (tmp_path / "test_one.py").write_text("def test_one():\n    assert True\n")
+    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 1)
+    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.chdir(tmp_path)  # main() enters the checkout; the test's folder comes back after
+    for user_args in ([], ["-p", "no:xdist"]):
+        args, env = launched("test", *user_args, "-p", "no:cacheprovider", "-q", str(tmp_path / "test_one.py"))
+        # Popen: the fixture replaced subprocess.run
+        child = subprocess.Popen([sys.executable, *args[1:]], env=env, cwd=tmp_path, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        printed = child.communicate(timeout=120)[0]
+        assert child.returncode == 0 and "1 passed" in printed, (user_args, printed)
