@@ -1,5 +1,6 @@
 """The README's two commands: what `bootstrap test` and `bootstrap demo` run, and with which settings."""
 
+import os
 import subprocess
 
 import pytest
@@ -11,6 +12,7 @@ from medexgen_lib import bootstrap
 def launched(monkeypatch):
     """Run ``bootstrap.main`` with the venv and the subprocess replaced; returns (args, env)."""
     calls = []
+    monkeypatch.chdir(os.getcwd())  # main() enters the checkout: the next test file gets the folder back
     monkeypatch.setattr(bootstrap, "ensure_environment", lambda: "/venv/bin/python")
     monkeypatch.setattr(bootstrap.subprocess, "run",
                         lambda args, env=None: calls.append((args, env)) or subprocess.CompletedProcess(args, 0))
@@ -68,7 +70,6 @@ def test_the_built_command_runs_pytest_with_and_without_xdist(launched, monkeypa
     monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 1)
     monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
     monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    monkeypatch.chdir(tmp_path)  # main() enters the checkout; the test's folder comes back after
     for user_args in ([], ["-p", "no:xdist"]):
         args, env = launched("test", *user_args, "-p", "no:cacheprovider", "-q", str(tmp_path / "test_one.py"))
         # Popen: the fixture replaced subprocess.run
