@@ -66,9 +66,18 @@ def main(argv: list[str]) -> int:
     command, env = [str(python), *COMMANDS[argv[0]]], None
     if argv[0] == "test":
         if _xdist_wanted(argv[1:]):
-            command += ["-n", str(min(os.cpu_count() or 1, MAX_TEST_WORKERS)), "--dist", "loadfile"]
+            command += ["-n", str(min(_cores(), MAX_TEST_WORKERS)), "--dist", "loadfile"]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run([*command, *argv[1:]], env=env).returncode
+
+
+def _cores() -> int:
+    """The cores this process may run on: a Slurm job, taskset or a cpuset container gets fewer
+    than the machine has (``os.cpu_count``), and more workers than those spin against each other."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on macOS and Windows
+        return os.cpu_count() or 1
 
 
 def _xdist_wanted(args: list[str]) -> bool:

@@ -25,7 +25,7 @@ def launched(monkeypatch):
 
 def test_the_suite_runs_on_every_core_one_file_per_worker_one_thread_each(launched, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(bootstrap.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     args, env = launched("test", "-k", "labeler")
     assert args == ["/venv/bin/python", "-m", "pytest", "-n", "2", "--dist", "loadfile", "-k", "labeler"]
     assert env["OMP_NUM_THREADS"] == "1"
@@ -34,7 +34,7 @@ def test_the_suite_runs_on_every_core_one_file_per_worker_one_thread_each(launch
 
 
 def test_workers_are_capped_and_the_demo_keeps_the_users_environment(launched, monkeypatch):
-    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(bootstrap.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     args, _ = launched("test")
     assert args[args.index("-n") + 1] == str(bootstrap.MAX_TEST_WORKERS)
     args, env = launched("demo", "--seeds", "2")
@@ -67,7 +67,7 @@ def test_the_built_command_runs_pytest_with_and_without_xdist(launched, monkeypa
     import sys
 
     (tmp_path / "test_one.py").write_text("def test_one():\n    assert True\n")
-    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(bootstrap.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
     monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     for user_args in ([], ["-p", "no:xdist"]):
@@ -77,3 +77,15 @@ def test_the_built_command_runs_pytest_with_and_without_xdist(launched, monkeypa
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         printed = child.communicate(timeout=120)[0]
         assert child.returncode == 0 and "1 passed" in printed, (user_args, printed)
+
+
+def test_workers_follow_the_cores_this_process_may_use_not_the_machines(launched, monkeypatch):
+    """A Slurm job, ``taskset`` or a cpuset container on a 64-core machine may use 2 of them:
+    ``os.cpu_count()`` said 64 and the suite ran 4 workers on 2 cores."""
+    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(bootstrap.os, "sched_getaffinity", lambda pid: {5, 9}, raising=False)
+    args, _ = launched("test")
+    assert args[args.index("-n") + 1] == "2"
+    monkeypatch.delattr(bootstrap.os, "sched_getaffinity", raising=False)  # macOS, Windows: the machine's
+    args, _ = launched("test")
+    assert args[args.index("-n") + 1] == str(bootstrap.MAX_TEST_WORKERS)
