@@ -85,7 +85,10 @@ def _xdist_wanted(args: list[str]) -> bool:
     pytest-xdist off (``-p no:xdist``, here or in ``PYTEST_ADDOPTS``; plugin autoloading off
     without ``-p xdist.plugin``) or debug (``--pdb``, ``--trace``: one process). pytest refuses
     ``-n`` without the plugin, and xdist ``-n 2`` with ``--pdb``: the suite would not run."""
-    words = [*shlex.split(os.environ.get("PYTEST_ADDOPTS", "")), *args]
+    try:
+        words = [*shlex.split(os.environ.get("PYTEST_ADDOPTS", "")), *args]
+    except ValueError:  # unbalanced quotes: pytest says so itself
+        words = list(args)
     autoload = not (os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") or "--disable-plugin-autoload" in words)
     blocked = explicit = False
     for k, word in enumerate(words):  # -p NAME or -pNAME, as pytest reads them

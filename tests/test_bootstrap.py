@@ -60,6 +60,8 @@ def test_a_user_who_turns_xdist_off_or_debugs_gets_a_run_without_its_options(
     monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     for kept in (["-p", "no:xdist", "-p", "xdist"], ["-p", "no:cacheprovider"], ["-n", "0"]):
         assert "--dist" in launched("test", *kept)[0]
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-k 'unbalanced")  # pytest reports it, bootstrap does not crash
+    assert "--dist" in launched("test")[0]
 
 
 def test_the_built_command_runs_pytest_with_and_without_xdist(launched, monkeypatch, tmp_path):
