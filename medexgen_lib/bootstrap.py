@@ -8,13 +8,15 @@ when the venv is missing or those files changed since the last install, then
 runs the command inside the venv. The suite runs on one pytest-xdist worker per CPU core
 (at most ``MAX_TEST_WORKERS``), each test file on one worker (its module fixtures built
 once), each worker on one thread (``OMP_NUM_THREADS=1``, unless set): two workers with two
-threads each on two cores spin against each other. ``-n 0`` runs it in one process.
+threads each on two cores spin against each other. ``-n 0`` runs it in one process; with
+``-p no:xdist``, ``--pdb`` or ``--trace`` no xdist option is added (pytest would refuse it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 import venv
@@ -63,9 +65,38 @@ def main(argv: list[str]) -> int:
     os.chdir(ROOT)
     command, env = [str(python), *COMMANDS[argv[0]]], None
     if argv[0] == "test":
-        command += ["-n", str(min(os.cpu_count() or 1, MAX_TEST_WORKERS)), "--dist", "loadfile"]
+        if _xdist_wanted(argv[1:]):
+            command += ["-n", str(min(_cores(), MAX_TEST_WORKERS)), "--dist", "loadfile"]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run([*command, *argv[1:]], env=env).returncode
+
+
+def _cores() -> int:
+    """The cores this process may run on: a Slurm job, taskset or a cpuset container gets fewer
+    than the machine has (``os.cpu_count``), and more workers than those spin against each other."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on macOS and Windows
+        return os.cpu_count() or 1
+
+
+def _xdist_wanted(args: list[str]) -> bool:
+    """Whether ``-n``/``--dist`` may be added to the user's pytest ``args``: not when they turn
+    pytest-xdist off (``-p no:xdist``, here or in ``PYTEST_ADDOPTS``; plugin autoloading off
+    without ``-p xdist.plugin``) or debug (``--pdb``, ``--trace``: one process). pytest refuses
+    ``-n`` without the plugin, and xdist ``-n 2`` with ``--pdb``: the suite would not run."""
+    try:
+        words = [*shlex.split(os.environ.get("PYTEST_ADDOPTS", "")), *args]
+    except ValueError:  # unbalanced quotes: pytest says so itself
+        words = list(args)
+    autoload = not (os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") or "--disable-plugin-autoload" in words)
+    blocked = explicit = False
+    for k, word in enumerate(words):  # -p NAME or -pNAME, as pytest reads them
+        plugin = (words[k + 1] if word == "-p" and k + 1 < len(words)
+                  else word[2:] if word.startswith("-p") and not word.startswith("--") else "")
+        blocked = {"no:xdist": True, "xdist": False}.get(plugin.strip(), blocked)
+        explicit |= plugin.strip() == "xdist.plugin"
+    return not blocked and (autoload or explicit) and not {"--pdb", "--trace"} & set(words)
 
 
 if __name__ == "__main__":

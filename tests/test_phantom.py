@@ -123,6 +123,29 @@ def test_atelectasis_and_granuloma_are_drawn_on_their_side(seed):
         assert (gain > 60).sum() > 10
 
 
+def test_the_demo_phantom_is_pixel_for_pixel_what_it_was_before_the_real_text_findings(tmp_path):
+    """The real-text findings (atelectasis, granuloma) are drawn only when asked for: the demo
+    phantom's pixels are pinned to those of 762d88d, before they were added (decoded pixels,
+    not PNG bytes, so another zlib cannot move them)."""
+    from PIL import Image
+
+    with_set = hashlib.sha256()
+    make_phantom_dataset(24, seed=3, out_dir=tmp_path, image_size=48)
+    images = sorted((tmp_path / "images").rglob("*.png"))
+    assert len(images) == 48
+    for path in images:
+        with_set.update(path.name.encode() + np.asarray(Image.open(path)).tobytes())
+    assert with_set.hexdigest() == "18423bc103057dbf953dee5439b99c8773e702bec53228cfed962e4681fcfd58"
+    every = hashlib.sha256()  # each demo finding, both views
+    for findings in [{}, {"cardiomegaly": ""}, {"effusion": "bilateral"}, {"pneumothorax": "left"},
+                     {"nodule": "right-upper-mass"}, {"consolidation": "left-upper"}, {"edema": ""},
+                     {"cardiomegaly": "", "effusion": "left", "pneumothorax": "right",
+                      "nodule": "left-lower-nodule", "consolidation": "bilateral", "edema": ""}]:
+        for view in ("frontal", "lateral"):
+            every.update(draw_radiograph(findings, view, 64, np.random.default_rng(5)).tobytes())
+    assert every.hexdigest() == "2e6e78e387cc065088946d4d8ffdbf4600fd42647eec028633e54c01e176870d"
+
+
 def test_lateral_views_exist_and_bad_arguments_are_refused(phantom_dir, tmp_path):
     assert len(list((phantom_dir / "images").glob("*-2001.png"))) > 30
     with pytest.raises(ValueError, match="n_studies"):
