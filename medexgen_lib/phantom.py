@@ -137,7 +137,8 @@ def draw_radiograph(findings: dict[str, str], view: str, size: int,
     a side; ``consolidation``: a side, optionally ``-upper`` or ``-lower`` (default lower);
     ``nodule``: ``side-zone-kind`` (``left-upper-mass``); a side is ``left``, ``right`` or
     ``bilateral`` (drawn in both lungs). ``cardiomegaly`` and ``edema`` take ``""``.
-    ``REAL_TEXT_FINDINGS``: ``atelectasis`` a side (a thin plate-like band at the lung base),
+    ``REAL_TEXT_FINDINGS``: ``atelectasis`` a side (a thin plate-like band at the lung base,
+    added to what is there, so it shows through fluid and consolidation),
     ``granuloma`` ``side-zone`` (a small, very dense calcified dot).
     """
     y, x = np.mgrid[0:size, 0:size] / size
@@ -213,7 +214,7 @@ def _draw_frontal(img, x, y, findings, rng) -> np.ndarray:
         for side in _sides(findings["atelectasis"]):
             cx, cy = lung_cx[side] + rng.uniform(-0.03, 0.03), rng.uniform(0.62, 0.7)
             tilt = 0.15 * (x - cx) * (1 if side == "left" else -1)
-            img[lungs[side] & (np.abs(y - cy - tilt) < 0.012) & (np.abs(x - cx) < 0.09)] = 0.5
+            img[lungs[side] & (np.abs(y - cy - tilt) < 0.012) & (np.abs(x - cx) < 0.09)] += 0.38
     if "granuloma" in findings:
         where, zone = findings["granuloma"].split("-")
         for side in _sides(where):
@@ -249,7 +250,7 @@ def _draw_lateral(img, x, y, findings, rng) -> np.ndarray:
         img[lung & _ellipse(x, y, 0.55, 0.18, 0.15, 0.1)] = 0.03
     if "atelectasis" in findings:
         cy = rng.uniform(0.64, 0.7)
-        img[lung & (np.abs(y - cy - 0.1 * (x - 0.5)) < 0.012) & (np.abs(x - 0.5) < 0.14)] = 0.48
+        img[lung & (np.abs(y - cy - 0.1 * (x - 0.5)) < 0.012) & (np.abs(x - 0.5) < 0.14)] += 0.34
     if "granuloma" in findings:
         cy = 0.35 if findings["granuloma"].endswith("-upper") else 0.6
         img[_ellipse(x, y, rng.uniform(0.4, 0.62), cy, 0.016, 0.016)] = 0.92

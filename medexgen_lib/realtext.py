@@ -82,7 +82,7 @@ from medexgen_lib.splits import SPLITS, check_disjoint
 
 log = logging.getLogger(__name__)
 
-MAPPING_VERSION = "2"  # bump whenever the mapping below changes: it decides what is drawn
+MAPPING_VERSION = "3"  # bump whenever the mapping below changes: it decides what is drawn
 TRUTH_FILE = "realtext_findings.json"  # next to the copied XMLs, in <out>/reports/
 REPORTS_SUBDIR = "ecgen-radiology"
 

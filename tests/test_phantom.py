@@ -112,6 +112,10 @@ def test_atelectasis_and_granuloma_are_drawn_on_their_side(seed):
     band = _draw({"atelectasis": "left"}, seed=seed) - normal
     assert (band[halves["left"]] > 60).sum() > 15 and (band[halves["right"]] > 60).sum() == 0
     assert (band > 60).nonzero()[0].min() > 75  # at the base, not above it
+    for under in ({"effusion": "left"}, {"consolidation": "left-lower"}):  # shows through fluid and opacity
+        for view in ("frontal", "lateral"):
+            through = _draw({**under, "atelectasis": "left"}, view, seed=seed) - _draw(under, view, seed=seed)
+            assert (through > 60).sum() > 15, (under, view)
     dot = _draw({"granuloma": "right-upper"}, seed=seed)
     bright = dot - normal > 50
     assert 5 < bright[halves["right"]].sum() < 40 and bright[halves["left"]].sum() == 0  # small
