@@ -35,9 +35,11 @@ class ProgressBar(tqdm):
     if it logged any (a disabled bar logs nothing). Works iterated or with ``update()``."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        # Set before tqdm's own set-up: if that raises, the half-made bar's close() (from
+        # tqdm's __del__) still finds them.
         self._began = self._last_line = time.monotonic()
         self._logged = self._closed = False
+        super().__init__(*args, **kwargs)
 
     def update(self, n: float = 1) -> bool | None:
         shown = super().update(n)

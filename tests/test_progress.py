@@ -1,6 +1,8 @@
 """A headless run a person can watch: compact progress lines, warnings, nothing else."""
 
+import gc
 import logging
+import sys
 
 import nbformat
 import pytest
@@ -65,6 +67,16 @@ def test_progress_bar_logs_lines_while_it_runs_and_when_done(monkeypatch, caplog
     assert lines[0].startswith("epoch 1/2: 1/4 batch (25%)") and lines[3].startswith("epoch 1/2: 4/4 batch (100%)")
     assert lines[4].startswith("epoch 1/2: done, 4 batch in")
     assert lines[-1].startswith("generating: done, 3 it in") and not any("quiet" in line for line in lines)
+
+
+def test_a_bar_whose_set_up_fails_raises_only_that_error(monkeypatch):
+    """tqdm's __del__ closes a bar whose __init__ raised; that close must not raise again."""
+    unraised = []
+    monkeypatch.setattr(sys, "unraisablehook", unraised.append)
+    with pytest.raises(KeyError, match="no_such_option"):  # tqdm refuses an unknown option
+        ProgressBar(range(3), desc="bad", no_such_option=1)
+    gc.collect()
+    assert [str(u.exc_value) for u in unraised] == []
 
 
 TRAIN_CELL = f"""
