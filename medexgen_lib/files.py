@@ -45,8 +45,9 @@ def current_umask() -> int:
 def honour_umask(path: str | os.PathLike) -> Path:
     """Give ``path``, and for a folder everything in it, the modes a plain ``open`` / ``mkdir``
     gives under the umask (0644 / 0755 under 022): ``mkstemp``, ``mkdtemp`` and safetensors
-    create 0600 / 0700, which would leave a copied model folder unreadable to colleagues. A link
-    is left alone: its target is not ours to change."""
+    create 0600 / 0700, which would leave a copied model folder unreadable to colleagues. A
+    folder keeps its setgid bit (made inside a group's setgid folder, it passes the group on). A
+    link is left alone: its target is not ours to change."""
     path = Path(path)
     mask = current_umask()
     if path.is_symlink():
@@ -54,11 +55,15 @@ def honour_umask(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         os.chmod(path, 0o666 & ~mask)
         return path
-    os.chmod(path, 0o777 & ~mask)
+
+    def folder_mode(folder: str | os.PathLike) -> int:
+        return (0o777 & ~mask) | (os.stat(folder).st_mode & stat.S_ISGID)
+
+    os.chmod(path, folder_mode(path))
     for folder, dirs, files in os.walk(path):
         for name in dirs:
             if not os.path.islink(os.path.join(folder, name)):
-                os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+                os.chmod(os.path.join(folder, name), folder_mode(os.path.join(folder, name)))
         for name in files:
             if not os.path.islink(os.path.join(folder, name)):
                 os.chmod(os.path.join(folder, name), 0o666 & ~mask)

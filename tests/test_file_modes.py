@@ -7,7 +7,7 @@ import stat
 import pytest
 import torch
 
-from medexgen_lib.files import write_json, write_text_atomic
+from medexgen_lib.files import honour_umask, write_json, write_text_atomic
 from medexgen_lib.model import ReportGenerator, ReportGeneratorConfig
 from medexgen_lib.tokenizer import build_tokenizer
 
@@ -62,3 +62,19 @@ def test_atomic_files_model_tokenizer_and_checkpoint_folders_honour_the_umask(um
         root = tmp_path / folder
         assert "model.safetensors" in os.listdir(root) or folder == "processed/tokenizer"
         assert _modes(root) == _expected(root, umask), folder
+
+
+@pytest.mark.reliability
+def test_a_folder_made_in_a_setgid_group_folder_keeps_its_setgid_bit(umask, tmp_path):
+    """A team's shared folder (mode 2775) makes every folder created in it setgid, so files
+    written there later belong to the team's group; setting the umask's modes must keep that bit."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    if not os.stat(shared).st_mode & stat.S_ISGID:
+        pytest.skip("this file system does not keep a folder's setgid bit")
+    model = shared / "model"
+    write_json(model / "config.json", {"a": 1})  # a mkdtemp folder, renamed into place
+    honour_umask(model)
+    assert os.stat(model).st_mode & stat.S_ISGID
+    assert stat.S_IMODE(os.stat(model).st_mode) & 0o777 == 0o777 & ~umask
