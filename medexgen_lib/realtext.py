@@ -310,15 +310,22 @@ def _first_duplicate(names: list[str]) -> str:
 
 
 def load_truth(path: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """uid -> drawn findings from ``realtext_findings.json`` (or the reports folder holding it)."""
+    """uid -> drawn findings from ``realtext_findings.json`` (or the reports folder holding it);
+    a warning where it was drawn with another ``MAPPING_VERSION``."""
     path = Path(path)
     if path.is_dir():
         path = path / TRUTH_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return {study["uid"]: dict(study["findings"]) for study in data["studies"]}
+        truth = {study["uid"]: dict(study["findings"]) for study in data["studies"]}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read the real-text phantom's truth file {path}: {exc}") from None
+    if data.get("mapping_version") != MAPPING_VERSION:
+        log.warning("%s was drawn with mapping version %s; this code draws version %s, so its "
+                    "images differ from those of the results it reports (redraw the folder with "
+                    "python -m medexgen_lib.realtext to compare)", path, data.get("mapping_version"),
+                    MAPPING_VERSION)
+    return truth
 
 
 # --------------------------------------------------------------------------- dev split

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medexgen_lib.realtext import (TRUTH_FILE, draw_images_for_reports, findings_from_mesh,
-                                   load_truth, main, stated_findings, write_dev_split)
+from medexgen_lib.realtext import (MAPPING_VERSION, TRUTH_FILE, draw_images_for_reports,
+                                   findings_from_mesh, load_truth, main, stated_findings,
+                                   write_dev_split)
 from medexgen_lib.reports import BUNDLED_PROJECTIONS, read_reports
 
 # Sample reports: effusion right (153), pneumothorax left (253), left upper consolidation (1203),
@@ -141,6 +142,23 @@ def test_same_seed_same_files_a_subset_draws_the_same_pixels(iuxray_sample, tmp_
     assert d and all(a[name] == pixels for name, pixels in d.items())
     truth = json.loads((tmp_path / "a" / "reports" / TRUTH_FILE).read_text())
     assert truth["seed"] == 1 and len(truth["studies"]) == len(SUBSET)
+
+
+def test_a_truth_file_of_another_mapping_version_is_read_with_a_warning(iuxray_sample, tmp_path, caplog):
+    """Images drawn by an older mapping score the same findings but are not the images the
+    results were measured on: reading their truth file says so."""
+    draw_images_for_reports(_subset(iuxray_sample, tmp_path / "in", SUBSET[:3]), tmp_path / "data",
+                            image_size=32, seed=0)
+    truth_file = tmp_path / "data" / "reports" / TRUTH_FILE
+    with caplog.at_level("WARNING", logger="medexgen_lib.realtext"):
+        current = load_truth(truth_file)
+    assert not caplog.records
+    data = json.loads(truth_file.read_text())
+    truth_file.write_text(json.dumps({**data, "mapping_version": "2"}))
+    with caplog.at_level("WARNING", logger="medexgen_lib.realtext"):
+        assert load_truth(truth_file) == current
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "mapping version 2" in caplog.text and f"version {MAPPING_VERSION}" in caplog.text
 
 
 @pytest.mark.reliability
