@@ -321,10 +321,10 @@ def load_truth(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read the real-text phantom's truth file {path}: {exc}") from None
     if data.get("mapping_version") != MAPPING_VERSION:
-        log.warning("%s was drawn with mapping version %s; this code draws version %s, so its "
-                    "images differ from those of the results it reports (redraw the folder with "
-                    "python -m medexgen_lib.realtext to compare)", path, data.get("mapping_version"),
-                    MAPPING_VERSION)
+        log.warning("%s was drawn with mapping version %s and this code draws version %s: its "
+                    "images are not those a folder drawn now holds (redraw it with python -m "
+                    "medexgen_lib.realtext to compare with results of version %s)", path,
+                    data.get("mapping_version"), MAPPING_VERSION, MAPPING_VERSION)
     return truth
 
 
