@@ -320,11 +320,14 @@ def load_truth(path: str | os.PathLike) -> dict[str, dict[str, str]]:
         truth = {study["uid"]: dict(study["findings"]) for study in data["studies"]}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read the real-text phantom's truth file {path}: {exc}") from None
-    if data.get("mapping_version") != MAPPING_VERSION:
-        log.warning("%s was drawn with mapping version %s and this code draws version %s: its "
+    # The writer writes a string; a hand-made file's number 3 is the same version 3.
+    version = data.get("mapping_version")
+    if version is None or str(version) != MAPPING_VERSION:
+        drawn = "no mapping version" if version is None else f"mapping version {version}"
+        log.warning("%s was drawn with %s and this code draws version %s: its "
                     "images are not those a folder drawn now holds (redraw it with python -m "
                     "medexgen_lib.realtext to compare with results of version %s)", path,
-                    data.get("mapping_version"), MAPPING_VERSION, MAPPING_VERSION)
+                    drawn, MAPPING_VERSION, MAPPING_VERSION)
     return truth
 
 

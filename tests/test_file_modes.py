@@ -32,15 +32,28 @@ def _modes(root):
 
 
 def _expected(root, umask):
-    return {rel: (0o777 if os.path.isdir(os.path.join(root, rel)) else 0o666) & ~umask
+    """A folder made inside a setgid folder is setgid too (and must stay so); pytest's base
+    temporary folder is setgid where TMPDIR is a group's setgid folder."""
+    setgid = os.stat(os.path.dirname(root)).st_mode & stat.S_ISGID
+    return {rel: ((0o777 & ~umask) | setgid) if os.path.isdir(os.path.join(root, rel)) else 0o666 & ~umask
             for rel in _modes(root)}
 
 
 @pytest.mark.reliability
-def test_atomic_files_model_tokenizer_and_checkpoint_folders_honour_the_umask(umask, tmp_path):
+@pytest.mark.parametrize("team_folder", (False, True), ids=("plain", "setgid"))
+def test_atomic_files_model_tokenizer_and_checkpoint_folders_honour_the_umask(umask, tmp_path, team_folder):
     from accelerate import Accelerator
 
     from medexgen_lib.checkpoints import save_checkpoint
+
+    if team_folder:  # a group's shared folder (2775): mkdtemp's staging folders inherit setgid
+        tmp_path = tmp_path / "team"
+        tmp_path.mkdir()
+        os.chmod(tmp_path, 0o2775)
+        if not os.stat(tmp_path).st_mode & stat.S_ISGID:
+            pytest.skip("this file system does not keep a folder's setgid bit")
+    else:
+        os.chmod(tmp_path, stat.S_IMODE(os.stat(tmp_path).st_mode) & ~stat.S_ISGID)
 
     write_json(tmp_path / "logs" / "metrics.json", {"a": 1})
     write_text_atomic(tmp_path / "logs" / "ablation.md", "table")
@@ -74,7 +87,7 @@ def test_a_folder_made_in_a_setgid_group_folder_keeps_its_setgid_bit(umask, tmp_
     if not os.stat(shared).st_mode & stat.S_ISGID:
         pytest.skip("this file system does not keep a folder's setgid bit")
     model = shared / "model"
-    write_json(model / "config.json", {"a": 1})  # a mkdtemp folder, renamed into place
+    write_json(model / "config.json", {"a": 1})  # a plain mkdir (parents of the atomic file)
     honour_umask(model)
     assert os.stat(model).st_mode & stat.S_ISGID
     assert stat.S_IMODE(os.stat(model).st_mode) & 0o777 == 0o777 & ~umask

@@ -162,6 +162,26 @@ def test_a_truth_file_of_another_mapping_version_is_read_with_a_warning(iuxray_s
 
 
 @pytest.mark.reliability
+def test_a_hand_made_truth_file_with_the_version_as_a_number_or_none_warns_only_where_it_differs(
+        tmp_path, caplog):
+    """A number 3 is version "3" (no warning saying "version 3 ... version 3"); a file without
+    the key says it has none."""
+    studies = [{"uid": "1", "findings": {"effusion": "left"}}]
+    for version, warns in ((int(MAPPING_VERSION), None), (int(MAPPING_VERSION) - 1, "mapping version"),
+                           (None, "no mapping version")):
+        path = tmp_path / f"truth_{warns is None}_{version is None}.json"
+        path.write_text(json.dumps({"studies": studies} if version is None
+                                   else {"mapping_version": version, "studies": studies}))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="medexgen_lib.realtext"):
+            assert load_truth(path) == {"1": {"effusion": "left"}}
+        if warns is None:
+            assert not caplog.records, version
+        else:
+            assert len(caplog.records) == 1 and warns in caplog.text and "None" not in caplog.text, version
+
+
+@pytest.mark.reliability
 def test_non_empty_output_refused_and_kept_odd_image_ids_not_written(iuxray_sample, tmp_path):
     source = _subset(iuxray_sample, tmp_path / "in", ["153"])
     (tmp_path / "out" / "images").mkdir(parents=True)
