@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args) -> None:
-    import dataclasses
     import json
 
     from medexgen_lib.inference import check_decode, generate_report, saved_decode
@@ -100,7 +99,7 @@ def _generate(args) -> None:
         if value is not None:
             check_decode(key, value, "--" + ("beams" if key == "num_beams" else key.replace("_", "-")))
     model = ReportGenerator.from_pretrained(args.model)
-    decode = dataclasses.replace(saved_decode(model, args.model), **{k: v for k, v in given.items() if v is not None})
+    decode = saved_decode(model, args.model, given)
     result = generate_report(model, args.images, decode)
     print(json.dumps(result, indent=2) if args.json else result["report"])
 

@@ -64,13 +64,20 @@ def _evaluated_decode(model_dir: Path) -> tuple[dict, str] | None:
     return None
 
 
-def saved_decode(model: ReportGenerator, model_dir: str | os.PathLike) -> EvalConfig:
+def saved_decode(model: ReportGenerator, model_dir: str | os.PathLike,
+                 given: dict | None = None) -> EvalConfig:
     """The decoding ``model`` (loaded from ``model_dir``) was evaluated with, so that ``generate``
     writes the reports that were scored: the evaluation its model card records (test split
     first), else the ``eval`` settings of the run that trained it (``run_config.json``), else
-    ``EvalConfig``'s defaults. ``max_new_tokens`` is cut to what the decoder's positions allow,
-    as evaluation cuts it."""
+    ``EvalConfig``'s defaults. A saved ``max_new_tokens`` is cut to what the decoder's positions
+    allow, as evaluation cuts it. Each setting of ``given`` that is not None replaces the saved one
+    (a too large ``max_new_tokens`` is cut, with a warning, when generating); where all of
+    ``DECODE_FIELDS`` are given, nothing saved is read."""
     model_dir = Path(model_dir)
+    given = {key: value for key, value in (given or {}).items() if value is not None}
+    if set(DECODE_FIELDS) <= set(given):
+        log.info("decoding as given: %s", {key: given[key] for key in DECODE_FIELDS})
+        return dataclasses.replace(EvalConfig(), **given)
     found = _evaluated_decode(model_dir)
     run_config = model_dir / "run_config.json"
     if found is None and run_config.exists():
@@ -91,7 +98,8 @@ def saved_decode(model: ReportGenerator, model_dir: str | os.PathLike) -> EvalCo
         decode = dataclasses.replace(EvalConfig(), **{k: settings[k] for k in DECODE_FIELDS if k in settings})
         log.info("decoding as evaluated (%s): %s", source, {k: getattr(decode, k) for k in DECODE_FIELDS})
     room = model.config.n_positions - 1 - model.prompt_length
-    return dataclasses.replace(decode, max_new_tokens=min(decode.max_new_tokens, room))
+    saved = dataclasses.replace(decode, max_new_tokens=min(decode.max_new_tokens, room))
+    return dataclasses.replace(saved, **given)
 
 
 # Deflated DICOM is inflated as it is read, never past what its header declares: the header

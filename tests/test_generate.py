@@ -925,3 +925,21 @@ def test_generate_json_on_a_model_without_a_head_and_on_a_planning_one(kind, mod
     expected = (decoded, []) if kind == "no head" else (normal, ["plan_report"])
     assert printed["decoder_text"] == decoded
     assert (printed["report"], printed["post_processing"]) == expected
+
+
+@pytest.mark.reliability
+def test_a_damaged_run_config_is_not_read_when_every_decoding_setting_is_given(model_dir, tmp_path, capsys):
+    """Every decoding flag on the command line: nothing saved is needed, so a damaged
+    run_config.json does not stop generate; with one flag left out it is still named."""
+    import shutil
+
+    saved = tmp_path / "saved"
+    shutil.copytree(model_dir, saved)
+    (saved / "run_config.json").write_text("{not json")
+    Image.fromarray(_chest()).save(tmp_path / "f.png")
+    flags = ["--beams", "2", "--max-new-tokens", "5", "--length-penalty", "1.0", "--no-repeat-ngram-size", "0"]
+    assert main(["generate", "--model", str(saved), str(tmp_path / "f.png"), "--json", *flags]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["report"], str)
+    assert main(["generate", "--model", str(saved), str(tmp_path / "f.png"), *flags[:-2]]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(saved / "run_config.json") in error[0], error
